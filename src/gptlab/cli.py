@@ -1,0 +1,362 @@
+"""`gptlab train | generate | plot`: the only code that reads argv, prints for the user or exits.
+
+User mistakes (GptlabError) print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gptlab.errors import GptlabError
+
+LIMIT_FLAGS = ("epochs", "max_steps", "max_time")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command != "train" and rest:
+            raise GptlabError(
+                f"unknown argument {rest[0]!r} for `gptlab {args.command}`; see gptlab {args.command} --help"
+            )
+        return args.func(args, rest)
+    except GptlabError as e:
+        print(f"gptlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ngptlab: aborted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gptlab", description="Pretrain GPT-style language models from scratch."
+    )
+    sub = p.add_subparsers(dest="command")
+
+    t = sub.add_parser(
+        "train",
+        help="train a model (default: the `cpu` preset on Shakespeare, ~10 minutes on 2 CPU cores)",
+        description="Train a model. Any config field can be set as --section.field VALUE "
+        "(e.g. --train.lr 3e-4, --model.n_layers 6). The limit flags replace the preset's limits; "
+        "given together, training stops at whichever comes first.",
+    )
+    t.add_argument(
+        "--data", help="file, directory or glob of .txt/.md files, or 'shakespeare' (default)"
+    )
+    t.add_argument(
+        "--preset",
+        help="model/run preset: tiny, cpu (default), gpt2-small, gpt2-medium, gpt2-large, gpt2-xl",
+    )
+    t.add_argument(
+        "--config",
+        help="TOML file with [model], [train], [data] sections (and an optional preset key)",
+    )
+    t.add_argument(
+        "--out",
+        help="run directory (default: runs/<preset>-<time>; runs/latest points at the newest)",
+    )
+    t.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    t.add_argument("--epochs", type=int, help="passes over the training data")
+    t.add_argument("--max-steps", type=int, help="optimizer steps")
+    t.add_argument("--max-time", type=float, help="seconds of training")
+    t.add_argument("--precision", help="auto, fp32, bf16 or fp16 (same as --train.precision)")
+    t.add_argument("--compile", help="auto, on or off (same as --train.compile)")
+    t.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (same as --train.device)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="continue a prompt with a trained model")
+    g.add_argument(
+        "--checkpoint",
+        default="runs/latest",
+        help="run or checkpoint directory (default: runs/latest)",
+    )
+    g.add_argument("--prompt", default="Every effort moves you")
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_generate)
+
+    pl = sub.add_parser("plot", help="redraw a run's loss plot from its metrics.jsonl")
+    pl.add_argument("run_dir")
+    pl.set_defaults(func=cmd_plot)
+    return p
+
+
+# --------------------------------------------------------------------------- train
+
+
+def parse_overrides(rest: list[str]) -> list[tuple[str, str]]:
+    """['--train.lr', '3e-4', '--model.n_layers=4'] -> [('train.lr', '3e-4'), ('model.n_layers', '4')]."""
+    pairs, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise GptlabError(
+                f"unknown argument {arg!r}; config fields are set as --section.field VALUE"
+            )
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest):
+                raise GptlabError(f"{arg} needs a value")
+            key, value = arg[2:], rest[i + 1]
+            i += 2
+        pairs.append((key, value))
+    return pairs
+
+
+def build_config(args: argparse.Namespace, rest: list[str]):
+    from gptlab import config as C
+
+    saved = Path(args.out) / "config.json" if args.out else None
+    if args.resume and saved and saved.is_file() and not (args.preset or args.config):
+        cfg = C.RunConfig.from_dict(json.loads(saved.read_text()))
+        preset_name = "resumed"
+    else:
+        file_cfg = C.load_toml(args.config) if args.config else {}
+        preset_name = args.preset or file_cfg.pop("preset", None) or C.DEFAULT_PRESET
+        file_cfg.pop("preset", None)
+        cfg = C.preset(preset_name)
+        C.apply_nested(cfg, file_cfg, origin=f"config file {args.config}")
+    if args.data:
+        cfg.data.source = args.data
+    if any(getattr(args, f) is not None for f in LIMIT_FLAGS):
+        cfg.train.epochs = args.epochs or 0
+        cfg.train.max_steps = args.max_steps or 0
+        cfg.train.max_time = args.max_time or 0.0
+    for flag in ("precision", "compile", "device"):
+        if getattr(args, flag):
+            C.set_field(cfg, f"train.{flag}", getattr(args, flag))
+    for key, value in parse_overrides(rest):
+        C.set_field(cfg, key, value)
+    return cfg.validate(), preset_name
+
+
+def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    cfg, preset_name = build_config(args, rest)
+    run_dir = (
+        Path(args.out)
+        if args.out
+        else Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    if args.resume and not args.out:
+        raise GptlabError("--resume needs --out RUN_DIR: the run to continue")
+    if (
+        not args.resume
+        and (run_dir / "checkpoints").is_dir()
+        and any((run_dir / "checkpoints").iterdir())
+    ):
+        raise GptlabError(
+            f"{str(run_dir)!r} already holds a run; add --resume to continue it, or choose another --out"
+        )
+
+    import torch
+
+    from gptlab.data import load_corpus
+    from gptlab.plot import plot_run
+    from gptlab.trainer import Trainer, stop_on_signals
+
+    print(f"gptlab: loading data {cfg.data.source!r} ({cfg.data.tokenizer} tokenizer)", flush=True)
+    corpus = load_corpus(cfg.data.source, cfg.data.tokenizer, cfg.data.train_ratio)
+    if cfg.data.tokenizer == "char":
+        cfg.model.vocab_size = corpus.tokenizer.n_vocab  # a char vocabulary is sized by its text
+    view = ConsoleView(quiet=args.quiet)
+    trainer = Trainer(cfg, corpus, run_dir, resume=args.resume, on_event=view)
+    _point_latest(run_dir)
+    with stop_on_signals(trainer):
+        end = trainer.run()
+    view.close()
+    try:
+        png = plot_run(run_dir)
+        print(f"loss plot: {png} (and .pdf)")
+    except GptlabError:
+        pass
+    print(f"checkpoint: {end['checkpoint']}")
+    if end["reason"] in ("SIGINT", "SIGTERM"):
+        print(
+            f"stopped by {end['reason']} at step {end['step']}; resume with: gptlab train --out {run_dir} --resume"
+        )
+        return 130 if end["reason"] == "SIGINT" else 143
+    if end["reason"] == "nonfinite":
+        print(
+            f"gptlab: error: training stopped after {cfg.train.max_bad_steps} consecutive non-finite steps; "
+            f"the last good weights are saved; resume with a lower --train.lr",
+            file=sys.stderr,
+        )
+        return 1
+    print(f'try it: gptlab generate --checkpoint {run_dir} --prompt "{cfg.train.start_context}"')
+    del torch
+    return 0
+
+
+def _point_latest(run_dir: Path) -> None:
+    """Make runs/latest point at this run (a convenience; failures are harmless)."""
+    if run_dir.parent.name != "runs":
+        return
+    link = run_dir.parent / "latest"
+    try:
+        tmp = run_dir.parent / f".latest-{os.getpid()}"
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, link)
+    except OSError:
+        pass
+
+
+class ConsoleView:
+    """Renders trainer events: a tqdm progress bar, evaluation lines and samples."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = None
+
+    def _print(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def __call__(self, r: dict[str, Any]) -> None:
+        ev = r["event"]
+        if ev == "start":
+            limit = r["total_steps"] or None
+            self._print(
+                f"model: {r['params'] / 1e6:.2f}M parameters | device {r['device']} | precision {r['precision']}"
+                f"{' | compiled' if r['compiled'] else ''} | {r['batch_tokens']} tokens/step ({r['accum']} micro-batches)"
+                f" | {r['train_tokens']:,} train / {r['val_tokens']:,} val tokens"
+            )
+            if not self.quiet:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(
+                    total=limit, initial=r["step"], unit="step", dynamic_ncols=True, smoothing=0.1
+                )
+        elif ev == "resume":
+            self._print(f"resuming from {r['checkpoint']} (step {r['step']})")
+            for c in r["changed"]:
+                self._print(f"  changed: {c}")
+        elif ev == "train":
+            if self.bar is not None:
+                self.bar.n = r["step"]
+                self.bar.set_postfix_str(
+                    f"loss {r['loss']:.3f} | {r['tokens'] / 1e6:.2f}M tok | {r['tokens_per_s']:,.0f} tok/s"
+                    f" | MFU {100 * r['mfu']:.1f}%",
+                    refresh=True,
+                )
+            elif not self.quiet:
+                self._print(
+                    f"step {r['step']}: loss {r['loss']:.3f}, {r['tokens_per_s']:,.0f} tok/s"
+                )
+        elif ev == "eval":
+            self._print(
+                f"Ep {int(r['epoch']) + 1} (Step {r['step']:06d}): Train loss {r['train_loss']:.3f}, Val loss {r['val_loss']:.3f}"
+            )
+        elif ev == "sample":
+            self._print("sample: " + r["text"].replace("\n", " / "))
+        elif ev == "compile":
+            self._print(f"compiled the model in {r['seconds']:.1f} s (first step)")
+        elif ev == "nonfinite":
+            self._print(
+                f"step {r['step']}: non-finite loss or gradient, step skipped ({r['consecutive']} in a row)"
+            )
+        elif ev == "checkpoint_failed":
+            self._print(f"warning: {r['error']}")
+        elif ev == "end":
+            if self.bar is not None:
+                self.bar.n = r["step"]
+                self.bar.refresh()
+            self.close()
+            val = r.get("val_loss")
+            print(
+                f"done ({r['reason']}): {r['step']} steps, {r['tokens']:,} tokens in {r['train_time']:.0f} s"
+                + (f", val loss {val:.3f}" if val is not None else "")
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# --------------------------------------------------------------------------- generate and plot
+
+
+def load_run_model(path: str, device_name: str = "auto"):
+    """(model, tokenizer, device) from a run or checkpoint directory."""
+    from gptlab import checkpoint as ckpt_lib
+    from gptlab.config import RunConfig
+    from gptlab.model import GPTModel
+    from gptlab.tokenizer import from_identity
+    from gptlab.trainer import resolve_device
+
+    ckpt = ckpt_lib.latest_checkpoint(path)
+    meta = ckpt_lib.read_meta(ckpt)
+    try:
+        cfg = RunConfig.from_dict(meta["config"])
+        tokenizer = from_identity(meta["tokenizer"])
+    except (KeyError, TypeError) as e:
+        raise GptlabError(
+            f"checkpoint {str(ckpt)!r} has incomplete metadata ({e}); use another checkpoint"
+        ) from None
+    device = resolve_device(device_name)
+    model = GPTModel(cfg.model)
+    ckpt_lib.load_weights(model, ckpt)
+    return model.to(device).eval(), tokenizer, device
+
+
+def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    from gptlab.generate import generate, text_to_token_ids, token_ids_to_text
+    from gptlab.tokenizer import eot_id
+
+    if args.max_new_tokens < 0:
+        raise GptlabError("--max-new-tokens must be 0 or more")
+    if args.temperature < 0:
+        raise GptlabError("--temperature must be 0 or more")
+    model, tokenizer, device = load_run_model(args.checkpoint, args.device)
+    idx = text_to_token_ids(args.prompt, tokenizer).to(device)
+    if idx.shape[1] == 0:
+        raise GptlabError("--prompt is empty; give some text to continue")
+    out = generate(
+        model,
+        idx,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_id=eot_id(tokenizer),
+        seed=args.seed,
+    )
+    print(token_ids_to_text(out.cpu(), tokenizer))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace, rest: list[str]) -> int:
+    from gptlab.plot import plot_run
+
+    png = plot_run(args.run_dir)
+    print(f"wrote {png} and {png.with_suffix('.pdf')}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

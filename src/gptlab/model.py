@@ -1,0 +1,250 @@
+"""GPTModel: token ids in, logits out, and nothing else.
+
+The architecture and the module names are the walk-through's (GPT-2 shape, pre-LayerNorm
+blocks), so its readers find every piece where they expect it, and a model built from
+`GPT_CONFIG_124M` after `torch.manual_seed(123)` has the walk-through's initial weights:
+modules are created in the same order with PyTorch's default initialisation. What is
+different underneath, and why:
+
+- LayerNorm and GELU keep the walk-through's parameter names (`scale`, `shift`) but call
+  PyTorch's fused `F.layer_norm` and `F.gelu(approximate="tanh")`: the same math, faster.
+- Attention defaults to `F.scaled_dot_product_attention` (flash / memory-efficient
+  kernels); `attention="manual"` keeps the walk-through's explicit masked softmax.
+- No causal-mask buffer is stored; the walk-through's saved `...att.mask` entries are
+  ignored on load, so its checkpoints load unchanged.
+- Optional: weight tying, a vocabulary padded to a multiple of 64 for faster matmuls
+  (logits are cut back to `vocab_size`, so padded ids are never sampled nor scored), and
+  GPT-2's initialisation.
+
+Loss, sampling, precision, compilation and parallelism all live outside this file.
+
+Shape legend:
+    B   batch size              T   sequence length (<= context_length)
+    D   emb_dim                 H   n_heads
+    Hd  head_dim = D // H       V   vocab_size (Vp: padded to vocab_multiple)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.config import ModelConfig
+
+
+def as_model_config(cfg: ModelConfig | dict[str, Any]) -> ModelConfig:
+    """Accept the walk-through's plain dict or a ModelConfig."""
+    if isinstance(cfg, ModelConfig):
+        return cfg.validate()
+    return ModelConfig.from_dict(dict(cfg))
+
+
+class LayerNorm(nn.Module):
+    """Layer normalisation over the last dim, with the walk-through's `scale`/`shift` names."""
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    """GELU with the tanh approximation that GPT-2 was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            GELU(),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention with separate query/key/value projections."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+        attention: str = "sdpa",
+    ):
+        super().__init__()
+        if d_out % num_heads:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.context_length = context_length
+        self.attention = attention
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        # The walk-through stores its causal mask as a buffer; its checkpoints carry it.
+        self._register_load_state_dict_pre_hook(_drop_walkthrough_mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hd = self.num_heads, self.head_dim
+        q = self.W_query(x).view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
+        k = self.W_key(x).view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
+        v = self.W_value(x).view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
+
+        if self.attention == "sdpa":
+            p = self.dropout.p if self.training else 0.0
+            ctx = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=p, is_causal=True
+            )  # (B, H, T, Hd)
+        else:
+            scores = q @ k.transpose(2, 3)  # (B, H, T, T)
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # (T, T)
+            scores = scores.masked_fill(future, float("-inf"))
+            weights = torch.softmax(scores / math.sqrt(Hd), dim=-1)  # (B, H, T, T)
+            ctx = self.dropout(weights) @ v  # (B, H, T, Hd)
+
+        ctx = ctx.transpose(1, 2).reshape(B, T, self.d_out)  # (B, T, D)
+        return self.out_proj(ctx)
+
+
+def _drop_walkthrough_mask(state_dict, prefix, *args, **kwargs) -> None:
+    state_dict.pop(prefix + "mask", None)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + att(norm1(x)), then x + ff(norm2(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg.emb_dim,
+            d_out=cfg.emb_dim,
+            context_length=cfg.context_length,
+            dropout=cfg.drop_rate,
+            num_heads=cfg.n_heads,
+            qkv_bias=cfg.qkv_bias,
+            attention=cfg.attention,
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.drop_shortcut(self.att(self.norm1(x)))
+        x = x + shortcut
+
+        shortcut = x
+        x = self.drop_shortcut(self.ff(self.norm2(x)))
+        return x + shortcut
+
+
+class GPTModel(nn.Module):
+    """GPT-2-style decoder: token ids (B, T) -> logits (B, T, V).
+
+    `cfg` is the walk-through's dict (e.g. `GPT_CONFIG_124M`) or a `ModelConfig`.
+    """
+
+    def __init__(self, cfg: ModelConfig | dict[str, Any]):
+        super().__init__()
+        cfg = as_model_config(cfg)
+        self.cfg = cfg
+        vocab = cfg.padded_vocab_size
+        self.tok_emb = nn.Embedding(vocab, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, vocab, bias=False)
+        if cfg.tie_weights:
+            # One matrix maps ids to vectors and vectors back to id scores (as in GPT-2).
+            self.out_head.weight = self.tok_emb.weight
+        if cfg.init == "gpt2":
+            init_gpt2_weights(self)
+        if vocab != cfg.vocab_size:
+            with torch.no_grad():  # rows for padded ids are never looked up nor scored
+                self.tok_emb.weight[cfg.vocab_size :].zero_()
+                self.out_head.weight[cfg.vocab_size :].zero_()
+
+    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
+        B, T = in_idx.shape
+        if T > self.cfg.context_length:
+            raise ValueError(
+                f"sequence length {T} exceeds the model's context_length {self.cfg.context_length}; "
+                "crop the input to the last context_length tokens"
+            )
+        tok_embeds = self.tok_emb(in_idx)  # (B, T, D)
+        pos_embeds = self.pos_emb(torch.arange(T, device=in_idx.device))  # (T, D)
+        x = self.drop_emb(tok_embeds + pos_embeds)  # (B, T, D)
+        x = self.trf_blocks(x)  # (B, T, D)
+        x = self.final_norm(x)
+        logits = self.out_head(x)  # (B, T, Vp)
+        if logits.shape[-1] != self.cfg.vocab_size:
+            logits = logits[
+                ..., : self.cfg.vocab_size
+            ]  # (B, T, V): padded ids never reach a loss or sampler
+        return logits
+
+
+def init_gpt2_weights(model: GPTModel) -> None:
+    """GPT-2's initialisation: N(0, 0.02) weights, zero biases, and residual projections
+    scaled by 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth."""
+    std = 0.02
+    resid_std = std / math.sqrt(2 * model.cfg.n_layers)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            is_resid = name.endswith("att.out_proj") or name.endswith("ff.layers.2")
+            nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_resid else std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+
+def count_parameters(model: nn.Module, exclude_out_head: bool = False) -> int:
+    """Number of distinct parameters (a tied matrix counts once).
+
+    With `exclude_out_head`, the output head's matrix is left out, as the walk-through does
+    to compare with GPT-2's "124M" (which ties the head to the token embedding).
+    """
+    total = sum(p.numel() for p in model.parameters())
+    if exclude_out_head:
+        total -= model.out_head.weight.numel()
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward): 6 N + 12 L H Hd T.
+
+    N counts the weights that take part in matmuls: every parameter except the position
+    embedding and (when untied) the token embedding, which are table look-ups. The second
+    term is attention's QK^T and AV products at sequence length T (default: context_length).
+    """
+    T = seq_len or cfg.context_length
+    D, L, V = cfg.emb_dim, cfg.n_layers, cfg.padded_vocab_size
+    qkv_bias = 3 * D if cfg.qkv_bias else 0
+    per_block = 4 * D * D + qkv_bias + D + 8 * D * D + 5 * D + 4 * D  # att, ff, two norms
+    n_matmul = L * per_block + 2 * D + V * D  # + final norm + head
+    return 6 * n_matmul + 12 * L * cfg.n_heads * cfg.head_dim * T

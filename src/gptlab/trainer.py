@@ -1,0 +1,627 @@
+"""Training: the walk-through's `train_model_simple`, and the CLI's `Trainer`.
+
+`train_model_simple` is the walk-through's loop, unchanged in behaviour: evaluate every
+`eval_freq` steps on `eval_iter` batches, print a sample after each epoch, return the
+loss and token histories.
+
+`Trainer` is the same loop grown up. Its per-step work is plain (micro-batches under
+autocast, backward, clip, step); everything periodic (logging, evaluation, samples,
+checkpoints, limits, signals) sits behind small `due` checks. Every event becomes one
+record in metrics.jsonl and is passed to an `on_event` callback, which is how the CLI
+draws its progress bar: the library itself prints nothing.
+
+Exact resume: the data order is a pure function of (seed, epoch), sampling uses its own
+generator, and checkpoints carry the optimizer and every RNG state, so a run resumed from
+step k repeats the uninterrupted run's steps k+1, k+2, ... bit for bit (CPU, fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gptlab import checkpoint as ckpt_lib
+from gptlab.config import RunConfig
+from gptlab.data import Corpus, TokenWindowLoader
+from gptlab.errors import GptlabError
+from gptlab.evaluate import calc_loss_batch, calc_loss_loader, evaluate_model
+from gptlab.generate import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
+from gptlab.metrics import MetricsLog, peak_flops, peak_memory_mib, truncate_metrics
+from gptlab.model import GPTModel, count_parameters, flops_per_token
+from gptlab.optim import build_optimizer, lr_at
+
+# --------------------------------------------------------------------------- the walk-through's loop
+
+
+def generate_and_print_sample(model: nn.Module, tokenizer, device, start_context: str) -> None:
+    """Print a 50-token greedy continuation of `start_context` on one line."""
+    model.eval()
+    context_size = model.pos_emb.weight.shape[0]
+    encoded = text_to_token_ids(start_context, tokenizer).to(device)
+    with torch.no_grad():
+        token_ids = generate_text_simple(
+            model, idx=encoded, max_new_tokens=50, context_size=context_size
+        )
+    print(token_ids_to_text(token_ids, tokenizer).replace("\n", " "))
+    model.train()
+
+
+def train_model_simple(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    optimizer: torch.optim.Optimizer,
+    device,
+    num_epochs: int,
+    eval_freq: int,
+    eval_iter: int,
+    start_context: str,
+    tokenizer,
+) -> tuple[list[float], list[float], list[int]]:
+    """The walk-through's training loop. Returns (train_losses, val_losses, track_tokens_seen),
+    one entry per evaluation: after steps 0, eval_freq, 2*eval_freq, ... (0-based)."""
+    train_losses, val_losses, track_tokens_seen = [], [], []
+    tokens_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
+            optimizer.step()
+            tokens_seen += input_batch.numel()
+            global_step += 1
+            if global_step % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(
+                    model, train_loader, val_loader, device, eval_iter
+                )
+                train_losses.append(train_loss)
+                val_losses.append(val_loss)
+                track_tokens_seen.append(tokens_seen)
+                print(
+                    f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+                )
+        generate_and_print_sample(model, tokenizer, device, start_context)
+    return train_losses, val_losses, track_tokens_seen
+
+
+# --------------------------------------------------------------------------- devices and precision
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GptlabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GptlabError("train.device is cuda but no CUDA GPU is visible; use --train.device cpu")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matmul instructions (AVX512-BF16 or AMX), where bf16 pays."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """'auto' -> the fastest safe choice: bf16 on CUDA with bf16 and on bf16-capable CPUs,
+    fp16 on older CUDA cards (with a gradient scaler), else fp32."""
+    if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            raise GptlabError("fp16 training is not supported on CPU; use --precision bf16 or fp32")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision context: matmuls in bf16/fp16, master weights stay fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- the CLI trainer
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that a checkpoint must carry besides weights and optimizer."""
+
+    step: int = 0  # optimizer steps done (a skipped non-finite step counts: its data was used)
+    tokens_seen: int = 0
+    train_time: float = 0.0  # seconds spent training, summed over resumes
+    bad_steps: int = 0  # consecutive non-finite steps
+    skipped_steps: int = 0
+    best_val: float = float("inf")
+    loss_ema: float = float("nan")
+    history: dict[str, list[float]] = field(
+        default_factory=lambda: {
+            "step": [],
+            "epoch": [],
+            "tokens": [],
+            "train_loss": [],
+            "val_loss": [],
+        }
+    )
+
+
+# Config fields a resumed run may not change: they define the model or the data stream.
+FROZEN_ON_RESUME = (
+    "model.*",
+    "data.source",
+    "data.tokenizer",
+    "data.train_ratio",
+    "data.stride",
+    "data.shuffle",
+    "train.batch_size",
+    "train.batch_tokens",
+    "train.seed",
+)
+
+
+class Trainer:
+    """Trains a GPTModel on a Corpus into a run directory.
+
+    `on_event(record)` receives every metrics record as it is written (the CLI renders them).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        corpus: Corpus,
+        run_dir: str | Path,
+        resume: bool = False,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        self.cfg = cfg.validate()
+        self.corpus = corpus
+        self.run_dir = Path(run_dir)
+        self.on_event = on_event or (lambda record: None)
+        self.stop_reason: str | None = None  # set by signal handlers or guards
+        tc, mc = cfg.train, cfg.model
+
+        if mc.vocab_size < corpus.tokenizer.n_vocab:
+            raise GptlabError(
+                f"model.vocab_size ({mc.vocab_size}) is smaller than the tokenizer's vocabulary "
+                f"({corpus.tokenizer.n_vocab}); set --model.vocab_size {corpus.tokenizer.n_vocab}"
+            )
+        self.device = resolve_device(tc.device)
+        self.precision = resolve_precision(tc.precision, self.device)
+        stride = cfg.data.stride or mc.context_length
+        self.train_loader = TokenWindowLoader(
+            corpus.train, tc.batch_size, mc.context_length, stride, cfg.data.shuffle, tc.seed
+        )
+        self.val_loader = TokenWindowLoader(
+            corpus.val,
+            tc.batch_size,
+            mc.context_length,
+            mc.context_length,
+            False,
+            tc.seed,
+            drop_last=False,
+        )
+        for split, loader, tokens in (
+            ("training", self.train_loader, corpus.train),
+            ("validation", self.val_loader, corpus.val),
+        ):
+            if loader.num_windows == 0:
+                raise GptlabError(
+                    f"the {split} split has {len(tokens)} tokens, fewer than one context window "
+                    f"({mc.context_length + 1}); use more text or a smaller --model.context_length"
+                )
+        if len(self.train_loader) == 0:
+            raise GptlabError(
+                f"the training split has {self.train_loader.num_windows} windows, fewer than one batch "
+                f"({tc.batch_size}); lower --train.batch_size or use more text"
+            )
+        micro_tokens = tc.batch_size * mc.context_length
+        self.accum = max(1, tc.batch_tokens // micro_tokens) if tc.batch_tokens else 1
+        self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch == 0:
+            raise GptlabError(
+                f"one optimizer step needs {self.accum} batches but an epoch has {len(self.train_loader)}; "
+                "lower --train.batch_tokens"
+            )
+        total = self.steps_per_epoch * tc.epochs if tc.epochs else 0
+        if tc.max_steps:
+            total = min(total, tc.max_steps) if total else tc.max_steps
+        self.total_steps = total  # 0 when only wall time limits the run
+
+        torch.manual_seed(tc.seed)
+        random.seed(tc.seed)
+        self.model = GPTModel(mc).to(self.device)
+        self.optimizer = build_optimizer(self.model, tc, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.compiled = tc.compile == "on" or (tc.compile == "auto" and self.device.type == "cuda")
+        self.train_model = torch.compile(self.model) if self.compiled else self.model
+        self.state = TrainState()
+        self.sample_gen_seed = tc.seed
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.resumed_from: Path | None = None
+        if resume:
+            self._restore()
+        self._write_run_files()
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            self.precision
+        ]
+        self.peak, self.peak_source = peak_flops(self.device, dtype)
+        self.flops_per_token = flops_per_token(mc)
+
+    # ---------------------------------------------------------------- run files and resume
+
+    def _write_run_files(self) -> None:
+        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        (self.run_dir / "tokenizer.json").write_text(json.dumps(self.corpus.tokenizer.identity()))
+
+    def _meta(self, val_loss: float | None) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "tokenizer": self.corpus.tokenizer.identity(),
+            "data_fingerprint": self.corpus.fingerprint,
+            "tokens_seen": self.state.tokens_seen,
+            "val_loss": val_loss,
+        }
+
+    def _restore(self) -> None:
+        ckpt = ckpt_lib.latest_checkpoint(self.run_dir, missing_ok=True)
+        if ckpt is None:
+            raise GptlabError(
+                f"--resume: no checkpoint in {str(self.run_dir)!r}; drop --resume to start a new run there"
+            )
+        meta = ckpt_lib.read_meta(ckpt)
+        changes = _config_changes(meta.get("config", {}), self.cfg.to_dict())
+        frozen = [c for c in changes if _is_frozen(c[0])]
+        if frozen:
+            key, old, new = frozen[0]
+            raise GptlabError(
+                f"cannot resume: {key} changed from {old!r} to {new!r} (it defines the model or data); "
+                "start a new run with another --out"
+            )
+        if meta.get("tokenizer") != self.corpus.tokenizer.identity():
+            raise GptlabError(
+                "cannot resume: the tokenizer differs from the checkpoint's; use the same --data and tokenizer"
+            )
+        if meta.get("data_fingerprint") != self.corpus.fingerprint:
+            raise GptlabError(
+                "cannot resume: the training text differs from the checkpoint's; use the same --data"
+            )
+        ckpt_lib.load_weights(self.model, ckpt, self.device)
+        st = ckpt_lib.load_state(ckpt)
+        try:
+            self.optimizer.load_state_dict(st["optimizer"])
+            if st.get("scaler"):
+                self.scaler.load_state_dict(st["scaler"])
+            self.state = TrainState(**st["trainer"])
+            _set_rng_state(st["rng"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise GptlabError(
+                f"training state in {str(ckpt)!r} does not fit this run ({e}); start a new run"
+            ) from None
+        self.resumed_from = ckpt
+        self.resume_changes = changes
+        truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+
+    # ---------------------------------------------------------------- events
+
+    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = {"event": event, "step": self.state.step, **fields}
+        self.metrics.write(record)
+        self.on_event(record)
+        return record
+
+    @property
+    def epoch_progress(self) -> float:
+        return self.state.step / self.steps_per_epoch
+
+    # ---------------------------------------------------------------- periodic work
+
+    def evaluate(self) -> tuple[float, float]:
+        with autocast(self.device, self.precision):
+            train_loss, val_loss = evaluate_model(
+                self.train_model,
+                self.train_loader,
+                self.val_loader,
+                self.device,
+                self.cfg.train.eval_iter,
+            )
+        h = self.state.history
+        h["step"].append(self.state.step)
+        h["epoch"].append(self.epoch_progress)
+        h["tokens"].append(self.state.tokens_seen)
+        h["train_loss"].append(train_loss)
+        h["val_loss"].append(val_loss)
+        self.state.best_val = min(self.state.best_val, val_loss)
+        self.emit(
+            "eval",
+            epoch=self.epoch_progress,
+            tokens=self.state.tokens_seen,
+            train_loss=train_loss,
+            val_loss=val_loss,
+        )
+        return train_loss, val_loss
+
+    def full_validation_loss(self) -> float:
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device, self.precision):
+            loss = calc_loss_loader(self.val_loader, self.train_model, self.device)
+        self.model.train()
+        return loss
+
+    def sample(self) -> str:
+        tc = self.cfg.train
+        tok = self.corpus.tokenizer
+        self.model.eval()
+        idx = text_to_token_ids(tc.start_context, tok).to(self.device)
+        # Its own generator: sampling never shifts the training run's random stream.
+        gen = torch.Generator(device=self.device).manual_seed(self.sample_gen_seed)
+        with autocast(self.device, self.precision):
+            out = generate(
+                self.model, idx, tc.sample_tokens, temperature=0.8, top_k=40, generator=gen
+            )
+        self.model.train()
+        text = token_ids_to_text(out.cpu(), tok)
+        self.emit("sample", epoch=self.epoch_progress, text=text)
+        return text
+
+    def save(self, val_loss: float | None = None, reason: str = "periodic") -> Path:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "trainer": asdict(self.state),
+            "rng": _get_rng_state(),
+        }
+        path = ckpt_lib.save_checkpoint(
+            self.run_dir,
+            self.state.step,
+            self.model,
+            self._meta(val_loss),
+            state,
+            self.cfg.train.keep_last,
+        )
+        self.emit("checkpoint", path=str(path), reason=reason)
+        return path
+
+    # ---------------------------------------------------------------- the loop
+
+    def done(self) -> str | None:
+        """Why training should stop now, or None."""
+        tc = self.cfg.train
+        if self.stop_reason:
+            return self.stop_reason
+        if self.total_steps and self.state.step >= self.total_steps:
+            return "max_steps" if tc.max_steps and self.state.step >= tc.max_steps else "epochs"
+        if tc.max_time and self.state.train_time >= tc.max_time:
+            return "max_time"
+        return None
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over `accum` micro-batches; returns (loss, grad_norm)."""
+        tc = self.cfg.train
+        epoch, in_epoch = divmod(self.state.step, self.steps_per_epoch)
+        lr = lr_at(self.state.step, tc, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for m in range(self.accum):
+            x, y = self.train_loader.batch(epoch, in_epoch * self.accum + m)
+            if self.device.type == "cuda":
+                x, y = x.pin_memory(), y.pin_memory()
+            with autocast(self.device, self.precision):
+                loss = calc_loss_batch(x, y, self.train_model, self.device) / self.accum
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        loss_val, norm_val = loss_sum.item(), grad_norm.item()
+        if math.isfinite(loss_val) and math.isfinite(norm_val):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.state.bad_steps = 0
+        else:  # keep the last good weights; the guard below decides whether to go on
+            self.state.bad_steps += 1
+            self.state.skipped_steps += 1
+            if self.scaler.is_enabled():
+                self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens_seen += self.accum * x.numel()
+        return loss_val, norm_val
+
+    def run(self) -> dict[str, Any]:
+        """Train until a limit, a signal or a guard stops it; returns the final 'end' record."""
+        tc, st = self.cfg.train, self.state
+        n_params = count_parameters(self.model)
+        if self.resumed_from is not None:
+            changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in self.resume_changes]
+            self.emit("resume", checkpoint=str(self.resumed_from), changed=changed)
+        self.emit(
+            "start",
+            params=n_params,
+            device=str(self.device),
+            precision=self.precision,
+            compiled=self.compiled,
+            accum=self.accum,
+            batch_tokens=self.accum * tc.batch_size * self.cfg.model.context_length,
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+            train_tokens=len(self.corpus.train),
+            val_tokens=len(self.corpus.val),
+            peak_flops=self.peak,
+            peak_source=self.peak_source,
+        )
+        self.model.train()
+        last_ckpt_time = time.monotonic()
+        window_t, window_tokens, window_steps, window_loss = time.perf_counter(), 0, 0, 0.0
+        first_step = True
+        last_val: float | None = None
+        while (reason := self.done()) is None:
+            t0 = time.perf_counter()
+            tokens_before = st.tokens_seen
+            loss, norm = self.train_step()
+            dt = time.perf_counter() - t0  # .item() in train_step has synchronised the device
+            st.train_time += dt
+            if first_step and self.compiled:
+                self.emit("compile", seconds=round(dt, 2))
+                window_t = time.perf_counter()
+            else:
+                window_tokens += st.tokens_seen - tokens_before
+                window_steps += 1
+                window_loss += loss if math.isfinite(loss) else 0.0
+            first_step = False
+
+            spike = (
+                math.isfinite(st.loss_ema)
+                and math.isfinite(loss)
+                and loss > 1.5 * st.loss_ema + 0.5
+            )
+            if math.isfinite(loss):
+                st.loss_ema = (
+                    loss if not math.isfinite(st.loss_ema) else 0.9 * st.loss_ema + 0.1 * loss
+                )
+            if not math.isfinite(loss) or not math.isfinite(norm):
+                self.emit("nonfinite", loss=loss, grad_norm=norm, consecutive=st.bad_steps)
+                if st.bad_steps >= tc.max_bad_steps:
+                    self.stop_reason = "nonfinite"
+            elif spike:
+                self.emit("spike", loss=loss, ema=st.loss_ema)
+
+            if st.step % tc.log_every == 0 or st.step == 1 or self.done():
+                elapsed = time.perf_counter() - window_t
+                tps = window_tokens / elapsed if elapsed > 0 and window_steps else 0.0
+                self.emit(
+                    "train",
+                    epoch=self.epoch_progress,
+                    tokens=st.tokens_seen,
+                    loss=window_loss / window_steps if window_steps else loss,
+                    lr=self.optimizer.param_groups[0]["lr"],
+                    grad_norm=norm,
+                    tokens_per_s=tps,
+                    mfu=tps * self.flops_per_token / self.peak,
+                    peak_mem_mib=peak_memory_mib(self.device),
+                    elapsed=st.train_time,
+                )
+                window_t, window_tokens, window_steps, window_loss = time.perf_counter(), 0, 0, 0.0
+
+            if (st.step - 1) % tc.eval_freq == 0:
+                _, last_val = self.evaluate()
+            if st.step % self.steps_per_epoch == 0:
+                self.emit("epoch", epoch=st.step // self.steps_per_epoch)
+                self.sample()
+            minutes_due = (
+                tc.checkpoint_every_minutes
+                and time.monotonic() - last_ckpt_time >= 60 * tc.checkpoint_every_minutes
+            )
+            if (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or minutes_due:
+                self._save_quietly(last_val)
+                last_ckpt_time = time.monotonic()
+
+        # the end: a final evaluation, sample and checkpoint
+        if reason != "nonfinite" and (not st.history["step"] or st.history["step"][-1] != st.step):
+            _, last_val = self.evaluate()
+        if reason != "nonfinite" and st.step % self.steps_per_epoch != 0:
+            self.sample()
+        path = self.save(last_val, reason=reason)
+        end = self.emit(
+            "end",
+            reason=reason,
+            epoch=self.epoch_progress,
+            tokens=st.tokens_seen,
+            train_time=st.train_time,
+            val_loss=last_val,
+            best_val=st.best_val,
+            skipped_steps=st.skipped_steps,
+            checkpoint=str(path),
+        )
+        self.metrics.close()
+        return end
+
+    def _save_quietly(self, val_loss: float | None) -> None:
+        """A periodic save that fails (full disk) is reported and training goes on."""
+        try:
+            self.save(val_loss)
+        except GptlabError as e:
+            self.emit("checkpoint_failed", error=str(e))
+
+
+def _config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_changes(a, b, name + ".")
+        elif a != b:
+            out.append((name, a, b))
+    return out
+
+
+def _is_frozen(key: str) -> bool:
+    return any(key == f or (f.endswith(".*") and key.startswith(f[:-1])) for f in FROZEN_ON_RESUME)
+
+
+def _get_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    random.setstate(rng["python"])
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """SIGINT/SIGTERM ask the trainer to finish its step, save and stop; a second SIGINT
+    aborts at once. Used by the CLI (library code does not install handlers by itself)."""
+
+    def handler(signum, frame):
+        if trainer.stop_reason and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_reason = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
