@@ -50,6 +50,7 @@ class ModelConfig:
     attention: str = "sdpa"  # "sdpa": fused kernels; "manual": the walk-through's masked softmax
     vocab_multiple: int = 1  # pad the embedding/head rows to a multiple of this (64 is fast)
     init: str = "pytorch"  # "pytorch": PyTorch defaults (the walk-through); "gpt2": N(0, 0.02)
+    fused_qkv: bool = False  # compute q, k, v with one matmul (same parameters, same math)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -115,6 +116,9 @@ class TrainConfig:
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     compile: str = "auto"  # "auto" | "on" | "off"
     fused_optimizer: bool = True
+    # "auto" | "on" | "off": the training loss from hidden states in row chunks, never holding
+    # the full (B, T, V) logits (gptlab.loss); auto turns it on where it measured faster
+    chunked_loss: str = "auto"
     checkpoint_every: int = 0  # steps; 0 = only at the end (and on signals)
     checkpoint_every_minutes: float = 0.0
     keep_last: int = 2
@@ -156,6 +160,7 @@ class TrainConfig:
         _choice(self, "train", "schedule", ("cosine", "linear", "constant"))
         _choice(self, "train", "precision", ("auto", "fp32", "bf16", "fp16"))
         _choice(self, "train", "compile", ("auto", "on", "off"))
+        _choice(self, "train", "chunked_loss", ("auto", "on", "off"))
         if self.epochs == 0 and self.max_steps == 0 and self.max_time == 0:
             raise GptlabError(
                 "no training limit: set train.epochs, train.max_steps or train.max_time above 0"

@@ -88,6 +88,7 @@ class MultiHeadAttention(nn.Module):
         num_heads: int,
         qkv_bias: bool = False,
         attention: str = "sdpa",
+        fused_qkv: bool = False,
     ):
         super().__init__()
         if d_out % num_heads:
@@ -97,6 +98,7 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_out // num_heads
         self.context_length = context_length
         self.attention = attention
+        self.fused_qkv = fused_qkv
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -108,9 +110,13 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hd = self.num_heads, self.head_dim
-        q = self.W_query(x).view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
-        k = self.W_key(x).view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
-        v = self.W_value(x).view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
+        if self.fused_qkv:
+            q, k, v = self._qkv_one_matmul(x)  # each (B, T, D)
+        else:
+            q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)  # each (B, T, D)
+        q = q.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
+        k = k.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
+        v = v.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
 
         if self.attention == "sdpa":
             p = self.dropout.p if self.training else 0.0
@@ -126,6 +132,16 @@ class MultiHeadAttention(nn.Module):
 
         ctx = ctx.transpose(1, 2).reshape(B, T, self.d_out)  # (B, T, D)
         return self.out_proj(ctx)
+
+    def _qkv_one_matmul(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # One (D, 3D) matmul instead of three (D, D) ones: a larger GEMM keeps a GPU
+        # busier. The three weights stay separate parameters (names and checkpoints are
+        # the walk-through's); concatenating them each step costs a copy of 3 D^2 values.
+        w = torch.cat((self.W_query.weight, self.W_key.weight, self.W_value.weight))  # (3D, D)
+        b = None
+        if self.W_query.bias is not None:
+            b = torch.cat((self.W_query.bias, self.W_key.bias, self.W_value.bias))  # (3D,)
+        return F.linear(x, w, b).split(self.d_out, dim=-1)  # 3 x (B, T, D)
 
 
 def _drop_walkthrough_mask(state_dict, prefix, *args, **kwargs) -> None:
@@ -145,6 +161,7 @@ class TransformerBlock(nn.Module):
             num_heads=cfg.n_heads,
             qkv_bias=cfg.qkv_bias,
             attention=cfg.attention,
+            fused_qkv=cfg.fused_qkv,
         )
         self.ff = FeedForward(cfg)
         self.norm1 = LayerNorm(cfg.emb_dim)
@@ -189,6 +206,20 @@ class GPTModel(nn.Module):
                 self.out_head.weight[cfg.vocab_size :].zero_()
 
     def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
+        x = self.hidden_states(in_idx)  # (B, T, D)
+        logits = self.out_head(x)  # (B, T, Vp)
+        if logits.shape[-1] != self.cfg.vocab_size:
+            logits = logits[
+                ..., : self.cfg.vocab_size
+            ]  # (B, T, V): padded ids never reach a loss or sampler
+        return logits
+
+    def hidden_states(self, in_idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> final-normed hidden states (B, T, D), the output head's input.
+
+        `forward` is `out_head(hidden_states(idx))` cut to `vocab_size`; a loss that never
+        builds the full (B, T, V) logits (`gptlab.loss.chunked_cross_entropy`) starts here.
+        """
         B, T = in_idx.shape
         if T > self.cfg.context_length:
             raise ValueError(
@@ -199,13 +230,7 @@ class GPTModel(nn.Module):
         pos_embeds = self.pos_emb(torch.arange(T, device=in_idx.device))  # (T, D)
         x = self.drop_emb(tok_embeds + pos_embeds)  # (B, T, D)
         x = self.trf_blocks(x)  # (B, T, D)
-        x = self.final_norm(x)
-        logits = self.out_head(x)  # (B, T, Vp)
-        if logits.shape[-1] != self.cfg.vocab_size:
-            logits = logits[
-                ..., : self.cfg.vocab_size
-            ]  # (B, T, V): padded ids never reach a loss or sampler
-        return logits
+        return self.final_norm(x)  # (B, T, D)
 
 
 def init_gpt2_weights(model: GPTModel) -> None:

@@ -38,6 +38,7 @@ from gptlab.data import Corpus, TokenWindowLoader
 from gptlab.errors import GptlabError
 from gptlab.evaluate import calc_loss_batch, calc_loss_loader, evaluate_model
 from gptlab.generate import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
+from gptlab.loss import model_loss
 from gptlab.metrics import MetricsLog, peak_flops, peak_memory_mib, truncate_metrics
 from gptlab.model import GPTModel, count_parameters, flops_per_token
 from gptlab.optim import build_optimizer, lr_at
@@ -145,6 +146,36 @@ def autocast(device: torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_chunked_loss(name: str, device: torch.device) -> bool:
+    """'auto' -> the chunked loss (gptlab.loss) where it measured faster: CPU and CUDA
+    (see BENCHMARKS.md); 'on'/'off' as given."""
+    if name != "auto":
+        return name == "on"
+    return device.type in ("cpu", "cuda")
+
+
+def make_loss_fn(
+    model: nn.Module, chunked: bool, compiled: bool
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training step's loss: (inputs, targets) (B, T) on the model's device -> scalar.
+
+    The same value as `calc_loss_batch`. With `compiled`, the model and the loss are one
+    torch.compile graph, so the compiler sees (and fuses) the head and cross-entropy too.
+    """
+
+    def loss_fn(input_batch: torch.Tensor, target_batch: torch.Tensor) -> torch.Tensor:
+        return model_loss(model, input_batch, target_batch, chunked=chunked)
+
+    return torch.compile(loss_fn) if compiled else loss_fn
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch -> device; on CUDA through pinned memory, so the copy does not block."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 # --------------------------------------------------------------------------- the CLI trainer
@@ -261,6 +292,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.compiled = tc.compile == "on" or (tc.compile == "auto" and self.device.type == "cuda")
         self.train_model = torch.compile(self.model) if self.compiled else self.model
+        self.chunked_loss = resolve_chunked_loss(tc.chunked_loss, self.device)
+        self.loss_fn = make_loss_fn(self.model, self.chunked_loss, self.compiled)
+        # Non-finite steps are skipped on the device where the fused AdamW kernel can do it
+        # (not with fp16's GradScaler, which has its own skip), else after a host check.
+        self._skip_on_device = (
+            bool(self.optimizer.defaults.get("fused"))
+            and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+            and not self.scaler.is_enabled()
+        )
+        self._pending: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
         self.state = TrainState()
         self.sample_gen_seed = tc.seed
 
@@ -433,20 +474,29 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         for m in range(self.accum):
-            x, y = self.train_loader.batch(epoch, in_epoch * self.accum + m)
-            if self.device.type == "cuda":
-                x, y = x.pin_memory(), y.pin_memory()
+            x, y = self._batch(epoch, in_epoch * self.accum + m)
             with autocast(self.device, self.precision):
-                loss = calc_loss_batch(x, y, self.train_model, self.device) / self.accum
+                loss = self.loss_fn(x, y) / self.accum
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        loss_val, norm_val = loss_sum.item(), grad_norm.item()
+        if self._skip_on_device:
+            # The fused kernel skips a non-finite step by itself (the flag GradScaler uses),
+            # so the update is queued before the host waits for the loss: no idle device.
+            finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+            self.optimizer.found_inf = (~finite).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            self._prefetch(self.state.step + 1)
+        loss_val, norm_val = torch.stack((loss_sum, grad_norm.float())).tolist()  # one sync
         if math.isfinite(loss_val) and math.isfinite(norm_val):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            if not self._skip_on_device:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
             self.state.bad_steps = 0
         else:  # keep the last good weights; the guard below decides whether to go on
             self.state.bad_steps += 1
@@ -457,6 +507,21 @@ class Trainer:
         self.state.step += 1
         self.state.tokens_seen += self.accum * x.numel()
         return loss_val, norm_val
+
+    def _batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch `index` of `epoch` on the device (prefetched when it was)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == (epoch, index):
+            return pending[1], pending[2]
+        x, y = self.train_loader.batch(epoch, index)
+        return to_device(x, self.device), to_device(y, self.device)
+
+    def _prefetch(self, step: int) -> None:
+        """Start copying step `step`'s first batch to a CUDA device while it computes."""
+        if self.device.type == "cuda":
+            epoch, in_epoch = divmod(step, self.steps_per_epoch)
+            x, y = self._batch(epoch, in_epoch * self.accum)
+            self._pending = ((epoch, in_epoch * self.accum), x, y)
 
     def run(self) -> dict[str, Any]:
         """Train until a limit, a signal or a guard stops it; returns the final 'end' record."""
@@ -471,6 +536,7 @@ class Trainer:
             device=str(self.device),
             precision=self.precision,
             compiled=self.compiled,
+            chunked_loss=self.chunked_loss,
             accum=self.accum,
             batch_tokens=self.accum * tc.batch_size * self.cfg.model.context_length,
             steps_per_epoch=self.steps_per_epoch,

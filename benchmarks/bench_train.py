@@ -1,0 +1,267 @@
+"""The speed ladder: tokens/s of gptlab's training step, one switch at a time.
+
+    python benchmarks/bench_train.py --workload small --ladder
+    python benchmarks/bench_train.py --workload gpt2-124m --ladder --device cuda --json
+
+Each row trains a fresh model for a few steps through the CLI trainer's own step
+(`Trainer.train_step`: its optimizer, autocast, loss path, clipping, host syncs) on random
+token ids, in a fresh process (so peak memory is the row's own and compilation starts
+cold). Rows warm up before they are timed, and the device is synchronised before every
+timer read. Without --ladder only the last row (gptlab's defaults) runs.
+
+Columns: tokens/s, ms/step, MFU (model FLOPs per token, 6N + 12 L H Hd T, times tokens/s,
+over the device's bf16 matmul peak measured once by `gptlab.metrics`), peak memory
+(CUDA: max allocated; CPU: the process's max RSS) and the first step's time (which
+includes compilation). With --json, one JSON line per row as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+WORKLOADS: dict[str, dict[str, Any]] = {
+    # the walk-through's own setting: GPT-2 small at context 256, batch 2, dropout 0.1
+    "seed124m": {
+        "model": {"context_length": 256, "drop_rate": 0.1},
+        "train": {"batch_size": 2},
+        "steps": 4,
+    },
+    "small": {
+        "model": {"context_length": 256, "emb_dim": 384, "n_heads": 6, "n_layers": 6},
+        "train": {"batch_size": 8},
+        "steps": 6,
+    },
+    # nanoGPT's GPT-2 124M: context 1024, tied head, no dropout
+    "gpt2-124m": {
+        "model": {"context_length": 1024, "drop_rate": 0.0, "tie_weights": True},
+        "train": {"batch_size": 16},
+        "steps": 20,
+    },
+}
+
+# The plain configuration: the walk-through's model and optimizer, nothing switched on.
+PLAIN = {
+    "model": {"attention": "manual", "vocab_multiple": 1},
+    "train": {
+        "precision": "fp32",
+        "fused_optimizer": False,
+        "compile": "off",
+        "chunked_loss": "off",
+    },
+}
+
+
+def ladder(device_type: str) -> list[tuple[str, dict[str, Any]]]:
+    """Rows as (name, settings changed from the row before). On CPU, torch.compile comes
+    last: the trainer leaves it off there (it has not paid off), so the rows before it
+    show the configuration that `auto` runs."""
+    steps = [
+        ("+ sdpa attention", {"model.attention": "sdpa"}),
+        ("+ bf16 autocast", {"train.precision": "bf16"}),
+        ("+ fused adamw", {"train.fused_optimizer": True}),
+        ("+ compile", {"train.compile": "on"}),
+        ("+ vocab padded to 64", {"model.vocab_multiple": 64}),
+        ("+ chunked loss", {"train.chunked_loss": "on"}),
+        ("+ 2x batch", {"train.batch_size": "x2"}),
+    ]
+    if device_type == "cpu":
+        steps.append(steps.pop(3))
+    return [("fp32, manual attention", {})] + steps
+
+
+def row_settings(workload: str, rows: list[tuple[str, dict[str, Any]]], k: int) -> dict[str, Any]:
+    """The full settings of row k: the plain configuration plus rows 1..k's changes."""
+    w = WORKLOADS[workload]
+    settings: dict[str, Any] = {}
+    for section in ("model", "train"):
+        for key, value in {**PLAIN[section], **w[section]}.items():
+            settings[f"{section}.{key}"] = value
+    for _, change in rows[1 : k + 1]:
+        for key, value in change.items():
+            settings[key] = settings[key] * 2 if value == "x2" else value
+    return settings
+
+
+def default_settings(workload: str) -> dict[str, Any]:
+    """gptlab's defaults (auto precision, compile and loss) at the workload's shapes."""
+    w = WORKLOADS[workload]
+    settings = {f"model.{k}": v for k, v in w["model"].items()}
+    settings.update({f"train.{k}": v for k, v in w["train"].items()})
+    settings["model.vocab_multiple"] = 64
+    return settings
+
+
+# --------------------------------------------------------------------------- one row (child process)
+
+
+class _RandomTokens:
+    """Stands in for a tokenizer: the trainer only asks for the vocabulary size and identity."""
+
+    name = "random"
+    n_vocab = 50257
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "n_vocab": self.n_vocab}
+
+
+def run_row(settings: dict[str, Any], device: str, steps: int, warmup: int) -> dict[str, Any]:
+    """Time `steps` trainer steps after `warmup` ones; returns the row's figures."""
+    import numpy as np
+    import torch
+
+    from gptlab.config import RunConfig, set_field
+    from gptlab.data import Corpus
+    from gptlab.metrics import measured_matmul_flops, peak_memory_mib, sync
+    from gptlab.trainer import Trainer
+
+    cfg = RunConfig()
+    for key, value in settings.items():
+        set_field(cfg, key, value)
+    set_field(cfg, "train.device", device)
+    set_field(cfg, "train.max_steps", warmup + steps)
+    B, T = cfg.train.batch_size, cfg.model.context_length
+    rng = np.random.default_rng(0)
+    n_tokens = (warmup + steps + 1) * B * (T + 1) + T + 1
+    tokens = rng.integers(0, _RandomTokens.n_vocab, n_tokens, dtype=np.uint16)
+    corpus = Corpus(tokens, tokens[: 2 * (T + 1)], _RandomTokens(), "random")
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, corpus, run_dir)
+        dev = trainer.device
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        trainer.model.train()
+        t0 = time.perf_counter()
+        trainer.train_step()
+        sync(dev)
+        first_step = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            trainer.train_step()
+        sync(dev)
+        t0 = time.perf_counter()
+        losses = [trainer.train_step()[0] for _ in range(steps)]
+        sync(dev)
+        elapsed = time.perf_counter() - t0
+        trainer.metrics.close()
+    tokens_per_step = trainer.accum * B * T
+    tps = steps * tokens_per_step / elapsed
+    peak = measured_matmul_flops(dev, torch.bfloat16)
+    return {
+        "device": _device_name(dev),
+        "precision": trainer.precision,
+        "compiled": trainer.compiled,
+        "chunked_loss": trainer.chunked_loss,
+        "batch_size": B,
+        "context_length": T,
+        "tokens_per_s": round(tps, 1),
+        "ms_per_step": round(1000 * elapsed / steps, 2),
+        "mfu": round(tps * trainer.flops_per_token / peak, 4),
+        "peak_bf16_flops": peak,
+        "peak_mem_mib": round(peak_memory_mib(dev), 1),
+        "first_step_s": round(first_step, 2),
+        "last_loss": round(losses[-1], 4),
+        "steps": steps,
+    }
+
+
+def _device_name(dev) -> str:
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu x{torch.get_num_threads()} threads"
+
+
+# --------------------------------------------------------------------------- the ladder (parent)
+
+
+def _resolve_device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="small")
+    p.add_argument("--ladder", action="store_true", help="every row, not only gptlab's defaults")
+    p.add_argument("--json", action="store_true", help="also one JSON line per row")
+    p.add_argument("--steps", type=int, help="timed steps per row (default: per workload)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--rows", help="only these row numbers, e.g. 0,3,5 (with --ladder)")
+    p.add_argument("--row-timeout", type=float, default=600.0, help="seconds before a row is cut")
+    p.add_argument("--_row", help=argparse.SUPPRESS)  # internal: run one row, print its JSON
+    args = p.parse_args(argv)
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1")
+    steps = args.steps or WORKLOADS[args.workload]["steps"]
+
+    if args._row:
+        settings = json.loads(args._row)
+        print(json.dumps(run_row(settings, args.device, steps, args.warmup)), flush=True)
+        return 0
+
+    device = _resolve_device(args.device)
+    rows = ladder("cuda" if device.startswith("cuda") else device)
+    if args.ladder:
+        wanted = range(len(rows)) if not args.rows else [int(r) for r in args.rows.split(",")]
+        plan = [(f"{k}. {rows[k][0]}", row_settings(args.workload, rows, k)) for k in wanted]
+        plan.append((f"{len(rows)}. gptlab defaults (auto)", default_settings(args.workload)))
+    else:
+        plan = [("auto switches, padded vocab", default_settings(args.workload))]
+
+    print(
+        f"workload {args.workload}: {json.dumps(WORKLOADS[args.workload]['model'])}, "
+        f"batch {WORKLOADS[args.workload]['train']['batch_size']}; {steps} timed steps per row "
+        f"after {args.warmup} warm-up; device {device}",
+        flush=True,
+    )
+    header = (
+        f"{'config':32s} {'tokens/s':>10s} {'ms/step':>9s} {'MFU':>6s} {'peak MiB':>9s} "
+        f"{'1st step s':>10s} {'speed-up':>8s}"
+    )
+    print(header + "\n" + "-" * len(header), flush=True)
+    base_tps = None
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for name, settings in plan:
+        cmd = [sys.executable, os.path.abspath(__file__), "--workload", args.workload]
+        cmd += ["--device", device, "--steps", str(steps), "--warmup", str(args.warmup)]
+        cmd += ["--_row", json.dumps(settings)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=args.row_timeout, env=env
+            )
+        except subprocess.TimeoutExpired:
+            print(f"{name:32s} cut after {args.row_timeout:.0f} s", flush=True)
+            continue
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            print(f"{name:32s} failed: {tail}", flush=True)
+            continue
+        r = json.loads(lines[-1])
+        base_tps = base_tps or r["tokens_per_s"]
+        print(
+            f"{name:32s} {r['tokens_per_s']:10,.0f} {r['ms_per_step']:9.1f} "
+            f"{100 * r['mfu']:5.1f}% {r['peak_mem_mib']:9,.0f} {r['first_step_s']:10.1f} "
+            f"{r['tokens_per_s'] / base_tps:7.2f}x   ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+        if args.json:
+            record = {"workload": args.workload, "config": name, **r, "settings": settings}
+            print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
