@@ -5,9 +5,11 @@
 
 Each row trains a fresh model for a few steps through the CLI trainer's own step
 (`Trainer.train_step`: its optimizer, autocast, loss path, clipping, host syncs) on random
-token ids, in a fresh process (so peak memory is the row's own and compilation starts
-cold). Rows warm up before they are timed, and the device is synchronised before every
-timer read. Without --ladder only the last row (gptlab's defaults) runs.
+token ids. On CPU each row runs in a fresh process, so its peak memory (max RSS) is its
+own; on CUDA the rows share one process (peak memory is reset, compiled graphs are
+dropped) to save start-up time. Rows warm up before they are timed (the first step
+compiles), and the device is synchronised before every timer read. Without --ladder only
+the last row (gptlab's defaults) runs.
 
 Columns: tokens/s, ms/step, MFU (model FLOPs per token, 6N + 12 L H Hd T, times tokens/s,
 over the device's bf16 matmul peak measured once by `gptlab.metrics`), peak memory
@@ -69,6 +71,7 @@ def ladder(device_type: str) -> list[tuple[str, dict[str, Any]]]:
         ("+ compile", {"train.compile": "on"}),
         ("+ vocab padded to 64", {"model.vocab_multiple": 64}),
         ("+ chunked loss", {"train.chunked_loss": "on"}),
+        ("+ one qkv matmul", {"model.fused_qkv": True}),
         ("+ 2x batch", {"train.batch_size": "x2"}),
     ]
     if device_type == "cpu":
@@ -98,7 +101,7 @@ def default_settings(workload: str) -> dict[str, Any]:
     return settings
 
 
-# --------------------------------------------------------------------------- one row (child process)
+# --------------------------------------------------------------------------- one row
 
 
 class _RandomTokens:
@@ -111,8 +114,11 @@ class _RandomTokens:
         return {"name": self.name, "n_vocab": self.n_vocab}
 
 
-def run_row(settings: dict[str, Any], device: str, steps: int, warmup: int) -> dict[str, Any]:
-    """Time `steps` trainer steps after `warmup` ones; returns the row's figures."""
+def run_row(
+    settings: dict[str, Any], device: str, steps: int, warmup: int, max_seconds: float
+) -> dict[str, Any]:
+    """Time up to `steps` trainer steps (at least 3, stopping after `max_seconds`) after
+    `warmup` untimed ones; returns the row's figures."""
     import numpy as np
     import torch
 
@@ -131,11 +137,11 @@ def run_row(settings: dict[str, Any], device: str, steps: int, warmup: int) -> d
     n_tokens = (warmup + steps + 1) * B * (T + 1) + T + 1
     tokens = rng.integers(0, _RandomTokens.n_vocab, n_tokens, dtype=np.uint16)
     corpus = Corpus(tokens, tokens[: 2 * (T + 1)], _RandomTokens(), "random")
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, corpus, run_dir)
         dev = trainer.device
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
         trainer.model.train()
         t0 = time.perf_counter()
         trainer.train_step()
@@ -145,9 +151,12 @@ def run_row(settings: dict[str, Any], device: str, steps: int, warmup: int) -> d
             trainer.train_step()
         sync(dev)
         t0 = time.perf_counter()
-        losses = [trainer.train_step()[0] for _ in range(steps)]
+        losses: list[float] = []
+        while len(losses) < steps and (len(losses) < 3 or time.perf_counter() - t0 < max_seconds):
+            losses.append(trainer.train_step()[0])  # train_step reads the loss: a sync
         sync(dev)
         elapsed = time.perf_counter() - t0
+        steps = len(losses)
         trainer.metrics.close()
     tokens_per_step = trainer.accum * B * T
     tps = steps * tokens_per_step / elapsed
@@ -189,6 +198,40 @@ def _resolve_device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _run(
+    settings: dict[str, Any], args: argparse.Namespace, device: str, steps: int, isolate: bool
+) -> tuple[dict[str, Any] | None, str]:
+    """One row, in a child process or in this one; (figures, "") or (None, why it failed)."""
+    if not isolate:
+        import gc
+
+        import torch
+
+        try:
+            return run_row(settings, device, steps, args.warmup, args.max_seconds), ""
+        except Exception as e:  # a row that fails (out of memory, say) must not end the ladder
+            return None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        finally:
+            gc.collect()
+            torch._dynamo.reset()  # a fresh model: no stale compiled graphs nor cache limits
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    cmd = [sys.executable, os.path.abspath(__file__), "--workload", args.workload]
+    cmd += ["--device", device, "--steps", str(steps), "--warmup", str(args.warmup)]
+    cmd += ["--max-seconds", str(args.max_seconds), "--_row", json.dumps(settings)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=args.row_timeout, env=env
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"cut after {args.row_timeout:.0f} s"
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return None, "failed: " + (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return json.loads(lines[-1]), ""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="small")
@@ -197,7 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="timed steps per row (default: per workload)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--rows", help="only these row numbers, e.g. 0,3,5 (with --ladder)")
+    p.add_argument("--rows", help="only these row numbers, e.g. 0,3,5")
+    p.add_argument(
+        "--max-seconds", type=float, default=15.0, help="stop timing a row after this (default 15)"
+    )
+    p.add_argument(
+        "--isolate",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="a process per row (auto: on CPU, where peak RSS cannot be reset; on CUDA rows "
+        "share one process and skip its start-up)",
+    )
     p.add_argument("--row-timeout", type=float, default=600.0, help="seconds before a row is cut")
     p.add_argument("--_row", help=argparse.SUPPRESS)  # internal: run one row, print its JSON
     args = p.parse_args(argv)
@@ -207,17 +260,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if args._row:
         settings = json.loads(args._row)
-        print(json.dumps(run_row(settings, args.device, steps, args.warmup)), flush=True)
+        row = run_row(settings, args.device, steps, args.warmup, args.max_seconds)
+        print(json.dumps(row), flush=True)
         return 0
 
     device = _resolve_device(args.device)
     rows = ladder("cuda" if device.startswith("cuda") else device)
-    if args.ladder:
-        wanted = range(len(rows)) if not args.rows else [int(r) for r in args.rows.split(",")]
-        plan = [(f"{k}. {rows[k][0]}", row_settings(args.workload, rows, k)) for k in wanted]
-        plan.append((f"{len(rows)}. gptlab defaults (auto)", default_settings(args.workload)))
-    else:
-        plan = [("auto switches, padded vocab", default_settings(args.workload))]
+    plan = [
+        (f"{k}. {name}", row_settings(args.workload, rows, k)) for k, (name, _) in enumerate(rows)
+    ]
+    plan.append((f"{len(rows)}. defaults (auto), padded vocab", default_settings(args.workload)))
+    if args.rows:
+        try:
+            plan = [plan[int(k)] for k in args.rows.split(",")]
+        except (ValueError, IndexError):
+            p.error(f"--rows takes row numbers from 0 to {len(plan) - 1}, e.g. 0,3,5")
+    elif not args.ladder:
+        plan = plan[-1:]
 
     print(
         f"workload {args.workload}: {json.dumps(WORKLOADS[args.workload]['model'])}, "
@@ -230,27 +289,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{'1st step s':>10s} {'speed-up':>8s}"
     )
     print(header + "\n" + "-" * len(header), flush=True)
-    base_tps = None
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base_tps, peak = None, None
+    isolate = args.isolate == "yes" or (args.isolate == "auto" and not device.startswith("cuda"))
     for name, settings in plan:
-        cmd = [sys.executable, os.path.abspath(__file__), "--workload", args.workload]
-        cmd += ["--device", device, "--steps", str(steps), "--warmup", str(args.warmup)]
-        cmd += ["--_row", json.dumps(settings)]
         t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=args.row_timeout, env=env
-            )
-        except subprocess.TimeoutExpired:
-            print(f"{name:32s} cut after {args.row_timeout:.0f} s", flush=True)
+        r, error = _run(settings, args, device, steps, isolate)
+        if r is None:
+            print(f"{name:32s} {error}", flush=True)
             continue
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            print(f"{name:32s} failed: {tail}", flush=True)
-            continue
-        r = json.loads(lines[-1])
         base_tps = base_tps or r["tokens_per_s"]
+        peak = (r["device"], r["peak_bf16_flops"])
         print(
             f"{name:32s} {r['tokens_per_s']:10,.0f} {r['ms_per_step']:9.1f} "
             f"{100 * r['mfu']:5.1f}% {r['peak_mem_mib']:9,.0f} {r['first_step_s']:10.1f} "
@@ -260,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             record = {"workload": args.workload, "config": name, **r, "settings": settings}
             print(json.dumps(record), flush=True)
+    if peak:
+        print(
+            f"MFU is against the measured bf16 matmul peak of {peak[1] / 1e12:.1f} TFLOP/s on {peak[0]}"
+        )
     return 0
 
 

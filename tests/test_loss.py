@@ -11,6 +11,8 @@ from gptlab.evaluate import calc_loss_batch
 from gptlab.loss import chunked_cross_entropy, model_loss
 from gptlab.model import GPTModel
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def _reference(hidden, weight, targets, vocab_size):
     logits = hidden @ weight[:vocab_size].T  # (N, V)
@@ -19,12 +21,13 @@ def _reference(hidden, weight, targets, vocab_size):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
-def test_chunked_ce_matches_cross_entropy(dtype, tol, chunk_rows):
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_ce_matches_cross_entropy(dtype, tol, chunk_rows, device):
     torch.manual_seed(0)
     N, D, V, Vp = 50, 16, 37, 64  # a padded head: rows 37..63 must never be scored
-    hidden = torch.randn(N, D, dtype=dtype, requires_grad=True)
-    weight = torch.randn(Vp, D, dtype=dtype, requires_grad=True)
-    targets = torch.randint(0, V, (N,))
+    hidden = torch.randn(N, D, dtype=dtype, device=device, requires_grad=True)
+    weight = torch.randn(Vp, D, dtype=dtype, device=device, requires_grad=True)
+    targets = torch.randint(0, V, (N,), device=device)
 
     ref = _reference(hidden, weight, targets, V)
     ref_gh, ref_gw = torch.autograd.grad(ref * 3.0, (hidden, weight))
@@ -59,12 +62,13 @@ def test_chunked_ce_is_stable_for_large_logits():
     assert torch.isfinite(out)
 
 
-def test_chunked_ce_under_bf16_autocast_matches_autocast_cross_entropy():
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_ce_under_bf16_autocast_matches_autocast_cross_entropy(device):
     torch.manual_seed(2)
-    hidden = torch.randn(64, 32, requires_grad=True)
-    weight = (0.2 * torch.randn(100, 32)).requires_grad_()
-    targets = torch.randint(0, 100, (64,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    hidden = torch.randn(64, 32, device=device, requires_grad=True)
+    weight = (0.2 * torch.randn(100, 32, device=device)).requires_grad_()
+    targets = torch.randint(0, 100, (64,), device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         ref = F.cross_entropy(F.linear(hidden, weight), targets)
         out = chunked_cross_entropy(hidden, weight, targets, chunk_rows=16)
     ref_g = torch.autograd.grad(ref, (hidden, weight))

@@ -61,6 +61,9 @@ def _corpus() -> Corpus:
     return Corpus(ids[:split], ids[split:], tok, "test")
 
 
+HAS_CUDA = torch.cuda.is_available()
+
+
 def _trainer(tmp_path, name: str, **changes) -> Trainer:
     corpus = _corpus()
     cfg = RunConfig()
@@ -141,6 +144,43 @@ def test_compile_keeps_the_losses(tmp_path, plain_run, chunked):
     np.testing.assert_allclose(_losses(trainer), plain_losses, rtol=0, atol=1e-4)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_fast_path_keeps_the_losses(tmp_path, plain_run):
+    """Every switch at once on a GPU (bf16, compile, chunked loss, fused AdamW, padded
+    vocabulary, one qkv matmul, prefetched pinned batches) against the plain CPU run."""
+    initial, plain_losses = plain_run
+    fast = {
+        "train.device": "cuda",
+        "train.precision": "bf16",
+        "train.compile": "on",
+        "train.chunked_loss": "on",
+        "train.fused_optimizer": True,
+        "model.attention": "sdpa",
+        "model.vocab_multiple": 64,
+        "model.fused_qkv": True,
+    }
+    trainer = _trainer(tmp_path, "cuda", **fast)
+    _copy_weights(initial, trainer.model)
+    np.testing.assert_allclose(_losses(trainer), plain_losses, rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_loss_compiles_as_one_graph(chunked, precision):
+    """torch.compile sees model and loss whole: no graph breaks (dynamo's trace only)."""
+    from gptlab.trainer import autocast, make_loss_fn
+
+    cfg = ModelConfig(
+        vocab_size=100, context_length=16, emb_dim=32, n_heads=2, n_layers=2, vocab_multiple=64
+    )
+    model = GPTModel(cfg)
+    loss_fn = make_loss_fn(model, chunked=chunked, compiled=False)
+    x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
+    with autocast(torch.device("cpu"), precision):
+        explained = torch._dynamo.explain(loss_fn)(x, y)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     T = PLAIN["model.context_length"]
     big = _trainer(tmp_path, "big", **{"train.batch_size": 8})
@@ -155,10 +195,13 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("skip_on_device", [True, False])
-def test_nonfinite_step_changes_nothing(tmp_path, skip_on_device):
-    trainer = _trainer(tmp_path, "nan", **{"train.fused_optimizer": True})
-    assert trainer._skip_on_device  # fused AdamW on CPU takes the no-sync path
+@pytest.mark.parametrize(
+    "skip_on_device, device",
+    [(True, "cpu"), (False, "cpu")] + ([(True, "cuda")] if HAS_CUDA else []),
+)
+def test_nonfinite_step_changes_nothing(tmp_path, skip_on_device, device):
+    trainer = _trainer(tmp_path, "nan", **{"train.fused_optimizer": True, "train.device": device})
+    assert trainer._skip_on_device  # fused AdamW takes the no-sync path on CPU and CUDA
     trainer._skip_on_device = skip_on_device
     _losses(trainer, 2)
     params = {k: v.clone() for k, v in trainer.model.state_dict().items()}
