@@ -1,4 +1,4 @@
-"""`gptlab train | generate | plot`: the only code that reads argv, prints for the user or exits.
+"""`gptlab train | generate | plot | convert`: the only code that reads argv, prints for the user or exits.
 
 User mistakes (GptlabError) print one line on stderr and exit with status 2.
 """
@@ -79,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", help="auto, on or off (same as --train.compile)")
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (same as --train.device)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--init-from",
+        metavar="SRC",
+        help="start from these weights: a gptlab run, a Hugging Face GPT-2 directory or a hub id "
+        "(gpt2, gpt2-medium, ...); the model config comes from SRC (only --model.drop_rate and "
+        "--model.attention may change)",
+    )
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="continue a prompt with a trained model")
@@ -87,14 +94,46 @@ def _parser() -> argparse.ArgumentParser:
         default="runs/latest",
         help="run or checkpoint directory (default: runs/latest)",
     )
-    g.add_argument("--prompt", default="Every effort moves you")
+    g.add_argument(
+        "--prompt",
+        action="append",
+        help="text to continue (default: 'Every effort moves you'); repeat for a batch of prompts",
+    )
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
+    g.add_argument(
+        "--no-cache", action="store_true", help="recompute the whole window at every step"
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the cached step with a static cache (CUDA: CUDA graphs; slow first call)",
+    )
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser(
+        "convert", help="convert GPT-2 weights to and from Hugging Face transformers' format"
+    )
+    csub = c.add_subparsers(dest="direction")
+    fh = csub.add_parser(
+        "from-hf",
+        help="a Hugging Face GPT-2 (directory or hub id) -> a gptlab run directory",
+    )
+    fh.add_argument("src", help="directory with config.json + model.safetensors, or a hub id")
+    fh.add_argument("out_dir", help="new gptlab run directory")
+    fh.set_defaults(func=cmd_convert_from_hf)
+    th = csub.add_parser(
+        "to-hf", help="a gptlab run -> a directory transformers' from_pretrained loads"
+    )
+    th.add_argument("run_dir", help="gptlab run or checkpoint directory")
+    th.add_argument("out_dir", help="new directory for config.json, model.safetensors, ...")
+    th.set_defaults(func=cmd_convert_to_hf)
+    c.set_defaults(func=lambda args, rest: _usage(c))
 
     pl = sub.add_parser("plot", help="redraw a run's loss plot from its metrics.jsonl")
     pl.add_argument("run_dir")
@@ -153,8 +192,52 @@ def build_config(args: argparse.Namespace, rest: list[str]):
     return cfg.validate(), preset_name
 
 
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+# Model fields `train --init-from` lets the user change: they do not shape the weights.
+INIT_FROM_FREE = ("drop_rate", "attention")
+
+
+def init_from_source(args: argparse.Namespace, rest: list[str], cfg):
+    """For `train --init-from SRC`: (cfg with SRC's model config, source model, tokenizer identity)."""
+    from dataclasses import replace
+
+    from gptlab import config as C
+    from gptlab.hf import load_any
+
+    if args.resume:
+        raise GptlabError(
+            "--init-from starts a new run from other weights and --resume continues one; use one of them"
+        )
+    user_keys = [k.split(".", 1)[1] for k, _ in parse_overrides(rest) if k.startswith("model.")]
+    if args.config:
+        user_keys += list(C.load_toml(args.config).get("model", {}))
+    fixed = [k for k in user_keys if k not in INIT_FROM_FREE]
+    if fixed:
+        raise GptlabError(
+            f"--init-from takes the model config from the source; model.{fixed[0]} cannot be set "
+            f"(only {', '.join('model.' + k for k in INIT_FROM_FREE)})"
+        )
+    print(f"gptlab: loading weights from {args.init_from!r}", flush=True)
+    source, identity = load_any(args.init_from)
+    changes = {k: getattr(cfg.model, k) for k in user_keys}
+    cfg.model = replace(source.cfg, **changes)
+    if cfg.data.tokenizer != identity.get("type"):
+        raise GptlabError(
+            f"--init-from: {args.init_from!r} uses the {identity.get('type')} tokenizer; "
+            f"set --data.tokenizer {identity.get('type')}"
+        )
+    return cfg.validate(), source, identity
+
+
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     cfg, preset_name = build_config(args, rest)
+    source = None
+    if args.init_from:
+        cfg, source, source_tokenizer = init_from_source(args, rest, cfg)
     run_dir = (
         Path(args.out)
         if args.out
@@ -179,10 +262,24 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
     print(f"gptlab: loading data {cfg.data.source!r} ({cfg.data.tokenizer} tokenizer)", flush=True)
     corpus = load_corpus(cfg.data.source, cfg.data.tokenizer, cfg.data.train_ratio)
-    if cfg.data.tokenizer == "char":
+    init_weights = None
+    if source is not None:
+        if corpus.tokenizer.identity() != source_tokenizer:
+            raise GptlabError(
+                f"--init-from: the char vocabulary of {args.init_from!r} differs from this text's; "
+                "train on text with the same characters"
+            )
+
+        def init_weights(model):
+            model.load_state_dict(source.state_dict())
+
+    elif cfg.data.tokenizer == "char":
         cfg.model.vocab_size = corpus.tokenizer.n_vocab  # a char vocabulary is sized by its text
     view = ConsoleView(quiet=args.quiet)
-    trainer = Trainer(cfg, corpus, run_dir, resume=args.resume, on_event=view)
+    trainer = Trainer(
+        cfg, corpus, run_dir, resume=args.resume, on_event=view, init_weights=init_weights
+    )
+    source = None  # init_weights ran in Trainer(); free this copy of the weights
     _point_latest(run_dir)
     with stop_on_signals(trainer):
         end = trainer.run()
@@ -325,28 +422,73 @@ def load_run_model(path: str, device_name: str = "auto"):
 
 
 def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
-    from gptlab.generate import generate, text_to_token_ids, token_ids_to_text
-    from gptlab.tokenizer import eot_id
+    from gptlab.generate import complete, stream_text
 
     if args.max_new_tokens < 0:
         raise GptlabError("--max-new-tokens must be 0 or more")
     if args.temperature < 0:
         raise GptlabError("--temperature must be 0 or more")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise GptlabError("--top-p must be in (0, 1]")
+    prompts = args.prompt or ["Every effort moves you"]
     model, tokenizer, device = load_run_model(args.checkpoint, args.device)
-    idx = text_to_token_ids(args.prompt, tokenizer).to(device)
-    if idx.shape[1] == 0:
-        raise GptlabError("--prompt is empty; give some text to continue")
-    out = generate(
-        model,
-        idx,
-        args.max_new_tokens,
+    for prompt in prompts:
+        if not tokenizer.encode(prompt):
+            raise GptlabError("--prompt is empty; give some text to continue")
+    sampling = dict(
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        eos_id=eot_id(tokenizer),
         seed=args.seed,
+        use_cache=not args.no_cache,
+        compile=args.compile,
     )
-    print(token_ids_to_text(out.cpu(), tokenizer))
+    if len(prompts) == 1:  # stream: print each piece as its tokens arrive
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+        for piece in stream_text(
+            model, tokenizer, prompts[0], args.max_new_tokens, args.stop, **sampling
+        ):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    texts = complete(model, tokenizer, prompts, args.max_new_tokens, args.stop, **sampling)
+    for n, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+        print(("\n" if n else "") + f"[{n + 1}] {prompt}{text}")
+    return 0
+
+
+def cmd_convert_from_hf(args: argparse.Namespace, rest: list[str]) -> int:
+    from gptlab.hf import convert_from_hf, matching_preset
+    from gptlab.model import GPTModel, count_parameters
+
+    ckpt, cfg = convert_from_hf(args.src, args.out_dir)
+    preset = matching_preset(cfg)
+    params = count_parameters(GPTModel(cfg)) if cfg.n_layers * cfg.emb_dim < 20_000 else None
+    shape = f"{cfg.n_layers} layers, emb_dim {cfg.emb_dim}, {cfg.n_heads} heads"
+    print(
+        f"wrote {ckpt} ({shape}"
+        + (f", {params / 1e6:.1f}M parameters" if params else "")
+        + (f"; the {preset} shape" if preset else "")
+        + ")"
+    )
+    print(f'try it: gptlab generate --checkpoint {args.out_dir} --prompt "Every effort moves you"')
+    return 0
+
+
+def cmd_convert_to_hf(args: argparse.Namespace, rest: list[str]) -> int:
+    from gptlab.hf import convert_to_hf
+
+    names = convert_to_hf(args.run_dir, args.out_dir)
+    print(f"wrote {args.out_dir}: {', '.join(names)}")
+    if "vocab.json" not in names:
+        print(
+            "note: a char-tokenizer run: no Hugging Face tokenizer files were written "
+            "(transformers has no such tokenizer); the weights and config load as usual",
+            file=sys.stderr,
+        )
+    print(f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(args.out_dir)!r})")
     return 0
 
 

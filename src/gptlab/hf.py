@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -347,6 +349,10 @@ def load_hf(src: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             )
     if not path.is_dir():
         raise GptlabError(f"{str(path)!r} is not a directory; pass the folder holding config.json")
+    if is_gptlab_run(path):
+        raise GptlabError(
+            f"{str(path)!r} is a gptlab run, not a Hugging Face directory; use it as it is"
+        )
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise GptlabError(
@@ -400,35 +406,53 @@ def _looks_like_hub_id(s: str) -> bool:
 
 
 def _download(repo_id: str) -> Path:
+    """The local snapshot folder of hub repo `repo_id` (config.json plus one weights file),
+    from huggingface_hub's cache when there, else downloaded."""
     try:
+        import huggingface_hub
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise GptlabError(
             f"{repo_id!r} is not a local directory and huggingface_hub is not installed; "
             "pip install 'gptlab[hf]' or pass a local directory"
         ) from None
-    try:
-        cfg_path = Path(hf_hub_download(repo_id, "config.json"))
+
+    def fetch(local_only: bool) -> Path:
+        cfg_path = Path(hf_hub_download(repo_id, "config.json", local_files_only=local_only))
         for name in ("model.safetensors", "pytorch_model.bin"):
             try:
-                hf_hub_download(repo_id, name)
-                break
-            except Exception as e:  # the next format may exist; network errors resurface below
-                if "404" not in str(e) and "EntryNotFound" not in type(e).__name__:
-                    raise
-        else:
-            raise GptlabError(
-                f"hub repo {repo_id!r} has neither model.safetensors nor pytorch_model.bin"
-            )
+                hf_hub_download(repo_id, name, local_files_only=local_only)
+                return cfg_path.parent
+            except huggingface_hub.errors.EntryNotFoundError:
+                continue  # this repo has the other format
+        raise GptlabError(
+            f"hub repo {repo_id!r} has neither model.safetensors nor pytorch_model.bin"
+        )
+
+    try:
+        return fetch(local_only=True)
     except GptlabError:
         raise
-    except Exception as e:  # offline, unknown repo, gated repo: huggingface_hub has many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    except Exception:  # not cached: go to the network
+        pass
+    host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname or ""
+    try:  # fail at once when offline, instead of huggingface_hub's minute of retries
+        socket.getaddrinfo(host, 443)
+    except OSError:
         raise GptlabError(
-            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {first[:120]}); "
-            "check the name and the network, or pass a local directory"
+            f"{repo_id!r} is not a local directory and the hub ({host}) cannot be reached (offline?); "
+            "pass a local Hugging Face model directory"
         ) from None
-    return cfg_path.parent
+    try:
+        return fetch(local_only=False)
+    except GptlabError:
+        raise
+    except Exception as e:  # unknown or gated repo, network trouble: many types
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise GptlabError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {first[:100]}); "
+            "check the name, or pass a local directory"
+        ) from None
 
 
 def load_gpt2_model(src: str | Path) -> GPTModel:

@@ -190,6 +190,8 @@ class Trainer:
     """Trains a GPTModel on a Corpus into a run directory.
 
     `on_event(record)` receives every metrics record as it is written (the CLI renders them).
+    `init_weights(model)`, when given, sets the new model's weights before training starts
+    (not on resume): how `gptlab train --init-from` starts from GPT-2 or another run.
     """
 
     def __init__(
@@ -199,6 +201,7 @@ class Trainer:
         run_dir: str | Path,
         resume: bool = False,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        init_weights: Callable[[nn.Module], None] | None = None,
     ):
         self.cfg = cfg.validate()
         self.corpus = corpus
@@ -257,6 +260,10 @@ class Trainer:
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         self.model = GPTModel(mc).to(self.device)
+        if init_weights is not None and not resume:
+            init_weights(
+                self.model
+            )  # e.g. GPT-2's weights (train --init-from); a resume loads its own
         self.optimizer = build_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.compiled = tc.compile == "on" or (tc.compile == "auto" and self.device.type == "cuda")
