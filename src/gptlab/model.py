@@ -12,6 +12,9 @@ different underneath, and why:
   kernels); `attention="manual"` keeps the walk-through's explicit masked softmax.
 - No causal-mask buffer is stored; the walk-through's saved `...att.mask` entries are
   ignored on load, so its checkpoints load unchanged.
+- `forward(new_ids, cache)` with a `KVCache` runs only the new tokens, attending over the
+  cached keys and values of the earlier ones (how `generate` samples quickly); without a
+  cache, forward is the walk-through's.
 - Optional: weight tying, a vocabulary padded to a multiple of 64 for faster matmuls
   (logits are cut back to `vocab_size`, so padded ids are never sampled nor scored), and
   GPT-2's initialisation.
