@@ -1,4 +1,5 @@
-"""`gptlab train | generate | plot`: the only code that reads argv, prints for the user or exits.
+"""`gptlab train | generate | plot | prepare | tokenizer train | eval`: the only code that reads
+argv, prints for the user or exits.
 
 User mistakes (GptlabError) print one line on stderr and exit with status 2.
 """
@@ -55,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
         "given together, training stops at whichever comes first.",
     )
     t.add_argument(
-        "--data", help="file, directory or glob of .txt/.md files, or 'shakespeare' (default)"
+        "--data",
+        help="file, directory or glob of .txt/.md files, 'shakespeare' (default), "
+        "or a directory written by `gptlab prepare` (streamed from disk)",
     )
     t.add_argument(
         "--preset",
@@ -79,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", help="auto, on or off (same as --train.compile)")
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (same as --train.device)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard events to RUN_DIR/tensorboard (needs `tensorboard`)",
+    )
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="continue a prompt with a trained model")
@@ -96,9 +104,99 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
 
-    pl = sub.add_parser("plot", help="redraw a run's loss plot from its metrics.jsonl")
-    pl.add_argument("run_dir")
+    pl = sub.add_parser(
+        "plot",
+        help="draw runs' plots from metrics.jsonl: loss, learning rate, throughput; "
+        "several runs are also overlaid",
+    )
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument(
+        "--out", help="where the overlay of several runs goes (default: the first RUN_DIR)"
+    )
+    pl.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write each run's metrics as TensorBoard events (RUN_DIR/tensorboard)",
+    )
     pl.set_defaults(func=cmd_plot)
+
+    pr = sub.add_parser(
+        "prepare",
+        help="tokenize a corpus of any size into token shards for `gptlab train --data DIR`",
+        description="Stream documents from files (.txt/.md: one document per file; .jsonl: "
+        "one per line; .parquet: one per row), directories, globs, 'shakespeare' or hf:NAME, "
+        "tokenize them in parallel and write token shards with a manifest. Re-running an "
+        "interrupted preparation continues it.",
+    )
+    pr.add_argument("inputs", nargs="+", metavar="INPUT")
+    pr.add_argument("--out", required=True, help="output directory")
+    pr.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        help="gpt2 (default), char, or a trained tokenizer.json (or its directory)",
+    )
+    pr.add_argument(
+        "--text-field", default="text", help="jsonl field / parquet column / dataset field"
+    )
+    pr.add_argument("--val-ratio", type=float, default=0.1, help="share of documents (0.1)")
+    pr.add_argument("--seed", type=int, default=1337, help="seed of the document split")
+    pr.add_argument("--workers", type=int, default=None, help="tokenizer processes (all cores)")
+    pr.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip malformed jsonl lines and records without the text field (counted)",
+    )
+    pr.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=None,
+        help="tokens per shard file (default 16,777,216)",
+    )
+    pr.add_argument(
+        "--doc-separator",
+        help="split .txt/.md files into documents at this text (e.g. '<|endoftext|>')",
+    )
+    pr.add_argument("--hf-split", default="train", help="split of hf:NAME datasets")
+    pr.add_argument("--hf-config", default=None, help="configuration of hf:NAME datasets")
+    pr.add_argument("--verify", action="store_true", help="re-check the shards of --out and exit")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=cmd_prepare)
+
+    tk = sub.add_parser("tokenizer", help="train your own tokenizer")
+    tk_sub = tk.add_subparsers(dest="tokenizer_command")
+    tt = tk_sub.add_parser(
+        "train",
+        help="train a byte-level BPE on your text",
+        description="Train a byte-level BPE (GPT-2's kind) with the `tokenizers` library on the "
+        "documents `gptlab prepare` would read, and save DIR/tokenizer.json. Use it with "
+        "`gptlab prepare ... --tokenizer DIR` or `gptlab train --data.tokenizer DIR`.",
+    )
+    tt.add_argument("--data", nargs="+", required=True, metavar="INPUT", help="as for prepare")
+    tt.add_argument("--vocab-size", type=int, required=True, help="ids, special token included")
+    tt.add_argument("--out", required=True, help="directory for tokenizer.json")
+    tt.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair")
+    tt.add_argument("--text-field", default="text")
+    tt.add_argument("--doc-separator", default=None)
+    tt.add_argument("--skip-bad", action="store_true")
+    tt.set_defaults(func=cmd_tokenizer_train)
+    tk.set_defaults(func=lambda args, rest: (tk.print_help(), 2)[1])
+
+    ev = sub.add_parser(
+        "eval",
+        help="loss, perplexity and bits per byte of a trained model",
+        description="Evaluate a run on --data (text: all of it; a prepared directory: its "
+        "--split) or, by default, on the run's own validation split. Bits per byte count the "
+        "UTF-8 bytes of the text, so they compare across tokenizers.",
+    )
+    ev.add_argument("--checkpoint", default="runs/latest", help="run or checkpoint directory")
+    ev.add_argument("--data", help="text file/dir/glob, 'shakespeare', or a prepared directory")
+    ev.add_argument("--split", choices=("val", "train"), default="val")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--precision", default="fp32", help="fp32 (default), bf16 or fp16")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=cmd_eval)
     return p
 
 
@@ -173,19 +271,43 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
     import torch
 
-    from gptlab.data import load_corpus
+    from gptlab.data import is_prepared, load_corpus, read_manifest
     from gptlab.plot import plot_run
     from gptlab.trainer import Trainer, stop_on_signals
 
-    print(f"gptlab: loading data {cfg.data.source!r} ({cfg.data.tokenizer} tokenizer)", flush=True)
+    if is_prepared(cfg.data.source):
+        manifest = read_manifest(cfg.data.source)
+        # the prepared data fixes the tokenizer and the split; the config records which
+        cfg.data.tokenizer = manifest["tokenizer_name"]
+        print(
+            f"gptlab: streaming prepared data {cfg.data.source!r} ({cfg.data.tokenizer} tokenizer, "
+            "its own train/val split)",
+            flush=True,
+        )
+    else:
+        print(
+            f"gptlab: loading data {cfg.data.source!r} ({cfg.data.tokenizer} tokenizer)",
+            flush=True,
+        )
     corpus = load_corpus(cfg.data.source, cfg.data.tokenizer, cfg.data.train_ratio)
-    if cfg.data.tokenizer == "char":
-        cfg.model.vocab_size = corpus.tokenizer.n_vocab  # a char vocabulary is sized by its text
+    if corpus.tokenizer.identity()["type"] != "gpt2":
+        # char and trained vocabularies are sized by their tokenizer
+        cfg.model.vocab_size = corpus.tokenizer.n_vocab
     view = ConsoleView(quiet=args.quiet)
     trainer = Trainer(cfg, corpus, run_dir, resume=args.resume, on_event=view)
     _point_latest(run_dir)
-    with stop_on_signals(trainer):
-        end = trainer.run()
+    tb = None
+    if args.tensorboard:
+        from gptlab.tb import TensorBoardWriter
+
+        tb = TensorBoardWriter(run_dir / "tensorboard", purge_step=trainer.state.step or None)
+        trainer.on_event = _fan_out(view, tb)
+    try:
+        with stop_on_signals(trainer):
+            end = trainer.run()
+    finally:
+        if tb is not None:
+            tb.close()
     view.close()
     try:
         png = plot_run(run_dir)
@@ -208,6 +330,14 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     print(f'try it: gptlab generate --checkpoint {run_dir} --prompt "{cfg.train.start_context}"')
     del torch
     return 0
+
+
+def _fan_out(*views):
+    def on_event(record: dict[str, Any]) -> None:
+        for v in views:
+            v(record)
+
+    return on_event
 
 
 def _point_latest(run_dir: Path) -> None:
@@ -351,10 +481,232 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_plot(args: argparse.Namespace, rest: list[str]) -> int:
-    from gptlab.plot import plot_run
+    from gptlab.plot import plot_compare, plot_lr, plot_run, plot_throughput
 
-    png = plot_run(args.run_dir)
-    print(f"wrote {png} and {png.with_suffix('.pdf')}")
+    for run in args.run_dirs:
+        try:
+            png = plot_run(run)
+            print(f"wrote {png} and {png.with_suffix('.pdf')}")
+        except GptlabError as e:
+            if (
+                len(args.run_dirs) == 1
+                or "metrics.jsonl" in str(e)
+                and "no evaluations" not in str(e)
+            ):
+                raise
+            print(f"{run}: no loss plot ({e})")
+        for fn in (plot_lr, plot_throughput):
+            png = fn(run)
+            if png is not None:
+                print(f"wrote {png}")
+        if args.tensorboard:
+            from gptlab.tb import write_run
+
+            print(f"wrote TensorBoard events to {write_run(run)} (tensorboard --logdir {run})")
+    if len(args.run_dirs) > 1:
+        png = plot_compare(args.run_dirs, args.out or args.run_dirs[0])
+        print(f"wrote {png} (the runs overlaid)")
+    return 0
+
+
+# --------------------------------------------------------------------------- prepare, tokenizer, eval
+
+
+def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
+    from gptlab.prepare import DEFAULT_SHARD_TOKENS, prepare, verify
+
+    if args.verify:
+        problems = verify(args.out)
+        for p in problems:
+            print(f"{args.out}: {p}")
+        if problems:
+            raise GptlabError(
+                f"{len(problems)} shard(s) of {args.out!r} fail the check; prepare again"
+            )
+        print(f"{args.out}: all shards match the manifest")
+        return 0
+    tokenizer = args.tokenizer
+    if tokenizer not in ("gpt2", "char"):
+        # recorded absolute, so runs can find it from anywhere (the manifest also holds it inline)
+        tokenizer = str(Path(tokenizer).expanduser().resolve())
+    view = PrepareView(quiet=args.quiet)
+    try:
+        manifest = prepare(
+            args.inputs,
+            args.out,
+            tokenizer,
+            text_field=args.text_field,
+            val_ratio=args.val_ratio,
+            seed=args.seed,
+            workers=args.workers,
+            skip_bad=args.skip_bad,
+            shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
+            doc_separator=args.doc_separator,
+            hf_split=args.hf_split,
+            hf_config=args.hf_config,
+            on_event=view,
+        )
+    except KeyboardInterrupt:
+        view.close()
+        print("\ngptlab: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    view.close()
+    for split, s in manifest["splits"].items():
+        print(
+            f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens, "
+            f"{s['bytes']:,} bytes, {len(s['shards'])} shard(s)"
+        )
+    if manifest["skipped"]["count"]:
+        print(
+            f"skipped {manifest['skipped']['count']:,} bad records, e.g. {manifest['skipped']['examples'][0]}"
+        )
+    if manifest["val_ratio"] > 0 and not manifest["splits"]["val"]["documents"]:
+        print(
+            "warning: the validation split is empty (too few documents); raise --val-ratio, "
+            "give more documents or split text files with --doc-separator",
+            file=sys.stderr,
+        )
+    print(f"train on it: gptlab train --data {args.out}")
+    return 0
+
+
+class PrepareView:
+    """Renders prepare events: a byte-based progress bar with tokens/s."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = None
+        self.t0 = time.perf_counter()
+        self.tokens0 = 0
+
+    def __call__(self, r: dict[str, Any]) -> None:
+        ev = r["event"]
+        if ev == "chars":
+            print(f"char tokenizer: {r['n_chars']} characters found", flush=True)
+        elif ev == "start":
+            if r["resumed"]:
+                print(f"continuing an interrupted preparation ({r['tokens']:,} tokens done)")
+            print(
+                f"tokenizing with {r['workers']} worker(s): vocabulary {r['n_vocab']:,}, "
+                f"shards of {r['dtype']}",
+                flush=True,
+            )
+            self.tokens0 = r["tokens"]
+            if not self.quiet:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(
+                    total=r["total_bytes"] or None,
+                    initial=r["done_bytes"],
+                    unit="B",
+                    unit_scale=True,
+                    dynamic_ncols=True,
+                )
+        elif ev == "progress" and self.bar is not None:
+            self.bar.n = r["done_bytes"]
+            rate = (r["tokens"] - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(
+                f"{r['tokens']:,} tokens | {r['documents']:,} docs | {rate:,.0f} tok/s",
+                refresh=True,
+            )
+        elif ev == "finished_already":
+            print("already prepared: nothing to do")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from gptlab.bpe import train_bpe
+    from gptlab.prepare import iter_texts
+
+    texts = iter_texts(
+        args.data,
+        text_field=args.text_field,
+        doc_separator=args.doc_separator,
+        skip_bad=args.skip_bad,
+    )
+    t0 = time.perf_counter()
+    tok = train_bpe(texts, args.vocab_size, args.min_frequency)
+    path = tok.save(args.out)
+    print(f"wrote {path}: {tok.n_vocab:,} ids in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"use it: gptlab prepare INPUTS --out DIR --tokenizer {args.out}, "
+        f"or gptlab train --data.tokenizer {args.out}"
+    )
+    return 0
+
+
+def _run_meta(path: str) -> dict[str, Any]:
+    from gptlab import checkpoint as ckpt_lib
+
+    return ckpt_lib.read_meta(ckpt_lib.latest_checkpoint(path))
+
+
+def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from gptlab.config import RunConfig
+    from gptlab.data import (
+        is_prepared,
+        load_corpus,
+        open_split,
+        read_documents,
+        read_manifest,
+        tokenize_documents,
+    )
+    from gptlab.evaluate import evaluate_tokens
+    from gptlab.tokenizer import token_byte_lengths
+    from gptlab.trainer import autocast
+
+    if args.batch_size < 1:
+        raise GptlabError("--batch-size must be 1 or more")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise GptlabError("--max-batches must be 1 or more")
+    if args.precision not in ("fp32", "bf16", "fp16"):
+        raise GptlabError(f"--precision must be fp32, bf16 or fp16, got {args.precision!r}")
+    model, tokenizer, device = load_run_model(args.checkpoint, args.device)
+    cfg = RunConfig.from_dict(_run_meta(args.checkpoint)["config"])
+    source = args.data or cfg.data.source
+    if is_prepared(source):
+        manifest = read_manifest(source)
+        if manifest["tokenizer"] != tokenizer.identity():
+            raise GptlabError(
+                f"{source!r} was prepared with another tokenizer than this run's; prepare it "
+                f"with the run's tokenizer (gptlab prepare ... --tokenizer) or give text"
+            )
+        tokens, what = open_split(source, args.split, manifest), f"{source} ({args.split} split)"
+    elif args.data:
+        docs = read_documents(source)
+        tokens, what = tokenize_documents(docs, tokenizer, tokenizer.identity()), f"{source} (all)"
+    else:
+        corpus = load_corpus(source, cfg.data.tokenizer, cfg.data.train_ratio, tokenizer=tokenizer)
+        tokens = corpus.val if args.split == "val" else corpus.train
+        what = f"{source} (the run's {args.split} split)"
+    T = cfg.model.context_length
+    if len(tokens) < T + 1:
+        raise GptlabError(
+            f"{what} has {len(tokens)} tokens, fewer than one window ({T + 1}); give more text"
+        )
+    with autocast(device, args.precision):
+        r = evaluate_tokens(
+            model,
+            tokens,
+            T,
+            args.batch_size,
+            device,
+            token_byte_lengths(tokenizer),
+            args.max_batches,
+        )
+    r = {"data": what, "checkpoint": args.checkpoint, **r}
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"data: {what}: {r['tokens']:,} tokens in {r['windows']:,} windows of {T}")
+        print(
+            f"loss {r['loss']:.4f} | perplexity {r['perplexity']:.2f} | "
+            f"bits per byte {r['bits_per_byte']:.4f} ({r['bytes']:,} bytes)"
+        )
     return 0
 
 

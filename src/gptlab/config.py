@@ -167,8 +167,10 @@ class TrainConfig:
 class DataConfig:
     """Where the text comes from and how it becomes training windows."""
 
-    source: str = "shakespeare"  # a file, directory, glob, or the built-in "shakespeare"
-    tokenizer: str = "gpt2"  # "gpt2" | "char"
+    source: str = (
+        "shakespeare"  # a file, directory, glob, built-in "shakespeare", or a prepared dir
+    )
+    tokenizer: str = "gpt2"  # "gpt2" | "char" | path of a trained tokenizer.json (or its directory)
     train_ratio: float = 0.9
     stride: int = 0  # distance between window starts; 0 = context_length (no overlap)
     shuffle: bool = True
@@ -176,7 +178,15 @@ class DataConfig:
     def validate(self) -> DataConfig:
         if not self.source:
             raise GptlabError("data.source is empty: pass --data PATH or --data shakespeare")
-        _choice(self, "data", "tokenizer", ("gpt2", "char"))
+        if self.tokenizer not in ("gpt2", "char") and not (
+            self.tokenizer.endswith(".json")
+            or "/" in self.tokenizer
+            or Path(self.tokenizer).is_dir()
+        ):
+            raise GptlabError(
+                f"data.tokenizer must be gpt2, char, or the path of a trained tokenizer.json "
+                f"(or its directory); got {self.tokenizer!r}"
+            )
         if not 0.0 < self.train_ratio < 1.0:
             raise GptlabError(
                 f"data.train_ratio must be between 0 and 1 (exclusive), got {self.train_ratio}"
