@@ -112,9 +112,12 @@ def plot_throughput(run_dir: str | Path) -> Path | None:
     ax.set_xlabel("Step")
     ax.set_ylabel("Tokens per second")
     if all("mfu" in r for r in train):
+        # MFU is tokens/s times a constant (flops per token / peak): a second scale, not a line
+        factor = 100 * train[-1]["mfu"] / train[-1]["tokens_per_s"]
+        lo, hi = ax.get_ylim()
         ax2 = ax.twinx()
-        ax2.plot(steps, [100 * r["mfu"] for r in train], color="tab:orange", linestyle="--")
-        ax2.set_ylabel("MFU (%)", color="tab:orange")
+        ax2.set_ylim(lo * factor, hi * factor)
+        ax2.set_ylabel("MFU (%)")
     return _save(fig, run_dir, "throughput")
 
 
