@@ -21,11 +21,11 @@ LIMIT_FLAGS = ("epochs", "max_steps", "max_time")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
     try:
+        args, rest = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
         if args.command != "train" and rest:
             raise GptlabError(
                 f"unknown argument {rest[0]!r} for `gptlab {args.command}`; see gptlab {args.command} --help"
@@ -41,8 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage mistakes (e.g. `--max-steps abc`) are one-line GptlabErrors,
+    like every other user error, instead of a usage block and a bare exit."""
+
+    def error(self, message: str):
+        raise GptlabError(f"{message}; see `{self.prog} --help`")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="gptlab", description="Pretrain GPT-style language models from scratch."
     )
     sub = p.add_subparsers(dest="command")
