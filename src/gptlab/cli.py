@@ -170,13 +170,11 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     )
     if args.resume and not args.out:
         raise GptlabError("--resume needs --out RUN_DIR: the run to continue")
-    if (
-        not args.resume
-        and (run_dir / "checkpoints").is_dir()
-        and any((run_dir / "checkpoints").iterdir())
-    ):
+    taken = [] if args.resume else _run_files_in(run_dir)
+    if taken:
         raise GptlabError(
-            f"{str(run_dir)!r} already holds a run; add --resume to continue it, or choose another --out"
+            f"{str(run_dir)!r} already holds {', '.join(taken)}, which a new run would overwrite; "
+            "add --resume to continue that run, or choose another --out"
         )
 
     import torch
@@ -216,6 +214,19 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     print(f'try it: gptlab generate --checkpoint {run_dir} --prompt "{cfg.train.start_context}"')
     del torch
     return 0
+
+
+# What a run writes into its directory: a new run must find none of them there.
+RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "loss-plot.pdf", "loss-plot.png")
+
+
+def _run_files_in(run_dir: Path) -> list[str]:
+    """The run files (and a non-empty checkpoints/) already in run_dir."""
+    taken = [name for name in RUN_FILES if (run_dir / name).exists()]
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        taken.insert(0, "checkpoints/")
+    return taken
 
 
 def _point_latest(run_dir: Path) -> None:

@@ -296,7 +296,8 @@ class Trainer:
         ckpt = ckpt_lib.latest_checkpoint(self.run_dir, missing_ok=True)
         if ckpt is None:
             raise GptlabError(
-                f"--resume: no checkpoint in {str(self.run_dir)!r}; drop --resume to start a new run there"
+                f"--resume: no checkpoint in {str(self.run_dir)!r} to continue from; "
+                "start a new run (without --resume) with an unused --out"
             )
         meta = ckpt_lib.read_meta(ckpt)
         changes = _config_changes(meta.get("config", {}), self.cfg.to_dict())
