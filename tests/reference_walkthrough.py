@@ -123,9 +123,7 @@ class RefGPTModel(nn.Module):
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
-        self.trf_blocks = nn.Sequential(
-            *(RefTransformerBlock(cfg) for _ in range(cfg["n_layers"]))
-        )
+        self.trf_blocks = nn.Sequential(*(RefTransformerBlock(cfg) for _ in range(cfg["n_layers"])))
         self.final_norm = RefLayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
 

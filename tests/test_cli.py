@@ -43,7 +43,9 @@ def assert_user_error(rc: int, out: str, err: str, *words: str) -> str:
 
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under root (pointers included) with its bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def records(run: Path) -> list[dict]:
@@ -256,7 +258,6 @@ def test_bad_input_in_a_real_process(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-
 @pytest.mark.parametrize("shape", ["finished run", "run without checkpoints"])
 def test_out_pointing_at_existing_run_changes_nothing(tiny_run_copy, corpus_file, capsys, shape):
     if shape == "run without checkpoints":  # e.g. a run killed before its first save
@@ -280,6 +281,14 @@ def test_out_pointing_at_a_directory_with_other_files_keeps_them(tmp_path, corpu
     assert snapshot(target) == before
 
 
+def test_out_pointing_at_a_file_is_a_user_error(tmp_path, corpus_file, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    rc, out, err = run_cli(capsys, *TRAIN, "--data", corpus_file, "--out", target)
+    assert_user_error(rc, out, err, "notes.txt", "--out")
+    assert target.read_text() == "keep me"
+
+
 # --------------------------------------------------------------------------- bad input: generate
 
 
@@ -295,6 +304,16 @@ def _no_config_meta(d: Path) -> None:
     (d / "meta.json").write_text(json.dumps({"format": "gptlab-checkpoint", "format_version": 1}))
 
 
+def _bad_sections_meta(d: Path) -> None:
+    meta = {"format": "gptlab-checkpoint", "format_version": 1, "config": 5, "tokenizer": "gpt2"}
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+def _bad_tokenizer_meta(d: Path) -> None:
+    meta = {"format": "gptlab-checkpoint", "format_version": 1, "config": {}, "tokenizer": "gpt2"}
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
 def _foreign_weights_only(d: Path) -> None:
     (d / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
 
@@ -306,7 +325,9 @@ def _empty(d: Path) -> None:
 BAD_CKPT_DIRS = {
     "junk meta.json": (_junk_meta, ["unreadable"]),
     "foreign meta.json": (_foreign_meta, ["not a gptlab checkpoint"]),
-    "meta without config": (_no_config_meta, ["incomplete metadata"]),
+    "meta without config": (_no_config_meta, ["metadata"]),
+    "meta config not a table": (_bad_sections_meta, ["metadata"]),
+    "meta tokenizer not a table": (_bad_tokenizer_meta, ["metadata"]),
     "foreign checkpoint": (_foreign_weights_only, ["no checkpoint found"]),
     "empty dir": (_empty, ["no checkpoint found"]),
 }

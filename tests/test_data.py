@@ -137,9 +137,7 @@ def test_cli_config_stride_zero_means_context_length(tiny_run):
     cfg = RunConfig()
     cfg.data.stride = 0
     cfg.validate()  # accepted
-    records = [
-        json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()
-    ]
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     start = next(r for r in records if r["event"] == "start")
     saved = json.loads((tiny_run / "config.json").read_text())
     assert saved["data"]["stride"] == 0
