@@ -50,9 +50,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="gptlab", description="Pretrain GPT-style language models from scratch."
-    )
+    p = _Parser(prog="gptlab", description="Pretrain GPT-style language models from scratch.")
     sub = p.add_subparsers(dest="command")
 
     t = sub.add_parser(
@@ -170,6 +168,10 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     )
     if args.resume and not args.out:
         raise GptlabError("--resume needs --out RUN_DIR: the run to continue")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GptlabError(
+            f"--out {str(run_dir)!r} is a file, not a directory; choose another --out"
+        )
     taken = [] if args.resume else _run_files_in(run_dir)
     if taken:
         raise GptlabError(
