@@ -335,9 +335,9 @@ def load_run_model(path: str, device_name: str = "auto"):
     try:
         cfg = RunConfig.from_dict(meta["config"])
         tokenizer = from_identity(meta["tokenizer"])
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:  # AttributeError: a value of the wrong kind
         raise GptlabError(
-            f"checkpoint {str(ckpt)!r} has incomplete metadata ({e}); use another checkpoint"
+            f"checkpoint {str(ckpt)!r} has incomplete or malformed metadata ({e}); use another checkpoint"
         ) from None
     device = resolve_device(device_name)
     model = GPTModel(cfg.model)
