@@ -379,6 +379,18 @@ def test_bad_generate_arguments(args, words, tiny_run, tmp_path, capsys):
     assert_user_error(rc, out, err, *words)
 
 
+@pytest.mark.parametrize("device", ["cuda", "mps", "tpu9"])
+def test_unavailable_device_is_a_user_error(device, tiny_run, capsys):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    rc, out, err = run_cli(capsys, "generate", "--checkpoint", tiny_run, "--device", device)
+    assert_user_error(rc, out, err, device)
+
+
 def test_plot_of_a_non_run_is_a_user_error(tmp_path, capsys):
     rc, out, err = run_cli(capsys, "plot", tmp_path)
     assert_user_error(rc, out, err, "metrics.jsonl")
