@@ -113,6 +113,9 @@ def resolve_device(name: str) -> torch.device:
         raise GptlabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GptlabError("train.device is cuda but no CUDA GPU is visible; use --train.device cpu")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps and mps.is_available()):
+        raise GptlabError("device mps is not available on this machine; use --device cpu")
     return device
 
 
