@@ -195,3 +195,14 @@ def test_forward_rejects_sequences_longer_than_context(tiny_model_cfg):
 def test_bad_model_configs_raise_gptlab_error(walkthrough_cfg, bad, words):
     with pytest.raises(GptlabError, match=words):
         GPTModel({**walkthrough_cfg, **bad})
+
+
+def test_tied_gpt2_small_counts_124m_with_or_without_head():
+    """GPT-2's own "124M" is the tied model: its head is the embedding, so leaving the head out
+    changes nothing."""
+    from gptlab import GPT_CONFIG_124M, GPTModel, count_parameters
+
+    with torch.device("meta"):
+        model = GPTModel({**GPT_CONFIG_124M, "tie_weights": True})
+    assert count_parameters(model) == 124_412_160
+    assert count_parameters(model, exclude_out_head=True) == 124_412_160
