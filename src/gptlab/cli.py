@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
         "tokenize them in parallel and write token shards with a manifest. Re-running an "
         "interrupted preparation continues it.",
     )
-    pr.add_argument("inputs", nargs="+", metavar="INPUT")
+    pr.add_argument("inputs", nargs="*", metavar="INPUT")
     pr.add_argument("--out", required=True, help="output directory")
     pr.add_argument(
         "--tokenizer",
@@ -546,8 +546,10 @@ def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
             )
         print(f"{args.out}: all shards match the manifest")
         return 0
+    if not args.inputs:
+        raise GptlabError("no inputs: give files, directories, globs, shakespeare or hf:NAME")
     tokenizer = args.tokenizer
-    if tokenizer not in ("gpt2", "char"):
+    if tokenizer not in ("gpt2", "char") and Path(tokenizer).expanduser().exists():
         # recorded absolute, so runs can find it from anywhere (the manifest also holds it inline)
         tokenizer = str(Path(tokenizer).expanduser().resolve())
     view = PrepareView(quiet=args.quiet)
