@@ -193,3 +193,11 @@ def test_text_joined_like_prepare(tmp_path):
     prepared = np.asarray(load_corpus(str(tmp_path / "prep"), "gpt2", 0.9).train)
     direct = GPT2Tokenizer().encode(f"one document{ENDOFTEXT}another one")
     assert prepared.tolist() == direct
+
+
+def test_char_prompt_outside_vocabulary_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("abc abc abc " * 200)
+    args = ["train", "--data", str(tmp_path / "t.txt"), "--data.tokenizer", "char"]
+    assert main([*args, "--preset", "tiny", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "train.start_context" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -301,6 +301,13 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     if corpus.tokenizer.identity()["type"] != "gpt2":
         # char and trained vocabularies are sized by their tokenizer
         cfg.model.vocab_size = corpus.tokenizer.n_vocab
+    try:  # a char vocabulary may lack the prompt's characters: say so now, not after training
+        corpus.tokenizer.encode(cfg.train.start_context)
+    except GptlabError as e:
+        raise GptlabError(
+            f"train.start_context {cfg.train.start_context!r} cannot be encoded ({e}); "
+            "set --train.start_context to text from your data"
+        ) from None
     view = ConsoleView(quiet=args.quiet)
     trainer = Trainer(cfg, corpus, run_dir, resume=args.resume, on_event=view)
     _point_latest(run_dir)
