@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", help="auto, fp32, bf16 or fp16 (same as --train.precision)")
     t.add_argument("--compile", help="auto, on or off (same as --train.compile)")
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (same as --train.device)")
+    t.add_argument(
+        "--parallel", help="under torchrun: ddp (default) or fsdp (same as --train.parallel)"
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
@@ -151,7 +154,7 @@ def build_config(args: argparse.Namespace, rest: list[str]):
         cfg.train.epochs = args.epochs or 0
         cfg.train.max_steps = args.max_steps or 0
         cfg.train.max_time = args.max_time or 0.0
-    for flag in ("precision", "compile", "device"):
+    for flag in ("precision", "compile", "device", "parallel"):
         if getattr(args, flag):
             C.set_field(cfg, f"train.{flag}", getattr(args, flag))
     for key, value in parse_overrides(rest):
@@ -181,19 +184,30 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
     import torch
 
+    from gptlab import dist
     from gptlab.data import load_corpus
     from gptlab.plot import plot_run
     from gptlab.trainer import Trainer, stop_on_signals
 
-    print(f"gptlab: loading data {cfg.data.source!r} ({cfg.data.tokenizer} tokenizer)", flush=True)
+    # Under torchrun every rank runs this command; only global rank 0 talks to the user.
+    main = dist.detect().is_main
+    if main:
+        print(
+            f"gptlab: loading data {cfg.data.source!r} ({cfg.data.tokenizer} tokenizer)", flush=True
+        )
     corpus = load_corpus(cfg.data.source, cfg.data.tokenizer, cfg.data.train_ratio)
     if cfg.data.tokenizer == "char":
         cfg.model.vocab_size = corpus.tokenizer.n_vocab  # a char vocabulary is sized by its text
     view = ConsoleView(quiet=args.quiet)
     trainer = Trainer(cfg, corpus, run_dir, resume=args.resume, on_event=view)
-    _point_latest(run_dir)
+    if main:
+        _point_latest(run_dir)
     with stop_on_signals(trainer):
         end = trainer.run()
+    # Only after a clean end: a rank that raised exits without waiting on the others.
+    dist.shutdown()
+    if not main:  # the same exit status as rank 0, without its messages
+        return {"SIGINT": 130, "SIGTERM": 143, "nonfinite": 1}.get(end["reason"], 0)
     view.close()
     try:
         png = plot_run(run_dir)

@@ -33,10 +33,11 @@ import torch
 from torch import nn
 
 from gptlab import checkpoint as ckpt_lib
+from gptlab import dist as dist_lib
 from gptlab.config import RunConfig
 from gptlab.data import Corpus, TokenWindowLoader
 from gptlab.errors import GptlabError
-from gptlab.evaluate import calc_loss_batch, calc_loss_loader, evaluate_model
+from gptlab.evaluate import calc_loss_batch, evaluate_model
 from gptlab.generate import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
 from gptlab.metrics import MetricsLog, peak_flops, peak_memory_mib, truncate_metrics
 from gptlab.model import GPTModel, count_parameters, flops_per_token
@@ -175,6 +176,9 @@ class TrainState:
     )
 
 
+# Why a run stops, in the order ranks settle on one when they differ (the last wins).
+STOP_REASONS = ("epochs", "max_steps", "max_time", "nonfinite", "SIGTERM", "SIGINT")
+
 # Config fields a resumed run may not change: they define the model or the data stream.
 FROZEN_ON_RESUME = (
     "model.*",
@@ -215,8 +219,15 @@ class Trainer:
                 f"model.vocab_size ({mc.vocab_size}) is smaller than the tokenizer's vocabulary "
                 f"({corpus.tokenizer.n_vocab}); set --model.vocab_size {corpus.tokenizer.n_vocab}"
             )
-        self.device = resolve_device(tc.device)
+        # Under torchrun: join the job, one GPU per local rank (a single process: no-op).
+        self.dist = dist_lib.setup(resolve_device(tc.device), tc.dist_timeout)
+        self.device = self.dist.device
         self.precision = resolve_precision(tc.precision, self.device)
+        if self.dist.enabled and tc.parallel == "fsdp" and self.precision == "fp16":
+            raise GptlabError(
+                "fp16 needs a gradient scaler that FSDP2 shards do not support here; "
+                "use --precision bf16 (or fp32) with --parallel fsdp"
+            )
         stride = cfg.data.stride or mc.context_length
         self.train_loader = TokenWindowLoader(
             corpus.train, tc.batch_size, mc.context_length, stride, cfg.data.shuffle, tc.seed
@@ -245,7 +256,9 @@ class Trainer:
                 f"({tc.batch_size}); lower --train.batch_size or use more text"
             )
         micro_tokens = tc.batch_size * mc.context_length
-        self.accum = max(1, tc.batch_tokens // micro_tokens) if tc.batch_tokens else 1
+        # Micro-batches per optimizer step in the whole job; each rank runs accum / world_size.
+        world = self.dist.world_size
+        self.accum = dist_lib.accum_per_rank(tc.batch_tokens, micro_tokens, world) * world
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
             raise GptlabError(
@@ -260,10 +273,15 @@ class Trainer:
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         self.model = GPTModel(mc).to(self.device)
+        # DDP wrapper or FSDP2 shards (in place, so the optimizer comes after); a single
+        # process gets self.model back.
+        self.parallel_model = dist_lib.parallelize(self.model, tc.parallel, self.dist)
         self.optimizer = build_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.compiled = tc.compile == "on" or (tc.compile == "auto" and self.device.type == "cuda")
-        self.train_model = torch.compile(self.model) if self.compiled else self.model
+        self.train_model = (
+            torch.compile(self.parallel_model) if self.compiled else self.parallel_model
+        )
         self.state = TrainState()
         self.sample_gen_seed = tc.seed
 
@@ -271,8 +289,9 @@ class Trainer:
         self.resumed_from: Path | None = None
         if resume:
             self._restore()
-        self._write_run_files()
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        if self.dist.is_main:  # one writer per job
+            self._write_run_files()
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.dist.is_main else None
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
             self.precision
@@ -293,6 +312,7 @@ class Trainer:
             "data_fingerprint": self.corpus.fingerprint,
             "tokens_seen": self.state.tokens_seen,
             "val_loss": val_loss,
+            "world_size": self.dist.world_size,
         }
 
     def _restore(self) -> None:
@@ -319,10 +339,21 @@ class Trainer:
             raise GptlabError(
                 "cannot resume: the training text differs from the checkpoint's; use the same --data"
             )
-        ckpt_lib.load_weights(self.model, ckpt, self.device)
+        saved_world = meta.get("world_size", 1)
+        if not self.cfg.train.batch_tokens and saved_world != self.dist.world_size:
+            raise GptlabError(
+                f"cannot resume on {self.dist.world_size} processes: with train.batch_tokens 0 the "
+                f"global batch is one micro-batch per process, and this run used {saved_world}; "
+                "resume with that many (runs with train.batch_tokens set resume on any number)"
+            )
+        if not self.dist.sharded:
+            ckpt_lib.load_weights(self.model, ckpt, self.device)
         st = ckpt_lib.load_state(ckpt)
         try:
-            self.optimizer.load_state_dict(st["optimizer"])
+            if self.dist.sharded:
+                self._load_sharded(ckpt, st["optimizer"])
+            else:
+                self.optimizer.load_state_dict(st["optimizer"])
             if st.get("scaler"):
                 self.scaler.load_state_dict(st["scaler"])
             self.state = TrainState(**st["trainer"])
@@ -333,14 +364,32 @@ class Trainer:
             ) from None
         self.resumed_from = ckpt
         self.resume_changes = changes
-        truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+        if self.dist.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+
+    def _cpu_model(self) -> nn.Module:
+        """An unsharded GPTModel in host memory, allocated but not initialised (to be loaded)."""
+        with torch.device("meta"):
+            model = GPTModel(self.cfg.model)
+        return dist_lib.materialize(model, torch.device("cpu"))
+
+    def _load_sharded(self, ckpt: Path, optimizer_state: dict[str, Any]) -> None:
+        """Load a consolidated checkpoint into FSDP2 shards: rank 0 reads the weights and
+        broadcasts them; every rank keeps its shard of them and of the optimizer state."""
+        weights: dict[str, torch.Tensor] = {}
+        if self.dist.is_main:
+            full = self._cpu_model()
+            ckpt_lib.load_weights(full, ckpt)
+            weights = full.state_dict()
+        dist_lib.load_full_state(self.model, self.optimizer, weights, optimizer_state)
 
     # ---------------------------------------------------------------- events
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"event": event, "step": self.state.step, **fields}
-        self.metrics.write(record)
-        self.on_event(record)
+        if self.dist.is_main:  # logs, plots and the progress bar come from global rank 0
+            self.metrics.write(record)
+            self.on_event(record)
         return record
 
     @property
@@ -351,12 +400,13 @@ class Trainer:
 
     def evaluate(self) -> tuple[float, float]:
         with autocast(self.device, self.precision):
-            train_loss, val_loss = evaluate_model(
+            train_loss, val_loss = dist_lib.evaluate_model(
                 self.train_model,
                 self.train_loader,
                 self.val_loader,
                 self.device,
                 self.cfg.train.eval_iter,
+                self.dist,
             )
         h = self.state.history
         h["step"].append(self.state.step)
@@ -377,7 +427,9 @@ class Trainer:
     def full_validation_loss(self) -> float:
         self.model.eval()
         with torch.no_grad(), autocast(self.device, self.precision):
-            loss = calc_loss_loader(self.val_loader, self.train_model, self.device)
+            loss = dist_lib.loader_loss(
+                self.val_loader, self.train_model, self.device, None, self.dist
+            )
         self.model.train()
         return loss
 
@@ -398,8 +450,19 @@ class Trainer:
         return text
 
     def save(self, val_loss: float | None = None, reason: str = "periodic") -> Path:
+        """Write a checkpoint (every rank calls this; rank 0 writes it and returns its path,
+        the others return the run directory)."""
+        if self.dist.sharded:  # gather the shards into the single-process format
+            weights, optimizer_state = dist_lib.full_state(self.model, self.optimizer)
+            if self.dist.is_main:
+                model = self._cpu_model()
+                model.load_state_dict(weights)
+        else:
+            model, optimizer_state = self.model, self.optimizer.state_dict()
+        if not self.dist.is_main:
+            return self.run_dir
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "trainer": asdict(self.state),
             "rng": _get_rng_state(),
@@ -407,7 +470,7 @@ class Trainer:
         path = ckpt_lib.save_checkpoint(
             self.run_dir,
             self.state.step,
-            self.model,
+            model,
             self._meta(val_loss),
             state,
             self.cfg.train.keep_last,
@@ -418,7 +481,11 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def done(self) -> str | None:
-        """Why training should stop now, or None."""
+        """Why training should stop now, or None. Under torchrun every rank gets the same
+        answer (a signal or the clock may reach one rank first)."""
+        return self.dist.agree_on_reason(self._stop_reason_here(), STOP_REASONS)
+
+    def _stop_reason_here(self) -> str | None:
         tc = self.cfg.train
         if self.stop_reason:
             return self.stop_reason
@@ -436,17 +503,26 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
-        for m in range(self.accum):
-            x, y = self.train_loader.batch(epoch, in_epoch * self.accum + m)
+        # This rank's share of the step's micro-batches (all of them in a single process).
+        mine = dist_lib.micro_batch_indices(
+            in_epoch, self.accum, self.dist.rank, self.dist.world_size
+        )
+        for m, index in enumerate(mine):
+            x, y = self.train_loader.batch(epoch, index)
             if self.device.type == "cuda":
                 x, y = x.pin_memory(), y.pin_memory()
-            with autocast(self.device, self.precision):
-                loss = calc_loss_batch(x, y, self.train_model, self.device) / self.accum
-            self.scaler.scale(loss).backward()
+            # ranks exchange gradients once per step, after their last micro-batch
+            with dist_lib.grad_sync(self.parallel_model, m == len(mine) - 1):
+                with autocast(self.device, self.precision):
+                    loss = calc_loss_batch(x, y, self.train_model, self.device) / len(mine)
+                self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
+        loss_sum = self.dist.mean(loss_sum)  # the whole step's loss, the same on every rank
         self.scaler.unscale_(self.optimizer)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = dist_lib.grad_norm_value(
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        )
         loss_val, norm_val = loss_sum.item(), grad_norm.item()
         if math.isfinite(loss_val) and math.isfinite(norm_val):
             self.scaler.step(self.optimizer)
@@ -475,6 +551,8 @@ class Trainer:
             device=str(self.device),
             precision=self.precision,
             compiled=self.compiled,
+            world_size=self.dist.world_size,
+            parallel=self.dist.mode,
             accum=self.accum,
             batch_tokens=self.accum * tc.batch_size * self.cfg.model.context_length,
             steps_per_epoch=self.steps_per_epoch,
@@ -493,6 +571,7 @@ class Trainer:
             t0 = time.perf_counter()
             tokens_before = st.tokens_seen
             loss, norm = self.train_step()
+            dist_lib.maybe_fail_for_test(self.dist, st.step)
             dt = time.perf_counter() - t0  # .item() in train_step has synchronised the device
             st.train_time += dt
             if first_step and self.compiled:
@@ -531,7 +610,7 @@ class Trainer:
                     lr=self.optimizer.param_groups[0]["lr"],
                     grad_norm=norm,
                     tokens_per_s=tps,
-                    mfu=tps * self.flops_per_token / self.peak,
+                    mfu=tps * self.flops_per_token / (self.peak * self.dist.world_size),
                     peak_mem_mib=peak_memory_mib(self.device),
                     elapsed=st.train_time,
                 )
@@ -542,10 +621,9 @@ class Trainer:
             if st.step % self.steps_per_epoch == 0:
                 self.emit("epoch", epoch=st.step // self.steps_per_epoch)
                 self.sample()
-            minutes_due = (
-                tc.checkpoint_every_minutes
-                and time.monotonic() - last_ckpt_time >= 60 * tc.checkpoint_every_minutes
-            )
+            minutes_due = tc.checkpoint_every_minutes and self.dist.any(
+                time.monotonic() - last_ckpt_time >= 60 * tc.checkpoint_every_minutes
+            )  # decided together: under FSDP2 a save needs every rank
             if (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or minutes_due:
                 self._save_quietly(last_val)
                 last_ckpt_time = time.monotonic()
@@ -567,7 +645,8 @@ class Trainer:
             skipped_steps=st.skipped_steps,
             checkpoint=str(path),
         )
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         return end
 
     def _save_quietly(self, val_loss: float | None) -> None:
