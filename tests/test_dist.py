@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as tdist
+from conftest import make_corpus_text
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -38,7 +38,7 @@ STEPS = 8
 
 
 def _tiny_model_config():
-    cfg = preset("tiny").model
+    cfg = preset("tiny").model  # ties tok_emb and out_head
     cfg.vocab_size = 128  # the preset's GPT-2 vocabulary would be most of the work
     return cfg
 
@@ -146,27 +146,11 @@ def test_materialize_keeps_tied_weights_tied():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, gptlab_cache):
+    """A corpus for char-level runs; GPTLAB_CACHE (set by conftest) is inherited by torchrun."""
     root = tmp_path_factory.mktemp("dist")
-    rng = random.Random(0)
-    words = "the king queen castle sword horse night day love war peace crown river".split()
-    lines = [
-        " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + "."
-        for _ in range(400)
-    ]
-    (root / "corpus.txt").write_text("Every effort moves you.\n" + "\n".join(lines))
+    (root / "corpus.txt").write_text(make_corpus_text(60), encoding="utf-8")
     return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache(workdir):
-    old = os.environ.get("GPTLAB_CACHE")
-    os.environ["GPTLAB_CACHE"] = str(workdir / "cache")  # shared by in-process and torchrun runs
-    yield
-    if old is None:
-        os.environ.pop("GPTLAB_CACHE")
-    else:
-        os.environ["GPTLAB_CACHE"] = old
 
 
 def _args(workdir: Path, out: Path) -> list[str]:
@@ -352,3 +336,21 @@ def test_a_hung_rank_is_ended_by_the_process_group_timeout(workdir):
     assert res.returncode != 0
     assert "Step 000001" in res.stdout  # it hung in training, not while starting up
     assert "Timed out" in res.stdout + res.stderr
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(workdir, ref_run):
+    out = workdir / "signal"
+    res = _torchrun(
+        _args(workdir, out) + ["--parallel", "fsdp"], env={dist_lib.FAIL_RANK_ENV: "1:signal"}
+    )
+    assert res.returncode != 0  # 143 from every rank, as a single process stopped by SIGTERM
+    assert "stopped by SIGTERM at step 2" in res.stdout  # rank 0 got no signal, yet stopped
+    end = [r for r in _records(out) if r["event"] == "end"]
+    assert [(e["step"], e["reason"]) for e in end] == [(2, "SIGTERM")]
+    # the final save gathered every rank's shards: a complete checkpoint at step 2
+    assert (out / "checkpoints" / "step-00000002" / "state.pt").is_file()
+    ref = load_file(ref_run / "checkpoints" / "step-00000004" / "model.safetensors")
+    got = load_file(out / "checkpoints" / "step-00000002" / "model.safetensors")
+    assert got.keys() == ref.keys()
+    train = [r["loss"] for r in _records(out) if r["event"] == "train"]
+    assert train == pytest.approx(_curve(ref_run)["train"][:2], abs=TOL, rel=0)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,8 +47,9 @@ PARALLEL_MODES = ("ddp", "fsdp")
 
 # A test hook: `GPTLAB_TEST_FAIL_RANK=R` makes rank R raise RuntimeError after its
 # FAIL_AT_STEP-th optimizer step; `R:hang` makes it wait instead for a message no rank sends
-# (a desynchronised rank). Tests use it to prove that one bad rank ends the whole job, with
-# its message, rather than leaving the others waiting.
+# (a desynchronised rank); `R:signal` sends it SIGTERM (a preemption reaching one rank).
+# Tests use it to prove that one rank's trouble ends the whole job, with its message, or
+# stops every rank at the same step, rather than leaving the others waiting.
 FAIL_RANK_ENV = "GPTLAB_TEST_FAIL_RANK"
 FAIL_AT_STEP = 2
 
@@ -55,8 +58,8 @@ FAIL_AT_STEP = 2
 class Dist:
     """Where this process stands in a (possibly one-process) data-parallel job.
 
-    `enabled` is True when the process was started by torchrun and has joined the process
-    group; otherwise every collective below returns its input unchanged.
+    `enabled` is True when the process was started by torchrun (`setup` then joins the
+    process group); otherwise every collective below returns its input unchanged.
     """
 
     rank: int = 0
@@ -113,6 +116,7 @@ class Dist:
         return bool(self.agree(int(bool(flag))))
 
     def barrier(self) -> None:
+        """Wait until every rank has come here."""
         if self.enabled:
             tdist.barrier()
 
@@ -204,7 +208,8 @@ def shutdown() -> None:
 
 
 def maybe_fail_for_test(d: Dist, step: int) -> None:
-    """The `GPTLAB_TEST_FAIL_RANK` hook: fail or hang the named rank after step FAIL_AT_STEP."""
+    """The `GPTLAB_TEST_FAIL_RANK` hook: fail, hang or signal the named rank after step
+    FAIL_AT_STEP."""
     target = os.environ.get(FAIL_RANK_ENV)
     if target is None or step != FAIL_AT_STEP:
         return
@@ -213,6 +218,9 @@ def maybe_fail_for_test(d: Dist, step: int) -> None:
         return
     if how == "hang" and d.enabled:  # blocks until the process group's timeout fires
         tdist.recv(torch.zeros(1, device=d.device), src=(d.rank + 1) % d.world_size)
+    if how == "signal":
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise RuntimeError(f"{FAIL_RANK_ENV}: injected failure on rank {d.rank} at step {step}")
 
 
@@ -333,6 +341,10 @@ def parallelize(model: nn.Module, mode: str, d: Dist) -> nn.Module:
 
     from gptlab.model import TransformerBlock
 
+    # FSDP2 warns when a module returns a view, because an in-place op on it would skip the
+    # pre-backward hook. GPTModel returns a view when its vocabulary is padded (logits cut
+    # back to vocab_size), and gptlab's loss and sampling never modify logits in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPGPTModel\)")
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     for module in model.modules():
         if isinstance(module, TransformerBlock):

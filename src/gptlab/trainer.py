@@ -454,13 +454,13 @@ class Trainer:
         the others return the run directory)."""
         if self.dist.sharded:  # gather the shards into the single-process format
             weights, optimizer_state = dist_lib.full_state(self.model, self.optimizer)
-            if self.dist.is_main:
-                model = self._cpu_model()
-                model.load_state_dict(weights)
-        else:
-            model, optimizer_state = self.model, self.optimizer.state_dict()
         if not self.dist.is_main:
             return self.run_dir
+        if self.dist.sharded:
+            model = self._cpu_model()
+            model.load_state_dict(weights)
+        else:
+            model, optimizer_state = self.model, self.optimizer.state_dict()
         state = {
             "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -634,6 +634,9 @@ class Trainer:
         if reason != "nonfinite" and st.step % self.steps_per_epoch != 0:
             self.sample()
         path = self.save(last_val, reason=reason)
+        # Leave together: a rank that exited first with a non-zero status (a signal stop)
+        # would make torchrun kill rank 0 while it writes the final checkpoint.
+        self.dist.barrier()
         end = self.emit(
             "end",
             reason=reason,
