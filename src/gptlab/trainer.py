@@ -269,6 +269,14 @@ class Trainer:
         self.train_model = torch.compile(self.model) if self.compiled else self.model
         self.state = TrainState()
         self.sample_gen_seed = tc.seed
+        # Fail now, not at the first sample an epoch later: a char vocabulary may lack some
+        # of the prompt's characters, and that error would kill the run before its save.
+        try:
+            text_to_token_ids(tc.start_context, corpus.tokenizer)
+        except GptlabError as e:
+            raise GptlabError(
+                f"train.start_context cannot be encoded ({e}); set --train.start_context"
+            ) from None
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resumed_from: Path | None = None
