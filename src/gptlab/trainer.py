@@ -212,6 +212,7 @@ class Trainer:
         self.on_event = on_event or (lambda record: None)
         self.stop_reason: str | None = None  # set by signal handlers or guards
         tc, mc = cfg.train, cfg.model
+        resume_from = self._check_resume() if resume else None
 
         if mc.vocab_size < corpus.tokenizer.n_vocab:
             raise GptlabError(
@@ -281,7 +282,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resumed_from: Path | None = None
         if resume:
-            self._restore()
+            self._restore(*resume_from)
         self._write_run_files()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
 
@@ -306,7 +307,9 @@ class Trainer:
             "val_loss": val_loss,
         }
 
-    def _restore(self) -> None:
+    def _check_resume(self) -> tuple[Path, list[tuple[str, Any, Any]]]:
+        """The checkpoint to resume from and the config changes, once they are known to be
+        safe. Runs first, so a refusal names the change rather than a symptom of it."""
         ckpt = ckpt_lib.latest_checkpoint(self.run_dir, missing_ok=True)
         if ckpt is None:
             raise GptlabError(
@@ -336,6 +339,9 @@ class Trainer:
             raise GptlabError(
                 "cannot resume: the training text differs from the checkpoint's; use the same --data"
             )
+        return ckpt, changes
+
+    def _restore(self, ckpt: Path, changes: list[tuple[str, Any, Any]]) -> None:
         self._load_training_state(ckpt)
         self.resumed_from = ckpt
         self.resume_changes = changes
