@@ -78,7 +78,9 @@ def assert_same_run(run, reference) -> None:
 
 
 def test_sigkill_mid_step_then_resume_matches_uninterrupted(text, reference, tmp_path):
-    k = random.randint(4, STEPS)  # checkpoints every 3 steps: one exists before step k
+    # Checkpoints every 3 steps: one exists before step k, and 1 or 2 steps after it were
+    # done (and logged) before the kill, so the resumed run must redo them.
+    k = random.choice([s for s in range(4, STEPS + 1) if (s - 1) % 3])
     run = tmp_path / "run"
     proc = spawn([*cli_flags(text, run), "--checkpoint-every", "3"], gate=f"step:{k}")
     wait_for_gate(proc)

@@ -325,20 +325,22 @@ class Trainer:
         # reproduce the older behaviour; only real differences count as changes.
         changes = _config_changes(_with_defaults(saved_cfg), self.cfg.to_dict())
         frozen = [c for c in changes if _is_frozen(c[0])]
-        if frozen:
-            key, old, new = frozen[0]
-            raise GptlabError(
-                f"cannot resume: {key} changed from {old!r} to {new!r} (it defines the model or data); "
-                "start a new run with another --out"
-            )
+        # Data and batch changes first: a char vocabulary follows its text, so other text
+        # also shows up as a model.vocab_size change, which is the symptom, not the cause.
+        frozen.sort(key=lambda c: c[0].startswith("model."))
+        if frozen and not frozen[0][0].startswith("model."):
+            raise _refuse(*frozen[0])
         if meta.get("tokenizer") != self.corpus.tokenizer.identity():
             raise GptlabError(
-                "cannot resume: the tokenizer differs from the checkpoint's; use the same --data and tokenizer"
+                "cannot resume: the tokenizer (for char, the characters of the text) differs from "
+                "the checkpoint's; use the same --data and tokenizer"
             )
         if meta.get("data_fingerprint") != self.corpus.fingerprint:
             raise GptlabError(
                 "cannot resume: the training text differs from the checkpoint's; use the same --data"
             )
+        if frozen:
+            raise _refuse(*frozen[0])
         return ckpt, changes
 
     def _restore(self, ckpt: Path, changes: list[tuple[str, Any, Any]]) -> None:
@@ -681,6 +683,13 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, A
         elif a != b:
             out.append((name, a, b))
     return out
+
+
+def _refuse(key: str, old: Any, new: Any) -> GptlabError:
+    return GptlabError(
+        f"cannot resume: {key} changed from {old!r} to {new!r} (it defines the model or data); "
+        "start a new run with another --out"
+    )
 
 
 def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
