@@ -4,7 +4,6 @@ run leaves on disk."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import subprocess
@@ -153,20 +152,10 @@ sys.exit(cli.main(sys.argv[2:]))
 """
 
 
-# One thread: a tiny model's kernels are microseconds, and on a busy machine two OpenMP
-# threads waiting for each other make them 50x slower. Every process compared agrees.
+# One thread, as conftest.py sets for in-process tests: a tiny model's kernels take
+# microseconds, and on a busy machine two OpenMP threads waiting for each other make them
+# 50x slower. Every process whose results are compared runs alike.
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run in-process training on one thread (see CHILD_ENV), then restore the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def spawn(flags: list[str], gate: str) -> subprocess.Popen:

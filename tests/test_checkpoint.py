@@ -1,5 +1,6 @@
-"""Checkpoints: complete contents, clean keys whatever the wrappers, atomic saves that
-survive a full disk, one-line errors for damaged or foreign checkpoints, pruning."""
+"""Checkpoints: round trips give identical logits; complete contents, clean keys whatever the
+wrappers, atomic saves that survive a full disk, one-line errors for damaged or foreign
+checkpoints, pruning."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from run_helpers import (
     assert_same_tensors,
     cli_flags,
     latest_step,
-    one_thread,
     records,
     tiny_config,
     tiny_corpus,
@@ -26,18 +26,129 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
+from gptlab import GPTModel, ModelConfig, cli
 from gptlab import checkpoint as ckpt_lib
-from gptlab import cli
 from gptlab import trainer as trainer_mod
+from gptlab.cli import load_run_model
+from gptlab.config import RunConfig
 from gptlab.errors import GptlabError
-from gptlab.model import GPTModel
 from gptlab.trainer import Trainer
 
+VARIANTS = {
+    "plain": {},
+    "tied": {"tie_weights": True},
+    "padded": {"vocab_multiple": 64},
+    "tied+padded+gpt2init": {"tie_weights": True, "vocab_multiple": 64, "init": "gpt2"},
+}
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+
+def _cfg(base: ModelConfig, extra: dict) -> ModelConfig:
+    return ModelConfig(**{**vars(base), **extra})
+
+
+def _meta(mcfg: ModelConfig) -> dict:
+    run = RunConfig()
+    run.model = mcfg
+    return {"config": run.to_dict(), "tokenizer": {"type": "gpt2"}, "val_loss": 1.5}
+
+
+def _perturb(model: GPTModel) -> None:
+    """Move every weight away from its initial value, so a load that silently fails (or
+    re-initialises) cannot pass."""
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_round_trip_identical_logits(tmp_path, tiny_model_cfg, variant):
+    cfg = _cfg(tiny_model_cfg, VARIANTS[variant])
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    _perturb(model)
+    model.eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        want = model(x)
+    path = ckpt_lib.save_checkpoint(tmp_path, 7, model, _meta(cfg), state={"step": 7})
+    assert path == tmp_path / "checkpoints" / "step-00000007"
+    assert ckpt_lib.latest_checkpoint(tmp_path) == path
+    meta = ckpt_lib.read_meta(path)
+    assert meta["step"] == 7 and meta["format"] == ckpt_lib.FORMAT
+
+    torch.manual_seed(1)  # a different initialisation
+    fresh = GPTModel(cfg).eval()
+    with torch.no_grad():
+        assert not torch.equal(fresh(x), want)
+    ckpt_lib.load_weights(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)
+    if cfg.tie_weights:
+        assert fresh.out_head.weight is fresh.tok_emb.weight
+    assert ckpt_lib.load_state(path) == {"step": 7}
+
+    # the `gptlab generate` loading path: run dir -> config + tokenizer + weights
+    loaded, tokenizer, device = load_run_model(str(tmp_path), "cpu")
+    assert device.type == "cpu" and not loaded.training
+    assert tokenizer.n_vocab == 50257
+    assert loaded.cfg == cfg
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want)
+
+
+def test_keeps_last_and_best(tmp_path, tiny_model_cfg):
+    model = GPTModel(tiny_model_cfg)
+    for step, val in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5)]:
+        meta = {**_meta(tiny_model_cfg), "val_loss": val}
+        ckpt_lib.save_checkpoint(tmp_path, step, model, meta, keep_last=2)
+    root = tmp_path / "checkpoints"
+    kept = sorted(p.name for p in root.glob("step-*"))
+    assert kept == ["step-00000002", "step-00000003", "step-00000004"]
+    assert (root / "latest").read_text().strip() == "step-00000004"
+    assert (root / "best").read_text().strip() == "step-00000002"
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_load_into_a_different_shape_is_a_clear_error(tmp_path, tiny_model_cfg):
+    path = ckpt_lib.save_checkpoint(tmp_path, 1, GPTModel(tiny_model_cfg), {})
+    other = GPTModel(_cfg(tiny_model_cfg, {"emb_dim": 64}))
+    with pytest.raises(GptlabError, match="do not fit"):
+        ckpt_lib.load_weights(other, path)
+    deeper = GPTModel(_cfg(tiny_model_cfg, {"n_layers": 3}))
+    with pytest.raises(GptlabError, match="do not fit"):
+        ckpt_lib.load_weights(deeper, path)
+
+
+def test_damaged_checkpoints_are_clear_errors(tmp_path, tiny_model_cfg):
+    model = GPTModel(tiny_model_cfg)
+    path = ckpt_lib.save_checkpoint(tmp_path, 1, model, _meta(tiny_model_cfg), state={"a": 1})
+    weights = path / ckpt_lib.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(GptlabError, match="corrupt or truncated"):
+        ckpt_lib.load_weights(model, path)
+    (path / ckpt_lib.STATE).write_bytes(b"not a pickle")
+    with pytest.raises(GptlabError, match="corrupt"):
+        ckpt_lib.load_state(path)
+    (path / ckpt_lib.META).write_text("{ junk")
+    with pytest.raises(GptlabError, match="unreadable"):
+        ckpt_lib.read_meta(path)
+    (path / ckpt_lib.META).write_text(json.dumps({"format": "other-tool"}))
+    with pytest.raises(GptlabError, match="foreign"):
+        ckpt_lib.read_meta(path)
+    (path / ckpt_lib.META).write_text(json.dumps({"format": ckpt_lib.FORMAT, "format_version": 99}))
+    with pytest.raises(GptlabError, match="upgrade"):
+        ckpt_lib.read_meta(path)
+
+
+def test_no_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(GptlabError, match="does not exist"):
+        ckpt_lib.latest_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(GptlabError, match="no checkpoint"):
+        ckpt_lib.latest_checkpoint(tmp_path)
+
+
+# --------------------------------------------------------------------------- runs
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +160,7 @@ def text(tmp_path_factory):
 def trained(text, tmp_path_factory):
     """A finished 4-step CLI run with checkpoints at steps 2 and 4."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    with one_thread():
-        code = cli.main([*cli_flags(text, run, steps=4), "--checkpoint-every", "2", "--quiet"])
+    code = cli.main([*cli_flags(text, run, steps=4), "--checkpoint-every", "2", "--quiet"])
     assert code == 0
     return run
 
@@ -357,7 +467,7 @@ def test_a_damaged_latest_pointer_falls_back_to_the_newest_checkpoint(run, point
 # --------------------------------------------------------------------------- pruning
 
 
-def test_keep_last_k_plus_the_best(tmp_path):
+def test_keep_last_k_plus_the_best_as_it_changes(tmp_path):
     model = nn.Linear(2, 2)
     root = tmp_path / "checkpoints"
 

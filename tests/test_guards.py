@@ -13,7 +13,6 @@ from run_helpers import (
     cli_flags,
     latest_step,
     losses_by_step,
-    one_thread,
     records,
     tiny_config,
     tiny_corpus,
@@ -26,12 +25,6 @@ from gptlab import cli
 from gptlab import trainer as trainer_mod
 from gptlab.optim import lr_at
 from gptlab.trainer import Trainer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

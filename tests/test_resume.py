@@ -19,7 +19,6 @@ from run_helpers import (
     cli_flags,
     latest_step,
     losses_by_step,
-    one_thread,
     records,
     release,
     run_cli,
@@ -36,12 +35,6 @@ from gptlab import cli
 from gptlab import trainer as trainer_mod
 from gptlab.errors import GptlabError
 from gptlab.trainer import Trainer, stop_on_signals
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,11 @@ LIMIT_FLAGS = ("epochs", "max_steps", "max_time")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
     try:
+        args, rest = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
         if args.command != "train" and rest:
             raise GptlabError(
                 f"unknown argument {rest[0]!r} for `gptlab {args.command}`; see gptlab {args.command} --help"
@@ -41,10 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage mistakes (e.g. `--max-steps abc`) are one-line GptlabErrors,
+    like every other user error, instead of a usage block and a bare exit."""
+
+    def error(self, message: str):
+        raise GptlabError(f"{message}; see `{self.prog} --help`")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="gptlab", description="Pretrain GPT-style language models from scratch."
-    )
+    p = _Parser(prog="gptlab", description="Pretrain GPT-style language models from scratch.")
     sub = p.add_subparsers(dest="command")
 
     t = sub.add_parser(
@@ -183,13 +189,15 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     )
     if args.resume and not args.out:
         raise GptlabError("--resume needs --out RUN_DIR: the run to continue")
-    if (
-        not args.resume
-        and (run_dir / "checkpoints").is_dir()
-        and any((run_dir / "checkpoints").iterdir())
-    ):
+    if run_dir.exists() and not run_dir.is_dir():
         raise GptlabError(
-            f"{str(run_dir)!r} already holds a run; add --resume to continue it, or choose another --out"
+            f"--out {str(run_dir)!r} is a file, not a directory; choose another --out"
+        )
+    taken = [] if args.resume else _run_files_in(run_dir)
+    if taken:
+        raise GptlabError(
+            f"{str(run_dir)!r} already holds {', '.join(taken)}, which a new run would overwrite; "
+            "add --resume to continue that run, or choose another --out"
         )
 
     import torch
@@ -232,6 +240,19 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     print(f'try it: gptlab generate --checkpoint {run_dir} --prompt "{cfg.train.start_context}"')
     del torch
     return 0
+
+
+# What a run writes into its directory: a new run must find none of them there.
+RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "loss-plot.pdf", "loss-plot.png")
+
+
+def _run_files_in(run_dir: Path) -> list[str]:
+    """The run files (and a non-empty checkpoints/) already in run_dir."""
+    taken = [name for name in RUN_FILES if (run_dir / name).exists()]
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        taken.insert(0, "checkpoints/")
+    return taken
 
 
 def _point_latest(run_dir: Path) -> None:
@@ -345,9 +366,9 @@ def load_run_model(path: str, device_name: str = "auto"):
     try:
         cfg = RunConfig.from_dict(meta["config"])
         tokenizer = from_identity(meta["tokenizer"])
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:  # AttributeError: a value of the wrong kind
         raise GptlabError(
-            f"checkpoint {str(ckpt)!r} has incomplete metadata ({e}); use another checkpoint"
+            f"checkpoint {str(ckpt)!r} has incomplete or malformed metadata ({e}); use another checkpoint"
         ) from None
     device = resolve_device(device_name)
     model = GPTModel(cfg.model)

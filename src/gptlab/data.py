@@ -58,10 +58,10 @@ def read_documents(source: str) -> list[str]:
         files = sorted(
             Path(p)
             for p in globlib.glob(os.path.expanduser(source), recursive=True)
-            if Path(p).is_file()
+            if Path(p).is_file() and Path(p).suffix.lower() in TEXT_SUFFIXES
         )
         if not files:
-            raise GptlabError(f"no files match {source!r}; check the pattern")
+            raise GptlabError(f"no .txt or .md files match {source!r}; check the pattern")
     else:
         raise GptlabError(
             f"data source {source!r} not found: give a file, directory or glob of .txt/.md files, "

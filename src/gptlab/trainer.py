@@ -113,6 +113,9 @@ def resolve_device(name: str) -> torch.device:
         raise GptlabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GptlabError("train.device is cuda but no CUDA GPU is visible; use --train.device cpu")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps and mps.is_available()):
+        raise GptlabError("device mps is not available on this machine; use --device cpu")
     return device
 
 
@@ -313,7 +316,8 @@ class Trainer:
         ckpt = ckpt_lib.latest_checkpoint(self.run_dir, missing_ok=True)
         if ckpt is None:
             raise GptlabError(
-                f"--resume: no checkpoint in {str(self.run_dir)!r}; drop --resume to start a new run there"
+                f"--resume: no checkpoint in {str(self.run_dir)!r} to continue from; "
+                "start a new run (without --resume) with an unused --out"
             )
         meta = ckpt_lib.read_meta(ckpt)
         saved_cfg = meta.get("config")
