@@ -311,3 +311,56 @@ def test_resume_ignores_a_killed_save_and_continues_from_the_previous(finished_r
     assert code == 0, capsys.readouterr()
     assert not junk.exists()
     assert latest_step(finished_run) == 7
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_resume_restores_the_gpu_rng_and_repeats_the_next_step(text, tmp_path):
+    """On a GPU, dropout draws from the CUDA generator. A run resumed from step 3 must
+    repeat the original run's step 4 bit for bit: same weights, optimizer state and CUDA
+    RNG state, and the forward pass is deterministic. (Later steps are compared loosely:
+    some CUDA backward kernels add with atomics, in no fixed order.)"""
+    cfg = tiny_config(6, device="cuda", checkpoint_every=3, keep_last=5)
+    corpus = tiny_corpus(text, cfg)
+    Trainer(copy.deepcopy(cfg), corpus, tmp_path / "a").run()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-00000006")  # latest falls back to 3
+
+    resumed = Trainer(copy.deepcopy(cfg), corpus, tmp_path / "b", resume=True)
+    saved = ckpt_lib.load_state(tmp_path / "b" / "checkpoints" / "step-00000003")
+    assert saved["rng"]["cuda"], "the CUDA generator state was not saved"
+    assert torch.equal(torch.cuda.get_rng_state(), saved["rng"]["cuda"][0])
+    assert next(iter(resumed.optimizer.state.values()))["exp_avg"].is_cuda
+    resumed.run()
+    a, b = losses_by_step(tmp_path / "a"), losses_by_step(tmp_path / "b")
+    assert b[4] == a[4]
+    assert b.keys() == a.keys() and all(abs(b[s] - a[s]) < 1e-3 for s in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp16_run_saves_and_restores_its_gradient_scaler(text, tmp_path):
+    cfg = tiny_config(4, device="cuda", precision="fp16", checkpoint_every=2)
+    corpus = tiny_corpus(text, cfg)
+    end = Trainer(copy.deepcopy(cfg), corpus, tmp_path / "run").run()
+    assert end["reason"] == "max_steps"
+    assert not records(tmp_path / "run", "nonfinite")  # overflows are the scaler's business
+    state = ckpt_lib.load_state(ckpt_lib.latest_checkpoint(tmp_path / "run"))
+    assert state["scaler"] and state["scaler"]["scale"] > 0
+    cfg.train.max_steps = 6
+    resumed = Trainer(copy.deepcopy(cfg), corpus, tmp_path / "run", resume=True)
+    assert resumed.scaler.get_scale() == state["scaler"]["scale"]
+    assert resumed.run()["step"] == 6
+
+
+def test_measuring_the_peak_flops_leaves_the_random_stream_alone(tmp_path, monkeypatch):
+    """The trainer measures the matmul peak when its cache is cold, which happens after a
+    resume restored the RNG states on another machine or thread count; it must not draw
+    from the global generators."""
+    from gptlab.metrics import measured_matmul_flops
+
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
+    before = torch.get_rng_state()
+    assert measured_matmul_flops(torch.device("cpu"), torch.float32, n=64) > 0
+    assert torch.equal(torch.get_rng_state(), before)
