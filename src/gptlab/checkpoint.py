@@ -106,8 +106,9 @@ def save_checkpoint(
 
 def _move_into_place(tmp: Path, final: Path) -> None:
     """Rename the finished `tmp` directory to `final`. Re-saving an existing step (a signal
-    right after a periodic save) moves the old copy aside first, so no moment exists where
-    neither is on disk under a step-* or .old-* name."""
+    right after a periodic save) moves the old copy aside first instead of deleting it: a
+    crash between the two renames costs that one checkpoint (`latest` then falls back to
+    the newest step-* directory), never a half-deleted one."""
     if not final.exists():
         os.replace(tmp, final)
         return

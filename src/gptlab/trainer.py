@@ -349,6 +349,8 @@ class Trainer:
 
     def _restore(self, ckpt: Path, changes: list[tuple[str, Any, Any]]) -> None:
         self._load_training_state(ckpt)
+        # A run stopped by the guard is usually resumed with a lower lr: a fresh count.
+        self.state.bad_steps = 0
         self.resumed_from = ckpt
         self.resume_changes = changes
         truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
