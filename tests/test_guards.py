@@ -216,3 +216,17 @@ def test_rollback_without_a_checkpoint_stops(text, tmp_path, monkeypatch):
     end = trainer.run()
     assert (end["reason"], end["step"]) == ("nonfinite", 3)
     assert not [r for r in events if r["event"] == "rollback"]
+
+
+def test_a_resumed_run_starts_a_fresh_count_of_bad_steps(text, tmp_path, monkeypatch):
+    trainer, _ = make_trainer(text, tmp_path / "run", steps=10, max_bad_steps=2)
+    poison_loss(monkeypatch, [trainer], lambda step: step in (4, 5))
+    assert trainer.run()["reason"] == "nonfinite"
+    monkeypatch.undo()
+
+    cfg = tiny_config(10, max_bad_steps=2)
+    resumed = Trainer(cfg, tiny_corpus(text, cfg), tmp_path / "run", resume=True)
+    assert resumed.state.step == 5 and resumed.state.bad_steps == 0
+    poison_loss(monkeypatch, [resumed], lambda step: step == 6)  # one bad step: go on
+    end = resumed.run()
+    assert (end["reason"], end["step"], end["skipped_steps"]) == ("max_steps", 10, 3)
