@@ -85,6 +85,24 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", help="auto, on or off (same as --train.compile)")
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (same as --train.device)")
     t.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="STEPS",
+        help="save a checkpoint every STEPS steps (same as --train.checkpoint_every)",
+    )
+    t.add_argument(
+        "--checkpoint-every-minutes",
+        type=float,
+        metavar="M",
+        help="save a checkpoint every M minutes (same as --train.checkpoint_every_minutes)",
+    )
+    t.add_argument(
+        "--keep-last",
+        type=int,
+        metavar="K",
+        help="keep the newest K checkpoints, plus the best by validation loss (same as --train.keep_last)",
+    )
+    t.add_argument(
         "--parallel", help="under torchrun: ddp (default) or fsdp (same as --train.parallel)"
     )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -157,6 +175,9 @@ def build_config(args: argparse.Namespace, rest: list[str]):
     for flag in ("precision", "compile", "device", "parallel"):
         if getattr(args, flag):
             C.set_field(cfg, f"train.{flag}", getattr(args, flag))
+    for flag in ("checkpoint_every", "checkpoint_every_minutes", "keep_last"):
+        if getattr(args, flag) is not None:
+            C.set_field(cfg, f"train.{flag}", getattr(args, flag))
     for key, value in parse_overrides(rest):
         C.set_field(cfg, key, value)
     return cfg.validate(), preset_name
@@ -202,13 +223,15 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     trainer = Trainer(cfg, corpus, run_dir, resume=args.resume, on_event=view)
     if main:
         _point_latest(run_dir)
-    with stop_on_signals(trainer):
-        end = trainer.run()
+    try:
+        with stop_on_signals(trainer):
+            end = trainer.run()
+    finally:
+        view.close()
     # Only after a clean end: a rank that raised exits without waiting on the others.
     dist.shutdown()
     if not main:  # the same exit status as rank 0, without its messages
         return {"SIGINT": 130, "SIGTERM": 143, "nonfinite": 1}.get(end["reason"], 0)
-    view.close()
     try:
         png = plot_run(run_dir)
         print(f"loss plot: {png} (and .pdf)")
@@ -223,7 +246,8 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     if end["reason"] == "nonfinite":
         print(
             f"gptlab: error: training stopped after {cfg.train.max_bad_steps} consecutive non-finite steps; "
-            f"the last good weights are saved; resume with a lower --train.lr",
+            "the last good weights are saved; resume with a lower --train.lr "
+            "(or train with --train.on_nonfinite rollback)",
             file=sys.stderr,
         )
         return 1
@@ -280,7 +304,9 @@ class ConsoleView:
                 f"{' | compiled' if r['compiled'] else ''} | {r['batch_tokens']} tokens/step ({r['accum']} micro-batches)"
                 f" | {r['train_tokens']:,} train / {r['val_tokens']:,} val tokens"
             )
-            if not self.quiet:
+            # A bar only on a terminal: in a log file or pipe its redraws are noise, and one
+            # plain line per logged step is what a reader (or a supervising script) wants.
+            if not self.quiet and sys.stderr.isatty():
                 from tqdm.auto import tqdm
 
                 self.bar = tqdm(
@@ -314,8 +340,13 @@ class ConsoleView:
             self._print(
                 f"step {r['step']}: non-finite loss or gradient, step skipped ({r['consecutive']} in a row)"
             )
-        elif ev == "checkpoint_failed":
-            self._print(f"warning: {r['error']}")
+        elif ev == "checkpoint_failed" and not r.get("final"):  # a final failure is an error
+            self._print(f"warning: {r['error']} (training goes on)")
+        elif ev == "rollback":
+            self._print(
+                f"step {r['from_step']}: non-finite steps; rolled back to {r['checkpoint']} "
+                f"with learning rate x{r['lr_scale']:g}"
+            )
         elif ev == "end":
             if self.bar is not None:
                 self.bar.n = r["step"]

@@ -119,6 +119,9 @@ class TrainConfig:
     checkpoint_every_minutes: float = 0.0
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive non-finite steps before training stops
+    # after max_bad_steps: "stop" (save the last good weights), or "rollback" to the latest
+    # checkpoint with half the learning rate (up to 3 times, then stop)
+    on_nonfinite: str = "stop"
     parallel: str = "ddp"  # under torchrun: "ddp" (replicas) | "fsdp" (FSDP2, sharded)
     dist_timeout: float = 600.0  # seconds any collective may wait before the job fails
 
@@ -159,6 +162,7 @@ class TrainConfig:
         _choice(self, "train", "schedule", ("cosine", "linear", "constant"))
         _choice(self, "train", "precision", ("auto", "fp32", "bf16", "fp16"))
         _choice(self, "train", "compile", ("auto", "on", "off"))
+        _choice(self, "train", "on_nonfinite", ("stop", "rollback"))
         _choice(self, "train", "parallel", ("ddp", "fsdp"))
         if self.epochs == 0 and self.max_steps == 0 and self.max_time == 0:
             raise GptlabError(

@@ -198,6 +198,8 @@ def setup(device: torch.device, timeout_s: float = 600.0) -> Dist:
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if device.type == "cuda" else None,
         )
+        # Every rank has passed the CLI's checks on --out before rank 0 writes anything there.
+        tdist.barrier()
     return d
 
 

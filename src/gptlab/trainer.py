@@ -163,6 +163,8 @@ class TrainState:
     train_time: float = 0.0  # seconds spent training, summed over resumes
     bad_steps: int = 0  # consecutive non-finite steps
     skipped_steps: int = 0
+    lr_scale: float = 1.0  # halved by each non-finite rollback (train.on_nonfinite = "rollback")
+    rollbacks: int = 0
     best_val: float = float("inf")
     loss_ema: float = float("nan")
     history: dict[str, list[float]] = field(
@@ -180,9 +182,10 @@ class TrainState:
 STOP_REASONS = ("epochs", "max_steps", "max_time", "nonfinite", "SIGTERM", "SIGINT")
 
 # Config fields a resumed run may not change: they define the model or the data stream.
+# data.source is not among them: the same text under another path is fine, and the data
+# fingerprint (text + tokenizer) refuses different text whatever its path.
 FROZEN_ON_RESUME = (
     "model.*",
-    "data.source",
     "data.tokenizer",
     "data.train_ratio",
     "data.stride",
@@ -191,6 +194,9 @@ FROZEN_ON_RESUME = (
     "train.batch_tokens",
     "train.seed",
 )
+
+
+MAX_ROLLBACKS = 3  # train.on_nonfinite = "rollback" gives up (and stops) after this many
 
 
 class Trainer:
@@ -213,6 +219,7 @@ class Trainer:
         self.on_event = on_event or (lambda record: None)
         self.stop_reason: str | None = None  # set by signal handlers or guards
         tc, mc = cfg.train, cfg.model
+        resume_from = self._check_resume() if resume else None
 
         if mc.vocab_size < corpus.tokenizer.n_vocab:
             raise GptlabError(
@@ -284,11 +291,19 @@ class Trainer:
         )
         self.state = TrainState()
         self.sample_gen_seed = tc.seed
+        # Fail now, not at the first sample an epoch later: a char vocabulary may lack some
+        # of the prompt's characters, and that error would kill the run before its save.
+        try:
+            text_to_token_ids(tc.start_context, corpus.tokenizer)
+        except GptlabError as e:
+            raise GptlabError(
+                f"train.start_context cannot be encoded ({e}); set --train.start_context"
+            ) from None
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resumed_from: Path | None = None
         if resume:
-            self._restore()
+            self._restore(*resume_from)
         if self.dist.is_main:  # one writer per job
             self._write_run_files()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.dist.is_main else None
@@ -312,10 +327,11 @@ class Trainer:
             "data_fingerprint": self.corpus.fingerprint,
             "tokens_seen": self.state.tokens_seen,
             "val_loss": val_loss,
-            "world_size": self.dist.world_size,
         }
 
-    def _restore(self) -> None:
+    def _check_resume(self) -> tuple[Path, list[tuple[str, Any, Any]]]:
+        """The checkpoint to resume from and the config changes, once they are known to be
+        safe. Runs first, so a refusal names the change rather than a symptom of it."""
         ckpt = ckpt_lib.latest_checkpoint(self.run_dir, missing_ok=True)
         if ckpt is None:
             raise GptlabError(
@@ -323,33 +339,57 @@ class Trainer:
                 "start a new run (without --resume) with an unused --out"
             )
         meta = ckpt_lib.read_meta(ckpt)
-        changes = _config_changes(meta.get("config", {}), self.cfg.to_dict())
-        frozen = [c for c in changes if _is_frozen(c[0])]
-        if frozen:
-            key, old, new = frozen[0]
+        saved_cfg = meta.get("config")
+        if not isinstance(saved_cfg, dict):
             raise GptlabError(
-                f"cannot resume: {key} changed from {old!r} to {new!r} (it defines the model or data); "
-                "start a new run with another --out"
+                f"checkpoint {str(ckpt)!r} has no saved config in its metadata; it cannot be resumed"
             )
+        # Fields added to gptlab after the checkpoint was written take their defaults, which
+        # reproduce the older behaviour; only real differences count as changes.
+        changes = _config_changes(_with_defaults(saved_cfg), self.cfg.to_dict())
+        frozen = [c for c in changes if _is_frozen(c[0])]
+        # Data and batch changes first: a char vocabulary follows its text, so other text
+        # also shows up as a model.vocab_size change, which is the symptom, not the cause.
+        frozen.sort(key=lambda c: c[0].startswith("model."))
+        if frozen and not frozen[0][0].startswith("model."):
+            raise _refuse(*frozen[0])
         if meta.get("tokenizer") != self.corpus.tokenizer.identity():
             raise GptlabError(
-                "cannot resume: the tokenizer differs from the checkpoint's; use the same --data and tokenizer"
+                "cannot resume: the tokenizer (for char, the characters of the text) differs from "
+                "the checkpoint's; use the same --data and tokenizer"
             )
         if meta.get("data_fingerprint") != self.corpus.fingerprint:
             raise GptlabError(
                 "cannot resume: the training text differs from the checkpoint's; use the same --data"
             )
-        saved_world = meta.get("world_size", 1)
-        if not self.cfg.train.batch_tokens and saved_world != self.dist.world_size:
-            raise GptlabError(
-                f"cannot resume on {self.dist.world_size} processes: with train.batch_tokens 0 the "
-                f"global batch is one micro-batch per process, and this run used {saved_world}; "
-                "resume with that many (runs with train.batch_tokens set resume on any number)"
-            )
+        if frozen:
+            raise _refuse(*frozen[0])
+        return ckpt, changes
+
+    def _restore(self, ckpt: Path, changes: list[tuple[str, Any, Any]]) -> None:
+        self._load_training_state(ckpt)
+        # A run stopped by the guard is usually resumed with a lower lr: a fresh count.
+        self.state.bad_steps = 0
+        self.resumed_from = ckpt
+        self.resume_changes = changes
+        if self.dist.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+
+    def _load_training_state(self, ckpt: Path) -> None:
+        """Weights, optimizer, scaler, counters and RNG states from `ckpt` (config already checked)."""
         if not self.dist.sharded:
             ckpt_lib.load_weights(self.model, ckpt, self.device)
         st = ckpt_lib.load_state(ckpt)
         try:
+            data = st.get("data")
+            if data and (data["steps_per_epoch"], data["accum"]) != (
+                self.steps_per_epoch,
+                self.accum,
+            ):
+                raise ValueError(
+                    f"its epoch has {data['steps_per_epoch']} steps of {data['accum']} micro-batches, "
+                    f"this run's {self.steps_per_epoch} of {self.accum}"
+                )
             if self.dist.sharded:
                 self._load_sharded(ckpt, st["optimizer"])
             else:
@@ -358,14 +398,11 @@ class Trainer:
                 self.scaler.load_state_dict(st["scaler"])
             self.state = TrainState(**st["trainer"])
             _set_rng_state(st["rng"])
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise GptlabError(
-                f"training state in {str(ckpt)!r} does not fit this run ({e}); start a new run"
+                f"training state in {str(ckpt)!r} does not fit this run ({str(e).splitlines()[0]}); "
+                "start a new run"
             ) from None
-        self.resumed_from = ckpt
-        self.resume_changes = changes
-        if self.dist.is_main:
-            truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
 
     def _cpu_model(self) -> nn.Module:
         """An unsharded GPTModel in host memory, allocated but not initialised (to be loaded)."""
@@ -466,6 +503,21 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "trainer": asdict(self.state),
             "rng": _get_rng_state(),
+            # Where the data stream stands. The loader's order is a pure function of
+            # (seed, epoch), so these numbers are the sampler's whole state.
+            "data": {
+                "epoch": self.state.step // self.steps_per_epoch,
+                "batch_in_epoch": self.state.step % self.steps_per_epoch * self.accum,
+                "steps_per_epoch": self.steps_per_epoch,
+                "accum": self.accum,
+                "seed": self.cfg.train.seed,
+                "shuffle": self.cfg.data.shuffle,
+            },
+            # The schedule is lr_at(step, config, total_steps): these make it reproducible.
+            "schedule": {
+                "total_steps": self.total_steps,
+                "lr": self.optimizer.param_groups[0]["lr"],
+            },
         }
         path = ckpt_lib.save_checkpoint(
             self.run_dir,
@@ -499,7 +551,7 @@ class Trainer:
         """One optimizer step over `accum` micro-batches; returns (loss, grad_norm)."""
         tc = self.cfg.train
         epoch, in_epoch = divmod(self.state.step, self.steps_per_epoch)
-        lr = lr_at(self.state.step, tc, self.total_steps)
+        lr = lr_at(self.state.step, tc, self.total_steps) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
@@ -524,10 +576,20 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         )
         loss_val, norm_val = loss_sum.item(), grad_norm.item()
-        if math.isfinite(loss_val) and math.isfinite(norm_val):
+        # fp16: overflowing gradients are routine while the scaler searches for its scale;
+        # scaler.step skips such a step by itself and halves the scale. Only when the scale
+        # is already below 1 is an infinite gradient a sign of real trouble.
+        overflow = (
+            self.scaler.is_enabled()
+            and math.isfinite(loss_val)
+            and not math.isfinite(norm_val)
+            and self.scaler.get_scale() >= 1.0
+        )
+        if math.isfinite(loss_val) and (math.isfinite(norm_val) or overflow):
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.state.bad_steps = 0
+            self.state.skipped_steps += overflow
         else:  # keep the last good weights; the guard below decides whether to go on
             self.state.bad_steps += 1
             self.state.skipped_steps += 1
@@ -592,10 +654,15 @@ class Trainer:
                 st.loss_ema = (
                     loss if not math.isfinite(st.loss_ema) else 0.9 * st.loss_ema + 0.1 * loss
                 )
-            if not math.isfinite(loss) or not math.isfinite(norm):
+            if st.bad_steps:  # this step was non-finite and skipped
                 self.emit("nonfinite", loss=loss, grad_norm=norm, consecutive=st.bad_steps)
                 if st.bad_steps >= tc.max_bad_steps:
+                    if tc.on_nonfinite == "rollback" and self._rollback():
+                        st = self.state  # the checkpoint's counters replace ours
+                        continue
                     self.stop_reason = "nonfinite"
+            elif not math.isfinite(norm):
+                self.emit("overflow", grad_norm=norm, scale=self.scaler.get_scale())
             elif spike:
                 self.emit("spike", loss=loss, ema=st.loss_ema)
 
@@ -624,16 +691,25 @@ class Trainer:
             minutes_due = tc.checkpoint_every_minutes and self.dist.any(
                 time.monotonic() - last_ckpt_time >= 60 * tc.checkpoint_every_minutes
             )  # decided together: under FSDP2 a save needs every rank
-            if (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or minutes_due:
+            due = (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or minutes_due
+            # Not in the middle of a non-finite streak: a rollback must find good weights.
+            if due and not st.bad_steps:
                 self._save_quietly(last_val)
                 last_ckpt_time = time.monotonic()
 
-        # the end: a final evaluation, sample and checkpoint
-        if reason != "nonfinite" and (not st.history["step"] or st.history["step"][-1] != st.step):
+        # The end: a final evaluation, sample and checkpoint. A signal or the guard saves at
+        # once: the user asked to stop, or the model is in trouble.
+        quick = reason in ("nonfinite", "SIGINT", "SIGTERM")
+        if not quick and (not st.history["step"] or st.history["step"][-1] != st.step):
             _, last_val = self.evaluate()
-        if reason != "nonfinite" and st.step % self.steps_per_epoch != 0:
+        if not quick and st.step % self.steps_per_epoch != 0:
             self.sample()
-        path = self.save(last_val, reason=reason)
+        try:
+            path = self.save(last_val, reason=reason)
+        except GptlabError as e:  # only rank 0 writes, so only rank 0 gets here
+            self.emit("checkpoint_failed", error=str(e), final=True)
+            self.metrics.close()
+            raise
         # Leave together: a rank that exited first with a non-zero status (a signal stop)
         # would make torchrun kill rank 0 while it writes the final checkpoint.
         self.dist.barrier()
@@ -652,6 +728,24 @@ class Trainer:
             self.metrics.close()
         return end
 
+    def _rollback(self) -> bool:
+        """Reload the latest checkpoint and halve the learning rate after a non-finite streak;
+        False (stop instead) when there is no checkpoint or the rollbacks are used up."""
+        ckpt = ckpt_lib.latest_checkpoint(self.run_dir, missing_ok=True)
+        if ckpt is None or self.state.rollbacks >= MAX_ROLLBACKS:
+            return False
+        from_step, rollbacks = self.state.step, self.state.rollbacks + 1
+        lr_scale = self.state.lr_scale * 0.5
+        self._load_training_state(ckpt)
+        self.state.rollbacks, self.state.lr_scale, self.state.bad_steps = rollbacks, lr_scale, 0
+        # The steps after the checkpoint are redone: their records would be duplicates.
+        if self.metrics is not None:
+            self.metrics.close()
+            truncate_metrics(self.metrics.path, self.state.step)
+            self.metrics = MetricsLog(self.metrics.path)
+        self.emit("rollback", checkpoint=str(ckpt), from_step=from_step, lr_scale=lr_scale)
+        return True
+
     def _save_quietly(self, val_loss: float | None) -> None:
         """A periodic save that fails (full disk) is reported and training goes on."""
         try:
@@ -669,6 +763,24 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, A
             out += _config_changes(a, b, name + ".")
         elif a != b:
             out.append((name, a, b))
+    return out
+
+
+def _refuse(key: str, old: Any, new: Any) -> GptlabError:
+    return GptlabError(
+        f"cannot resume: {key} changed from {old!r} to {new!r} (it defines the model or data); "
+        "start a new run with another --out"
+    )
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict with the fields it lacks filled from today's defaults."""
+    out = RunConfig().to_dict()
+    for section, values in saved.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section].update(values)
+        else:
+            out[section] = values
     return out
 
 
