@@ -299,9 +299,11 @@ class ConsoleView:
         ev = r["event"]
         if ev == "start":
             limit = r["total_steps"] or None
+            world = r.get("world_size", 1)
+            procs = f" | {world} processes ({r['parallel']})" if world > 1 else ""
             self._print(
                 f"model: {r['params'] / 1e6:.2f}M parameters | device {r['device']} | precision {r['precision']}"
-                f"{' | compiled' if r['compiled'] else ''} | {r['batch_tokens']} tokens/step ({r['accum']} micro-batches)"
+                f"{' | compiled' if r['compiled'] else ''}{procs} | {r['batch_tokens']} tokens/step ({r['accum']} micro-batches)"
                 f" | {r['train_tokens']:,} train / {r['val_tokens']:,} val tokens"
             )
             # A bar only on a terminal: in a log file or pipe its redraws are noise, and one
