@@ -174,7 +174,7 @@ def short_val_file(tmp_path, corpus_text) -> Path:
 
 BAD_TRAIN = {
     "missing data": (["--data", "{tmp}/nope.txt"], ["nope.txt", "not found"]),
-    "missing dir glob": (["--data", "{tmp}/none/*.txt"], ["no files match"]),
+    "missing dir glob": (["--data", "{tmp}/none/*.txt"], ["match"]),
     "empty file": (["--data", "{empty}"], ["no text"]),
     "shorter than a window": (["--data", "{short}"], ["fewer than one context window"]),
     "val split too short": (["--data", "{short_val}"], ["validation split", "context window"]),

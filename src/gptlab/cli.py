@@ -87,6 +87,27 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", help="auto, fp32, bf16 or fp16 (same as --train.precision)")
     t.add_argument("--compile", help="auto, on or off (same as --train.compile)")
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (same as --train.device)")
+    t.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="STEPS",
+        help="save a checkpoint every STEPS steps (same as --train.checkpoint_every)",
+    )
+    t.add_argument(
+        "--checkpoint-every-minutes",
+        type=float,
+        metavar="M",
+        help="save a checkpoint every M minutes (same as --train.checkpoint_every_minutes)",
+    )
+    t.add_argument(
+        "--keep-last",
+        type=int,
+        metavar="K",
+        help="keep the newest K checkpoints, plus the best by validation loss (same as --train.keep_last)",
+    )
+    t.add_argument(
+        "--parallel", help="under torchrun: ddp (default) or fsdp (same as --train.parallel)"
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument(
         "--tensorboard",
@@ -249,8 +270,11 @@ def build_config(args: argparse.Namespace, rest: list[str]):
         cfg.train.epochs = args.epochs or 0
         cfg.train.max_steps = args.max_steps or 0
         cfg.train.max_time = args.max_time or 0.0
-    for flag in ("precision", "compile", "device"):
+    for flag in ("precision", "compile", "device", "parallel"):
         if getattr(args, flag):
+            C.set_field(cfg, f"train.{flag}", getattr(args, flag))
+    for flag in ("checkpoint_every", "checkpoint_every_minutes", "keep_last"):
+        if getattr(args, flag) is not None:
             C.set_field(cfg, f"train.{flag}", getattr(args, flag))
     for key, value in parse_overrides(rest):
         C.set_field(cfg, key, value)
@@ -279,23 +303,26 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
     import torch
 
+    from gptlab import dist
     from gptlab.data import is_prepared, load_corpus, read_manifest
     from gptlab.plot import plot_run
     from gptlab.trainer import Trainer, stop_on_signals
 
+    # Under torchrun every rank runs this command; only global rank 0 talks to the user.
+    main = dist.detect().is_main
     if is_prepared(cfg.data.source):
         manifest = read_manifest(cfg.data.source)
         # the prepared data fixes the tokenizer and the split; the config records which
         cfg.data.tokenizer = manifest["tokenizer_name"]
+        if main:
+            print(
+                f"gptlab: streaming prepared data {cfg.data.source!r} ({cfg.data.tokenizer} "
+                "tokenizer, its own train/val split)",
+                flush=True,
+            )
+    elif main:
         print(
-            f"gptlab: streaming prepared data {cfg.data.source!r} ({cfg.data.tokenizer} tokenizer, "
-            "its own train/val split)",
-            flush=True,
-        )
-    else:
-        print(
-            f"gptlab: loading data {cfg.data.source!r} ({cfg.data.tokenizer} tokenizer)",
-            flush=True,
+            f"gptlab: loading data {cfg.data.source!r} ({cfg.data.tokenizer} tokenizer)", flush=True
         )
     corpus = load_corpus(cfg.data.source, cfg.data.tokenizer, cfg.data.train_ratio)
     if corpus.tokenizer.identity()["type"] != "gpt2":
@@ -310,9 +337,10 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         ) from None
     view = ConsoleView(quiet=args.quiet)
     trainer = Trainer(cfg, corpus, run_dir, resume=args.resume, on_event=view)
-    _point_latest(run_dir)
+    if main:
+        _point_latest(run_dir)
     tb = None
-    if args.tensorboard:
+    if args.tensorboard and main:
         from gptlab.tb import TensorBoardWriter
 
         tb = TensorBoardWriter(run_dir / "tensorboard", purge_step=trainer.state.step or None)
@@ -321,9 +349,13 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         with stop_on_signals(trainer):
             end = trainer.run()
     finally:
+        view.close()
         if tb is not None:
             tb.close()
-    view.close()
+    # Only after a clean end: a rank that raised exits without waiting on the others.
+    dist.shutdown()
+    if not main:  # the same exit status as rank 0, without its messages
+        return {"SIGINT": 130, "SIGTERM": 143, "nonfinite": 1}.get(end["reason"], 0)
     try:
         png = plot_run(run_dir)
         print(f"loss plot: {png} (and .pdf)")
@@ -338,7 +370,8 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     if end["reason"] == "nonfinite":
         print(
             f"gptlab: error: training stopped after {cfg.train.max_bad_steps} consecutive non-finite steps; "
-            f"the last good weights are saved; resume with a lower --train.lr",
+            "the last good weights are saved; resume with a lower --train.lr "
+            "(or train with --train.on_nonfinite rollback)",
             file=sys.stderr,
         )
         return 1
@@ -398,12 +431,16 @@ class ConsoleView:
         ev = r["event"]
         if ev == "start":
             limit = r["total_steps"] or None
+            world = r.get("world_size", 1)
+            procs = f" | {world} processes ({r['parallel']})" if world > 1 else ""
             self._print(
                 f"model: {r['params'] / 1e6:.2f}M parameters | device {r['device']} | precision {r['precision']}"
-                f"{' | compiled' if r['compiled'] else ''} | {r['batch_tokens']} tokens/step ({r['accum']} micro-batches)"
+                f"{' | compiled' if r['compiled'] else ''}{procs} | {r['batch_tokens']} tokens/step ({r['accum']} micro-batches)"
                 f" | {r['train_tokens']:,} train / {r['val_tokens']:,} val tokens"
             )
-            if not self.quiet:
+            # A bar only on a terminal: in a log file or pipe its redraws are noise, and one
+            # plain line per logged step is what a reader (or a supervising script) wants.
+            if not self.quiet and sys.stderr.isatty():
                 from tqdm.auto import tqdm
 
                 self.bar = tqdm(
@@ -437,8 +474,13 @@ class ConsoleView:
             self._print(
                 f"step {r['step']}: non-finite loss or gradient, step skipped ({r['consecutive']} in a row)"
             )
-        elif ev == "checkpoint_failed":
-            self._print(f"warning: {r['error']}")
+        elif ev == "checkpoint_failed" and not r.get("final"):  # a final failure is an error
+            self._print(f"warning: {r['error']} (training goes on)")
+        elif ev == "rollback":
+            self._print(
+                f"step {r['from_step']}: non-finite steps; rolled back to {r['checkpoint']} "
+                f"with learning rate x{r['lr_scale']:g}"
+            )
         elif ev == "end":
             if self.bar is not None:
                 self.bar.n = r["step"]

@@ -119,6 +119,11 @@ class TrainConfig:
     checkpoint_every_minutes: float = 0.0
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive non-finite steps before training stops
+    # after max_bad_steps: "stop" (save the last good weights), or "rollback" to the latest
+    # checkpoint with half the learning rate (up to 3 times, then stop)
+    on_nonfinite: str = "stop"
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicas) | "fsdp" (FSDP2, sharded)
+    dist_timeout: float = 600.0  # seconds any collective may wait before the job fails
 
     def validate(self) -> TrainConfig:
         _positive(
@@ -132,6 +137,7 @@ class TrainConfig:
                 "log_every",
                 "keep_last",
                 "max_bad_steps",
+                "dist_timeout",
             ],
         )
         _non_negative(
@@ -156,6 +162,8 @@ class TrainConfig:
         _choice(self, "train", "schedule", ("cosine", "linear", "constant"))
         _choice(self, "train", "precision", ("auto", "fp32", "bf16", "fp16"))
         _choice(self, "train", "compile", ("auto", "on", "off"))
+        _choice(self, "train", "on_nonfinite", ("stop", "rollback"))
+        _choice(self, "train", "parallel", ("ddp", "fsdp"))
         if self.epochs == 0 and self.max_steps == 0 and self.max_time == 0:
             raise GptlabError(
                 "no training limit: set train.epochs, train.max_steps or train.max_time above 0"
