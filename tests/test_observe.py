@@ -201,3 +201,11 @@ def test_char_prompt_outside_vocabulary_is_refused_before_training(tmp_path, cap
     assert main([*args, "--preset", "tiny", "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "train.start_context" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_prepared_data_without_validation_is_refused(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("one long document " * 300)
+    P.prepare([str(tmp_path / "a.txt")], tmp_path / "prep", "gpt2", val_ratio=0.0, workers=1)
+    args = ["train", "--data", str(tmp_path / "prep"), "--preset", "tiny", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    assert "--val-ratio" in capsys.readouterr().err

@@ -325,6 +325,12 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
             f"gptlab: loading data {cfg.data.source!r} ({cfg.data.tokenizer} tokenizer)", flush=True
         )
     corpus = load_corpus(cfg.data.source, cfg.data.tokenizer, cfg.data.train_ratio)
+    if is_prepared(cfg.data.source) and len(corpus.val) <= cfg.model.context_length:
+        raise GptlabError(
+            f"the validation split of {cfg.data.source!r} has {len(corpus.val)} tokens, fewer than "
+            f"one context window ({cfg.model.context_length + 1}); prepare it again with a larger "
+            "--val-ratio or more documents (or --doc-separator to split text files)"
+        )
     if corpus.tokenizer.identity()["type"] != "gpt2":
         # char and trained vocabularies are sized by their tokenizer
         cfg.model.vocab_size = corpus.tokenizer.n_vocab
