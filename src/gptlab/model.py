@@ -349,10 +349,11 @@ def count_parameters(model: nn.Module, exclude_out_head: bool = False) -> int:
     """Number of distinct parameters (a tied matrix counts once).
 
     With `exclude_out_head`, the output head's matrix is left out, as the walk-through does
-    to compare with GPT-2's "124M" (which ties the head to the token embedding).
+    to compare with GPT-2's "124M" (which ties the head to the token embedding). A tied head
+    shares the embedding's matrix, so there is nothing extra to leave out.
     """
     total = sum(p.numel() for p in model.parameters())
-    if exclude_out_head:
+    if exclude_out_head and model.out_head.weight is not model.tok_emb.weight:
         total -= model.out_head.weight.numel()
     return total
 
