@@ -212,6 +212,20 @@ def test_char_tokenizer_run_exports_weights_only(tmp_path, capsys):
     assert theirs.config.eos_token_id == 10  # the char tokenizer's <|endoftext|>
 
 
+def test_trained_bpe_run_exports_its_tokenizer(tmp_path):
+    from gptlab.bpe import train_bpe
+
+    texts = ["It was the best of times, it was the worst of times.", "Ça va? Très bien!"] * 20
+    tok = train_bpe(texts, 300)
+    save_run(random_ours(tiny_cfg(vocab_size=tok.n_vocab)), tmp_path / "run", tok.identity())
+    names = hf.convert_to_hf(tmp_path / "run", tmp_path / "hf")
+    assert "tokenizer.json" in names and "vocab.json" not in names
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "It was the age of wisdom. Très bien!<|endoftext|>next"
+    assert theirs(text)["input_ids"] == tok.encode(text)
+    assert theirs.eos_token_id == tok.eot_token
+
+
 def test_import_reads_safetensors_bin_and_openai_layout(tmp_path):
     theirs = random_theirs(tie=True)
     x = ids()

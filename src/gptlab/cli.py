@@ -688,7 +688,7 @@ def cmd_convert_to_hf(args: argparse.Namespace, rest: list[str]) -> int:
 
     names = convert_to_hf(args.run_dir, args.out_dir)
     print(f"wrote {args.out_dir}: {', '.join(names)}")
-    if "vocab.json" not in names:
+    if "tokenizer_config.json" not in names:
         print(
             "note: a char-tokenizer run: no Hugging Face tokenizer files were written "
             "(transformers has no such tokenizer); the weights and config load as usual",

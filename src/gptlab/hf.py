@@ -513,8 +513,9 @@ def convert_from_hf(src: str | Path, out_dir: str | Path) -> tuple[Path, ModelCo
 
 def convert_to_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
     """Write a gptlab run (or checkpoint) as a Hugging Face GPT-2 directory: config.json,
-    model.safetensors, generation_config.json and, for the GPT-2 tokenizer, vocab.json,
-    merges.txt and tokenizer_config.json. Returns the names of the files written.
+    model.safetensors, generation_config.json and the tokenizer: for GPT-2's, vocab.json,
+    merges.txt and tokenizer_config.json; for a trained BPE, tokenizer.json and
+    tokenizer_config.json. Returns the names of the files written.
 
     A char-tokenizer run gets the weights and config only (transformers has no tokenizer
     for it); the caller should say so.
@@ -540,6 +541,8 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
         )
         if identity.get("type") == "gpt2":
             _write_gpt2_tokenizer(tmp, model.cfg.context_length)
+        elif identity.get("type") == "bpe":
+            _write_trained_tokenizer(tmp, identity["json"], model.cfg.context_length)
         names = sorted(p.name for p in tmp.iterdir())
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -554,6 +557,28 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def _special_tokens_config(tokenizer_class: str, max_len: int) -> dict[str, Any]:
+    return {
+        "tokenizer_class": tokenizer_class,
+        "model_max_length": max_len,
+        "bos_token": ENDOFTEXT,
+        "eos_token": ENDOFTEXT,
+        "unk_token": ENDOFTEXT,
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def _write_trained_tokenizer(out: Path, json_text: str, max_len: int) -> None:
+    """A `gptlab tokenizer train` BPE is a `tokenizers` file already: transformers loads it
+    as a PreTrainedTokenizerFast from tokenizer.json."""
+    (out / "tokenizer.json").write_text(json_text, encoding="utf-8")
+    _write_json(
+        out / "tokenizer_config.json", _special_tokens_config("PreTrainedTokenizerFast", max_len)
+    )
+
+
 def _write_gpt2_tokenizer(out: Path, max_len: int) -> None:
     """vocab.json and merges.txt are OpenAI's encoder.json and vocab.bpe (the same content
     under transformers' names); gpt2_encoding() checks their hashes first."""
@@ -561,19 +586,7 @@ def _write_gpt2_tokenizer(out: Path, max_len: int) -> None:
     encoder_json, vocab_bpe = gpt2_bpe_files()
     _write_json(out / "vocab.json", json.loads(encoder_json.read_text(encoding="utf-8")))
     shutil.copyfile(vocab_bpe, out / "merges.txt")
-    _write_json(
-        out / "tokenizer_config.json",
-        {
-            "tokenizer_class": "GPT2Tokenizer",
-            "model_max_length": max_len,
-            "bos_token": ENDOFTEXT,
-            "eos_token": ENDOFTEXT,
-            "unk_token": ENDOFTEXT,
-            "add_prefix_space": False,
-            "add_bos_token": False,
-            "clean_up_tokenization_spaces": False,
-        },
-    )
+    _write_json(out / "tokenizer_config.json", _special_tokens_config("GPT2Tokenizer", max_len))
     _write_json(
         out / "special_tokens_map.json",
         {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT},
