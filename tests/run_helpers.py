@@ -145,7 +145,7 @@ def gated(real):
     return wrapper
 
 if kind == "step":
-    trainer.calc_loss_batch = gated(trainer.calc_loss_batch)
+    trainer.model_loss = gated(trainer.model_loss)
 else:
     torch.save = gated(torch.save)
 sys.exit(cli.main(sys.argv[2:]))

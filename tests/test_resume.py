@@ -140,14 +140,14 @@ def test_sigint_finishes_the_step_saves_and_resumes_exactly(text, reference, tmp
 def poison_step(monkeypatch, trainer_ref: list, at_step: int, action) -> None:
     """Run `action()` inside the loss computation of step `at_step` (1-based): a stand-in
     for a signal that arrives while a step is in progress."""
-    real = trainer_mod.calc_loss_batch
+    real = trainer_mod.model_loss
 
-    def calc(x, y, model, device):
+    def calc(model, x, y, **kwargs):
         if trainer_ref[0].state.step + 1 == at_step:
             action()
-        return real(x, y, model, device)
+        return real(model, x, y, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "calc_loss_batch", calc)
+    monkeypatch.setattr(trainer_mod, "model_loss", calc)
 
 
 @pytest.mark.parametrize("k", [1, 8, 13])  # first step, an epoch boundary, mid-epoch

@@ -50,6 +50,7 @@ class ModelConfig:
     attention: str = "sdpa"  # "sdpa": fused kernels; "manual": the walk-through's masked softmax
     vocab_multiple: int = 1  # pad the embedding/head rows to a multiple of this (64 is fast)
     init: str = "pytorch"  # "pytorch": PyTorch defaults (the walk-through); "gpt2": N(0, 0.02)
+    fused_qkv: bool = False  # compute q, k, v with one matmul (same parameters, same math)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -115,6 +116,9 @@ class TrainConfig:
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     compile: str = "auto"  # "auto" | "on" | "off"
     fused_optimizer: bool = True
+    # "auto" | "on" | "off": the training loss from hidden states in row chunks, never holding
+    # the full (B, T, V) logits (gptlab.loss); auto turns it on where it measured faster
+    chunked_loss: str = "auto"
     checkpoint_every: int = 0  # steps; 0 = only at the end (and on signals)
     checkpoint_every_minutes: float = 0.0
     keep_last: int = 2
@@ -164,6 +168,7 @@ class TrainConfig:
         _choice(self, "train", "compile", ("auto", "on", "off"))
         _choice(self, "train", "on_nonfinite", ("stop", "rollback"))
         _choice(self, "train", "parallel", ("ddp", "fsdp"))
+        _choice(self, "train", "chunked_loss", ("auto", "on", "off"))
         if self.epochs == 0 and self.max_steps == 0 and self.max_time == 0:
             raise GptlabError(
                 "no training limit: set train.epochs, train.max_steps or train.max_time above 0"
@@ -267,6 +272,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     # The default run: the lowest validation loss we found in 10 minutes on 2 CPU cores.
+    # GPT-2 BPE beat a char-level 6x384 model in bits per byte (BENCHMARKS.md). A fixed
+    # step count (~9 minutes at the ~2,300 tokens/s of bf16 + chunked loss on a quiet
+    # 2-core CPU) lets the cosine reach its floor; max_time is only a safety net.
     "cpu": {
         "model": {
             "context_length": 128,
@@ -283,8 +291,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "lr": 2e-3,
             "warmup_steps": 50,
             "beta2": 0.95,
-            "epochs": 1,
-            "max_time": 540.0,
+            "max_steps": 560,
+            "max_time": 570.0,
             "eval_freq": 100,
             "eval_iter": 10,
             "log_every": 10,

@@ -178,6 +178,7 @@ class MultiHeadAttention(nn.Module):
         num_heads: int,
         qkv_bias: bool = False,
         attention: str = "sdpa",
+        fused_qkv: bool = False,
     ):
         super().__init__()
         if d_out % num_heads:
@@ -187,6 +188,7 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_out // num_heads
         self.context_length = context_length
         self.attention = attention
+        self.fused_qkv = fused_qkv
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -200,9 +202,13 @@ class MultiHeadAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hd = self.num_heads, self.head_dim
-        q = self.W_query(x).view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
-        k = self.W_key(x).view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
-        v = self.W_value(x).view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
+        if self.fused_qkv:
+            q, k, v = self._qkv_one_matmul(x)  # each (B, T, D)
+        else:
+            q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)  # each (B, T, D)
+        q = q.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
+        k = k.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
+        v = v.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
         mask = None  # without a cache: causal over the T positions
         if cache is not None:
             # Attend over the cached past too: Tk = past + T keys; mask (T, Tk) or None (all).
@@ -226,6 +232,16 @@ class MultiHeadAttention(nn.Module):
         ctx = ctx.transpose(1, 2).reshape(B, T, self.d_out)  # (B, T, D)
         return self.out_proj(ctx)
 
+    def _qkv_one_matmul(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # One (D, 3D) matmul instead of three (D, D) ones: a larger GEMM keeps a GPU
+        # busier. The three weights stay separate parameters (names and checkpoints are
+        # the walk-through's); concatenating them each step costs a copy of 3 D^2 values.
+        w = torch.cat((self.W_query.weight, self.W_key.weight, self.W_value.weight))  # (3D, D)
+        b = None
+        if self.W_query.bias is not None:
+            b = torch.cat((self.W_query.bias, self.W_key.bias, self.W_value.bias))  # (3D,)
+        return F.linear(x, w, b).split(self.d_out, dim=-1)  # 3 x (B, T, D)
+
 
 def _drop_walkthrough_mask(state_dict, prefix, *args, **kwargs) -> None:
     state_dict.pop(prefix + "mask", None)
@@ -244,6 +260,7 @@ class TransformerBlock(nn.Module):
             num_heads=cfg.n_heads,
             qkv_bias=cfg.qkv_bias,
             attention=cfg.attention,
+            fused_qkv=cfg.fused_qkv,
         )
         self.ff = FeedForward(cfg)
         self.norm1 = LayerNorm(cfg.emb_dim)
@@ -304,7 +321,11 @@ class GPTModel(nn.Module):
         return logits
 
     def hidden_states(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> final-normed hidden states (B, T, D), the output head's input."""
+        """Token ids (B, T) -> final-normed hidden states (B, T, D), the output head's input.
+
+        `forward` is `out_head(hidden_states(idx))` cut to `vocab_size`; a loss that never
+        builds the full (B, T, V) logits (`gptlab.loss.chunked_cross_entropy`) starts here.
+        """
         B, T = in_idx.shape
         if cache is None:
             if T > self.cfg.context_length:

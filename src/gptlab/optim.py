@@ -56,16 +56,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
 def lr_at(step: int, cfg: TrainConfig, total_steps: int | None) -> float:
     """Learning rate for optimizer step `step` (0-based).
 
-    Linear warmup over `warmup_steps`, then cosine or linear decay to `lr * min_lr_ratio` at
-    `total_steps`; constant after warmup when the schedule is "constant" or the total is
-    unknown (a run limited by wall time alone).
+    Linear warmup over `warmup_steps` (step 0 runs at lr / warmup_steps, step
+    warmup_steps - 1 at lr), then cosine or linear decay from lr at step `warmup_steps` to
+    the floor `lr * min_lr_ratio` at the run's last step, `total_steps - 1`; constant after
+    warmup when the schedule is "constant" or the total is unknown (a run limited by wall
+    time alone).
     """
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant" or not total_steps:
         return cfg.lr
     floor = cfg.lr * cfg.min_lr_ratio
-    span = max(total_steps - cfg.warmup_steps, 1)
+    span = max(total_steps - 1 - cfg.warmup_steps, 1)  # the last step runs at the floor
     progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
     if cfg.schedule == "linear":
         return cfg.lr - (cfg.lr - floor) * progress

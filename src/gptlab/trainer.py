@@ -39,6 +39,7 @@ from gptlab.data import Corpus, TokenWindowLoader
 from gptlab.errors import GptlabError
 from gptlab.evaluate import calc_loss_batch, evaluate_model
 from gptlab.generate import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
+from gptlab.loss import model_loss
 from gptlab.metrics import MetricsLog, peak_flops, peak_memory_mib, truncate_metrics
 from gptlab.model import GPTModel, count_parameters, flops_per_token
 from gptlab.optim import build_optimizer, lr_at
@@ -149,6 +150,38 @@ def autocast(device: torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_chunked_loss(name: str, device: torch.device) -> bool:
+    """'auto' -> the chunked loss (gptlab.loss) where it measured faster: on CPU (1.4x the
+    tokens/s of a 4-layer model with GPT-2's vocabulary in bf16), not on CUDA (there the
+    compiled full-logits loss was 8% faster for GPT-2 124M on an H200, the chunked one
+    saved 1.2 GiB); see BENCHMARKS.md. 'on'/'off' as given."""
+    if name != "auto":
+        return name == "on"
+    return device.type == "cpu"
+
+
+def make_loss_fn(
+    model: nn.Module, chunked: bool, compiled: bool
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training step's loss: (inputs, targets) (B, T) on the model's device -> scalar.
+
+    The same value as `calc_loss_batch`. With `compiled`, the model and the loss are one
+    torch.compile graph, so the compiler sees (and fuses) the head and cross-entropy too.
+    """
+
+    def loss_fn(input_batch: torch.Tensor, target_batch: torch.Tensor) -> torch.Tensor:
+        return model_loss(model, input_batch, target_batch, chunked=chunked)
+
+    return torch.compile(loss_fn) if compiled else loss_fn
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch -> device; on CUDA through pinned memory, so the copy does not block."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 # --------------------------------------------------------------------------- the CLI trainer
@@ -291,9 +324,23 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.compiled = tc.compile == "on" or (tc.compile == "auto" and self.device.type == "cuda")
+        single = self.dist.world_size == 1
+        # Under DDP/FSDP2 the loss must run through the wrapper (its forward drives gradient
+        # sync and FSDP2's all-gathers), so the chunked loss, which calls the bare model's
+        # hidden_states, is single-process only.
+        self.chunked_loss = single and resolve_chunked_loss(tc.chunked_loss, self.device)
+        self.loss_fn = make_loss_fn(self.parallel_model, self.chunked_loss, self.compiled)
         self.train_model = (
             torch.compile(self.parallel_model) if self.compiled else self.parallel_model
         )
+        # Non-finite steps are skipped on the device where the fused AdamW kernel can do it
+        # (not with fp16's GradScaler, which has its own skip), else after a host check.
+        self._fused_can_skip = (
+            single
+            and bool(self.optimizer.defaults.get("fused"))
+            and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+        )
+        self._pending: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
         self.state = TrainState()
         self.sample_gen_seed = tc.seed
         # Fail now, not at the first sample an epoch later: a char vocabulary may lack some
@@ -565,13 +612,11 @@ class Trainer:
             in_epoch, self.accum, self.dist.rank, self.dist.world_size
         )
         for m, index in enumerate(mine):
-            x, y = self.train_loader.batch(epoch, index)
-            if self.device.type == "cuda":
-                x, y = x.pin_memory(), y.pin_memory()
+            x, y = self._batch(epoch, index)
             # ranks exchange gradients once per step, after their last micro-batch
             with dist_lib.grad_sync(self.parallel_model, m == len(mine) - 1):
                 with autocast(self.device, self.precision):
-                    loss = calc_loss_batch(x, y, self.train_model, self.device) / len(mine)
+                    loss = self.loss_fn(x, y) / len(mine)
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         loss_sum = self.dist.mean(loss_sum)  # the whole step's loss, the same on every rank
@@ -580,7 +625,18 @@ class Trainer:
         grad_norm = dist_lib.grad_norm_value(
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         )
-        loss_val, norm_val = loss_sum.item(), grad_norm.item()
+        skip_on_device = self._fused_can_skip and not self.scaler.is_enabled()
+        if skip_on_device:
+            # The fused kernel skips a non-finite step by itself (the flag GradScaler uses),
+            # so the update is queued before the host waits for the loss: no idle device.
+            finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+            self.optimizer.found_inf = (~finite).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            self._prefetch(self.state.step + 1)
+        loss_val, norm_val = torch.stack((loss_sum.float(), grad_norm.float())).tolist()  # one sync
         # fp16: overflowing gradients are routine while the scaler searches for its scale;
         # scaler.step skips such a step by itself and halves the scale. Only when the scale
         # is already below 1 is an infinite gradient a sign of real trouble.
@@ -591,8 +647,9 @@ class Trainer:
             and self.scaler.get_scale() >= 1.0
         )
         if math.isfinite(loss_val) and (math.isfinite(norm_val) or overflow):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            if not skip_on_device:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
             self.state.bad_steps = 0
             self.state.skipped_steps += overflow
         else:  # keep the last good weights; the guard below decides whether to go on
@@ -604,6 +661,21 @@ class Trainer:
         self.state.step += 1
         self.state.tokens_seen += self.accum * x.numel()
         return loss_val, norm_val
+
+    def _batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch `index` of `epoch` on the device (prefetched when it was)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == (epoch, index):
+            return pending[1], pending[2]
+        x, y = self.train_loader.batch(epoch, index)
+        return to_device(x, self.device), to_device(y, self.device)
+
+    def _prefetch(self, step: int) -> None:
+        """Start copying step `step`'s first batch to a CUDA device while it computes."""
+        if self.device.type == "cuda":
+            epoch, in_epoch = divmod(step, self.steps_per_epoch)
+            x, y = self._batch(epoch, in_epoch * self.accum)
+            self._pending = ((epoch, in_epoch * self.accum), x, y)
 
     def run(self) -> dict[str, Any]:
         """Train until a limit, a signal or a guard stops it; returns the final 'end' record."""
@@ -620,6 +692,7 @@ class Trainer:
             compiled=self.compiled,
             world_size=self.dist.world_size,
             parallel=self.dist.mode,
+            chunked_loss=self.chunked_loss,
             accum=self.accum,
             batch_tokens=self.accum * tc.batch_size * self.cfg.model.context_length,
             steps_per_epoch=self.steps_per_epoch,

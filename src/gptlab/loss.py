@@ -1,0 +1,161 @@
+"""Cross-entropy straight from hidden states, without holding the full logits.
+
+For a small model with GPT-2's 50k vocabulary, the output head and its loss are most of a
+training step: `F.cross_entropy(model(x), y)` writes (B, T, V) logits, upcasts them to
+fp32 under autocast, writes (B, T, V) log-probabilities, and backward writes two more
+tensors of that size. `chunked_cross_entropy` computes the same loss (and the same
+gradients) from the head's input (N, D) and its weight (V, D), `chunk_rows` rows at a time:
+
+- forward, per chunk: logits (n, V) in the matmul dtype (bf16 under autocast, else the
+  input's), upcast to fp32, logsumexp in fp32, loss = logsumexp - target logit;
+- when gradients are wanted, the chunk's gradient is formed right there, while its
+  logits are at hand: dlogits = softmax - onehot, grad_hidden = dlogits @ W and
+  grad_W += dlogits^T @ hidden. Backward then only scales the stored (N, D) and (V, D)
+  gradients by the incoming one (and 1/N). No logits are kept, and none are recomputed:
+  the head costs its usual three matmuls, and peak memory holds one (n, V) chunk, not
+  (N, V). (Liger-Kernel's fused linear cross-entropy does the same in Triton.)
+
+Measured (BENCHMARKS.md): on a 2-core CPU it makes a 4-layer model with GPT-2's vocabulary
+1.4x faster in bf16, so the trainer uses it there; on a GPU the compiled full-logits loss
+was faster, and this one only saves memory.
+
+Padded vocabulary rows (`weight` has more rows than `vocab_size`) are left out: their
+logits are never formed and their gradient is zero.
+
+The walk-through's `calc_loss_batch` (logits, then `F.cross_entropy`) stays as it is for
+readers and evaluation; `model_loss` picks this path for the trainer's step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def default_chunk_rows(device: torch.device, vocab_size: int) -> int:
+    """Rows per chunk: a chunk's fp32 logits take at most 1 GiB on a GPU and 512 MiB on a
+    CPU. Fewer, larger chunks are faster: each chunk adds a (V, D) update of the head's
+    gradient, and on a 2-core CPU 83-row chunks measured 2x slower than 2048-row ones."""
+    budget = 2**30 if device.type == "cuda" else 2**29
+    return max(64, budget // (4 * vocab_size))
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (N, D) hidden states against a (Vp, D) head; see the module doc."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,  # (N, D)
+        weight: torch.Tensor,  # (Vp, D)
+        targets: torch.Tensor,  # (N,)
+        vocab_size: int,
+        chunk_rows: int,
+        compute_dtype: torch.dtype,
+        need_grad: bool,
+    ) -> torch.Tensor:
+        N = hidden.shape[0]
+        # Every matmul below runs in compute_dtype by our own casts; autocast would add its own.
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight[:vocab_size].to(compute_dtype)  # (V, D): padded rows never scored
+            h = hidden.to(compute_dtype)  # (N, D)
+            acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums
+            loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
+            if need_grad:
+                grad_h = torch.empty(N, hidden.shape[1], dtype=acc, device=hidden.device)
+                # (Vp, D): rows of padded ids keep a zero gradient
+                grad_w_padded = torch.zeros(weight.shape, dtype=acc, device=hidden.device)
+                grad_w = grad_w_padded[:vocab_size]  # (V, D) view
+            for start in range(0, N, chunk_rows):
+                hc = h[start : start + chunk_rows]  # (n, D)
+                tc = targets[start : start + chunk_rows]  # (n,)
+                logits = (hc @ w.t()).to(acc)  # (n, V)
+                target_logit = logits.gather(1, tc.unsqueeze(1)).squeeze(1)  # (n,)
+                # logsumexp by hand: torch.logsumexp is several times slower on CPU, and
+                # the exponentials are reused as the softmax for the gradient.
+                row_max = logits.amax(dim=-1)  # (n,)
+                exp = logits.sub_(row_max.unsqueeze(1)).exp_()  # (n, V), in place
+                sum_exp = exp.sum(dim=-1)  # (n,)
+                loss_sum = loss_sum + (row_max + sum_exp.log() - target_logit).sum()
+                if need_grad:
+                    # d(sum of losses)/d(logits) = softmax - onehot; 1/N is applied in backward
+                    probs = exp.mul_(sum_exp.reciprocal().unsqueeze(1))  # (n, V)
+                    probs.scatter_add_(1, tc.unsqueeze(1), _minus_ones(tc, acc))
+                    dlogits = probs.to(compute_dtype)  # (n, V)
+                    grad_h[start : start + chunk_rows] = dlogits @ w  # (n, D)
+                    if compute_dtype == acc:
+                        grad_w.addmm_(dlogits.t(), hc)  # (V, D)
+                    else:  # bf16/fp16 products, summed over chunks in fp32
+                        grad_w += dlogits.t() @ hc
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w_padded)
+            ctx.rows = N
+            ctx.dtypes = (hidden.dtype, weight.dtype)
+        return loss_sum / N
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        scale = grad_out / ctx.rows  # the loss is a mean over rows
+        gh = (grad_h * scale).to(h_dtype)  # (N, D)
+        gw = (grad_w * scale).to(w_dtype)  # (Vp, D)
+        return gh, gw, None, None, None, None, None
+
+
+def _minus_ones(targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((targets.shape[0], 1), -1.0, dtype=dtype, device=targets.device)
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight[:vocab_size].T` against `targets`, chunked.
+
+    hidden (N, D) or (B, T, D); weight (Vp, D) (Vp >= vocab_size, default Vp); targets (N,)
+    or (B, T) ids below vocab_size. Returns a scalar fp32 loss equal to
+    `F.cross_entropy(hidden @ weight[:vocab_size].T, targets)`, with the same gradients for
+    hidden and weight. Under autocast the matmuls run in the autocast dtype (as the head's
+    `nn.Linear` would) and the softmax statistics in fp32.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+    targets = targets.reshape(-1)  # (N,)
+    vocab_size = vocab_size or weight.shape[0]
+    chunk_rows = chunk_rows or default_chunk_rows(hidden.device, vocab_size)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _ChunkedCrossEntropy.apply(
+        hidden, weight, targets, vocab_size, chunk_rows, compute_dtype, need_grad
+    )
+
+
+def model_loss(
+    model: nn.Module,
+    input_batch: torch.Tensor,
+    target_batch: torch.Tensor,
+    chunked: bool = True,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of a GPTModel on one batch: inputs and targets (B, T) -> scalar.
+
+    The same value as `calc_loss_batch`; with `chunked` it goes through the model's hidden
+    states and `chunked_cross_entropy` instead of full logits. Inputs must already be on
+    the model's device.
+    """
+    if not chunked:
+        logits = model(input_batch)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+    hidden = model.hidden_states(input_batch)  # (B, T, D)
+    return chunked_cross_entropy(
+        hidden, model.out_head.weight, target_batch, model.cfg.vocab_size, chunk_rows
+    )

@@ -1,0 +1,51 @@
+"""The speed-ladder script composes its rows as documented and runs one through the trainer.
+
+No timing is asserted: figures belong in BENCHMARKS.md, not in tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_ladder_starts_plain_and_ends_with_every_switch(bench, device):
+    rows = bench.ladder(device)
+    first = bench.row_settings("small", rows, 0)
+    assert first["model.attention"] == "manual" and first["train.precision"] == "fp32"
+    assert not first["train.fused_optimizer"] and first["train.compile"] == "off"
+    last = bench.row_settings("small", rows, len(rows) - 1)
+    assert last["model.attention"] == "sdpa" and last["train.precision"] == "bf16"
+    assert last["train.fused_optimizer"] and last["train.compile"] == "on"
+    assert last["train.chunked_loss"] == "on" and last["model.vocab_multiple"] == 64
+    assert last["train.batch_size"] == 2 * bench.WORKLOADS["small"]["train"]["batch_size"]
+    # the switch auto leaves off on this device comes last
+    assert rows[-1][0] == ("+ compile" if device == "cpu" else "+ chunked loss")
+
+
+def test_a_row_runs_through_the_trainer(bench):
+    settings = {
+        "model.vocab_size": 97,
+        "model.context_length": 16,
+        "model.emb_dim": 32,
+        "model.n_heads": 2,
+        "model.n_layers": 1,
+        "train.batch_size": 2,
+        "train.compile": "off",
+    }
+    r = bench.run_row(settings, "cpu", steps=3, warmup=1, max_seconds=5.0)
+    assert r["steps"] == 3 and r["tokens_per_s"] > 0 and r["peak_mem_mib"] > 0
+    assert r["batch_size"] == 2 and r["context_length"] == 16 and r["chunked_loss"] is True
