@@ -45,26 +45,8 @@ def read_documents(source: str) -> list[str]:
     .md files, in sorted order), a glob pattern, or a built-in corpus name."""
     if source in BUILTIN_CORPORA and not Path(source).exists():
         return shakespeare_plays()
-    path = Path(source).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-        )
-        if not files:
-            raise GptlabError(
-                f"directory {source!r} holds no .txt or .md files; point --data at text files"
-            )
-    elif any(ch in source for ch in "*?["):
-        files = sorted(
-            Path(p)
-            for p in globlib.glob(os.path.expanduser(source), recursive=True)
-            if Path(p).is_file() and Path(p).suffix.lower() in TEXT_SUFFIXES
-        )
-        if not files:
-            raise GptlabError(f"no .txt or .md files match {source!r}; check the pattern")
-    else:
+    files = find_files(source, TEXT_SUFFIXES)
+    if files is None:
         raise GptlabError(
             f"data source {source!r} not found: give a file, directory or glob of .txt/.md files, "
             f"or a built-in corpus ({', '.join(BUILTIN_CORPORA)})"
@@ -86,6 +68,32 @@ def read_documents(source: str) -> list[str]:
             f"data source {source!r} holds no text (its files are empty); add text to train on"
         )
     return docs
+
+
+def find_files(source: str, suffixes: tuple[str, ...]) -> list[Path] | None:
+    """The files `source` names: itself, every file below a directory, or a glob's matches,
+    keeping those with one of `suffixes` (sorted); None when it names nothing that exists.
+
+    A directory or glob without such files is a GptlabError.
+    """
+    kinds = " or ".join(suffixes)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        if not files:
+            raise GptlabError(f"directory {source!r} holds no {kinds} files; point at text files")
+        return files
+    if any(ch in source for ch in "*?["):
+        matches = globlib.glob(os.path.expanduser(source), recursive=True)
+        files = sorted(
+            Path(p) for p in matches if Path(p).is_file() and Path(p).suffix.lower() in suffixes
+        )
+        if not files:
+            raise GptlabError(f"no {kinds} files match {source!r}; check the pattern")
+        return files
+    return None
 
 
 def shakespeare_plays() -> list[str]:

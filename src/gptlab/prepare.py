@@ -28,7 +28,6 @@ How it stays bounded and exact:
 from __future__ import annotations
 
 import collections
-import glob as globlib
 import hashlib
 import json
 import multiprocessing
@@ -47,6 +46,7 @@ from gptlab.data import (
     MANIFEST,
     PREPARED_FORMAT,
     TEXT_SUFFIXES,
+    find_files,
     read_manifest,
     shakespeare_plays,
 )
@@ -114,25 +114,7 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
         path = Path(item).expanduser()
         if item in BUILTIN_CORPORA and not path.exists():
             sources.append(Source("builtin", item))
-        elif path.is_file():
-            sources.append(_file_source(path))
-        elif path.is_dir():
-            files = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
-            )
-            if not files:
-                raise GptlabError(
-                    f"directory {item!r} holds no {', '.join(SUPPORTED_SUFFIXES)} files"
-                )
-            sources += [_file_source(p) for p in files]
-        elif any(ch in item for ch in "*?["):
-            files = sorted(
-                Path(p)
-                for p in globlib.glob(os.path.expanduser(item), recursive=True)
-                if Path(p).is_file() and Path(p).suffix.lower() in SUPPORTED_SUFFIXES
-            )
-            if not files:
-                raise GptlabError(f"no {', '.join(SUPPORTED_SUFFIXES)} files match {item!r}")
+        elif (files := find_files(item, SUPPORTED_SUFFIXES)) is not None:
             sources += [_file_source(p) for p in files]
         else:
             raise GptlabError(
