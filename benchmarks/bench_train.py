@@ -112,7 +112,8 @@ def default_settings(workload: str) -> dict[str, Any]:
 
 
 class _RandomTokens:
-    """Stands in for a tokenizer: the trainer only asks for the vocabulary size and identity."""
+    """Stands in for a tokenizer: the trainer asks for the vocabulary size, the identity and
+    (to check train.start_context before step 1) an encoding; no sample is drawn."""
 
     name = "random"
 
@@ -121,6 +122,9 @@ class _RandomTokens:
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "n_vocab": self.n_vocab}
+
+    def encode(self, text: str, **kwargs: Any) -> list[int]:
+        return [b % self.n_vocab for b in text.encode()]
 
 
 def run_row(

@@ -81,22 +81,57 @@ def save_checkpoint(
         for f in tmp.iterdir():
             _fsync_file(f)
         _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _move_into_place(tmp, final)
         _fsync_dir(ckpt_root)
         _write_pointer(ckpt_root / "latest", name)
-    except OSError as e:
+    except BaseException as e:
+        # Whatever stopped the save (a full disk, a second Ctrl-C), the half-written
+        # directory goes and the earlier checkpoints stay as they were.
         shutil.rmtree(tmp, ignore_errors=True)
+        # A full disk shows up as OSError from Python, RuntimeError from torch.save's C++
+        # writer and SafetensorError from safetensors (all seen on a real full tmpfs).
+        if not isinstance(e, (OSError, RuntimeError, SafetensorError)):
+            raise
         prev = latest_checkpoint(run_dir, missing_ok=True)
         kept = (
             f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
         )
         raise GptlabError(
-            f"could not save checkpoint {name} ({e.strerror or e}); {kept}; free disk space or choose another --out"
+            f"could not save checkpoint {name} ({_why(e)}{_free_space(ckpt_root)}); {kept}; "
+            "free disk space or choose another --out"
         ) from None
     _prune(ckpt_root, keep_last)
     return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished `tmp` directory to `final`. Re-saving an existing step (a signal
+    right after a periodic save) moves the old copy aside first instead of deleting it: a
+    crash between the two renames costs that one checkpoint (`latest` then falls back to
+    the newest step-* directory), never a half-deleted one."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _free_space(path: Path) -> str:
+    try:
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        return ""
+    return f"; {free / 2**20:.0f} MiB free there"
 
 
 def _write_pointer(path: Path, name: str) -> None:
@@ -139,6 +174,11 @@ def _val_loss(ckpt: Path) -> float:
 
 
 def _prune(ckpt_root: Path, keep_last: int) -> None:
+    # Leftovers of saves that were killed mid-way (SIGKILL, power loss) are never valid.
+    for p in ckpt_root.glob(".tmp-step-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in ckpt_root.glob(".old-step-*"):
+        shutil.rmtree(p, ignore_errors=True)
     ckpts = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     if not ckpts:
         return
@@ -158,11 +198,9 @@ def latest_checkpoint(path: str | Path, missing_ok: bool = False) -> Path | None
     if (p / META).is_file() or (p / WEIGHTS).is_file():
         return p
     root = p / "checkpoints"
-    pointer = root / "latest"
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if target.is_dir():
-            return target
+    target = _read_pointer(root / "latest")
+    if target is not None:
+        return target
     ckpts = sorted(q for q in root.glob("step-*") if q.is_dir()) if root.is_dir() else []
     if ckpts:
         return ckpts[-1]
@@ -177,6 +215,20 @@ def latest_checkpoint(path: str | Path, missing_ok: bool = False) -> Path | None
     )
 
 
+def _read_pointer(pointer: Path) -> Path | None:
+    """The checkpoint a pointer file names, or None if it is missing, damaged or dangling
+    (then the newest step-* directory is used: each one is complete, being renamed into
+    place only after all its files were written)."""
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not name.startswith("step-") or "/" in name or "\\" in name:
+        return None
+    target = pointer.parent / name
+    return target if target.is_dir() else None
+
+
 def read_meta(ckpt: Path) -> dict[str, Any]:
     """The checkpoint's meta.json, checked to be a gptlab checkpoint this version can read."""
     try:
@@ -187,14 +239,19 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
         ) from None
     except (ValueError, OSError) as e:
         raise GptlabError(
-            f"checkpoint metadata {str(ckpt / META)!r} is unreadable ({e}); use an earlier checkpoint"
+            f"checkpoint metadata {str(ckpt / META)!r} is unreadable ({_why(e)}); {_earlier(ckpt)}"
         ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise GptlabError(
             f"{str(ckpt)!r} is not a gptlab checkpoint (foreign format); convert it or pass a gptlab run"
         )
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise GptlabError(
+            f"checkpoint metadata {str(ckpt / META)!r} has no valid format_version ({version!r}); "
+            f"{_earlier(ckpt)}"
+        )
+    if version > FORMAT_VERSION:
         raise GptlabError(
             f"checkpoint {str(ckpt)!r} has format version {version}, newer than this gptlab reads "
             f"({FORMAT_VERSION}); upgrade gptlab"
@@ -207,17 +264,18 @@ def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu
     path = ckpt / WEIGHTS
     if not path.is_file():
         raise GptlabError(
-            f"checkpoint {str(ckpt)!r} has no {WEIGHTS}; it is incomplete, use an earlier one"
+            f"checkpoint {str(ckpt)!r} has no {WEIGHTS}; it is incomplete: {_earlier(ckpt)}"
         )
     try:
         missing, unexpected = load_model(unwrap(model), str(path), strict=False, device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise GptlabError(
-            f"checkpoint weights {str(path)!r} are corrupt or truncated ({e}); use an earlier checkpoint"
+            f"checkpoint weights {str(path)!r} are corrupt or truncated ({_why(e)}); {_earlier(ckpt)}"
         ) from None
     except RuntimeError as e:
         raise GptlabError(
-            f"checkpoint weights {str(path)!r} do not fit this model ({str(e).splitlines()[0]})"
+            f"checkpoint weights {str(path)!r} do not fit this model ({_mismatch(e)}); "
+            "use the model config the checkpoint was trained with"
         ) from None
     if missing or unexpected:
         raise GptlabError(
@@ -237,5 +295,21 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged or hostile pickles
         raise GptlabError(
-            f"training state {str(path)!r} is corrupt or not safe to load ({type(e).__name__}); use an earlier checkpoint"
+            f"training state {str(path)!r} is corrupt or not safe to load ({type(e).__name__}); "
+            f"{_earlier(ckpt)}"
         ) from None
+
+
+def _earlier(ckpt: Path) -> str:
+    """What to do about a damaged checkpoint: move it aside, and the run's `latest` falls
+    back to the newest remaining step-* directory."""
+    return f"move {str(ckpt)!r} out of the way to use the checkpoint before it"
+
+
+def _mismatch(e: RuntimeError) -> str:
+    """The informative line of load_state_dict's multi-line error (its first line is a title)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith(("size mismatch", "Missing key", "Unexpected key")):
+            return ln.rstrip(".")
+    return lines[-1] if lines else type(e).__name__

@@ -123,6 +123,11 @@ class TrainConfig:
     checkpoint_every_minutes: float = 0.0
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive non-finite steps before training stops
+    # after max_bad_steps: "stop" (save the last good weights), or "rollback" to the latest
+    # checkpoint with half the learning rate (up to 3 times, then stop)
+    on_nonfinite: str = "stop"
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicas) | "fsdp" (FSDP2, sharded)
+    dist_timeout: float = 600.0  # seconds any collective may wait before the job fails
 
     def validate(self) -> TrainConfig:
         _positive(
@@ -136,6 +141,7 @@ class TrainConfig:
                 "log_every",
                 "keep_last",
                 "max_bad_steps",
+                "dist_timeout",
             ],
         )
         _non_negative(
@@ -160,6 +166,8 @@ class TrainConfig:
         _choice(self, "train", "schedule", ("cosine", "linear", "constant"))
         _choice(self, "train", "precision", ("auto", "fp32", "bf16", "fp16"))
         _choice(self, "train", "compile", ("auto", "on", "off"))
+        _choice(self, "train", "on_nonfinite", ("stop", "rollback"))
+        _choice(self, "train", "parallel", ("ddp", "fsdp"))
         _choice(self, "train", "chunked_loss", ("auto", "on", "off"))
         if self.epochs == 0 and self.max_steps == 0 and self.max_time == 0:
             raise GptlabError(
@@ -172,8 +180,10 @@ class TrainConfig:
 class DataConfig:
     """Where the text comes from and how it becomes training windows."""
 
-    source: str = "shakespeare"  # a file, directory, glob, or the built-in "shakespeare"
-    tokenizer: str = "gpt2"  # "gpt2" | "char"
+    source: str = (
+        "shakespeare"  # a file, directory, glob, built-in "shakespeare", or a prepared dir
+    )
+    tokenizer: str = "gpt2"  # "gpt2" | "char" | path of a trained tokenizer.json (or its directory)
     train_ratio: float = 0.9
     stride: int = 0  # distance between window starts; 0 = context_length (no overlap)
     shuffle: bool = True
@@ -181,7 +191,15 @@ class DataConfig:
     def validate(self) -> DataConfig:
         if not self.source:
             raise GptlabError("data.source is empty: pass --data PATH or --data shakespeare")
-        _choice(self, "data", "tokenizer", ("gpt2", "char"))
+        if self.tokenizer not in ("gpt2", "char") and not (
+            self.tokenizer.endswith(".json")
+            or "/" in self.tokenizer
+            or Path(self.tokenizer).is_dir()
+        ):
+            raise GptlabError(
+                f"data.tokenizer must be gpt2, char, or the path of a trained tokenizer.json "
+                f"(or its directory); got {self.tokenizer!r}"
+            )
         if not 0.0 < self.train_ratio < 1.0:
             raise GptlabError(
                 f"data.train_ratio must be between 0 and 1 (exclusive), got {self.train_ratio}"

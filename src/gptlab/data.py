@@ -5,6 +5,8 @@
 - `tokenize_documents(...)`: documents joined with `<|endoftext|>`, tokenized once and
   cached as a `.npy` array (uint16 while ids fit, else uint32).
 - `GPTDatasetV1` and `create_dataloader`: the walk-through's sliding-window dataset.
+- `load_prepared(dir)`: a corpus written by `gptlab prepare` (see prepare.py), its token
+  shards memory-mapped and read as one array (`ShardedTokens`) without loading them.
 - `TokenWindowLoader`: the trainer's loader over a token array. It cuts the same windows
   as the walk-through's dataset but assembles each batch with one NumPy gather instead of
   per-sample Python, and its order is a pure function of (seed, epoch), so a resumed run
@@ -43,26 +45,8 @@ def read_documents(source: str) -> list[str]:
     .md files, in sorted order), a glob pattern, or a built-in corpus name."""
     if source in BUILTIN_CORPORA and not Path(source).exists():
         return shakespeare_plays()
-    path = Path(source).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-        )
-        if not files:
-            raise GptlabError(
-                f"directory {source!r} holds no .txt or .md files; point --data at text files"
-            )
-    elif any(ch in source for ch in "*?["):
-        files = sorted(
-            Path(p)
-            for p in globlib.glob(os.path.expanduser(source), recursive=True)
-            if Path(p).is_file()
-        )
-        if not files:
-            raise GptlabError(f"no files match {source!r}; check the pattern")
-    else:
+    files = find_files(source, TEXT_SUFFIXES)
+    if files is None:
         raise GptlabError(
             f"data source {source!r} not found: give a file, directory or glob of .txt/.md files, "
             f"or a built-in corpus ({', '.join(BUILTIN_CORPORA)})"
@@ -84,6 +68,32 @@ def read_documents(source: str) -> list[str]:
             f"data source {source!r} holds no text (its files are empty); add text to train on"
         )
     return docs
+
+
+def find_files(source: str, suffixes: tuple[str, ...]) -> list[Path] | None:
+    """The files `source` names: itself, every file below a directory, or a glob's matches,
+    keeping those with one of `suffixes` (sorted); None when it names nothing that exists.
+
+    A directory or glob without such files is a GptlabError.
+    """
+    kinds = " or ".join(suffixes)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        if not files:
+            raise GptlabError(f"directory {source!r} holds no {kinds} files; point at text files")
+        return files
+    if any(ch in source for ch in "*?["):
+        matches = globlib.glob(os.path.expanduser(source), recursive=True)
+        files = sorted(
+            Path(p) for p in matches if Path(p).is_file() and Path(p).suffix.lower() in suffixes
+        )
+        if not files:
+            raise GptlabError(f"no {kinds} files match {source!r}; check the pattern")
+        return files
+    return None
 
 
 def shakespeare_plays() -> list[str]:
@@ -202,7 +212,13 @@ class Corpus:
 def load_corpus(
     source: str, tokenizer_name: str, train_ratio: float, tokenizer: Any = None
 ) -> Corpus:
-    """Read, tokenize (cached) and split a corpus by `train_ratio` of its tokens."""
+    """Read, tokenize (cached) and split a corpus by `train_ratio` of its tokens.
+
+    A directory written by `gptlab prepare` is memory-mapped instead (its own split and
+    tokenizer; `tokenizer_name` and `train_ratio` do not apply).
+    """
+    if is_prepared(source):
+        return load_prepared(source)
     docs = read_documents(source)
     if tokenizer is None:
         tokenizer = get_tokenizer(
@@ -214,6 +230,127 @@ def load_corpus(
     h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     h.update(np.ascontiguousarray(tokens).view(np.uint8))
     return Corpus(tokens[:split], tokens[split:], tokenizer, h.hexdigest()[:16])
+
+
+# --------------------------------------------------------------------------- prepared corpora
+
+MANIFEST = "manifest.json"
+PREPARED_FORMAT = "gptlab-prepared"
+
+
+def is_prepared(source: str) -> bool:
+    """True when `source` is a directory written by `gptlab prepare` (it holds manifest.json)."""
+    return (Path(source).expanduser() / MANIFEST).is_file()
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of a prepared directory, checked for its format."""
+    path = Path(directory).expanduser() / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise GptlabError(
+            f"cannot read {str(path)!r} ({e}); prepare the data again with `gptlab prepare`"
+        ) from None
+    if manifest.get("format") != PREPARED_FORMAT:
+        raise GptlabError(f"{str(path)!r} is not a gptlab prepare manifest")
+    return manifest
+
+
+class ShardedTokens:
+    """Several memory-mapped token shards read as one 1-D array, without loading them.
+
+    Supports what the loaders need: `len()`, an int, a slice (a view over the same files),
+    and integer arrays of any shape (fancy indexing; windows may straddle shards). Reading
+    touches only the pages asked for, so memory stays bounded whatever the corpus size.
+    """
+
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = [s for s in shards if len(s)]
+        lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
+        self.bounds = np.concatenate([[0], np.cumsum(lengths)])  # shard k holds [b[k], b[k+1])
+        self.dtype = self.shards[0].dtype if self.shards else np.dtype(np.uint16)
+        self.shape = (int(self.bounds[-1]),)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        n = len(self)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            parts = []
+            for k, s in enumerate(self.shards):
+                lo, hi = max(start, self.bounds[k]), min(stop, self.bounds[k + 1])
+                if lo < hi:
+                    parts.append(s[lo - self.bounds[k] : hi - self.bounds[k]])
+            return ShardedTokens(parts)
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + n if key < 0 else int(key)
+            if not 0 <= i < n:
+                raise IndexError(f"index {key} out of range for {n} tokens")
+            k = int(np.searchsorted(self.bounds, i, side="right")) - 1
+            return self.shards[k][i - self.bounds[k]]
+        idx = np.asarray(key, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"index out of range for {n} tokens")
+        flat = idx.ravel()
+        out = np.empty(flat.shape, dtype=self.dtype)
+        which = np.searchsorted(self.bounds, flat, side="right") - 1
+        for k in np.unique(which):
+            m = which == k
+            out[m] = self.shards[k][flat[m] - self.bounds[k]]
+        return out.reshape(idx.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        """All tokens in one in-memory array (only for small corpora)."""
+        arr = np.concatenate([np.asarray(s) for s in self.shards]) if self.shards else np.empty(0)
+        return arr.astype(dtype or self.dtype, copy=False)
+
+
+def open_split(directory: str | Path, split: str, manifest: dict[str, Any] | None = None):
+    """The tokens of one split ("train" or "val") of a prepared directory, memory-mapped:
+    a np.memmap for a single shard, else a ShardedTokens view. Sizes are checked against the
+    manifest (checksums are checked by `gptlab prepare --verify`)."""
+    directory = Path(directory).expanduser()
+    manifest = manifest or read_manifest(directory)
+    dtype = np.dtype(manifest["dtype"])
+    shards = []
+    for sh in manifest["splits"][split]["shards"]:
+        path = directory / sh["file"]
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise GptlabError(
+                f"shard {str(path)!r} is missing; prepare the data again with `gptlab prepare`"
+            ) from None
+        if size != sh["tokens"] * dtype.itemsize:
+            raise GptlabError(
+                f"shard {str(path)!r} has {size} bytes, the manifest says "
+                f"{sh['tokens'] * dtype.itemsize}; prepare the data again"
+            )
+        shards.append(np.memmap(path, dtype=dtype, mode="r"))
+    if len(shards) == 1:
+        return shards[0]
+    return ShardedTokens(shards)
+
+
+def load_prepared(directory: str | Path) -> Corpus:
+    """A Corpus over a `gptlab prepare` directory: both splits memory-mapped, the tokenizer
+    the manifest records, and a fingerprint from the shard checksums."""
+    from gptlab.tokenizer import from_identity
+
+    manifest = read_manifest(directory)
+    tokenizer = from_identity(manifest["tokenizer"])
+    h = hashlib.sha256(json.dumps(manifest["tokenizer"], sort_keys=True).encode())
+    for split in ("train", "val"):
+        for sh in manifest["splits"][split]["shards"]:
+            h.update(f"{split}:{sh['sha256']}".encode())
+    train = open_split(directory, "train", manifest)
+    val = open_split(directory, "val", manifest)
+    return Corpus(train, val, tokenizer, h.hexdigest()[:16])
 
 
 # --------------------------------------------------------------------------- the walk-through's dataset

@@ -1,13 +1,27 @@
 """Text generation: the walk-through's greedy `generate_text_simple`, and `generate` with
 temperature, top-k and top-p sampling from its own random generator (so sampling during
-training never disturbs the training run's random state)."""
+training never disturbs the training run's random state).
+
+`generate` uses a KV cache by default: one forward pass over the prompt (the prefill), then
+one pass per new token over that token alone, attending over the cached keys and values.
+Once the sequence outgrows the context window, every further step recomputes over the last
+`context_size` tokens, exactly as the uncached path (`use_cache=False`) does at every step,
+so both give the same tokens; past the window the cache cannot help, because absolute
+position embeddings shift every position each step.
+
+Several prompts are one batch (B, T) of equal length: nothing is padded. `complete` takes
+prompts of any lengths and runs one batch per length.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from gptlab.tokenizer import ENDOFTEXT, Tokenizer
+from gptlab.model import KVCache
+from gptlab.tokenizer import ENDOFTEXT, Tokenizer, eot_id
 
 
 def text_to_token_ids(text: str, tokenizer: Tokenizer) -> torch.Tensor:
@@ -35,6 +49,24 @@ def generate_text_simple(
     return idx
 
 
+def filter_logits(
+    logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """Logits (B, V) with every token outside the `top_k` largest and outside the smallest
+    set whose probability reaches `top_p` set to -inf (the most likely token always stays)."""
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)  # (B, V)
+        # drop a token when the ones before it already reach top_p (the first always stays)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p  # (B, V)
+        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -49,22 +81,80 @@ def sample_next(
     """
     if temperature <= 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0.0 < top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # drop a token when the ones before it already reach top_p (the first always stays)
-        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
-        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
-@torch.no_grad()
+def generate_stream(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    context_size: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    compile: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Yield the next ids (B, 1) after idx (B, T), one step at a time, as they are sampled.
+
+    The arguments are `generate`'s. The model runs in inference mode between steps only, so
+    a caller may stop early by leaving the loop.
+    """
+    context_size = context_size or model.cfg.context_length
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(seed)
+    cache = KVCache(context_size, static=compile) if use_cache else None
+    step_fn = _compiled_step() if compile and use_cache else _step
+    done = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
+    filled = 0  # positions in the cache
+    idx_next = None
+    for _ in range(max_new_tokens):
+        with torch.inference_mode():
+            if cache is None or (filled > 0 and filled >= context_size):
+                logits = model(idx[:, -context_size:])[:, -1, :]  # (B, V): recompute the window
+            elif filled == 0:
+                window = idx[:, -context_size:]  # (B, T') the prefill
+                logits = model(window, cache)[:, -1, :]  # (B, V)
+                filled = window.shape[1]
+            else:
+                logits = step_fn(model, idx_next, cache)  # (B, V): the newest token only
+                filled += 1
+            idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            if eos_id is not None:
+                # As in the walk-through, the end token itself is not appended; sequences that
+                # ended earlier in a batch are padded with it while the others go on.
+                ended = idx_next == eos_id
+                if bool((done | ended).all()):
+                    return
+                idx_next = idx_next.masked_fill(done, eos_id)
+                done |= ended
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+        yield idx_next
+
+
+def _step(model: nn.Module, idx_next: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One cached decoding step: ids (B, 1) -> last-position logits (B, V)."""
+    return model(idx_next, cache)[:, -1, :]
+
+
+_COMPILED_STEP = None
+
+
+def _compiled_step():
+    # Built once and shared, so each generate() call reuses the compiled graphs; on CUDA
+    # "reduce-overhead" replays the step as one CUDA graph (the static cache keeps its shapes).
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        mode = "reduce-overhead" if torch.cuda.is_available() else None
+        _COMPILED_STEP = torch.compile(_step, mode=mode, fullgraph=True)
+    return _COMPILED_STEP
+
+
 def generate(
     model: nn.Module,
     idx: torch.Tensor,
@@ -76,26 +166,111 @@ def generate(
     eos_id: int | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Sample up to `max_new_tokens` tokens after idx (B, T) -> (B, T + n).
 
     Stops early when every sequence has produced `eos_id`. `seed` (or an explicit
     `generator`) makes sampling reproducible without touching the global random state.
+    `use_cache=False` recomputes the whole window at every step (the walk-through's way);
+    `compile=True` runs the cached steps through torch.compile with a static cache (for
+    CUDA, where it replays each step as a CUDA graph; the first call compiles).
     """
-    context_size = context_size or model.cfg.context_length
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=idx.device).manual_seed(seed)
-    done = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -context_size:])[:, -1, :]  # (B, V)
-        idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
-        if eos_id is not None:
-            # As in the walk-through, the end token itself is not appended; sequences that
-            # ended earlier in a batch are padded with it while the others go on.
-            ended = idx_next == eos_id
-            if bool((done | ended).all()):
+    steps = generate_stream(
+        model,
+        idx,
+        max_new_tokens,
+        context_size,
+        temperature,
+        top_k,
+        top_p,
+        eos_id,
+        seed,
+        generator,
+        use_cache,
+        compile,
+    )
+    return torch.cat([idx, *steps], dim=1)
+
+
+def stream_text(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    **sampling,
+) -> Iterator[str]:
+    """Yield the continuation of `prompt` piece by piece as tokens arrive.
+
+    Stops at `<|endoftext|>`, after `max_new_tokens`, or before the first stop string (which
+    is not yielded). Text that may still turn into a stop string, or ends inside a multi-byte
+    character, is held back until the next tokens decide it. `sampling` takes `generate`'s
+    keyword arguments (temperature, top_k, top_p, seed, use_cache, ...).
+    """
+    device = next(model.parameters()).device
+    idx = text_to_token_ids(prompt, tokenizer).to(device)  # (1, T)
+    ids: list[int] = []
+    sent = 0  # characters of the continuation yielded so far
+    text = ""
+    steps = generate_stream(model, idx, max_new_tokens, eos_id=eot_id(tokenizer), **sampling)
+    for idx_next in steps:
+        ids.append(int(idx_next[0, 0]))
+        text = tokenizer.decode(ids)
+        cut = _first_stop(text, stop)
+        if cut is not None:
+            if cut > sent:
+                yield text[sent:cut]
+            return
+        ready = len(text) - _undecided_tail(text, stop)
+        if ready > sent:
+            yield text[sent:ready]
+            sent = ready
+    if len(text) > sent:
+        yield text[sent:]
+
+
+def complete(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    **sampling,
+) -> list[str]:
+    """The continuation of each prompt (not streamed), cut at `<|endoftext|>` and before the
+    first stop string. Prompts of equal token length run as one batch; a sampled batch is
+    reproducible for a given `seed` and the same prompts."""
+    device = next(model.parameters()).device
+    eos = eot_id(tokenizer)
+    encoded = [tokenizer.encode(p, allowed_special={ENDOFTEXT}) for p in prompts]
+    out: list[str] = [""] * len(prompts)
+    for length in sorted({len(e) for e in encoded}):
+        rows = [i for i, e in enumerate(encoded) if len(e) == length]
+        idx = torch.tensor([encoded[i] for i in rows], device=device)  # (b, length)
+        result = generate(model, idx, max_new_tokens, eos_id=eos, **sampling)  # (b, length + n)
+        for i, seq in zip(rows, result[:, length:].tolist(), strict=True):
+            if eos is not None and eos in seq:
+                seq = seq[: seq.index(eos)]
+            text = tokenizer.decode(seq)
+            cut = _first_stop(text, stop)
+            out[i] = text if cut is None else text[:cut]
+    return out
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def _undecided_tail(text: str, stop: Sequence[str]) -> int:
+    """How many trailing characters must wait: an unfinished UTF-8 character (decoded as
+    U+FFFD) or the start of a stop string."""
+    n = len(text) - len(text.rstrip("\ufffd"))
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
                 break
-            idx_next = idx_next.masked_fill(done, eos_id)
-            done |= ended
-        idx = torch.cat((idx, idx_next), dim=1)
-    return idx
+    return n

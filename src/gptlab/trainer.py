@@ -33,10 +33,11 @@ import torch
 from torch import nn
 
 from gptlab import checkpoint as ckpt_lib
+from gptlab import dist as dist_lib
 from gptlab.config import RunConfig
 from gptlab.data import Corpus, TokenWindowLoader
 from gptlab.errors import GptlabError
-from gptlab.evaluate import calc_loss_batch, calc_loss_loader, evaluate_model
+from gptlab.evaluate import calc_loss_batch, evaluate_model
 from gptlab.generate import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
 from gptlab.loss import model_loss
 from gptlab.metrics import MetricsLog, peak_flops, peak_memory_mib, truncate_metrics
@@ -114,6 +115,9 @@ def resolve_device(name: str) -> torch.device:
         raise GptlabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GptlabError("train.device is cuda but no CUDA GPU is visible; use --train.device cpu")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps and mps.is_available()):
+        raise GptlabError("device mps is not available on this machine; use --device cpu")
     return device
 
 
@@ -192,6 +196,8 @@ class TrainState:
     train_time: float = 0.0  # seconds spent training, summed over resumes
     bad_steps: int = 0  # consecutive non-finite steps
     skipped_steps: int = 0
+    lr_scale: float = 1.0  # halved by each non-finite rollback (train.on_nonfinite = "rollback")
+    rollbacks: int = 0
     best_val: float = float("inf")
     loss_ema: float = float("nan")
     history: dict[str, list[float]] = field(
@@ -205,10 +211,14 @@ class TrainState:
     )
 
 
+# Why a run stops, in the order ranks settle on one when they differ (the last wins).
+STOP_REASONS = ("epochs", "max_steps", "max_time", "nonfinite", "SIGTERM", "SIGINT")
+
 # Config fields a resumed run may not change: they define the model or the data stream.
+# data.source is not among them: the same text under another path is fine, and the data
+# fingerprint (text + tokenizer) refuses different text whatever its path.
 FROZEN_ON_RESUME = (
     "model.*",
-    "data.source",
     "data.tokenizer",
     "data.train_ratio",
     "data.stride",
@@ -219,10 +229,15 @@ FROZEN_ON_RESUME = (
 )
 
 
+MAX_ROLLBACKS = 3  # train.on_nonfinite = "rollback" gives up (and stops) after this many
+
+
 class Trainer:
     """Trains a GPTModel on a Corpus into a run directory.
 
     `on_event(record)` receives every metrics record as it is written (the CLI renders them).
+    `init_weights(model)`, when given, sets the new model's weights before training starts
+    (not on resume): how `gptlab train --init-from` starts from GPT-2 or another run.
     """
 
     def __init__(
@@ -232,6 +247,7 @@ class Trainer:
         run_dir: str | Path,
         resume: bool = False,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        init_weights: Callable[[nn.Module], None] | None = None,
     ):
         self.cfg = cfg.validate()
         self.corpus = corpus
@@ -239,14 +255,22 @@ class Trainer:
         self.on_event = on_event or (lambda record: None)
         self.stop_reason: str | None = None  # set by signal handlers or guards
         tc, mc = cfg.train, cfg.model
+        resume_from = self._check_resume() if resume else None
 
         if mc.vocab_size < corpus.tokenizer.n_vocab:
             raise GptlabError(
                 f"model.vocab_size ({mc.vocab_size}) is smaller than the tokenizer's vocabulary "
                 f"({corpus.tokenizer.n_vocab}); set --model.vocab_size {corpus.tokenizer.n_vocab}"
             )
-        self.device = resolve_device(tc.device)
+        # Under torchrun: join the job, one GPU per local rank (a single process: no-op).
+        self.dist = dist_lib.setup(resolve_device(tc.device), tc.dist_timeout)
+        self.device = self.dist.device
         self.precision = resolve_precision(tc.precision, self.device)
+        if self.dist.enabled and tc.parallel == "fsdp" and self.precision == "fp16":
+            raise GptlabError(
+                "fp16 needs a gradient scaler that FSDP2 shards do not support here; "
+                "use --precision bf16 (or fp32) with --parallel fsdp"
+            )
         stride = cfg.data.stride or mc.context_length
         self.train_loader = TokenWindowLoader(
             corpus.train, tc.batch_size, mc.context_length, stride, cfg.data.shuffle, tc.seed
@@ -275,7 +299,9 @@ class Trainer:
                 f"({tc.batch_size}); lower --train.batch_size or use more text"
             )
         micro_tokens = tc.batch_size * mc.context_length
-        self.accum = max(1, tc.batch_tokens // micro_tokens) if tc.batch_tokens else 1
+        # Micro-batches per optimizer step in the whole job; each rank runs accum / world_size.
+        world = self.dist.world_size
+        self.accum = dist_lib.accum_per_rank(tc.batch_tokens, micro_tokens, world) * world
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
             raise GptlabError(
@@ -290,29 +316,49 @@ class Trainer:
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         self.model = GPTModel(mc).to(self.device)
+        if init_weights is not None and not resume:
+            init_weights(self.model)  # e.g. GPT-2's (train --init-from); a resume loads its own
+        # DDP wrapper or FSDP2 shards (in place, so the optimizer comes after); a single
+        # process gets self.model back.
+        self.parallel_model = dist_lib.parallelize(self.model, tc.parallel, self.dist)
         self.optimizer = build_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.compiled = tc.compile == "on" or (tc.compile == "auto" and self.device.type == "cuda")
-        self.train_model = torch.compile(self.model) if self.compiled else self.model
-        self.chunked_loss = resolve_chunked_loss(tc.chunked_loss, self.device)
-        self.loss_fn = make_loss_fn(self.model, self.chunked_loss, self.compiled)
+        single = self.dist.world_size == 1
+        # Under DDP/FSDP2 the loss must run through the wrapper (its forward drives gradient
+        # sync and FSDP2's all-gathers), so the chunked loss, which calls the bare model's
+        # hidden_states, is single-process only.
+        self.chunked_loss = single and resolve_chunked_loss(tc.chunked_loss, self.device)
+        self.loss_fn = make_loss_fn(self.parallel_model, self.chunked_loss, self.compiled)
+        self.train_model = (
+            torch.compile(self.parallel_model) if self.compiled else self.parallel_model
+        )
         # Non-finite steps are skipped on the device where the fused AdamW kernel can do it
         # (not with fp16's GradScaler, which has its own skip), else after a host check.
-        self._skip_on_device = (
-            bool(self.optimizer.defaults.get("fused"))
+        self._fused_can_skip = (
+            single
+            and bool(self.optimizer.defaults.get("fused"))
             and getattr(self.optimizer, "_step_supports_amp_scaling", False)
-            and not self.scaler.is_enabled()
         )
         self._pending: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
         self.state = TrainState()
         self.sample_gen_seed = tc.seed
+        # Fail now, not at the first sample an epoch later: a char vocabulary may lack some
+        # of the prompt's characters, and that error would kill the run before its save.
+        try:
+            text_to_token_ids(tc.start_context, corpus.tokenizer)
+        except GptlabError as e:
+            raise GptlabError(
+                f"train.start_context cannot be encoded ({e}); set --train.start_context"
+            ) from None
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resumed_from: Path | None = None
         if resume:
-            self._restore()
-        self._write_run_files()
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+            self._restore(*resume_from)
+        if self.dist.is_main:  # one writer per job
+            self._write_run_files()
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.dist.is_main else None
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
             self.precision
@@ -335,51 +381,104 @@ class Trainer:
             "val_loss": val_loss,
         }
 
-    def _restore(self) -> None:
+    def _check_resume(self) -> tuple[Path, list[tuple[str, Any, Any]]]:
+        """The checkpoint to resume from and the config changes, once they are known to be
+        safe. Runs first, so a refusal names the change rather than a symptom of it."""
         ckpt = ckpt_lib.latest_checkpoint(self.run_dir, missing_ok=True)
         if ckpt is None:
             raise GptlabError(
-                f"--resume: no checkpoint in {str(self.run_dir)!r}; drop --resume to start a new run there"
+                f"--resume: no checkpoint in {str(self.run_dir)!r} to continue from; "
+                "start a new run (without --resume) with an unused --out"
             )
         meta = ckpt_lib.read_meta(ckpt)
-        changes = _config_changes(meta.get("config", {}), self.cfg.to_dict())
-        frozen = [c for c in changes if _is_frozen(c[0])]
-        if frozen:
-            key, old, new = frozen[0]
+        saved_cfg = meta.get("config")
+        if not isinstance(saved_cfg, dict):
             raise GptlabError(
-                f"cannot resume: {key} changed from {old!r} to {new!r} (it defines the model or data); "
-                "start a new run with another --out"
+                f"checkpoint {str(ckpt)!r} has no saved config in its metadata; it cannot be resumed"
             )
+        # Fields added to gptlab after the checkpoint was written take their defaults, which
+        # reproduce the older behaviour; only real differences count as changes.
+        changes = _config_changes(_with_defaults(saved_cfg), self.cfg.to_dict())
+        frozen = [c for c in changes if _is_frozen(c[0])]
+        # Data and batch changes first: a char vocabulary follows its text, so other text
+        # also shows up as a model.vocab_size change, which is the symptom, not the cause.
+        frozen.sort(key=lambda c: c[0].startswith("model."))
+        if frozen and not frozen[0][0].startswith("model."):
+            raise _refuse(*frozen[0])
         if meta.get("tokenizer") != self.corpus.tokenizer.identity():
             raise GptlabError(
-                "cannot resume: the tokenizer differs from the checkpoint's; use the same --data and tokenizer"
+                "cannot resume: the tokenizer (for char, the characters of the text) differs from "
+                "the checkpoint's; use the same --data and tokenizer"
             )
         if meta.get("data_fingerprint") != self.corpus.fingerprint:
             raise GptlabError(
                 "cannot resume: the training text differs from the checkpoint's; use the same --data"
             )
-        ckpt_lib.load_weights(self.model, ckpt, self.device)
+        if frozen:
+            raise _refuse(*frozen[0])
+        return ckpt, changes
+
+    def _restore(self, ckpt: Path, changes: list[tuple[str, Any, Any]]) -> None:
+        self._load_training_state(ckpt)
+        # A run stopped by the guard is usually resumed with a lower lr: a fresh count.
+        self.state.bad_steps = 0
+        self.resumed_from = ckpt
+        self.resume_changes = changes
+        if self.dist.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+
+    def _load_training_state(self, ckpt: Path) -> None:
+        """Weights, optimizer, scaler, counters and RNG states from `ckpt` (config already checked)."""
+        if not self.dist.sharded:
+            ckpt_lib.load_weights(self.model, ckpt, self.device)
         st = ckpt_lib.load_state(ckpt)
         try:
-            self.optimizer.load_state_dict(st["optimizer"])
+            data = st.get("data")
+            if data and (data["steps_per_epoch"], data["accum"]) != (
+                self.steps_per_epoch,
+                self.accum,
+            ):
+                raise ValueError(
+                    f"its epoch has {data['steps_per_epoch']} steps of {data['accum']} micro-batches, "
+                    f"this run's {self.steps_per_epoch} of {self.accum}"
+                )
+            if self.dist.sharded:
+                self._load_sharded(ckpt, st["optimizer"])
+            else:
+                self.optimizer.load_state_dict(st["optimizer"])
             if st.get("scaler"):
                 self.scaler.load_state_dict(st["scaler"])
             self.state = TrainState(**st["trainer"])
             _set_rng_state(st["rng"])
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise GptlabError(
-                f"training state in {str(ckpt)!r} does not fit this run ({e}); start a new run"
+                f"training state in {str(ckpt)!r} does not fit this run ({str(e).splitlines()[0]}); "
+                "start a new run"
             ) from None
-        self.resumed_from = ckpt
-        self.resume_changes = changes
-        truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+
+    def _cpu_model(self) -> nn.Module:
+        """An unsharded GPTModel in host memory, allocated but not initialised (to be loaded)."""
+        with torch.device("meta"):
+            model = GPTModel(self.cfg.model)
+        return dist_lib.materialize(model, torch.device("cpu"))
+
+    def _load_sharded(self, ckpt: Path, optimizer_state: dict[str, Any]) -> None:
+        """Load a consolidated checkpoint into FSDP2 shards: rank 0 reads the weights and
+        broadcasts them; every rank keeps its shard of them and of the optimizer state."""
+        weights: dict[str, torch.Tensor] = {}
+        if self.dist.is_main:
+            full = self._cpu_model()
+            ckpt_lib.load_weights(full, ckpt)
+            weights = full.state_dict()
+        dist_lib.load_full_state(self.model, self.optimizer, weights, optimizer_state)
 
     # ---------------------------------------------------------------- events
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"event": event, "step": self.state.step, **fields}
-        self.metrics.write(record)
-        self.on_event(record)
+        if self.dist.is_main:  # logs, plots and the progress bar come from global rank 0
+            self.metrics.write(record)
+            self.on_event(record)
         return record
 
     @property
@@ -390,12 +489,13 @@ class Trainer:
 
     def evaluate(self) -> tuple[float, float]:
         with autocast(self.device, self.precision):
-            train_loss, val_loss = evaluate_model(
+            train_loss, val_loss = dist_lib.evaluate_model(
                 self.train_model,
                 self.train_loader,
                 self.val_loader,
                 self.device,
                 self.cfg.train.eval_iter,
+                self.dist,
             )
         h = self.state.history
         h["step"].append(self.state.step)
@@ -416,7 +516,9 @@ class Trainer:
     def full_validation_loss(self) -> float:
         self.model.eval()
         with torch.no_grad(), autocast(self.device, self.precision):
-            loss = calc_loss_loader(self.val_loader, self.train_model, self.device)
+            loss = dist_lib.loader_loss(
+                self.val_loader, self.train_model, self.device, None, self.dist
+            )
         self.model.train()
         return loss
 
@@ -437,16 +539,42 @@ class Trainer:
         return text
 
     def save(self, val_loss: float | None = None, reason: str = "periodic") -> Path:
+        """Write a checkpoint (every rank calls this; rank 0 writes it and returns its path,
+        the others return the run directory)."""
+        if self.dist.sharded:  # gather the shards into the single-process format
+            weights, optimizer_state = dist_lib.full_state(self.model, self.optimizer)
+        if not self.dist.is_main:
+            return self.run_dir
+        if self.dist.sharded:
+            model = self._cpu_model()
+            model.load_state_dict(weights)
+        else:
+            model, optimizer_state = self.model, self.optimizer.state_dict()
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "trainer": asdict(self.state),
             "rng": _get_rng_state(),
+            # Where the data stream stands. The loader's order is a pure function of
+            # (seed, epoch), so these numbers are the sampler's whole state.
+            "data": {
+                "epoch": self.state.step // self.steps_per_epoch,
+                "batch_in_epoch": self.state.step % self.steps_per_epoch * self.accum,
+                "steps_per_epoch": self.steps_per_epoch,
+                "accum": self.accum,
+                "seed": self.cfg.train.seed,
+                "shuffle": self.cfg.data.shuffle,
+            },
+            # The schedule is lr_at(step, config, total_steps): these make it reproducible.
+            "schedule": {
+                "total_steps": self.total_steps,
+                "lr": self.optimizer.param_groups[0]["lr"],
+            },
         }
         path = ckpt_lib.save_checkpoint(
             self.run_dir,
             self.state.step,
-            self.model,
+            model,
             self._meta(val_loss),
             state,
             self.cfg.train.keep_last,
@@ -457,7 +585,11 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def done(self) -> str | None:
-        """Why training should stop now, or None."""
+        """Why training should stop now, or None. Under torchrun every rank gets the same
+        answer (a signal or the clock may reach one rank first)."""
+        return self.dist.agree_on_reason(self._stop_reason_here(), STOP_REASONS)
+
+    def _stop_reason_here(self) -> str | None:
         tc = self.cfg.train
         if self.stop_reason:
             return self.stop_reason
@@ -471,20 +603,30 @@ class Trainer:
         """One optimizer step over `accum` micro-batches; returns (loss, grad_norm)."""
         tc = self.cfg.train
         epoch, in_epoch = divmod(self.state.step, self.steps_per_epoch)
-        lr = lr_at(self.state.step, tc, self.total_steps)
+        lr = lr_at(self.state.step, tc, self.total_steps) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
-        for m in range(self.accum):
-            x, y = self._batch(epoch, in_epoch * self.accum + m)
-            with autocast(self.device, self.precision):
-                loss = self.loss_fn(x, y) / self.accum
-            self.scaler.scale(loss).backward()
+        # This rank's share of the step's micro-batches (all of them in a single process).
+        mine = dist_lib.micro_batch_indices(
+            in_epoch, self.accum, self.dist.rank, self.dist.world_size
+        )
+        for m, index in enumerate(mine):
+            x, y = self._batch(epoch, index)
+            # ranks exchange gradients once per step, after their last micro-batch
+            with dist_lib.grad_sync(self.parallel_model, m == len(mine) - 1):
+                with autocast(self.device, self.precision):
+                    loss = self.loss_fn(x, y) / len(mine)
+                self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
+        loss_sum = self.dist.mean(loss_sum)  # the whole step's loss, the same on every rank
         self.scaler.unscale_(self.optimizer)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if self._skip_on_device:
+        grad_norm = dist_lib.grad_norm_value(
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        )
+        skip_on_device = self._fused_can_skip and not self.scaler.is_enabled()
+        if skip_on_device:
             # The fused kernel skips a non-finite step by itself (the flag GradScaler uses),
             # so the update is queued before the host waits for the loss: no idle device.
             finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
@@ -494,12 +636,22 @@ class Trainer:
             finally:
                 del self.optimizer.found_inf
             self._prefetch(self.state.step + 1)
-        loss_val, norm_val = torch.stack((loss_sum, grad_norm.float())).tolist()  # one sync
-        if math.isfinite(loss_val) and math.isfinite(norm_val):
-            if not self._skip_on_device:
+        loss_val, norm_val = torch.stack((loss_sum.float(), grad_norm.float())).tolist()  # one sync
+        # fp16: overflowing gradients are routine while the scaler searches for its scale;
+        # scaler.step skips such a step by itself and halves the scale. Only when the scale
+        # is already below 1 is an infinite gradient a sign of real trouble.
+        overflow = (
+            self.scaler.is_enabled()
+            and math.isfinite(loss_val)
+            and not math.isfinite(norm_val)
+            and self.scaler.get_scale() >= 1.0
+        )
+        if math.isfinite(loss_val) and (math.isfinite(norm_val) or overflow):
+            if not skip_on_device:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             self.state.bad_steps = 0
+            self.state.skipped_steps += overflow
         else:  # keep the last good weights; the guard below decides whether to go on
             self.state.bad_steps += 1
             self.state.skipped_steps += 1
@@ -538,6 +690,8 @@ class Trainer:
             device=str(self.device),
             precision=self.precision,
             compiled=self.compiled,
+            world_size=self.dist.world_size,
+            parallel=self.dist.mode,
             chunked_loss=self.chunked_loss,
             accum=self.accum,
             batch_tokens=self.accum * tc.batch_size * self.cfg.model.context_length,
@@ -557,6 +711,7 @@ class Trainer:
             t0 = time.perf_counter()
             tokens_before = st.tokens_seen
             loss, norm = self.train_step()
+            dist_lib.maybe_fail_for_test(self.dist, st.step)
             dt = time.perf_counter() - t0  # .item() in train_step has synchronised the device
             st.train_time += dt
             if first_step and self.compiled:
@@ -577,10 +732,15 @@ class Trainer:
                 st.loss_ema = (
                     loss if not math.isfinite(st.loss_ema) else 0.9 * st.loss_ema + 0.1 * loss
                 )
-            if not math.isfinite(loss) or not math.isfinite(norm):
+            if st.bad_steps:  # this step was non-finite and skipped
                 self.emit("nonfinite", loss=loss, grad_norm=norm, consecutive=st.bad_steps)
                 if st.bad_steps >= tc.max_bad_steps:
+                    if tc.on_nonfinite == "rollback" and self._rollback():
+                        st = self.state  # the checkpoint's counters replace ours
+                        continue
                     self.stop_reason = "nonfinite"
+            elif not math.isfinite(norm):
+                self.emit("overflow", grad_norm=norm, scale=self.scaler.get_scale())
             elif spike:
                 self.emit("spike", loss=loss, ema=st.loss_ema)
 
@@ -595,7 +755,7 @@ class Trainer:
                     lr=self.optimizer.param_groups[0]["lr"],
                     grad_norm=norm,
                     tokens_per_s=tps,
-                    mfu=tps * self.flops_per_token / self.peak,
+                    mfu=tps * self.flops_per_token / (self.peak * self.dist.world_size),
                     peak_mem_mib=peak_memory_mib(self.device),
                     elapsed=st.train_time,
                 )
@@ -606,20 +766,31 @@ class Trainer:
             if st.step % self.steps_per_epoch == 0:
                 self.emit("epoch", epoch=st.step // self.steps_per_epoch)
                 self.sample()
-            minutes_due = (
-                tc.checkpoint_every_minutes
-                and time.monotonic() - last_ckpt_time >= 60 * tc.checkpoint_every_minutes
-            )
-            if (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or minutes_due:
+            minutes_due = tc.checkpoint_every_minutes and self.dist.any(
+                time.monotonic() - last_ckpt_time >= 60 * tc.checkpoint_every_minutes
+            )  # decided together: under FSDP2 a save needs every rank
+            due = (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or minutes_due
+            # Not in the middle of a non-finite streak: a rollback must find good weights.
+            if due and not st.bad_steps:
                 self._save_quietly(last_val)
                 last_ckpt_time = time.monotonic()
 
-        # the end: a final evaluation, sample and checkpoint
-        if reason != "nonfinite" and (not st.history["step"] or st.history["step"][-1] != st.step):
+        # The end: a final evaluation, sample and checkpoint. A signal or the guard saves at
+        # once: the user asked to stop, or the model is in trouble.
+        quick = reason in ("nonfinite", "SIGINT", "SIGTERM")
+        if not quick and (not st.history["step"] or st.history["step"][-1] != st.step):
             _, last_val = self.evaluate()
-        if reason != "nonfinite" and st.step % self.steps_per_epoch != 0:
+        if not quick and st.step % self.steps_per_epoch != 0:
             self.sample()
-        path = self.save(last_val, reason=reason)
+        try:
+            path = self.save(last_val, reason=reason)
+        except GptlabError as e:  # only rank 0 writes, so only rank 0 gets here
+            self.emit("checkpoint_failed", error=str(e), final=True)
+            self.metrics.close()
+            raise
+        # Leave together: a rank that exited first with a non-zero status (a signal stop)
+        # would make torchrun kill rank 0 while it writes the final checkpoint.
+        self.dist.barrier()
         end = self.emit(
             "end",
             reason=reason,
@@ -631,8 +802,27 @@ class Trainer:
             skipped_steps=st.skipped_steps,
             checkpoint=str(path),
         )
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         return end
+
+    def _rollback(self) -> bool:
+        """Reload the latest checkpoint and halve the learning rate after a non-finite streak;
+        False (stop instead) when there is no checkpoint or the rollbacks are used up."""
+        ckpt = ckpt_lib.latest_checkpoint(self.run_dir, missing_ok=True)
+        if ckpt is None or self.state.rollbacks >= MAX_ROLLBACKS:
+            return False
+        from_step, rollbacks = self.state.step, self.state.rollbacks + 1
+        lr_scale = self.state.lr_scale * 0.5
+        self._load_training_state(ckpt)
+        self.state.rollbacks, self.state.lr_scale, self.state.bad_steps = rollbacks, lr_scale, 0
+        # The steps after the checkpoint are redone: their records would be duplicates.
+        if self.metrics is not None:
+            self.metrics.close()
+            truncate_metrics(self.metrics.path, self.state.step)
+            self.metrics = MetricsLog(self.metrics.path)
+        self.emit("rollback", checkpoint=str(ckpt), from_step=from_step, lr_scale=lr_scale)
+        return True
 
     def _save_quietly(self, val_loss: float | None) -> None:
         """A periodic save that fails (full disk) is reported and training goes on."""
@@ -651,6 +841,24 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, A
             out += _config_changes(a, b, name + ".")
         elif a != b:
             out.append((name, a, b))
+    return out
+
+
+def _refuse(key: str, old: Any, new: Any) -> GptlabError:
+    return GptlabError(
+        f"cannot resume: {key} changed from {old!r} to {new!r} (it defines the model or data); "
+        "start a new run with another --out"
+    )
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict with the fields it lacks filled from today's defaults."""
+    out = RunConfig().to_dict()
+    for section, values in saved.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section].update(values)
+        else:
+            out[section] = values
     return out
 
 

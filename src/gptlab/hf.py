@@ -1,0 +1,593 @@
+"""GPT-2 weights to and from Hugging Face transformers' format, through one key map.
+
+`KEY_MAP` pairs every GPTModel parameter with its place in transformers'
+`GPT2LMHeadModel`; import (`state_dict_from_hf`) and export (`state_dict_to_hf`) both read
+it. Two differences in layout, besides the names:
+
+- GPT-2's `Conv1D` stores its weight as (in, out), the transpose of `nn.Linear`'s (out, in).
+- GPT-2 fuses the query, key and value projections into one `c_attn` of width 3 D, in that
+  order; gptlab keeps `W_query`, `W_key`, `W_value` apart.
+
+GPT-2 has qkv biases and ties its head to the token embedding, so imports get
+qkv_bias=True and tie_weights=True (unless the config says tie_word_embeddings=false).
+Exports of models without qkv biases write zero biases (the same function); an untied head
+is written as `lm_head.weight` with tie_word_embeddings=false; a vocabulary padded to
+`vocab_multiple` is written without its padding rows. Every key and shape is checked
+before anything is copied, so a wrong file fails with one line and changes nothing.
+
+Files: `load_hf(src)` reads a local directory (config.json and model.safetensors, sharded
+safetensors, or pytorch_model.bin loaded with weights_only=True) or a hub id through
+`huggingface_hub`. `convert_from_hf` writes a gptlab run directory, `convert_to_hf` writes a
+directory that `transformers.AutoModelForCausalLM` and `AutoTokenizer` load as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptlab import checkpoint as ckpt_lib
+from gptlab.config import PRESETS, ModelConfig, RunConfig
+from gptlab.errors import GptlabError
+from gptlab.model import GPTModel
+from gptlab.tokenizer import ENDOFTEXT, from_identity, gpt2_bpe_files, gpt2_encoding
+
+GPT2_VOCAB = 50257
+GPT2_EOT = 50256
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One parameter: gptlab name, Hugging Face name, and how the tensor is laid out there.
+
+    `transpose`: HF stores the transpose (Conv1D). `part`: HF's tensor fuses q, k, v along
+    its last dim and this is part 0, 1 or 2 of it.
+    """
+
+    ours: str
+    theirs: str
+    transpose: bool = False
+    part: int | None = None
+
+
+_GLOBAL = (
+    Entry("tok_emb.weight", "transformer.wte.weight"),
+    Entry("pos_emb.weight", "transformer.wpe.weight"),
+    Entry("final_norm.scale", "transformer.ln_f.weight"),
+    Entry("final_norm.shift", "transformer.ln_f.bias"),
+    Entry("out_head.weight", "lm_head.weight"),
+)
+_BLOCK = (  # "{i}" is the block index
+    Entry("trf_blocks.{i}.norm1.scale", "transformer.h.{i}.ln_1.weight"),
+    Entry("trf_blocks.{i}.norm1.shift", "transformer.h.{i}.ln_1.bias"),
+    Entry("trf_blocks.{i}.att.W_query.weight", "transformer.h.{i}.attn.c_attn.weight", True, 0),
+    Entry("trf_blocks.{i}.att.W_key.weight", "transformer.h.{i}.attn.c_attn.weight", True, 1),
+    Entry("trf_blocks.{i}.att.W_value.weight", "transformer.h.{i}.attn.c_attn.weight", True, 2),
+    Entry("trf_blocks.{i}.att.W_query.bias", "transformer.h.{i}.attn.c_attn.bias", False, 0),
+    Entry("trf_blocks.{i}.att.W_key.bias", "transformer.h.{i}.attn.c_attn.bias", False, 1),
+    Entry("trf_blocks.{i}.att.W_value.bias", "transformer.h.{i}.attn.c_attn.bias", False, 2),
+    Entry("trf_blocks.{i}.att.out_proj.weight", "transformer.h.{i}.attn.c_proj.weight", True),
+    Entry("trf_blocks.{i}.att.out_proj.bias", "transformer.h.{i}.attn.c_proj.bias"),
+    Entry("trf_blocks.{i}.norm2.scale", "transformer.h.{i}.ln_2.weight"),
+    Entry("trf_blocks.{i}.norm2.shift", "transformer.h.{i}.ln_2.bias"),
+    Entry("trf_blocks.{i}.ff.layers.0.weight", "transformer.h.{i}.mlp.c_fc.weight", True),
+    Entry("trf_blocks.{i}.ff.layers.0.bias", "transformer.h.{i}.mlp.c_fc.bias"),
+    Entry("trf_blocks.{i}.ff.layers.2.weight", "transformer.h.{i}.mlp.c_proj.weight", True),
+    Entry("trf_blocks.{i}.ff.layers.2.bias", "transformer.h.{i}.mlp.c_proj.bias"),
+)
+
+
+def key_map(n_layers: int) -> list[Entry]:
+    """The full map for a model with `n_layers` blocks."""
+    blocks = [
+        Entry(e.ours.format(i=i), e.theirs.format(i=i), e.transpose, e.part)
+        for i in range(n_layers)
+        for e in _BLOCK
+    ]
+    return [*_GLOBAL, *blocks]
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a GPT2LMHeadModel file for this config (lm_head only
+    when untied; the vocabulary without padding)."""
+    D, V = cfg.emb_dim, cfg.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "transformer.wte.weight": (V, D),
+        "transformer.wpe.weight": (cfg.context_length, D),
+        "transformer.ln_f.weight": (D,),
+        "transformer.ln_f.bias": (D,),
+    }
+    if not cfg.tie_weights:
+        shapes["lm_head.weight"] = (V, D)
+    for i in range(cfg.n_layers):
+        h = f"transformer.h.{i}."
+        shapes |= {
+            h + "ln_1.weight": (D,),
+            h + "ln_1.bias": (D,),
+            h + "attn.c_attn.weight": (D, 3 * D),
+            h + "attn.c_attn.bias": (3 * D,),
+            h + "attn.c_proj.weight": (D, D),
+            h + "attn.c_proj.bias": (D,),
+            h + "ln_2.weight": (D,),
+            h + "ln_2.bias": (D,),
+            h + "mlp.c_fc.weight": (D, 4 * D),
+            h + "mlp.c_fc.bias": (4 * D,),
+            h + "mlp.c_proj.weight": (4 * D, D),
+            h + "mlp.c_proj.bias": (D,),
+        }
+    return shapes
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """A gptlab ModelConfig from a GPT-2 config.json dict; options gptlab's model lacks are
+    refused with the reason."""
+    kind = hf.get("model_type")
+    if kind != "gpt2":
+        raise GptlabError(
+            f"config.json has model_type {kind!r}; gptlab converts only GPT-2 models (model_type 'gpt2')"
+        )
+    try:
+        D, L, H = int(hf["n_embd"]), int(hf["n_layer"]), int(hf["n_head"])
+        V, T = int(hf["vocab_size"]), int(hf["n_positions"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise GptlabError(
+            f"config.json lacks a valid GPT-2 field ({e}); it needs n_embd, n_layer, n_head, vocab_size, n_positions"
+        ) from None
+    unsupported = [
+        ("n_inner", hf.get("n_inner") not in (None, 4 * D), f"an MLP width other than 4 x {D}"),
+        (
+            "activation_function",
+            hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
+            "an activation other than GELU (tanh)",
+        ),
+        (
+            "layer_norm_epsilon",
+            abs(float(hf.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12,
+            "a LayerNorm epsilon other than 1e-5",
+        ),
+        ("scale_attn_weights", not hf.get("scale_attn_weights", True), "unscaled attention"),
+        (
+            "scale_attn_by_inverse_layer_idx",
+            bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+            "attention scaled by layer index",
+        ),
+        ("add_cross_attention", bool(hf.get("add_cross_attention", False)), "cross-attention"),
+    ]
+    for key, bad, what in unsupported:
+        if bad:
+            raise GptlabError(
+                f"config.json sets {key}={hf.get(key)!r} ({what}), which gptlab's GPTModel does not have"
+            )
+    return ModelConfig(
+        vocab_size=V,
+        context_length=T,
+        emb_dim=D,
+        n_heads=H,
+        n_layers=L,
+        drop_rate=float(hf.get("resid_pdrop", 0.1)),
+        qkv_bias=True,
+        tie_weights=bool(hf.get("tie_word_embeddings", True)),
+        init="gpt2",
+    ).validate()
+
+
+def config_to_hf(cfg: ModelConfig, eos_id: int | None = GPT2_EOT) -> dict[str, Any]:
+    """The config.json of a GPT2LMHeadModel with this model's shape."""
+    eos = eos_id if eos_id is not None else cfg.vocab_size - 1
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": cfg.tie_weights,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def matching_preset(cfg: ModelConfig) -> str | None:
+    """The GPT-2 preset (gpt2-small ... gpt2-xl) with this model's shape, if any."""
+    shape = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+    for name, p in PRESETS.items():
+        m = p["model"]
+        if name.startswith("gpt2-") and all(m.get(k) == getattr(cfg, k) for k in shape):
+            return name
+    return None
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel weights (with or without the "transformer." prefix) -> a GPTModel
+    state dict for `cfg` (which needs qkv_bias=True: GPT-2 has the biases).
+
+    Keys and shapes are all checked first; a padded vocabulary gets zero rows.
+    """
+    sd = normalize_hf_keys(hf_sd)
+    if cfg.tie_weights:
+        sd.pop("lm_head.weight", None)  # transformers ties it to wte and ignores a stored copy
+    expected = hf_shapes(cfg)
+    _check_keys_and_shapes(sd, expected)
+    if not cfg.qkv_bias:
+        raise GptlabError(
+            "GPT-2 weights carry query/key/value biases: import them into a model with qkv_bias=True"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for e in key_map(cfg.n_layers):
+        if e.theirs not in sd:  # lm_head of a tied model: the same matrix as wte
+            continue
+        t = sd[e.theirs].float()
+        if e.part is not None:
+            t = t.chunk(3, dim=-1)[e.part]  # (D, 3D) -> (D, D), or (3D,) -> (D,)
+        if e.transpose:
+            t = t.t()  # Conv1D (in, out) -> Linear (out, in)
+        out[e.ours] = t.contiguous()
+    if cfg.tie_weights:
+        out["out_head.weight"] = out["tok_emb.weight"]
+    pad = cfg.padded_vocab_size - cfg.vocab_size
+    if pad:
+        for name in ("tok_emb.weight", "out_head.weight"):
+            out[name] = torch.cat([out[name], out[name].new_zeros(pad, cfg.emb_dim)])  # (Vp, D)
+    return out
+
+
+def state_dict_to_hf(model: GPTModel) -> dict[str, torch.Tensor]:
+    """A GPTModel's weights as a GPT2LMHeadModel state dict (prefixed names, contiguous,
+    no shared storage). Missing qkv biases become zeros; padding rows are dropped; a tied
+    head is stored once (as wte), an untied one as lm_head.weight."""
+    cfg = model.cfg
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    V, D = cfg.vocab_size, cfg.emb_dim
+    parts: dict[str, list[torch.Tensor | None]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for e in key_map(cfg.n_layers):
+        if e.theirs == "lm_head.weight" and cfg.tie_weights:
+            continue
+        t = ours.get(e.ours)
+        if t is None:
+            if e.ours.endswith(".bias") and e.part is not None and not cfg.qkv_bias:
+                t = torch.zeros(D, dtype=ours["tok_emb.weight"].dtype)  # HF's c_attn has a bias
+            else:
+                raise GptlabError(f"the model has no parameter {e.ours!r}; it is not a GPTModel")
+        if e.ours in ("tok_emb.weight", "out_head.weight"):
+            t = t[:V]  # (V, D): drop the padding rows
+        if e.transpose:
+            t = t.t()  # Linear (out, in) -> Conv1D (in, out)
+        if e.part is None:
+            out[e.theirs] = t.contiguous().clone()
+        else:
+            parts.setdefault(e.theirs, [None, None, None])[e.part] = t
+    for name, (q, k, v) in parts.items():
+        out[name] = torch.cat([q, k, v], dim=-1).contiguous()  # (D, 3D) or (3D,)
+    _check_keys_and_shapes(out, hf_shapes(cfg))
+    return out
+
+
+_MASK_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def normalize_hf_keys(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Give every key the "transformer." prefix (GPT2Model files, like OpenAI's own uploads,
+    lack it) and drop the causal-mask buffers old files carry (`h.N.attn.bias`)."""
+    out = {}
+    for k, v in hf_sd.items():
+        if _MASK_BUFFER.match(k):
+            continue
+        out[k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k] = v
+    return out
+
+
+def _check_keys_and_shapes(
+    sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
+) -> None:
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        what = []
+        if missing:
+            what.append(
+                f"missing {missing[:3]}"
+                + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            )
+        if unexpected:
+            what.append(
+                f"unexpected {unexpected[:3]}"
+                + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else "")
+            )
+        raise GptlabError(
+            f"the weights do not match the GPT-2 config ({'; '.join(what)}); check that config.json belongs to these weights"
+        )
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise GptlabError(
+                f"weight {k!r} has shape {tuple(sd[k].shape)}, but config.json implies {shape}; "
+                "check that config.json belongs to these weights"
+            )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def load_hf(src: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json dict, state dict) of a GPT-2 model: a local directory, else a hub id
+    (e.g. "gpt2", "openai-community/gpt2-medium") downloaded with huggingface_hub."""
+    path = Path(src)
+    if not path.exists():
+        if _looks_like_hub_id(str(src)):
+            path = _download(str(src))
+        else:
+            raise GptlabError(
+                f"{str(src)!r} does not exist; pass a Hugging Face model directory or a hub id such as gpt2"
+            )
+    if not path.is_dir():
+        raise GptlabError(f"{str(path)!r} is not a directory; pass the folder holding config.json")
+    if is_gptlab_run(path):
+        raise GptlabError(
+            f"{str(path)!r} is a gptlab run, not a Hugging Face directory; use it as it is"
+        )
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise GptlabError(
+            f"{str(path)!r} has no config.json; pass a Hugging Face model directory (config.json + model.safetensors)"
+        )
+    try:
+        hf_cfg = json.loads(cfg_file.read_text())
+    except (ValueError, OSError) as e:
+        raise GptlabError(f"{str(cfg_file)!r} is not valid JSON ({e})") from None
+    if not isinstance(hf_cfg, dict):
+        raise GptlabError(f"{str(cfg_file)!r} is not a JSON object")
+    return hf_cfg, _load_weights(path)
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    single, index, pt_bin = (
+        path / "model.safetensors",
+        path / "model.safetensors.index.json",
+        path / "pytorch_model.bin",
+    )
+    try:
+        if single.is_file():
+            return load_file(str(single))
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            sd: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                sd.update(load_file(str(path / shard)))
+            return sd
+        if pt_bin.is_file():
+            sd = torch.load(pt_bin, map_location="cpu", weights_only=True)
+            if not isinstance(sd, dict):
+                raise ValueError("not a state dict")
+            return sd
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise GptlabError(f"the weights in {str(path)!r} are unreadable ({e})") from None
+    except Exception as e:  # torch.load raises many types for damaged or unsafe pickles
+        raise GptlabError(
+            f"{str(pt_bin)!r} is corrupt or not safe to load ({type(e).__name__}); use model.safetensors"
+        ) from None
+    raise GptlabError(
+        f"{str(path)!r} has no weights: expected model.safetensors or pytorch_model.bin"
+    )
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", s))
+
+
+def _download(repo_id: str) -> Path:
+    """The local snapshot folder of hub repo `repo_id` (config.json plus one weights file),
+    from huggingface_hub's cache when there, else downloaded."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise GptlabError(
+            f"{repo_id!r} is not a local directory and huggingface_hub is not installed; "
+            "pip install 'gptlab[hf]' or pass a local directory"
+        ) from None
+
+    def fetch(local_only: bool) -> Path:
+        cfg_path = Path(hf_hub_download(repo_id, "config.json", local_files_only=local_only))
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            try:
+                hf_hub_download(repo_id, name, local_files_only=local_only)
+                return cfg_path.parent
+            except huggingface_hub.errors.EntryNotFoundError:
+                continue  # this repo has the other format
+        raise GptlabError(
+            f"hub repo {repo_id!r} has neither model.safetensors nor pytorch_model.bin"
+        )
+
+    try:
+        return fetch(local_only=True)
+    except GptlabError:
+        raise
+    except Exception:  # not cached: go to the network
+        pass
+    host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname or ""
+    try:  # fail at once when offline, instead of huggingface_hub's minute of retries
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise GptlabError(
+            f"{repo_id!r} is not a local directory and the hub ({host}) cannot be reached (offline?); "
+            "pass a local Hugging Face model directory"
+        ) from None
+    try:
+        return fetch(local_only=False)
+    except GptlabError:
+        raise
+    except Exception as e:  # unknown or gated repo, network trouble: many types
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise GptlabError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {first[:100]}); "
+            "check the name, or pass a local directory"
+        ) from None
+
+
+def load_gpt2_model(src: str | Path) -> GPTModel:
+    """A GPTModel holding the weights of a Hugging Face GPT-2 (directory or hub id)."""
+    hf_cfg, hf_sd = load_hf(src)
+    cfg = config_from_hf(hf_cfg)
+    sd = state_dict_from_hf(hf_sd, cfg)
+    model = GPTModel(cfg)
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+def is_gptlab_run(src: str | Path) -> bool:
+    """True for a gptlab run or checkpoint directory (as opposed to a Hugging Face one)."""
+    p = Path(src)
+    return (p / ckpt_lib.META).is_file() or (p / "checkpoints").is_dir()
+
+
+def load_any(src: str | Path) -> tuple[GPTModel, dict[str, Any]]:
+    """(model, tokenizer identity) from a gptlab run/checkpoint or a Hugging Face GPT-2."""
+    if is_gptlab_run(src):
+        ckpt = ckpt_lib.latest_checkpoint(src)
+        meta = ckpt_lib.read_meta(ckpt)
+        try:
+            cfg = RunConfig.from_dict(meta["config"]).model
+            tok = dict(meta["tokenizer"])
+        except (KeyError, TypeError) as e:
+            raise GptlabError(
+                f"checkpoint {str(ckpt)!r} has incomplete metadata ({e}); use another checkpoint"
+            ) from None
+        model = GPTModel(cfg)
+        ckpt_lib.load_weights(model, ckpt)
+        return model.eval(), tok
+    return load_gpt2_model(src), {"type": "gpt2"}
+
+
+def convert_from_hf(src: str | Path, out_dir: str | Path) -> tuple[Path, ModelConfig]:
+    """Write a Hugging Face GPT-2 as a gptlab run directory (one checkpoint at step 0) that
+    `gptlab generate --checkpoint OUT_DIR` and `gptlab train --init-from OUT_DIR` use.
+    Returns (checkpoint path, model config)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise GptlabError(f"{str(out)!r} is not empty; choose a new output directory")
+    model = load_gpt2_model(src)
+    if model.cfg.vocab_size < GPT2_VOCAB:
+        raise GptlabError(
+            f"the model's vocabulary ({model.cfg.vocab_size}) is smaller than GPT-2's tokenizer "
+            f"({GPT2_VOCAB}); gptlab pairs imported models with the GPT-2 tokenizer"
+        )
+    run_cfg = RunConfig(model=model.cfg)
+    tokenizer = {"type": "gpt2"}
+    meta = {"config": run_cfg.to_dict(), "tokenizer": tokenizer, "source": str(src)}
+    path = ckpt_lib.save_checkpoint(out, 0, model, meta)
+    (out / "config.json").write_text(json.dumps(run_cfg.to_dict(), indent=1))
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return path, model.cfg
+
+
+def convert_to_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """Write a gptlab run (or checkpoint) as a Hugging Face GPT-2 directory: config.json,
+    model.safetensors, generation_config.json and the tokenizer: for GPT-2's, vocab.json,
+    merges.txt and tokenizer_config.json; for a trained BPE, tokenizer.json and
+    tokenizer_config.json. Returns the names of the files written.
+
+    A char-tokenizer run gets the weights and config only (transformers has no tokenizer
+    for it); the caller should say so.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise GptlabError(f"{str(out)!r} is not empty; choose a new output directory")
+    model, identity = load_any(run_dir)
+    tokenizer = from_identity(identity)
+    eos = getattr(tokenizer, "eot_token", None)
+    sd = state_dict_to_hf(model)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", config_to_hf(model.cfg, eos))
+        _write_json(
+            tmp / "generation_config.json",
+            {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos},
+        )
+        if identity.get("type") == "gpt2":
+            _write_gpt2_tokenizer(tmp, model.cfg.context_length)
+        elif identity.get("type") == "bpe":
+            _write_trained_tokenizer(tmp, identity["json"], model.cfg.context_length)
+        names = sorted(p.name for p in tmp.iterdir())
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GptlabError(f"could not write {str(out)!r} ({e.strerror or e})") from None
+    return names
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _special_tokens_config(tokenizer_class: str, max_len: int) -> dict[str, Any]:
+    return {
+        "tokenizer_class": tokenizer_class,
+        "model_max_length": max_len,
+        "bos_token": ENDOFTEXT,
+        "eos_token": ENDOFTEXT,
+        "unk_token": ENDOFTEXT,
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def _write_trained_tokenizer(out: Path, json_text: str, max_len: int) -> None:
+    """A `gptlab tokenizer train` BPE is a `tokenizers` file already: transformers loads it
+    as a PreTrainedTokenizerFast from tokenizer.json."""
+    (out / "tokenizer.json").write_text(json_text, encoding="utf-8")
+    _write_json(
+        out / "tokenizer_config.json", _special_tokens_config("PreTrainedTokenizerFast", max_len)
+    )
+
+
+def _write_gpt2_tokenizer(out: Path, max_len: int) -> None:
+    """vocab.json and merges.txt are OpenAI's encoder.json and vocab.bpe (the same content
+    under transformers' names); gpt2_encoding() checks their hashes first."""
+    gpt2_encoding()
+    encoder_json, vocab_bpe = gpt2_bpe_files()
+    _write_json(out / "vocab.json", json.loads(encoder_json.read_text(encoding="utf-8")))
+    shutil.copyfile(vocab_bpe, out / "merges.txt")
+    _write_json(out / "tokenizer_config.json", _special_tokens_config("GPT2Tokenizer", max_len))
+    _write_json(
+        out / "special_tokens_map.json",
+        {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT},
+    )
