@@ -62,6 +62,8 @@ PLAIN = {
         "fused_optimizer": False,
         "compile": "off",
         "chunked_loss": "off",
+        "fast_dropout": "off",
+        "host_memory": "release",
     },
 }
 
@@ -75,6 +77,9 @@ def ladder(device_type: str) -> list[tuple[str, dict[str, Any]]]:
         ("+ sdpa attention", {"model.attention": "sdpa"}),
         ("+ bf16 autocast", {"train.precision": "bf16"}),
         ("+ fused adamw", {"train.fused_optimizer": True}),
+        # host-side switches: the CPU's allocator and dropout masks (no-ops on CUDA)
+        ("+ malloc keeps freed memory", {"train.host_memory": "keep"}),
+        ("+ fast dropout masks", {"train.fast_dropout": "on"}),
         ("+ compile", {"train.compile": "on"}),
         ("+ vocab padded to 64", {"model.vocab_multiple": 64}),
         ("+ chunked loss", {"train.chunked_loss": "on"}),
@@ -83,6 +88,12 @@ def ladder(device_type: str) -> list[tuple[str, dict[str, Any]]]:
     ]
     last = "+ compile" if device_type == "cpu" else "+ chunked loss"
     steps.append(steps.pop([name for name, _ in steps].index(last)))
+    if device_type != "cpu":
+        steps = [
+            (name, change)
+            for name, change in steps
+            if "train.host_memory" not in change and "train.fast_dropout" not in change
+        ]
     return [("fp32, manual attention", {})] + steps
 
 

@@ -27,11 +27,21 @@ def test_ladder_starts_plain_and_ends_with_every_switch(bench, device):
     first = bench.row_settings("small", rows, 0)
     assert first["model.attention"] == "manual" and first["train.precision"] == "fp32"
     assert not first["train.fused_optimizer"] and first["train.compile"] == "off"
+    assert first["train.host_memory"] == "release" and first["train.fast_dropout"] == "off"
     last = bench.row_settings("small", rows, len(rows) - 1)
     assert last["model.attention"] == "sdpa" and last["train.precision"] == "bf16"
     assert last["train.fused_optimizer"] and last["train.compile"] == "on"
     assert last["train.chunked_loss"] == "on" and last["model.vocab_multiple"] == 64
     assert last["train.batch_size"] == 2 * bench.WORKLOADS["small"]["train"]["batch_size"]
+    # the host-side switches are CPU rows only (on CUDA they would change nothing)
+    host_rows = [
+        name
+        for name, change in rows
+        if "train.host_memory" in change or "train.fast_dropout" in change
+    ]
+    assert len(host_rows) == (2 if device == "cpu" else 0)
+    if device == "cpu":
+        assert last["train.host_memory"] == "keep" and last["train.fast_dropout"] == "on"
     # the switch auto leaves off on this device comes last
     assert rows[-1][0] == ("+ compile" if device == "cpu" else "+ chunked loss")
 

@@ -306,3 +306,24 @@ def test_padded_logits_never_appear_in_samples():
     for chunked in (False, True):
         loss = model_loss(model, idx, y, chunked=chunked)
         assert loss.item() == pytest.approx(np.log(10), rel=1e-6)
+
+
+def test_a_compiler_failure_is_one_line_with_the_way_out(tmp_path):
+    """A broken compiler (no C++ compiler, a corrupt inductor cache) fails the first step;
+    the user gets what failed and how to go on, not inductor's traceback."""
+    from torch._inductor.exc import InductorError
+
+    from gptlab.errors import GptlabError
+
+    trainer = _trainer(tmp_path, "compiled", **{"train.compile": "on"})
+    assert trainer.compiled
+
+    def broken(x, y):
+        raise InductorError(ImportError("main.so: file too short"), None)
+
+    trainer.loss_fn = broken
+    with pytest.raises(GptlabError) as e:
+        trainer.run()
+    msg = str(e.value)
+    assert "torch.compile failed" in msg and "file too short" in msg
+    assert "--compile off" in msg and "\n" not in msg

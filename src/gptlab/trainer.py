@@ -18,10 +18,12 @@ step k repeats the uninterrupted run's steps k+1, k+2, ... bit for bit (CPU, fp3
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,7 +43,7 @@ from gptlab.evaluate import calc_loss_batch, evaluate_model
 from gptlab.generate import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
 from gptlab.loss import model_loss
 from gptlab.metrics import MetricsLog, peak_flops, peak_memory_mib, truncate_metrics
-from gptlab.model import GPTModel, count_parameters, flops_per_token
+from gptlab.model import GPTModel, count_parameters, flops_per_token, use_fast_dropout
 from gptlab.optim import build_optimizer, lr_at
 
 # --------------------------------------------------------------------------- the walk-through's loop
@@ -160,6 +162,34 @@ def resolve_chunked_loss(name: str, device: torch.device) -> bool:
     if name != "auto":
         return name == "on"
     return device.type == "cpu"
+
+
+def keep_freed_host_memory() -> bool:
+    """Have glibc's malloc keep freed memory in the process for reuse; True if it took.
+
+    By default glibc serves large blocks (above a threshold that starts at 128 KiB and
+    rises to at most 32 MiB) with their own mmap and unmaps them when freed, so a step that frees and re-allocates its large activations, logits and
+    gradients page-faults them in again every step (zeroed page by page by the kernel): on
+    our 2-core CPU 1.2-1.3x of the step time (BENCHMARKS.md). With mmap off and a high trim
+    threshold, freed blocks stay on the heap and the next step reuses them; the cost is that
+    the process keeps its peak memory until it exits. Process-wide and for good; a no-op
+    (False) off Linux or with another C library.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and friends: no glibc tunables
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def resolve_host_memory(name: str, device: torch.device) -> str:
+    """'auto' -> 'keep' when training on CPU, where the host allocator is the hot path."""
+    if name != "auto":
+        return name
+    return "keep" if device.type == "cpu" else "release"
 
 
 def make_loss_fn(
@@ -313,9 +343,17 @@ class Trainer:
             total = min(total, tc.max_steps) if total else tc.max_steps
         self.total_steps = total  # 0 when only wall time limits the run
 
+        self.host_memory = resolve_host_memory(tc.host_memory, self.device)
+        if self.host_memory == "keep" and not keep_freed_host_memory():
+            self.host_memory = "release"  # not glibc: the C library's own behaviour stays
+
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         self.model = GPTModel(mc).to(self.device)
+        self.fast_dropout = tc.fast_dropout == "on" or (
+            tc.fast_dropout == "auto" and self.device.type == "cpu"
+        )
+        use_fast_dropout(self.model, self.fast_dropout)  # only CPU tensors take the fast path
         if init_weights is not None and not resume:
             init_weights(self.model)  # e.g. GPT-2's (train --init-from); a resume loads its own
         # DDP wrapper or FSDP2 shards (in place, so the optimizer comes after); a single
@@ -662,6 +700,20 @@ class Trainer:
         self.state.tokens_seen += self.accum * x.numel()
         return loss_val, norm_val
 
+    def _first_compiled_step(self) -> tuple[float, float]:
+        """The first step, which compiles: a compiler failure (no C++ compiler on a CPU
+        machine, a corrupt cache) becomes one line that says how to go on."""
+        try:
+            return self.train_step()
+        except Exception as e:
+            if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise GptlabError(
+                f"torch.compile failed ({first_line[:200]}); train without it (--compile off), "
+                "or clear the compiler cache (rm -rf /tmp/torchinductor_$USER) and retry"
+            ) from None
+
     def _batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Training batch `index` of `epoch` on the device (prefetched when it was)."""
         pending, self._pending = self._pending, None
@@ -693,6 +745,8 @@ class Trainer:
             world_size=self.dist.world_size,
             parallel=self.dist.mode,
             chunked_loss=self.chunked_loss,
+            fast_dropout=self.fast_dropout,
+            host_memory=self.host_memory,
             accum=self.accum,
             batch_tokens=self.accum * tc.batch_size * self.cfg.model.context_length,
             steps_per_epoch=self.steps_per_epoch,
@@ -710,7 +764,10 @@ class Trainer:
         while (reason := self.done()) is None:
             t0 = time.perf_counter()
             tokens_before = st.tokens_seen
-            loss, norm = self.train_step()
+            if first_step and self.compiled:
+                loss, norm = self._first_compiled_step()
+            else:
+                loss, norm = self.train_step()
             dist_lib.maybe_fail_for_test(self.dist, st.step)
             dt = time.perf_counter() - t0  # .item() in train_step has synchronised the device
             st.train_time += dt
