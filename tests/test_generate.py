@@ -97,3 +97,39 @@ def test_eos_in_a_batch_pads_finished_rows(model):
     out = generate(model, prompts, 10, eos_id=eos)
     assert (out[0, 3:] == eos).all()  # row 0 ended at once and is padded with eos
     assert torch.equal(out[1], greedy[1])  # row 1 goes on unchanged
+
+
+def test_ids_beyond_the_tokenizers_vocabulary_are_never_sampled():
+    """A model may have a larger vocab_size than its tokenizer (chosen for speed, or after
+    --model.vocab_size); ids past the tokenizer's vocabulary cannot be decoded, so text
+    generation never samples them, however likely the model makes them."""
+    from types import SimpleNamespace
+
+    from gptlab.generate import eot_id, stream_text
+    from gptlab.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefgh ")
+    n = tok.n_vocab
+
+    class FavoursUnknownIds(torch.nn.Module):
+        cfg = SimpleNamespace(context_length=8)
+
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))  # a device to be found on
+
+        def forward(self, idx, cache=None):  # (B, T) -> (B, T, n + 30)
+            logits = torch.zeros(*idx.shape, n + 30)
+            logits[..., n:] = 5.0  # the undecodable ids are each e^5 times likelier
+            if eot_id(tok) is not None:
+                logits[..., eot_id(tok)] = -1e9  # no early end: the text has all 20 tokens
+            return logits
+
+    model = FavoursUnknownIds()
+    prompt = torch.tensor([tok.encode("ab")])
+    free = generate(model, prompt, 20, temperature=1.0, seed=0, use_cache=False)
+    assert (free[:, 2:] >= n).any()  # unguarded, the model does pick them
+    limited = generate(model, prompt, 20, temperature=1.0, seed=0, use_cache=False, vocab_limit=n)
+    assert (limited[:, 2:] < n).all()
+    text = "".join(stream_text(model, tok, "ab", 20, temperature=1.0, seed=0, use_cache=False))
+    assert len(text) == 20 and set(text) <= set("abcdefgh ")

@@ -99,6 +99,7 @@ def generate_stream(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     compile: bool = False,
+    vocab_limit: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next ids (B, 1) after idx (B, T), one step at a time, as they are sampled.
 
@@ -124,6 +125,8 @@ def generate_stream(
             else:
                 logits = step_fn(model, idx_next, cache)  # (B, V): the newest token only
                 filled += 1
+            if vocab_limit is not None:
+                logits = logits[:, :vocab_limit]  # (B, V'): ids the tokenizer can decode
             idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if eos_id is not None:
                 # As in the walk-through, the end token itself is not appended; sequences that
@@ -168,6 +171,7 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     compile: bool = False,
+    vocab_limit: int | None = None,
 ) -> torch.Tensor:
     """Sample up to `max_new_tokens` tokens after idx (B, T) -> (B, T + n).
 
@@ -176,6 +180,8 @@ def generate(
     `use_cache=False` recomputes the whole window at every step (the walk-through's way);
     `compile=True` runs the cached steps through torch.compile with a static cache (for
     CUDA, where it replays each step as a CUDA graph; the first call compiles).
+    `vocab_limit` samples only ids below it: a model whose vocab_size exceeds its
+    tokenizer's vocabulary (set so for speed) never emits an id the tokenizer cannot decode.
     """
     steps = generate_stream(
         model,
@@ -190,6 +196,7 @@ def generate(
         generator,
         use_cache,
         compile,
+        vocab_limit,
     )
     return torch.cat([idx, *steps], dim=1)
 
@@ -207,13 +214,15 @@ def stream_text(
     Stops at `<|endoftext|>`, after `max_new_tokens`, or before the first stop string (which
     is not yielded). Text that may still turn into a stop string, or ends inside a multi-byte
     character, is held back until the next tokens decide it. `sampling` takes `generate`'s
-    keyword arguments (temperature, top_k, top_p, seed, use_cache, ...).
+    keyword arguments (temperature, top_k, top_p, seed, use_cache, ...); only ids the
+    tokenizer can decode are sampled.
     """
     device = next(model.parameters()).device
     idx = text_to_token_ids(prompt, tokenizer).to(device)  # (1, T)
     ids: list[int] = []
     sent = 0  # characters of the continuation yielded so far
     text = ""
+    sampling.setdefault("vocab_limit", tokenizer.n_vocab)
     steps = generate_stream(model, idx, max_new_tokens, eos_id=eot_id(tokenizer), **sampling)
     for idx_next in steps:
         ids.append(int(idx_next[0, 0]))
@@ -244,6 +253,7 @@ def complete(
     reproducible for a given `seed` and the same prompts."""
     device = next(model.parameters()).device
     eos = eot_id(tokenizer)
+    sampling.setdefault("vocab_limit", tokenizer.n_vocab)
     encoded = [tokenizer.encode(p, allowed_special={ENDOFTEXT}) for p in prompts]
     out: list[str] = [""] * len(prompts)
     for length in sorted({len(e) for e in encoded}):

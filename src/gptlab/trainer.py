@@ -569,7 +569,13 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(self.sample_gen_seed)
         with autocast(self.device, self.precision):
             out = generate(
-                self.model, idx, tc.sample_tokens, temperature=0.8, top_k=40, generator=gen
+                self.model,
+                idx,
+                tc.sample_tokens,
+                temperature=0.8,
+                top_k=40,
+                generator=gen,
+                vocab_limit=tok.n_vocab,
             )
         self.model.train()
         text = token_ids_to_text(out.cpu(), tok)
