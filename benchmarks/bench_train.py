@@ -85,6 +85,9 @@ def ladder(device_type: str) -> list[tuple[str, dict[str, Any]]]:
         ("+ chunked loss", {"train.chunked_loss": "on"}),
         ("+ one qkv matmul", {"model.fused_qkv": True}),
         ("+ 2x batch", {"train.batch_size": "x2"}),
+        # one optimizer step (and clip, and host sync) per 4 micro-batches, as nanoGPT's
+        # GPT-2 runs accumulate 40: per-step work is paid once per 4x the tokens
+        ("+ 4 micro-batches per step", {"train.batch_tokens": "accum4"}),
     ]
     last = "+ compile" if device_type == "cpu" else "+ chunked loss"
     steps.append(steps.pop([name for name, _ in steps].index(last)))
@@ -106,7 +109,11 @@ def row_settings(workload: str, rows: list[tuple[str, dict[str, Any]]], k: int) 
             settings[f"{section}.{key}"] = value
     for _, change in rows[1 : k + 1]:
         for key, value in change.items():
-            settings[key] = settings[key] * 2 if value == "x2" else value
+            if value == "x2":
+                value = settings[key] * 2
+            elif value == "accum4":  # batch_tokens of 4 micro-batches at the row's shapes
+                value = 4 * settings["train.batch_size"] * settings["model.context_length"]
+            settings[key] = value
     return settings
 
 
@@ -158,7 +165,8 @@ def run_row(
     set_field(cfg, "train.max_steps", warmup + steps)
     B, T = cfg.train.batch_size, cfg.model.context_length
     rng = np.random.default_rng(0)
-    n_tokens = (warmup + steps + 1) * B * (T + 1) + T + 1
+    accum = max(1, cfg.train.batch_tokens // (B * T))  # micro-batches per step
+    n_tokens = (warmup + steps + 1) * accum * B * (T + 1) + T + 1
     V = cfg.model.vocab_size
     tokens = rng.integers(0, V, n_tokens, dtype=np.uint16)
     corpus = Corpus(tokens, tokens[: 2 * (T + 1)], _RandomTokens(V), "random")
@@ -193,6 +201,7 @@ def run_row(
         "compiled": trainer.compiled,
         "chunked_loss": trainer.chunked_loss,
         "batch_size": B,
+        "micro_batches": trainer.accum,
         "context_length": T,
         "tokens_per_s": round(tps, 1),
         "ms_per_step": round(1000 * elapsed / steps, 2),

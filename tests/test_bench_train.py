@@ -33,6 +33,8 @@ def test_ladder_starts_plain_and_ends_with_every_switch(bench, device):
     assert last["train.fused_optimizer"] and last["train.compile"] == "on"
     assert last["train.chunked_loss"] == "on" and last["model.vocab_multiple"] == 64
     assert last["train.batch_size"] == 2 * bench.WORKLOADS["small"]["train"]["batch_size"]
+    # 4 micro-batches of the doubled batch per optimizer step
+    assert last["train.batch_tokens"] == 4 * last["train.batch_size"] * last["model.context_length"]
     # the host-side switches are CPU rows only (on CUDA they would change nothing)
     host_rows = [
         name
@@ -59,6 +61,12 @@ def test_a_row_runs_through_the_trainer(bench):
     r = bench.run_row(settings, "cpu", steps=3, warmup=1, max_seconds=5.0)
     assert r["steps"] == 3 and r["tokens_per_s"] > 0 and r["peak_mem_mib"] > 0
     assert r["batch_size"] == 2 and r["context_length"] == 16 and r["chunked_loss"] is True
+    assert r["micro_batches"] == 1
+    # with batch_tokens, a step runs its micro-batches over data sized for them
+    r = bench.run_row(
+        {**settings, "train.batch_tokens": 3 * 2 * 16}, "cpu", steps=3, warmup=1, max_seconds=5.0
+    )
+    assert r["micro_batches"] == 3 and r["steps"] == 3 and r["tokens_per_s"] > 0
 
 
 def test_the_bare_step_of_the_probe_trains_the_model():
