@@ -48,16 +48,19 @@ def test_ladder_starts_plain_and_ends_with_every_switch(bench, device):
     assert rows[-1][0] == ("+ compile" if device == "cpu" else "+ chunked loss")
 
 
+# A model that steps in milliseconds, for the scripts' own code paths.
+TINY = {
+    "model.vocab_size": 97,
+    "model.context_length": 16,
+    "model.emb_dim": 32,
+    "model.n_heads": 2,
+    "model.n_layers": 1,
+    "train.compile": "off",
+}
+
+
 def test_a_row_runs_through_the_trainer(bench):
-    settings = {
-        "model.vocab_size": 97,
-        "model.context_length": 16,
-        "model.emb_dim": 32,
-        "model.n_heads": 2,
-        "model.n_layers": 1,
-        "train.batch_size": 2,
-        "train.compile": "off",
-    }
+    settings = {**TINY, "train.batch_size": 2}
     r = bench.run_row(settings, "cpu", steps=3, warmup=1, max_seconds=5.0)
     assert r["steps"] == 3 and r["tokens_per_s"] > 0 and r["peak_mem_mib"] > 0
     assert r["batch_size"] == 2 and r["context_length"] == 16 and r["chunked_loss"] is True
@@ -75,17 +78,7 @@ def test_the_bare_step_of_the_probe_trains_the_model():
     spec = importlib.util.spec_from_file_location("probe_step", SCRIPT.with_name("probe_step.py"))
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
-    settings = {
-        "model.vocab_size": 97,
-        "model.context_length": 16,
-        "model.emb_dim": 32,
-        "model.n_heads": 2,
-        "model.n_layers": 1,
-        "model.drop_rate": 0.0,
-        "train.batch_size": 4,
-        "train.lr": 1e-2,
-        "train.compile": "off",
-    }
+    settings = {**TINY, "model.drop_rate": 0.0, "train.batch_size": 4, "train.lr": 1e-2}
     for read_loss in (True, False):
         r = probe.bare_row(settings, "cpu", steps=12, warmup=1, read_loss=read_loss)
         assert r["steps"] == 12 and r["tokens_per_s"] > 0
