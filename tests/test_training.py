@@ -147,3 +147,23 @@ def test_train_model_simple_records_and_prints(corpus_text, capsys, tokenizer):
     samples = [ln for ln in lines if ln.startswith("Every effort moves you")]
     assert len(samples) == num_epochs
     assert all(len(s) > len("Every effort moves you") for s in samples)
+
+
+def test_the_default_preset_runs_its_whole_schedule(tmp_path):
+    """The cpu preset's cosine is sized by max_steps; an epoch limit would cut the run (and
+    its schedule) short on a small corpus such as the built-in plays (673 steps an epoch)."""
+    import numpy as np
+
+    from gptlab.config import preset
+    from gptlab.data import Corpus
+    from gptlab.tokenizer import CharTokenizer
+    from gptlab.trainer import Trainer
+
+    text = "Every effort moves you to say more than you mean. " * 400
+    tok = CharTokenizer.from_text(text)
+    ids = np.asarray(tok.encode(text), dtype=np.uint16)
+    cfg = preset("cpu")
+    cfg.train.device = "cpu"
+    trainer = Trainer(cfg, Corpus(ids[:18000], ids[18000:], tok, "test"), tmp_path / "run")
+    assert trainer.steps_per_epoch < cfg.train.max_steps  # several passes over this text
+    assert trainer.total_steps == cfg.train.max_steps == 1000

@@ -281,10 +281,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     # The default run: the lowest validation loss we found in 10 minutes on 2 CPU cores.
-    # GPT-2 BPE beat a char-level 6x384 model in bits per byte (BENCHMARKS.md). A fixed
-    # step count lets the cosine reach its floor: 600 steps take ~9 minutes of training
-    # (~2,300 tokens/s with bf16 and the chunked loss on a quiet 2-core CPU) plus ~30 s of
-    # evaluation; max_time is only a safety net for slower machines.
+    # GPT-2 BPE beat a char-level 6x384 model in bits per byte, and 4 layers for 1,000
+    # steps beat 8 layers for 800 (BENCHMARKS.md). A fixed step count lets the cosine reach
+    # its floor: 1,000 steps take ~8 minutes of training (~4,150 tokens/s on a quiet 2-core
+    # CPU: bf16, chunked loss, kept host memory); max_time is a safety net for slower machines.
     "cpu": {
         "model": {
             "context_length": 128,
@@ -301,7 +301,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "lr": 2e-3,
             "warmup_steps": 50,
             "beta2": 0.95,
-            "max_steps": 600,
+            "epochs": 0,  # max_steps decides: 1,000 steps are ~1.5 passes over the plays
+            "max_steps": 1000,
             "max_time": 570.0,
             "eval_freq": 100,
             "eval_iter": 10,
