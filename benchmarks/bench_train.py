@@ -85,8 +85,8 @@ def ladder(device_type: str) -> list[tuple[str, dict[str, Any]]]:
         ("+ chunked loss", {"train.chunked_loss": "on"}),
         ("+ one qkv matmul", {"model.fused_qkv": True}),
         ("+ 2x batch", {"train.batch_size": "x2"}),
-        # one optimizer step (and clip, and host sync) per 4 micro-batches, as nanoGPT's
-        # GPT-2 runs accumulate 40: per-step work is paid once per 4x the tokens
+        # one optimizer step (and clip, and host sync) per 4 micro-batches (nanoGPT's
+        # default GPT-2 config accumulates 40): per-step work is paid once per 4x the tokens
         ("+ 4 micro-batches per step", {"train.batch_tokens": "accum4"}),
     ]
     last = "+ compile" if device_type == "cpu" else "+ chunked loss"

@@ -283,8 +283,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The default run: the lowest validation loss we found in 10 minutes on 2 CPU cores.
     # GPT-2 BPE beat a char-level 6x384 model in bits per byte, and 4 layers for 1,000
     # steps beat 8 layers for 800 (BENCHMARKS.md). A fixed step count lets the cosine reach
-    # its floor: 1,000 steps take ~8 minutes of training (~4,150 tokens/s on a quiet 2-core
-    # CPU: bf16, chunked loss, kept host memory); max_time is a safety net for slower machines.
+    # its floor: 1,000 steps took 509 s of training (~4,000 tokens/s on a quiet 2-core CPU:
+    # bf16, chunked loss, kept host memory); max_time is a safety net for slower machines.
     "cpu": {
         "model": {
             "context_length": 128,
