@@ -124,7 +124,7 @@ class TrainConfig:
     fast_dropout: str = "auto"
     # "auto" | "keep" | "release": "keep" has glibc's malloc keep freed memory for reuse
     # instead of handing large blocks back to the OS, which each step then page-faults in
-    # again (1.2-1.3x the tokens/s on our CPU); auto = keep when training on CPU (Linux)
+    # again (1.2-1.5x the tokens/s on our CPU); auto = keep when training on CPU (Linux)
     host_memory: str = "auto"
     checkpoint_every: int = 0  # steps; 0 = only at the end (and on signals)
     checkpoint_every_minutes: float = 0.0

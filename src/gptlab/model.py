@@ -73,8 +73,8 @@ class Dropout(nn.Dropout):
     """nn.Dropout; with `fast` set, CPU tensors get masks from `fast_dropout_mask`.
 
     PyTorch's CPU dropout draws one Bernoulli sample per element (~5 ns each on our 2-core
-    CPU: 15% of a training step of the 6x384 model); 16 random bits per element from one
-    64-bit draw per 4 elements cost a third of that. Off by default, so the walk-through's
+    CPU: 15% of a training step of the 6x384 model); 15 random bits per element, from one
+    63-bit draw per 4 elements, cost a third of that. Off by default, so the walk-through's
     model consumes the random stream exactly as its readers' does.
     """
 

@@ -168,12 +168,13 @@ def keep_freed_host_memory() -> bool:
     """Have glibc's malloc keep freed memory in the process for reuse; True if it took.
 
     By default glibc serves large blocks (above a threshold that starts at 128 KiB and
-    rises to at most 32 MiB) with their own mmap and unmaps them when freed, so a step that frees and re-allocates its large activations, logits and
-    gradients page-faults them in again every step (zeroed page by page by the kernel): on
-    our 2-core CPU 1.2-1.3x of the step time (BENCHMARKS.md). With mmap off and a high trim
-    threshold, freed blocks stay on the heap and the next step reuses them; the cost is that
-    the process keeps its peak memory until it exits. Process-wide and for good; a no-op
-    (False) off Linux or with another C library.
+    rises to at most 32 MiB) with their own mmap and unmaps them when freed, so a training
+    step that frees and re-allocates its activations, logits and gradients page-faults them
+    in again every step, zeroed page by page by the kernel (~600k faults per step for a
+    6x384 model on our 2-core CPU; keeping the memory made it 1.2-1.5x faster, see
+    BENCHMARKS.md). With mmap off and a high trim threshold, freed blocks stay on the heap
+    and the next step reuses them; the cost is that the process keeps its peak memory until
+    it exits. Process-wide and for good; a no-op (False) off Linux or with another C library.
     """
     if not sys.platform.startswith("linux"):
         return False
