@@ -877,7 +877,7 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     )
     from gptlab.evaluate import evaluate_tokens
     from gptlab.tokenizer import token_byte_lengths
-    from gptlab.trainer import autocast
+    from gptlab.trainer import autocast, keep_freed_host_memory
 
     if args.batch_size < 1:
         raise GptlabError("--batch-size must be 1 or more")
@@ -886,6 +886,9 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     if args.precision not in ("fp32", "bf16", "fp16"):
         raise GptlabError(f"--precision must be fp32, bf16 or fp16, got {args.precision!r}")
     model, tokenizer, device = load_run_model(args.checkpoint, args.device)
+    if device.type == "cpu":
+        # each batch's (B, T, V) logits would be page-faulted in afresh: 1.7x faster kept
+        keep_freed_host_memory()
     cfg = RunConfig.from_dict(_run_meta(args.checkpoint)["config"])
     source = args.data or cfg.data.source
     if is_prepared(source):
