@@ -59,7 +59,9 @@ def bare_row(
         keep_freed_host_memory,
         make_loss_fn,
         resolve_chunked_loss,
+        resolve_compile,
         resolve_device,
+        resolve_fast_dropout,
         resolve_host_memory,
         resolve_precision,
     )
@@ -72,13 +74,11 @@ def bare_row(
     if resolve_host_memory(tc.host_memory, dev) == "keep":
         keep_freed_host_memory()
     precision = resolve_precision(tc.precision, dev)
-    compiled = tc.compile == "on" or (tc.compile == "auto" and dev.type == "cuda")
+    compiled = resolve_compile(tc.compile, dev)
     chunked = resolve_chunked_loss(tc.chunked_loss, dev)
     torch.manual_seed(0)
     model = GPTModel(mc).to(dev)
-    use_fast_dropout(
-        model, tc.fast_dropout == "on" or (tc.fast_dropout == "auto" and dev.type == "cpu")
-    )
+    use_fast_dropout(model, resolve_fast_dropout(tc.fast_dropout, dev))
     model.train()
     optimizer = build_optimizer(model, tc, dev)
     if compile_mode:

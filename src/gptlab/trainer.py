@@ -164,6 +164,18 @@ def resolve_chunked_loss(name: str, device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def resolve_compile(name: str, device: torch.device) -> bool:
+    """'auto' -> torch.compile on CUDA only: on CPU it needs a C++ toolchain, its first step
+    takes 25-40 s, and it added only 4-17% there (BENCHMARKS.md). 'on'/'off' as given."""
+    return name == "on" or (name == "auto" and device.type == "cuda")
+
+
+def resolve_fast_dropout(name: str, device: torch.device) -> bool:
+    """'auto' -> the fast dropout masks (gptlab.model.Dropout) when training on CPU, where
+    PyTorch's per-element Bernoulli draws are slow; CUDA's dropout is fused already."""
+    return name == "on" or (name == "auto" and device.type == "cpu")
+
+
 def keep_freed_host_memory() -> bool:
     """Have glibc's malloc keep freed memory in the process for reuse; True if it took.
 
@@ -351,9 +363,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         self.model = GPTModel(mc).to(self.device)
-        self.fast_dropout = tc.fast_dropout == "on" or (
-            tc.fast_dropout == "auto" and self.device.type == "cpu"
-        )
+        self.fast_dropout = resolve_fast_dropout(tc.fast_dropout, self.device)
         use_fast_dropout(self.model, self.fast_dropout)  # only CPU tensors take the fast path
         if init_weights is not None and not resume:
             init_weights(self.model)  # e.g. GPT-2's (train --init-from); a resume loads its own
@@ -362,7 +372,7 @@ class Trainer:
         self.parallel_model = dist_lib.parallelize(self.model, tc.parallel, self.dist)
         self.optimizer = build_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.compiled = tc.compile == "on" or (tc.compile == "auto" and self.device.type == "cuda")
+        self.compiled = resolve_compile(tc.compile, self.device)
         single = self.dist.world_size == 1
         # Under DDP/FSDP2 the loss must run through the wrapper (its forward drives gradient
         # sync and FSDP2's all-gathers), so the chunked loss, which calls the bare model's
