@@ -457,6 +457,12 @@ def test_foreign_and_empty_directories_give_one_line_errors(tmp_path, capsys):
     assert cli.main(["generate", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "does not exist" in one_line_error(capsys)
 
+    a_file = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, a_file)
+    assert cli.main(["generate", "--checkpoint", str(a_file)]) == 2
+    assert "is a file, not a run or checkpoint directory" in one_line_error(capsys)
+    assert a_file.stat().st_size > 0  # looked at, never touched
+
 
 @pytest.mark.parametrize("pointer", [b"\xff\xfe\x00garbage", b"step-00000099\n", b"../../etc\n"])
 def test_a_damaged_latest_pointer_falls_back_to_the_newest_checkpoint(run, pointer):

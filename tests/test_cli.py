@@ -328,7 +328,7 @@ BAD_CKPT_DIRS = {
     "meta without config": (_no_config_meta, ["metadata"]),
     "meta config not a table": (_bad_sections_meta, ["metadata"]),
     "meta tokenizer not a table": (_bad_tokenizer_meta, ["metadata"]),
-    "foreign checkpoint": (_foreign_weights_only, ["no checkpoint found"]),
+    "foreign checkpoint": (_foreign_weights_only, ["pytorch_model.bin", "convert from-hf"]),
     "empty dir": (_empty, ["no checkpoint found"]),
 }
 

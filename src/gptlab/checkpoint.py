@@ -32,6 +32,9 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 META = "meta.json"
+# Weights written by other tools (Hugging Face, plain torch.save): named in the error when a
+# directory holds them but no gptlab checkpoint.
+FOREIGN_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -209,6 +212,17 @@ def latest_checkpoint(path: str | Path, missing_ok: bool = False) -> Path | None
     if not p.exists():
         raise GptlabError(
             f"{str(p)!r} does not exist; pass a run directory made by `gptlab train` (see runs/)"
+        )
+    if p.is_file():
+        raise GptlabError(
+            f"{str(p)!r} is a file, not a run or checkpoint directory; pass a directory made "
+            f"by `gptlab train` (a Hugging Face model: `gptlab convert from-hf SRC OUT_DIR`)"
+        )
+    foreign = sorted(q.name for q in p.iterdir() if q.suffix in FOREIGN_SUFFIXES)
+    if foreign:
+        raise GptlabError(
+            f"no gptlab checkpoint in {str(p)!r} (found {foreign[0]}, another tool's format); "
+            f"for a Hugging Face GPT-2 run `gptlab convert from-hf {p} OUT_DIR`"
         )
     raise GptlabError(
         f"no checkpoint found in {str(p)!r}; train first with `gptlab train --out {p}`"
