@@ -421,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if path and not (Path(path) / marker).is_file():
             p.error(f"{flag} {path!r} has no {marker}; pass the root of a clone")
+    given = {"--book": args.book, "--nanogpt": args.nanogpt, "--litgpt-python": args.litgpt_python}
+    left_out = [flag for flag, path in given.items() if not path]
     if not args.book:
         wanted = [r for r in wanted if r != "book"]
     if not args.nanogpt:
@@ -434,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.warmup} warm-up; {_device_line(args.device)}",
         flush=True,
     )
+    if left_out:
+        print(f"(references left out: give {', '.join(left_out)} to time them too)", flush=True)
     header = (
         f"{'implementation':36s} {'tokens/s':>9s} {'ms/step':>9s} {'peak MiB':>9s} {'vs 1st':>7s}"
     )
