@@ -155,7 +155,7 @@ def run_row(
 
     from gptlab.config import RunConfig, set_field
     from gptlab.data import Corpus
-    from gptlab.metrics import measured_matmul_flops, peak_memory_mib, sync
+    from gptlab.runtime import measured_matmul_flops, peak_memory_mib, sync
     from gptlab.trainer import Trainer
 
     cfg = RunConfig()
@@ -197,9 +197,9 @@ def run_row(
     peak = measured_matmul_flops(dev, torch.bfloat16)
     return {
         "device": _device_name(dev),
-        "precision": trainer.precision,
-        "compiled": trainer.compiled,
-        "chunked_loss": trainer.chunked_loss,
+        "precision": trainer.rt.precision,
+        "compiled": trainer.rt.compiled,
+        "chunked_loss": trainer.rt.chunked_loss,
         "batch_size": B,
         "micro_batches": trainer.accum,
         "context_length": T,

@@ -23,15 +23,16 @@ def evaluate_run(run_dir: str, device: str = "cpu", batch_size: int = 16) -> dic
     import torch.nn.functional as F
 
     from gptlab import checkpoint as ckpt_lib
-    from gptlab.cli import load_run_model
     from gptlab.data import TokenWindowLoader, load_corpus
     from gptlab.evaluate import bits_per_byte
+    from gptlab.runs import open_run
     from gptlab.tokenizer import ENDOFTEXT
 
-    model, tokenizer, dev = load_run_model(run_dir, device)
-    meta = ckpt_lib.read_meta(ckpt_lib.latest_checkpoint(run_dir))
-    data = meta["config"]["data"]
-    corpus = load_corpus(data["source"], data["tokenizer"], data["train_ratio"], tokenizer)
+    run = open_run(run_dir, device)
+    model, tokenizer, dev = run.model, run.tokenizer, run.device
+    data = run.config.data
+    meta = ckpt_lib.read_meta(run.checkpoint)
+    corpus = load_corpus(data.source, data.tokenizer, data.train_ratio, tokenizer)
     T = model.cfg.context_length
     loader = TokenWindowLoader(corpus.val, batch_size, T, T, shuffle=False, drop_last=False)
     total, n_tokens = 0.0, 0

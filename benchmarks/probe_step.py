@@ -51,19 +51,21 @@ def bare_row(
     import torch
 
     from gptlab.config import RunConfig, set_field
-    from gptlab.metrics import measured_matmul_flops, peak_memory_mib, sync
+    from gptlab.loss import make_loss_fn
     from gptlab.model import GPTModel, flops_per_token, use_fast_dropout
     from gptlab.optim import build_optimizer
-    from gptlab.trainer import (
+    from gptlab.runtime import (
         autocast,
         keep_freed_host_memory,
-        make_loss_fn,
+        measured_matmul_flops,
+        peak_memory_mib,
         resolve_chunked_loss,
         resolve_compile,
         resolve_device,
         resolve_fast_dropout,
         resolve_host_memory,
         resolve_precision,
+        sync,
     )
 
     cfg = RunConfig()

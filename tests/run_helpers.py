@@ -130,7 +130,7 @@ def latest_step(run_dir: Path) -> int:
 GATED_CHILD = """
 import sys
 import torch
-from gptlab import cli, trainer
+from gptlab import cli, loss
 
 kind, n = sys.argv[1].split(":")
 calls = [0]
@@ -145,7 +145,7 @@ def gated(real):
     return wrapper
 
 if kind == "step":
-    trainer.model_loss = gated(trainer.model_loss)
+    loss.model_loss = gated(loss.model_loss)
 else:
     torch.save = gated(torch.save)
 sys.exit(cli.main(sys.argv[2:]))

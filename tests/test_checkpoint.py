@@ -28,10 +28,10 @@ from torch import nn
 
 from gptlab import GPTModel, ModelConfig, cli
 from gptlab import checkpoint as ckpt_lib
-from gptlab import trainer as trainer_mod
-from gptlab.cli import load_run_model
 from gptlab.config import RunConfig
 from gptlab.errors import GptlabError
+from gptlab.resume import rng_state, set_rng_state
+from gptlab.runs import open_run
 from gptlab.trainer import Trainer
 
 VARIANTS = {
@@ -89,8 +89,9 @@ def test_round_trip_identical_logits(tmp_path, tiny_model_cfg, variant):
     assert ckpt_lib.load_state(path) == {"step": 7}
 
     # the `gptlab generate` loading path: run dir -> config + tokenizer + weights
-    loaded, tokenizer, device = load_run_model(str(tmp_path), "cpu")
-    assert device.type == "cpu" and not loaded.training
+    run = open_run(str(tmp_path), "cpu")
+    loaded, tokenizer = run.model, run.tokenizer
+    assert run.device.type == "cpu" and not loaded.training
     assert tokenizer.n_vocab == 50257
     assert loaded.cfg == cfg
     with torch.no_grad():
@@ -220,10 +221,10 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     import numpy as np
 
     model = nn.Linear(2, 2)  # made first: its initialisation draws from the torch RNG
-    rng = trainer_mod._get_rng_state()
+    rng = rng_state()
     ckpt = ckpt_lib.save_checkpoint(tmp_path, 1, model, {}, {"rng": rng})
     first = (random.random(), np.random.rand(), torch.rand(3))
-    trainer_mod._set_rng_state(ckpt_lib.load_state(ckpt)["rng"])
+    set_rng_state(ckpt_lib.load_state(ckpt)["rng"])
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert first[:2] == again[:2] and torch.equal(first[2], again[2])
 
@@ -261,7 +262,7 @@ def test_trainer_with_compile_on_saves_clean_keys(text, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="eager"))
     cfg = tiny_config(2, compile="on")
     trainer = Trainer(cfg, tiny_corpus(text, cfg), tmp_path / "run")
-    assert trainer.compiled and trainer.train_model is not trainer.model
+    assert trainer.rt.compiled and trainer.train_model is not trainer.model
     trainer.run()
     keys = set(weights(ckpt_lib.latest_checkpoint(tmp_path / "run")))
     assert keys and not [k for k in keys if "_orig_mod" in k or k.startswith("module.")]
@@ -447,6 +448,10 @@ def test_foreign_and_empty_directories_give_one_line_errors(tmp_path, capsys):
     foreign.mkdir()
     save_file({"h.0.attn.c_attn.weight": torch.zeros(2, 2)}, str(foreign / "model.safetensors"))
     (foreign / "config.json").write_text('{"model_type": "gpt2"}')
+    # a folder with config.json is opened as a Hugging Face model, and its flaw is named
+    assert cli.main(["generate", "--checkpoint", str(foreign)]) == 2
+    assert "config.json lacks a valid GPT-2 field" in one_line_error(capsys)
+    (foreign / "config.json").unlink()  # weights without meta.json or config.json
     assert cli.main(["generate", "--checkpoint", str(foreign)]) == 2
     assert "is not a gptlab checkpoint (no meta.json)" in one_line_error(capsys)
 

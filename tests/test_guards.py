@@ -22,7 +22,7 @@ from run_helpers import (
 
 from gptlab import checkpoint as ckpt_lib
 from gptlab import cli
-from gptlab import trainer as trainer_mod
+from gptlab import loss as loss_mod
 from gptlab.optim import lr_at
 from gptlab.trainer import Trainer
 
@@ -34,13 +34,13 @@ def text(tmp_path_factory):
 
 def poison_loss(monkeypatch, trainer_ref: list, bad, factor: float = math.nan) -> None:
     """Multiply the training loss by `factor` in the steps (1-based) for which bad(step) holds."""
-    real = trainer_mod.model_loss
+    real = loss_mod.model_loss
 
     def calc(model, x, y, **kwargs):
         loss = real(model, x, y, **kwargs)
         return loss * factor if bad(trainer_ref[0].state.step + 1) else loss
 
-    monkeypatch.setattr(trainer_mod, "model_loss", calc)
+    monkeypatch.setattr(loss_mod, "model_loss", calc)
 
 
 def make_trainer(text, run_dir, steps=20, **train):

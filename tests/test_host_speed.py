@@ -116,7 +116,7 @@ _PROBE = textwrap.dedent(
     """
     import resource, sys
     import torch
-    from gptlab.trainer import keep_freed_host_memory
+    from gptlab.runtime import keep_freed_host_memory
     if sys.argv[1] == "keep":
         assert keep_freed_host_memory()
     sizes = [96, 40, 64, 40]  # MiB, all above glibc's largest mmap threshold (32 MiB)

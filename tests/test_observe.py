@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from gptlab import prepare as P
-from gptlab.cli import load_run_model, main
+from gptlab.cli import main
 from gptlab.data import TokenWindowLoader, load_corpus
 from gptlab.errors import GptlabError
 from gptlab.evaluate import calc_loss_loader
 from gptlab.metrics import read_metrics
+from gptlab.runs import open_run
 from gptlab.tokenizer import ENDOFTEXT, GPT2Tokenizer, token_byte_lengths
 
 T = 32  # the tiny preset's context
@@ -87,14 +88,15 @@ def test_eval_matches_direct_computation(runs, capsys, monkeypatch):
         == 0
     )
     r = json.loads(capsys.readouterr().out)
-    model, tok, device = load_run_model(str(a), "cpu")
+    run = open_run(str(a), "cpu")
+    model, tok = run.model, run.tokenizer
     tokens = np.array(tok.encode(data.read_text(encoding="utf-8")), dtype=np.int64)
     assert r["windows"] == 30 and r["tokens"] == 30 * T
     targets = tokens[1 : 30 * T + 1]
     assert r["bytes"] == len(tok.decode(targets.tolist()).encode("utf-8"))
     loader = TokenWindowLoader(tokens, 1, T, shuffle=False, drop_last=False)
     with torch.no_grad():
-        ref = calc_loss_loader(loader, model, device, num_batches=30)
+        ref = calc_loss_loader(loader, model, run.device, num_batches=30)
     assert r["loss"] == pytest.approx(ref, rel=1e-5)
     assert r["perplexity"] == pytest.approx(math.exp(ref), rel=1e-5)
     assert r["bits_per_byte"] == pytest.approx(ref * r["tokens"] / (r["bytes"] * math.log(2)))

@@ -32,6 +32,7 @@ from run_helpers import (
 
 from gptlab import checkpoint as ckpt_lib
 from gptlab import cli
+from gptlab import loss as loss_mod
 from gptlab import trainer as trainer_mod
 from gptlab.errors import GptlabError
 from gptlab.trainer import Trainer, stop_on_signals
@@ -140,14 +141,14 @@ def test_sigint_finishes_the_step_saves_and_resumes_exactly(text, reference, tmp
 def poison_step(monkeypatch, trainer_ref: list, at_step: int, action) -> None:
     """Run `action()` inside the loss computation of step `at_step` (1-based): a stand-in
     for a signal that arrives while a step is in progress."""
-    real = trainer_mod.model_loss
+    real = loss_mod.model_loss
 
     def calc(model, x, y, **kwargs):
         if trainer_ref[0].state.step + 1 == at_step:
             action()
         return real(model, x, y, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "model_loss", calc)
+    monkeypatch.setattr(loss_mod, "model_loss", calc)
 
 
 @pytest.mark.parametrize("k", [1, 8, 13])  # first step, an epoch boundary, mid-epoch
@@ -358,7 +359,7 @@ def test_measuring_the_peak_flops_leaves_the_random_stream_alone(tmp_path, monke
     """The trainer measures the matmul peak when its cache is cold, which happens after a
     resume restored the RNG states on another machine or thread count; it must not draw
     from the global generators."""
-    from gptlab.metrics import measured_matmul_flops
+    from gptlab.runtime import measured_matmul_flops
 
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
     before = torch.get_rng_state()

@@ -169,7 +169,8 @@ def test_cuda_fast_path_keeps_the_losses(tmp_path, plain_run):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_loss_compiles_as_one_graph(chunked, precision):
     """torch.compile sees model and loss whole: no graph breaks (dynamo's trace only)."""
-    from gptlab.trainer import autocast, make_loss_fn
+    from gptlab.loss import make_loss_fn
+    from gptlab.runtime import autocast
 
     cfg = ModelConfig(
         vocab_size=100, context_length=16, emb_dim=32, n_heads=2, n_layers=2, vocab_multiple=64
@@ -316,7 +317,7 @@ def test_a_compiler_failure_is_one_line_with_the_way_out(tmp_path):
     from gptlab.errors import GptlabError
 
     trainer = _trainer(tmp_path, "compiled", **{"train.compile": "on"})
-    assert trainer.compiled
+    assert trainer.rt.compiled
 
     def broken(x, y):
         raise InductorError(ImportError("main.so: file too short"), None)

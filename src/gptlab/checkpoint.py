@@ -25,7 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from gptlab.config import RunConfig
 from gptlab.errors import GptlabError
+from gptlab.model import GPTModel
 
 FORMAT = "gptlab-checkpoint"
 FORMAT_VERSION = 1
@@ -296,6 +298,31 @@ def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu
             f"checkpoint weights {str(path)!r} do not fit this model "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True for a gptlab run or checkpoint directory (as opposed to a Hugging Face one)."""
+    p = Path(path)
+    return (p / META).is_file() or (p / "checkpoints").is_dir()
+
+
+def load_trained_model(path: str | Path) -> tuple[GPTModel, RunConfig, dict[str, Any]]:
+    """(model in eval mode on the CPU, its run config, the checkpoint's meta) from a run
+    directory (its latest checkpoint) or a checkpoint directory. The meta's "tokenizer"
+    is checked to be there; `meta["path"]` is the checkpoint directory used."""
+    ckpt = latest_checkpoint(path)
+    meta = read_meta(ckpt)
+    try:
+        cfg = RunConfig.from_dict(meta["config"])
+        if not isinstance(meta["tokenizer"], dict):
+            raise TypeError("tokenizer is not an object")
+    except (KeyError, TypeError, AttributeError) as e:  # AttributeError: a value of the wrong kind
+        raise GptlabError(
+            f"checkpoint {str(ckpt)!r} has incomplete or malformed metadata ({e}); use another checkpoint"
+        ) from None
+    model = GPTModel(cfg.model)
+    load_weights(model, ckpt)
+    return model.eval(), cfg, {**meta, "path": str(ckpt)}
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from gptlab.errors import GptlabError
 
@@ -325,310 +323,66 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-# Model fields `train --init-from` lets the user change: they do not shape the weights.
-INIT_FROM_FREE = ("drop_rate", "attention")
-
-
-def init_from_source(args: argparse.Namespace, rest: list[str], cfg):
-    """For `train --init-from SRC`: (cfg with SRC's model config, source model, tokenizer identity)."""
-    from dataclasses import replace
-
+def _model_keys(args: argparse.Namespace, rest: list[str]) -> tuple[str, ...]:
+    """The model fields the user set (flags and --config file): `--init-from` checks them."""
     from gptlab import config as C
-    from gptlab import dist
-    from gptlab.hf import load_any
 
-    if args.resume:
-        raise GptlabError(
-            "--init-from starts a new run from other weights and --resume continues one; use one of them"
-        )
-    user_keys = [k.split(".", 1)[1] for k, _ in parse_overrides(rest) if k.startswith("model.")]
+    keys = [k.split(".", 1)[1] for k, _ in parse_overrides(rest) if k.startswith("model.")]
     if args.config:
-        user_keys += list(C.load_toml(args.config).get("model", {}))
-    fixed = [k for k in user_keys if k not in INIT_FROM_FREE]
-    if fixed:
-        raise GptlabError(
-            f"--init-from takes the model config from the source; model.{fixed[0]} cannot be set "
-            f"(only {', '.join('model.' + k for k in INIT_FROM_FREE)})"
-        )
-    if dist.detect().is_main:
-        print(f"gptlab: loading weights from {args.init_from!r}", flush=True)
-    source, identity = load_any(args.init_from)
-    changes = {k: getattr(cfg.model, k) for k in user_keys}
-    cfg.model = replace(source.cfg, **changes)
-    return cfg.validate(), source, identity
+        keys += list(C.load_toml(args.config).get("model", {}))
+    return tuple(keys)
 
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from gptlab.console import ConsoleView
+    from gptlab.trainer import train
+
     cfg, preset_name = build_config(args, rest)
-    source = None
-    if args.init_from:
-        cfg, source, source_tokenizer = init_from_source(args, rest, cfg)
-    run_dir = (
-        Path(args.out)
-        if args.out
-        else Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    if args.resume and not args.out:
-        raise GptlabError("--resume needs --out RUN_DIR: the run to continue")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise GptlabError(
-            f"--out {str(run_dir)!r} is a file, not a directory; choose another --out"
-        )
-    taken = [] if args.resume else _run_files_in(run_dir)
-    if taken:
-        raise GptlabError(
-            f"{str(run_dir)!r} already holds {', '.join(taken)}, which a new run would overwrite; "
-            "add --resume to continue that run, or choose another --out"
-        )
-
-    import torch
-
-    from gptlab import dist
-    from gptlab.data import is_prepared, load_corpus, read_manifest
-    from gptlab.plot import plot_run
-    from gptlab.trainer import Trainer, stop_on_signals
-
-    # Under torchrun every rank runs this command; only global rank 0 talks to the user.
-    main = dist.detect().is_main
-    if is_prepared(cfg.data.source):
-        manifest = read_manifest(cfg.data.source)
-        # the prepared data fixes the tokenizer and the split; the config records which
-        cfg.data.tokenizer = manifest["tokenizer_name"]
-        if main:
-            print(
-                f"gptlab: streaming prepared data {cfg.data.source!r} ({cfg.data.tokenizer} "
-                "tokenizer, its own train/val split)",
-                flush=True,
-            )
-    elif main:
-        print(
-            f"gptlab: loading data {cfg.data.source!r} ({cfg.data.tokenizer} tokenizer)", flush=True
-        )
-    corpus = load_corpus(cfg.data.source, cfg.data.tokenizer, cfg.data.train_ratio)
-    if is_prepared(cfg.data.source) and len(corpus.val) <= cfg.model.context_length:
-        raise GptlabError(
-            f"the validation split of {cfg.data.source!r} has {len(corpus.val)} tokens, fewer than "
-            f"one context window ({cfg.model.context_length + 1}); prepare it again with a larger "
-            "--val-ratio or more documents (or --doc-separator to split text files)"
-        )
-    init_weights = None
-    if source is not None:
-        ours = corpus.tokenizer.identity()
-        if ours != source_tokenizer:
-            kind = source_tokenizer.get("type")
-            raise GptlabError(
-                f"--init-from: {args.init_from!r} was trained with a {kind} tokenizer"
-                + (" of another vocabulary" if ours.get("type") == kind else "")
-                + f" but this data uses a {ours.get('type')} one; use data tokenized the same way"
-            )
-
-        def init_weights(model):
-            model.load_state_dict(source.state_dict())
-
-    elif corpus.tokenizer.identity()["type"] != "gpt2":
-        # char and trained vocabularies are sized by their tokenizer
-        cfg.model.vocab_size = corpus.tokenizer.n_vocab
-    try:  # a char vocabulary may lack the prompt's characters: say so now, not after training
-        corpus.tokenizer.encode(cfg.train.start_context)
-    except GptlabError as e:
-        raise GptlabError(
-            f"train.start_context {cfg.train.start_context!r} cannot be encoded ({e}); "
-            "set --train.start_context to text from your data"
-        ) from None
     view = ConsoleView(quiet=args.quiet)
-    trainer = Trainer(
-        cfg, corpus, run_dir, resume=args.resume, on_event=view, init_weights=init_weights
-    )
-    source = None  # init_weights ran in Trainer(); free this copy of the weights
-    if main:
-        _point_latest(run_dir)
-    tb = None
-    if args.tensorboard and main:
-        from gptlab.tb import TensorBoardWriter
-
-        tb = TensorBoardWriter(run_dir / "tensorboard", purge_step=trainer.state.step or None)
-        trainer.on_event = _fan_out(view, tb)
     try:
-        with stop_on_signals(trainer):
-            end = trainer.run()
+        result = train(
+            cfg,
+            args.out,
+            resume=args.resume,
+            init_from=args.init_from,
+            model_keys=_model_keys(args, rest) if args.init_from else (),
+            on_event=view,
+            tensorboard=args.tensorboard,
+            name=preset_name,
+        )
     finally:
         view.close()
-        if tb is not None:
-            tb.close()
-    # Only after a clean end: a rank that raised exits without waiting on the others.
-    dist.shutdown()
-    if not main:  # the same exit status as rank 0, without its messages
+    end = result.end
+    if not result.is_main:  # the same exit status as rank 0, without its messages
         return {"SIGINT": 130, "SIGTERM": 143, "nonfinite": 1}.get(end["reason"], 0)
-    try:
-        png = plot_run(run_dir)
-        print(f"loss plot: {png} (and .pdf)")
-    except GptlabError:
-        pass
+    if result.plot is not None:
+        print(f"loss plot: {result.plot} (and .pdf)")
     print(f"checkpoint: {end['checkpoint']}")
     if end["reason"] in ("SIGINT", "SIGTERM"):
         print(
-            f"stopped by {end['reason']} at step {end['step']}; resume with: gptlab train --out {run_dir} --resume"
+            f"stopped by {end['reason']} at step {end['step']}; resume with: "
+            f"gptlab train --out {result.run_dir} --resume"
         )
         return 130 if end["reason"] == "SIGINT" else 143
     if end["reason"] == "nonfinite":
         print(
-            f"gptlab: error: training stopped after {cfg.train.max_bad_steps} consecutive non-finite steps; "
-            "the last good weights are saved; resume with a lower --train.lr "
+            f"gptlab: error: training stopped after {result.config.train.max_bad_steps} consecutive "
+            "non-finite steps; the last good weights are saved; resume with a lower --train.lr "
             "(or train with --train.on_nonfinite rollback)",
             file=sys.stderr,
         )
         return 1
-    print(f'try it: gptlab generate --checkpoint {run_dir} --prompt "{cfg.train.start_context}"')
-    del torch
+    start = result.config.train.start_context
+    print(f'try it: gptlab generate --checkpoint {result.run_dir} --prompt "{start}"')
     return 0
-
-
-def _fan_out(*views):
-    def on_event(record: dict[str, Any]) -> None:
-        for v in views:
-            v(record)
-
-    return on_event
-
-
-# What a run writes into its directory: a new run must find none of them there.
-RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "loss-plot.pdf", "loss-plot.png")
-
-
-def _run_files_in(run_dir: Path) -> list[str]:
-    """The run files (and a non-empty checkpoints/) already in run_dir."""
-    taken = [name for name in RUN_FILES if (run_dir / name).exists()]
-    ckpts = run_dir / "checkpoints"
-    if ckpts.is_dir() and any(ckpts.iterdir()):
-        taken.insert(0, "checkpoints/")
-    return taken
-
-
-def _point_latest(run_dir: Path) -> None:
-    """Make runs/latest point at this run (a convenience; failures are harmless)."""
-    if run_dir.parent.name != "runs":
-        return
-    link = run_dir.parent / "latest"
-    try:
-        tmp = run_dir.parent / f".latest-{os.getpid()}"
-        tmp.symlink_to(run_dir.name)
-        os.replace(tmp, link)
-    except OSError:
-        pass
-
-
-class ConsoleView:
-    """Renders trainer events: a tqdm progress bar, evaluation lines and samples."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-        self.bar = None
-
-    def _print(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def __call__(self, r: dict[str, Any]) -> None:
-        ev = r["event"]
-        if ev == "start":
-            limit = r["total_steps"] or None
-            world = r.get("world_size", 1)
-            procs = f" | {world} processes ({r['parallel']})" if world > 1 else ""
-            self._print(
-                f"model: {r['params'] / 1e6:.2f}M parameters | device {r['device']} | precision {r['precision']}"
-                f"{' | compiled' if r['compiled'] else ''}{procs} | {r['batch_tokens']} tokens/step ({r['accum']} micro-batches)"
-                f" | {r['train_tokens']:,} train / {r['val_tokens']:,} val tokens"
-            )
-            # A bar only on a terminal: in a log file or pipe its redraws are noise, and one
-            # plain line per logged step is what a reader (or a supervising script) wants.
-            if not self.quiet and sys.stderr.isatty():
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(
-                    total=limit, initial=r["step"], unit="step", dynamic_ncols=True, smoothing=0.1
-                )
-        elif ev == "resume":
-            self._print(f"resuming from {r['checkpoint']} (step {r['step']})")
-            for c in r["changed"]:
-                self._print(f"  changed: {c}")
-        elif ev == "train":
-            if self.bar is not None:
-                self.bar.n = r["step"]
-                self.bar.set_postfix_str(
-                    f"loss {r['loss']:.3f} | {r['tokens'] / 1e6:.2f}M tok | {r['tokens_per_s']:,.0f} tok/s"
-                    f" | MFU {100 * r['mfu']:.1f}%",
-                    refresh=True,
-                )
-            elif not self.quiet:
-                self._print(
-                    f"step {r['step']}: loss {r['loss']:.3f}, {r['tokens_per_s']:,.0f} tok/s"
-                )
-        elif ev == "eval":
-            self._print(
-                f"Ep {int(r['epoch']) + 1} (Step {r['step']:06d}): Train loss {r['train_loss']:.3f}, Val loss {r['val_loss']:.3f}"
-            )
-        elif ev == "sample":
-            self._print("sample: " + r["text"].replace("\n", " / "))
-        elif ev == "compile":
-            self._print(f"compiled the model in {r['seconds']:.1f} s (first step)")
-        elif ev == "nonfinite":
-            self._print(
-                f"step {r['step']}: non-finite loss or gradient, step skipped ({r['consecutive']} in a row)"
-            )
-        elif ev == "checkpoint_failed" and not r.get("final"):  # a final failure is an error
-            self._print(f"warning: {r['error']} (training goes on)")
-        elif ev == "rollback":
-            self._print(
-                f"step {r['from_step']}: non-finite steps; rolled back to {r['checkpoint']} "
-                f"with learning rate x{r['lr_scale']:g}"
-            )
-        elif ev == "end":
-            if self.bar is not None:
-                self.bar.n = r["step"]
-                self.bar.refresh()
-            self.close()
-            val = r.get("val_loss")
-            print(
-                f"done ({r['reason']}): {r['step']} steps, {r['tokens']:,} tokens in {r['train_time']:.0f} s"
-                + (f", val loss {val:.3f}" if val is not None else "")
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 # --------------------------------------------------------------------------- generate and plot
 
 
-def load_run_model(path: str, device_name: str = "auto"):
-    """(model, tokenizer, device) from a run or checkpoint directory."""
-    from gptlab import checkpoint as ckpt_lib
-    from gptlab.config import RunConfig
-    from gptlab.model import GPTModel
-    from gptlab.tokenizer import from_identity
-    from gptlab.trainer import resolve_device
-
-    ckpt = ckpt_lib.latest_checkpoint(path)
-    meta = ckpt_lib.read_meta(ckpt)
-    try:
-        cfg = RunConfig.from_dict(meta["config"])
-        tokenizer = from_identity(meta["tokenizer"])
-    except (KeyError, TypeError, AttributeError) as e:  # AttributeError: a value of the wrong kind
-        raise GptlabError(
-            f"checkpoint {str(ckpt)!r} has incomplete or malformed metadata ({e}); use another checkpoint"
-        ) from None
-    device = resolve_device(device_name)
-    model = GPTModel(cfg.model)
-    ckpt_lib.load_weights(model, ckpt)
-    return model.to(device).eval(), tokenizer, device
-
-
 def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     from gptlab.generate import complete, stream_text
+    from gptlab.runs import open_run
 
     if args.max_new_tokens < 0:
         raise GptlabError("--max-new-tokens must be 0 or more")
@@ -637,7 +391,8 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise GptlabError("--top-p must be in (0, 1]")
     prompts = args.prompt or ["Every effort moves you"]
-    model, tokenizer, device = load_run_model(args.checkpoint, args.device)
+    run = open_run(args.checkpoint, args.device)
+    model, tokenizer = run.model, run.tokenizer
     for prompt in prompts:
         if not tokenizer.encode(prompt):
             raise GptlabError("--prompt is empty; give some text to continue")
@@ -749,6 +504,8 @@ def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
     if tokenizer not in ("gpt2", "char") and Path(tokenizer).expanduser().exists():
         # recorded absolute, so runs can find it from anywhere (the manifest also holds it inline)
         tokenizer = str(Path(tokenizer).expanduser().resolve())
+    from gptlab.console import PrepareView
+
     view = PrepareView(quiet=args.quiet)
     try:
         manifest = prepare(
@@ -790,54 +547,6 @@ def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-class PrepareView:
-    """Renders prepare events: a byte-based progress bar with tokens/s."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-        self.bar = None
-        self.t0 = time.perf_counter()
-        self.tokens0 = 0
-
-    def __call__(self, r: dict[str, Any]) -> None:
-        ev = r["event"]
-        if ev == "chars":
-            print(f"char tokenizer: {r['n_chars']} characters found", flush=True)
-        elif ev == "start":
-            if r["resumed"]:
-                print(f"continuing an interrupted preparation ({r['tokens']:,} tokens done)")
-            print(
-                f"tokenizing with {r['workers']} worker(s): vocabulary {r['n_vocab']:,}, "
-                f"shards of {r['dtype']}",
-                flush=True,
-            )
-            self.tokens0 = r["tokens"]
-            if not self.quiet:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(
-                    total=r["total_bytes"] or None,
-                    initial=r["done_bytes"],
-                    unit="B",
-                    unit_scale=True,
-                    dynamic_ncols=True,
-                )
-        elif ev == "progress" and self.bar is not None:
-            self.bar.n = r["done_bytes"]
-            rate = (r["tokens"] - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix_str(
-                f"{r['tokens']:,} tokens | {r['documents']:,} docs | {rate:,.0f} tok/s",
-                refresh=True,
-            )
-        elif ev == "finished_already":
-            print("already prepared: nothing to do")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
     from gptlab.bpe import train_bpe
     from gptlab.prepare import iter_texts
@@ -859,25 +568,9 @@ def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def _run_meta(path: str) -> dict[str, Any]:
-    from gptlab import checkpoint as ckpt_lib
-
-    return ckpt_lib.read_meta(ckpt_lib.latest_checkpoint(path))
-
-
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
-    from gptlab.config import RunConfig
-    from gptlab.data import (
-        is_prepared,
-        load_corpus,
-        open_split,
-        read_documents,
-        read_manifest,
-        tokenize_documents,
-    )
-    from gptlab.evaluate import evaluate_tokens
-    from gptlab.tokenizer import token_byte_lengths
-    from gptlab.trainer import autocast, keep_freed_host_memory
+    from gptlab.evaluate import evaluate_run
+    from gptlab.runs import open_run
 
     if args.batch_size < 1:
         raise GptlabError("--batch-size must be 1 or more")
@@ -885,47 +578,14 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
         raise GptlabError("--max-batches must be 1 or more")
     if args.precision not in ("fp32", "bf16", "fp16"):
         raise GptlabError(f"--precision must be fp32, bf16 or fp16, got {args.precision!r}")
-    model, tokenizer, device = load_run_model(args.checkpoint, args.device)
-    if device.type == "cpu":
-        # each batch's (B, T, V) logits would be page-faulted in afresh: 1.7x faster kept
-        keep_freed_host_memory()
-    cfg = RunConfig.from_dict(_run_meta(args.checkpoint)["config"])
-    source = args.data or cfg.data.source
-    if is_prepared(source):
-        manifest = read_manifest(source)
-        if manifest["tokenizer"] != tokenizer.identity():
-            raise GptlabError(
-                f"{source!r} was prepared with another tokenizer than this run's; prepare it "
-                f"with the run's tokenizer (gptlab prepare ... --tokenizer) or give text"
-            )
-        tokens, what = open_split(source, args.split, manifest), f"{source} ({args.split} split)"
-    elif args.data:
-        docs = read_documents(source)
-        tokens, what = tokenize_documents(docs, tokenizer, tokenizer.identity()), f"{source} (all)"
-    else:
-        corpus = load_corpus(source, cfg.data.tokenizer, cfg.data.train_ratio, tokenizer=tokenizer)
-        tokens = corpus.val if args.split == "val" else corpus.train
-        what = f"{source} (the run's {args.split} split)"
-    T = cfg.model.context_length
-    if len(tokens) < T + 1:
-        raise GptlabError(
-            f"{what} has {len(tokens)} tokens, fewer than one window ({T + 1}); give more text"
-        )
-    with autocast(device, args.precision):
-        r = evaluate_tokens(
-            model,
-            tokens,
-            T,
-            args.batch_size,
-            device,
-            token_byte_lengths(tokenizer),
-            args.max_batches,
-        )
-    r = {"data": what, "checkpoint": args.checkpoint, **r}
+    run = open_run(args.checkpoint, args.device)
+    r = evaluate_run(run, args.data, args.split, args.batch_size, args.max_batches, args.precision)
+    r = {"data": r["data"], "checkpoint": args.checkpoint, **r}
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"data: {what}: {r['tokens']:,} tokens in {r['windows']:,} windows of {T}")
+        T = run.config.model.context_length
+        print(f"data: {r['data']}: {r['tokens']:,} tokens in {r['windows']:,} windows of {T}")
         print(
             f"loss {r['loss']:.4f} | perplexity {r['perplexity']:.2f} | "
             f"bits per byte {r['bits_per_byte']:.4f} ({r['bytes']:,} bytes)"

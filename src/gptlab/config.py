@@ -9,6 +9,7 @@ errors that name the key. The resolved config is saved with each run and checkpo
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,6 +21,11 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
+
+
+def cache_dir() -> Path:
+    """Where gptlab caches tokenized text and measured peaks: $GPTLAB_CACHE or ~/.cache/gptlab."""
+    return Path(os.environ.get("GPTLAB_CACHE", Path.home() / ".cache" / "gptlab"))
 
 
 # The walk-through's configuration dict, exactly as its readers know it.

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import glob as globlib
 import hashlib
 import importlib.metadata
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gptlab.config import RunConfig, cache_dir
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import ENDOFTEXT, Tokenizer, get_tokenizer
 
@@ -143,10 +145,6 @@ def clean_markdown(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- tokens
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GPTLAB_CACHE", Path.home() / ".cache" / "gptlab"))
 
 
 def tokenize_documents(
@@ -337,12 +335,17 @@ def open_split(directory: str | Path, split: str, manifest: dict[str, Any] | Non
     return ShardedTokens(shards)
 
 
-def load_prepared(directory: str | Path) -> Corpus:
+def prepared_manifest(source: str) -> dict[str, Any] | None:
+    """The manifest when `source` is a directory written by `gptlab prepare`, else None."""
+    return read_manifest(source) if is_prepared(source) else None
+
+
+def load_prepared(directory: str | Path, manifest: dict[str, Any] | None = None) -> Corpus:
     """A Corpus over a `gptlab prepare` directory: both splits memory-mapped, the tokenizer
     the manifest records, and a fingerprint from the shard checksums."""
     from gptlab.tokenizer import from_identity
 
-    manifest = read_manifest(directory)
+    manifest = manifest or read_manifest(directory)
     tokenizer = from_identity(manifest["tokenizer"])
     h = hashlib.sha256(json.dumps(manifest["tokenizer"], sort_keys=True).encode())
     for split in ("train", "val"):
@@ -351,6 +354,35 @@ def load_prepared(directory: str | Path) -> Corpus:
     train = open_split(directory, "train", manifest)
     val = open_split(directory, "val", manifest)
     return Corpus(train, val, tokenizer, h.hexdigest()[:16])
+
+
+def open_corpus(
+    cfg: RunConfig, manifest: dict[str, Any] | None = None, size_vocab: bool = True
+) -> tuple[RunConfig, Corpus]:
+    """The corpus `cfg.data` names, and a copy of `cfg` completed by it, validated.
+
+    A prepared directory (its `manifest`, when the caller has read it already) fixes the
+    tokenizer, recorded as data.tokenizer, and the split. With `size_vocab`, a char or
+    trained vocabulary sets model.vocab_size (GPT-2's keeps the configured size, which may
+    be padded); without it (weights from elsewhere) the model keeps its size.
+    """
+    cfg = copy.deepcopy(cfg)
+    source = cfg.data.source
+    manifest = manifest or prepared_manifest(source)
+    if manifest is not None:
+        cfg.data.tokenizer = manifest["tokenizer_name"]
+        corpus = load_prepared(source, manifest)
+        if len(corpus.val) <= cfg.model.context_length:
+            raise GptlabError(
+                f"the validation split of {source!r} has {len(corpus.val)} tokens, fewer than "
+                f"one context window ({cfg.model.context_length + 1}); prepare it again with a "
+                "larger --val-ratio or more documents (or --doc-separator to split text files)"
+            )
+    else:
+        corpus = load_corpus(source, cfg.data.tokenizer, cfg.data.train_ratio)
+    if size_vocab and corpus.tokenizer.identity()["type"] != "gpt2":
+        cfg.model.vocab_size = corpus.tokenizer.n_vocab
+    return cfg.validate(), corpus
 
 
 # --------------------------------------------------------------------------- the walk-through's dataset

@@ -40,8 +40,6 @@ import torch.distributed as tdist
 from torch import nn
 
 from gptlab.errors import GptlabError
-from gptlab.evaluate import calc_loss_batch, calc_loss_loader
-from gptlab.evaluate import evaluate_model as evaluate_model_one
 
 PARALLEL_MODES = ("ddp", "fsdp")
 
@@ -272,44 +270,6 @@ def eval_batch_indices(n_batches: int, rank: int, world_size: int) -> list[int |
     """
     rounds = -(-n_batches // world_size)  # ceil
     return [i if i < n_batches else None for i in range(rank, rounds * world_size, world_size)]
-
-
-def loader_loss(
-    loader: Any, model: nn.Module, device: torch.device, num_batches: int | None, d: Dist
-) -> float:
-    """`calc_loss_loader` computed by all ranks together: the mean loss of the loader's first
-    `num_batches` batches (all when None), each rank computing every world_size-th one.
-
-    `loader` is a TokenWindowLoader (batches by index). The result equals the one-process
-    value (up to float summation order) and is the same on every rank. NaN when empty.
-    """
-    if not d.enabled:
-        return calc_loss_loader(loader, model, device, num_batches)
-    n = len(loader) if num_batches is None else min(num_batches, len(loader))
-    if n == 0:
-        return float("nan")
-    total = torch.zeros((), dtype=torch.float64, device=d.device)
-    for i in eval_batch_indices(n, d.rank, d.world_size):
-        x, y = loader.batch(0, 0 if i is None else i)
-        loss = calc_loss_batch(x, y, model, device)
-        if i is not None:
-            total += loss.double()
-    return d.sum(total).item() / n
-
-
-def evaluate_model(
-    model: nn.Module, train_loader: Any, val_loader: Any, device, eval_iter: int, d: Dist
-) -> tuple[float, float]:
-    """`evaluate.evaluate_model` with the batches shared among ranks and the sums all-reduced:
-    (train loss, val loss) over `eval_iter` batches each, the same on every rank."""
-    if not d.enabled:
-        return evaluate_model_one(model, train_loader, val_loader, device, eval_iter)
-    model.eval()
-    with torch.no_grad():
-        train_loss = loader_loss(train_loader, model, device, eval_iter, d)
-        val_loss = loader_loss(val_loader, model, device, eval_iter, d)
-    model.train()
-    return train_loss, val_loss
 
 
 # --------------------------------------------------------------------------- wrapping

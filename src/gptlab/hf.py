@@ -341,7 +341,7 @@ def load_hf(src: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     (e.g. "gpt2", "openai-community/gpt2-medium") downloaded with huggingface_hub."""
     path = Path(src)
     if not path.exists():
-        if _looks_like_hub_id(str(src)):
+        if looks_like_hub_id(str(src)):
             path = _download(str(src))
         else:
             raise GptlabError(
@@ -349,7 +349,7 @@ def load_hf(src: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             )
     if not path.is_dir():
         raise GptlabError(f"{str(path)!r} is not a directory; pass the folder holding config.json")
-    if is_gptlab_run(path):
+    if ckpt_lib.is_run_dir(path):
         raise GptlabError(
             f"{str(path)!r} is a gptlab run, not a Hugging Face directory; use it as it is"
         )
@@ -401,7 +401,7 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def _looks_like_hub_id(s: str) -> bool:
+def looks_like_hub_id(s: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", s))
 
 
@@ -465,30 +465,6 @@ def load_gpt2_model(src: str | Path) -> GPTModel:
     return model.eval()
 
 
-def is_gptlab_run(src: str | Path) -> bool:
-    """True for a gptlab run or checkpoint directory (as opposed to a Hugging Face one)."""
-    p = Path(src)
-    return (p / ckpt_lib.META).is_file() or (p / "checkpoints").is_dir()
-
-
-def load_any(src: str | Path) -> tuple[GPTModel, dict[str, Any]]:
-    """(model, tokenizer identity) from a gptlab run/checkpoint or a Hugging Face GPT-2."""
-    if is_gptlab_run(src):
-        ckpt = ckpt_lib.latest_checkpoint(src)
-        meta = ckpt_lib.read_meta(ckpt)
-        try:
-            cfg = RunConfig.from_dict(meta["config"]).model
-            tok = dict(meta["tokenizer"])
-        except (KeyError, TypeError) as e:
-            raise GptlabError(
-                f"checkpoint {str(ckpt)!r} has incomplete metadata ({e}); use another checkpoint"
-            ) from None
-        model = GPTModel(cfg)
-        ckpt_lib.load_weights(model, ckpt)
-        return model.eval(), tok
-    return load_gpt2_model(src), {"type": "gpt2"}
-
-
 def convert_from_hf(src: str | Path, out_dir: str | Path) -> tuple[Path, ModelConfig]:
     """Write a Hugging Face GPT-2 as a gptlab run directory (one checkpoint at step 0) that
     `gptlab generate --checkpoint OUT_DIR` and `gptlab train --init-from OUT_DIR` use.
@@ -525,7 +501,8 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise GptlabError(f"{str(out)!r} is not empty; choose a new output directory")
-    model, identity = load_any(run_dir)
+    model, _, meta = ckpt_lib.load_trained_model(run_dir)
+    identity = meta["tokenizer"]
     tokenizer = from_identity(identity)
     eos = getattr(tokenizer, "eot_token", None)
     sd = state_dict_to_hf(model)

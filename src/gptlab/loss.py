@@ -15,18 +15,21 @@ gradients) from the head's input (N, D) and its weight (V, D), `chunk_rows` rows
   the head costs its usual three matmuls, and peak memory holds one (n, V) chunk, not
   (N, V). (Liger-Kernel's fused linear cross-entropy does the same in Triton.)
 
-Measured (BENCHMARKS.md): on a 2-core CPU it makes a 4-layer model with GPT-2's vocabulary
-1.4x faster in bf16, so the trainer uses it there; on a GPU the compiled full-logits loss
-was faster, and this one only saves memory.
+The trainer uses it where it measured faster (on CPU; see BENCHMARKS.md and
+`runtime.resolve_chunked_loss`); on a GPU the compiled full-logits loss was faster, and this
+one only saves memory.
 
 Padded vocabulary rows (`weight` has more rows than `vocab_size`) are left out: their
 logits are never formed and their gradient is zero.
 
-The walk-through's `calc_loss_batch` (logits, then `F.cross_entropy`) stays as it is for
-readers and evaluation; `model_loss` picks this path for the trainer's step.
+The walk-through's `calc_loss_batch` (logits, then `logits_loss`) stays as it is for
+readers and evaluation; `model_loss` picks this path for the trainer's step, and
+`make_loss_fn` builds the step's (optionally compiled) loss function.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +39,8 @@ from torch import nn
 def default_chunk_rows(device: torch.device, vocab_size: int) -> int:
     """Rows per chunk: a chunk's fp32 logits take at most 1 GiB on a GPU and 512 MiB on a
     CPU. Fewer, larger chunks are faster: each chunk adds a (V, D) update of the head's
-    gradient, and on a 2-core CPU 83-row chunks measured 2x slower than 2048-row ones."""
-    budget = 2**30 if device.type == "cuda" else 2**29
+    gradient (small chunks measured much slower on a CPU; BENCHMARKS.md)."""
+    budget = 2**30 if device.type == "cuda" else 2**29  # bytes of fp32 logits per chunk
     return max(64, budget // (4 * vocab_size))
 
 
@@ -72,7 +75,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 tc = targets[start : start + chunk_rows]  # (n,)
                 logits = hc @ w.t()  # (n, V) in compute_dtype
                 # One fused kernel (max, sum of exponentials, subtraction) row by row, in
-                # fp32: 15% faster on our CPU than the same steps as separate passes.
+                # fp32: faster than the same steps as separate passes.
                 logp = torch.log_softmax(logits, dim=-1, dtype=acc)  # (n, V)
                 del logits
                 loss_sum = loss_sum - logp.gather(1, tc.unsqueeze(1)).sum()
@@ -137,6 +140,11 @@ def chunked_cross_entropy(
     )
 
 
+def logits_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, T, V) against target ids (B, T): a scalar."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
 def model_loss(
     model: nn.Module,
     input_batch: torch.Tensor,
@@ -151,9 +159,23 @@ def model_loss(
     the model's device.
     """
     if not chunked:
-        logits = model(input_batch)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+        return logits_loss(model(input_batch), target_batch)
     hidden = model.hidden_states(input_batch)  # (B, T, D)
     return chunked_cross_entropy(
         hidden, model.out_head.weight, target_batch, model.cfg.vocab_size, chunk_rows
     )
+
+
+def make_loss_fn(
+    model: nn.Module, chunked: bool, compiled: bool
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training step's loss: (inputs, targets) (B, T) on the model's device -> scalar.
+
+    The same value as `calc_loss_batch`. With `compiled`, the model and the loss are one
+    torch.compile graph, so the compiler sees (and fuses) the head and cross-entropy too.
+    """
+
+    def loss_fn(input_batch: torch.Tensor, target_batch: torch.Tensor) -> torch.Tensor:
+        return model_loss(model, input_batch, target_batch, chunked=chunked)
+
+    return torch.compile(loss_fn) if compiled else loss_fn

@@ -1,14 +1,19 @@
-"""Training: the walk-through's `train_model_simple`, and the CLI's `Trainer`.
+"""Training: the walk-through's `train_model_simple`, the CLI's `Trainer`, and `train()`.
 
 `train_model_simple` is the walk-through's loop, unchanged in behaviour: evaluate every
 `eval_freq` steps on `eval_iter` batches, print a sample after each epoch, return the
 loss and token histories.
 
-`Trainer` is the same loop grown up. Its per-step work is plain (micro-batches under
-autocast, backward, clip, step); everything periodic (logging, evaluation, samples,
-checkpoints, limits, signals) sits behind small `due` checks. Every event becomes one
-record in metrics.jsonl and is passed to an `on_event` callback, which is how the CLI
-draws its progress bar: the library itself prints nothing.
+`Trainer` is the same loop grown up. `run()` reads top to bottom: one optimizer step
+(`train_step`: micro-batches under autocast, backward, clip, step), the guard against
+non-finite steps, then the periodic work (log, evaluate, sample, checkpoint), each behind a
+small check of whether it is due. Every event becomes one record in metrics.jsonl and is
+passed to an `on_event` callback, which is how the CLI draws its progress bar: the library
+itself prints nothing. Device and precision choices come from `gptlab.runtime`; what a
+resume may change, and the random state it restores, from `gptlab.resume`.
+
+`train()` is what `gptlab train` does, callable from Python: it opens the data, checks the
+run directory, optionally starts from other weights, trains, and draws the loss plot.
 
 Exact resume: the data order is a pure function of (seed, epoch), sampling uses its own
 generator, and checkpoints carry the optimizer and every RNG state, so a run resumed from
@@ -18,33 +23,36 @@ step k repeats the uninterrupted run's steps k+1, k+2, ... bit for bit (CPU, fp3
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
+import os
 import random
 import signal
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from gptlab import checkpoint as ckpt_lib
 from gptlab import dist as dist_lib
 from gptlab.config import RunConfig
-from gptlab.data import Corpus, TokenWindowLoader
+from gptlab.data import Corpus, TokenWindowLoader, open_corpus, prepared_manifest
 from gptlab.errors import GptlabError
-from gptlab.evaluate import calc_loss_batch, evaluate_model
+from gptlab.evaluate import calc_loss_batch, calc_loss_loader, evaluate_model
 from gptlab.generate import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
-from gptlab.loss import model_loss
-from gptlab.metrics import MetricsLog, peak_flops, peak_memory_mib, truncate_metrics
+from gptlab.loss import make_loss_fn
+from gptlab.metrics import MetricsLog, truncate_metrics
 from gptlab.model import GPTModel, count_parameters, flops_per_token, use_fast_dropout
 from gptlab.optim import build_optimizer, lr_at
+from gptlab.plot import plot_run
+from gptlab.resume import check_data_layout, check_resume, rng_state, set_rng_state
+from gptlab.runs import Run, open_run
+from gptlab.runtime import peak_flops, peak_memory_mib, resolve_device, resolve_runtime, to_device
+from gptlab.tb import TensorBoardWriter
 
 # --------------------------------------------------------------------------- the walk-through's loop
 
@@ -101,132 +109,6 @@ def train_model_simple(
     return train_losses, val_losses, track_tokens_seen
 
 
-# --------------------------------------------------------------------------- devices and precision
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise GptlabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GptlabError("train.device is cuda but no CUDA GPU is visible; use --train.device cpu")
-    mps = getattr(torch.backends, "mps", None)
-    if device.type == "mps" and not (mps and mps.is_available()):
-        raise GptlabError("device mps is not available on this machine; use --device cpu")
-    return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matmul instructions (AVX512-BF16 or AMX), where bf16 pays."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' -> the fastest safe choice: bf16 on CUDA with bf16 and on bf16-capable CPUs,
-    fp16 on older CUDA cards (with a gradient scaler), else fp32."""
-    if name != "auto":
-        if name == "fp16" and device.type == "cpu":
-            raise GptlabError("fp16 training is not supported on CPU; use --precision bf16 or fp32")
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return "bf16"
-    return "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed precision context: matmuls in bf16/fp16, master weights stay fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def resolve_chunked_loss(name: str, device: torch.device) -> bool:
-    """'auto' -> the chunked loss (gptlab.loss) where it measured faster: on CPU (1.4x the
-    tokens/s of a 4-layer model with GPT-2's vocabulary in bf16), not on CUDA (there the
-    compiled full-logits loss was 8% faster for GPT-2 124M on an H200, the chunked one
-    saved 1.2 GiB); see BENCHMARKS.md. 'on'/'off' as given."""
-    if name != "auto":
-        return name == "on"
-    return device.type == "cpu"
-
-
-def resolve_compile(name: str, device: torch.device) -> bool:
-    """'auto' -> torch.compile on CUDA only: on CPU it needs a C++ toolchain, its first step
-    takes 25-40 s, and it added only 4-17% there (BENCHMARKS.md). 'on'/'off' as given."""
-    return name == "on" or (name == "auto" and device.type == "cuda")
-
-
-def resolve_fast_dropout(name: str, device: torch.device) -> bool:
-    """'auto' -> the fast dropout masks (gptlab.model.Dropout) when training on CPU, where
-    PyTorch's per-element Bernoulli draws are slow; CUDA's dropout is fused already."""
-    return name == "on" or (name == "auto" and device.type == "cpu")
-
-
-def keep_freed_host_memory() -> bool:
-    """Have glibc's malloc keep freed memory in the process for reuse; True if it took.
-
-    By default glibc serves large blocks (above a threshold that starts at 128 KiB and
-    rises to at most 32 MiB) with their own mmap and unmaps them when freed, so a training
-    step that frees and re-allocates its activations, logits and gradients page-faults them
-    in again every step, zeroed page by page by the kernel (~600k faults per step for a
-    6x384 model on our 2-core CPU; keeping the memory made it 1.2-1.5x faster, see
-    BENCHMARKS.md). With mmap off and a high trim threshold, freed blocks stay on the heap
-    and the next step reuses them; the cost is that the process keeps its peak memory until
-    it exits. Process-wide and for good; a no-op (False) off Linux or with another C library.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and friends: no glibc tunables
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def resolve_host_memory(name: str, device: torch.device) -> str:
-    """'auto' -> 'keep' when training on CPU, where the host allocator is the hot path."""
-    if name != "auto":
-        return name
-    return "keep" if device.type == "cpu" else "release"
-
-
-def make_loss_fn(
-    model: nn.Module, chunked: bool, compiled: bool
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The training step's loss: (inputs, targets) (B, T) on the model's device -> scalar.
-
-    The same value as `calc_loss_batch`. With `compiled`, the model and the loss are one
-    torch.compile graph, so the compiler sees (and fuses) the head and cross-entropy too.
-    """
-
-    def loss_fn(input_batch: torch.Tensor, target_batch: torch.Tensor) -> torch.Tensor:
-        return model_loss(model, input_batch, target_batch, chunked=chunked)
-
-    return torch.compile(loss_fn) if compiled else loss_fn
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host batch -> device; on CUDA through pinned memory, so the copy does not block."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 # --------------------------------------------------------------------------- the CLI trainer
 
 
@@ -253,26 +135,41 @@ class TrainState:
         }
     )
 
+    def observe_loss(self, loss: float) -> bool:
+        """Fold a step's loss into the running average; True when it is a spike (well above
+        the average so far)."""
+        ema = self.loss_ema
+        spike = math.isfinite(ema) and math.isfinite(loss) and loss > 1.5 * ema + 0.5
+        if math.isfinite(loss):
+            self.loss_ema = loss if not math.isfinite(ema) else 0.9 * ema + 0.1 * loss
+        return spike
+
 
 # Why a run stops, in the order ranks settle on one when they differ (the last wins).
 STOP_REASONS = ("epochs", "max_steps", "max_time", "nonfinite", "SIGTERM", "SIGINT")
-
-# Config fields a resumed run may not change: they define the model or the data stream.
-# data.source is not among them: the same text under another path is fine, and the data
-# fingerprint (text + tokenizer) refuses different text whatever its path.
-FROZEN_ON_RESUME = (
-    "model.*",
-    "data.tokenizer",
-    "data.train_ratio",
-    "data.stride",
-    "data.shuffle",
-    "train.batch_size",
-    "train.batch_tokens",
-    "train.seed",
-)
-
-
 MAX_ROLLBACKS = 3  # train.on_nonfinite = "rollback" gives up (and stops) after this many
+
+
+class _Window:
+    """Tokens, steps and summed loss since the last "train" record: its throughput and mean."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.tokens, self.steps, self.loss = time.perf_counter(), 0, 0, 0.0
+
+    def add(self, tokens: int, loss: float) -> None:
+        self.tokens += tokens
+        self.steps += 1
+        self.loss += loss if math.isfinite(loss) else 0.0
+
+    def mean_loss(self, last: float) -> float:
+        return self.loss / self.steps if self.steps else last
+
+    def tokens_per_s(self) -> float:
+        elapsed = time.perf_counter() - self.t0
+        return self.tokens / elapsed if elapsed > 0 and self.steps else 0.0
 
 
 class Trainer:
@@ -297,35 +194,51 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.on_event = on_event or (lambda record: None)
         self.stop_reason: str | None = None  # set by signal handlers or guards
-        tc, mc = cfg.train, cfg.model
-        resume_from = self._check_resume() if resume else None
-
-        if mc.vocab_size < corpus.tokenizer.n_vocab:
-            raise GptlabError(
-                f"model.vocab_size ({mc.vocab_size}) is smaller than the tokenizer's vocabulary "
-                f"({corpus.tokenizer.n_vocab}); set --model.vocab_size {corpus.tokenizer.n_vocab}"
-            )
+        tc = cfg.train
+        identity = corpus.tokenizer.identity()
+        resume_from = (
+            check_resume(self.run_dir, cfg, identity, corpus.fingerprint) if resume else None
+        )
+        _check_vocab(cfg, corpus)
         # Under torchrun: join the job, one GPU per local rank (a single process: no-op).
         self.dist = dist_lib.setup(resolve_device(tc.device), tc.dist_timeout)
         self.device = self.dist.device
-        self.precision = resolve_precision(tc.precision, self.device)
-        if self.dist.enabled and tc.parallel == "fsdp" and self.precision == "fp16":
+        self.rt = resolve_runtime(tc, self.device, self.dist.world_size)
+        if self.dist.enabled and tc.parallel == "fsdp" and self.rt.precision == "fp16":
             raise GptlabError(
                 "fp16 needs a gradient scaler that FSDP2 shards do not support here; "
                 "use --precision bf16 (or fp32) with --parallel fsdp"
             )
-        stride = cfg.data.stride or mc.context_length
+        self._build_loaders()
+        self._build_model(None if resume else init_weights)
+        self._check_start_context()
+        self.state = TrainState()
+        self.sample_gen_seed = tc.seed
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.resumed_from: Path | None = None
+        self.resume_changes: list[tuple[str, Any, Any]] = []
+        if resume_from is not None:
+            self._restore(*resume_from)
+        if self.dist.is_main:  # one writer per job
+            (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+            (self.run_dir / "tokenizer.json").write_text(json.dumps(identity))
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.dist.is_main else None
+        self.peak, self.peak_source = peak_flops(self.device, self.rt.dtype)
+        self.flops_per_token = flops_per_token(cfg.model)
+
+    # ---------------------------------------------------------------- set-up
+
+    def _build_loaders(self) -> None:
+        """The loaders, the micro-batches per step and the step counts; clear errors when
+        the text is too short for them."""
+        tc, mc, corpus = self.cfg.train, self.cfg.model, self.corpus
+        stride = self.cfg.data.stride or mc.context_length
+        T = mc.context_length
         self.train_loader = TokenWindowLoader(
-            corpus.train, tc.batch_size, mc.context_length, stride, cfg.data.shuffle, tc.seed
+            corpus.train, tc.batch_size, T, stride, self.cfg.data.shuffle, tc.seed
         )
         self.val_loader = TokenWindowLoader(
-            corpus.val,
-            tc.batch_size,
-            mc.context_length,
-            mc.context_length,
-            False,
-            tc.seed,
-            drop_last=False,
+            corpus.val, tc.batch_size, T, T, False, tc.seed, drop_last=False
         )
         for split, loader, tokens in (
             ("training", self.train_loader, corpus.train),
@@ -334,17 +247,16 @@ class Trainer:
             if loader.num_windows == 0:
                 raise GptlabError(
                     f"the {split} split has {len(tokens)} tokens, fewer than one context window "
-                    f"({mc.context_length + 1}); use more text or a smaller --model.context_length"
+                    f"({T + 1}); use more text or a smaller --model.context_length"
                 )
         if len(self.train_loader) == 0:
             raise GptlabError(
                 f"the training split has {self.train_loader.num_windows} windows, fewer than one batch "
                 f"({tc.batch_size}); lower --train.batch_size or use more text"
             )
-        micro_tokens = tc.batch_size * mc.context_length
         # Micro-batches per optimizer step in the whole job; each rank runs accum / world_size.
         world = self.dist.world_size
-        self.accum = dist_lib.accum_per_rank(tc.batch_tokens, micro_tokens, world) * world
+        self.accum = dist_lib.accum_per_rank(tc.batch_tokens, tc.batch_size * T, world) * world
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
             raise GptlabError(
@@ -356,116 +268,45 @@ class Trainer:
             total = min(total, tc.max_steps) if total else tc.max_steps
         self.total_steps = total  # 0 when only wall time limits the run
 
-        self.host_memory = resolve_host_memory(tc.host_memory, self.device)
-        if self.host_memory == "keep" and not keep_freed_host_memory():
-            self.host_memory = "release"  # not glibc: the C library's own behaviour stays
-
+    def _build_model(self, init_weights: Callable[[nn.Module], None] | None) -> None:
+        """Model, parallel wrapper, optimizer, scaler and loss function, seeded as the
+        walk-through seeds its model (so `torch.manual_seed(seed)` gives the same weights)."""
+        tc, rt = self.cfg.train, self.rt
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
-        self.model = GPTModel(mc).to(self.device)
-        self.fast_dropout = resolve_fast_dropout(tc.fast_dropout, self.device)
-        use_fast_dropout(self.model, self.fast_dropout)  # only CPU tensors take the fast path
-        if init_weights is not None and not resume:
+        self.model = GPTModel(self.cfg.model).to(self.device)
+        use_fast_dropout(self.model, rt.fast_dropout)  # only CPU tensors take the fast path
+        if init_weights is not None:
             init_weights(self.model)  # e.g. GPT-2's (train --init-from); a resume loads its own
         # DDP wrapper or FSDP2 shards (in place, so the optimizer comes after); a single
         # process gets self.model back.
         self.parallel_model = dist_lib.parallelize(self.model, tc.parallel, self.dist)
         self.optimizer = build_optimizer(self.model, tc, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.compiled = resolve_compile(tc.compile, self.device)
-        single = self.dist.world_size == 1
-        # Under DDP/FSDP2 the loss must run through the wrapper (its forward drives gradient
-        # sync and FSDP2's all-gathers), so the chunked loss, which calls the bare model's
-        # hidden_states, is single-process only.
-        self.chunked_loss = single and resolve_chunked_loss(tc.chunked_loss, self.device)
-        self.loss_fn = make_loss_fn(self.parallel_model, self.chunked_loss, self.compiled)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=rt.precision == "fp16")
+        self.loss_fn = make_loss_fn(self.parallel_model, rt.chunked_loss, rt.compiled)
         self.train_model = (
-            torch.compile(self.parallel_model) if self.compiled else self.parallel_model
+            torch.compile(self.parallel_model) if rt.compiled else self.parallel_model
         )
         # Non-finite steps are skipped on the device where the fused AdamW kernel can do it
         # (not with fp16's GradScaler, which has its own skip), else after a host check.
         self._fused_can_skip = (
-            single
+            self.dist.world_size == 1
             and bool(self.optimizer.defaults.get("fused"))
             and getattr(self.optimizer, "_step_supports_amp_scaling", False)
         )
         self._pending: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
-        self.state = TrainState()
-        self.sample_gen_seed = tc.seed
+
+    def _check_start_context(self) -> None:
         # Fail now, not at the first sample an epoch later: a char vocabulary may lack some
         # of the prompt's characters, and that error would kill the run before its save.
         try:
-            text_to_token_ids(tc.start_context, corpus.tokenizer)
+            text_to_token_ids(self.cfg.train.start_context, self.corpus.tokenizer)
         except GptlabError as e:
             raise GptlabError(
                 f"train.start_context cannot be encoded ({e}); set --train.start_context"
             ) from None
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.resumed_from: Path | None = None
-        if resume:
-            self._restore(*resume_from)
-        if self.dist.is_main:  # one writer per job
-            self._write_run_files()
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.dist.is_main else None
-
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-            self.precision
-        ]
-        self.peak, self.peak_source = peak_flops(self.device, dtype)
-        self.flops_per_token = flops_per_token(mc)
-
-    # ---------------------------------------------------------------- run files and resume
-
-    def _write_run_files(self) -> None:
-        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
-        (self.run_dir / "tokenizer.json").write_text(json.dumps(self.corpus.tokenizer.identity()))
-
-    def _meta(self, val_loss: float | None) -> dict[str, Any]:
-        return {
-            "config": self.cfg.to_dict(),
-            "tokenizer": self.corpus.tokenizer.identity(),
-            "data_fingerprint": self.corpus.fingerprint,
-            "tokens_seen": self.state.tokens_seen,
-            "val_loss": val_loss,
-        }
-
-    def _check_resume(self) -> tuple[Path, list[tuple[str, Any, Any]]]:
-        """The checkpoint to resume from and the config changes, once they are known to be
-        safe. Runs first, so a refusal names the change rather than a symptom of it."""
-        ckpt = ckpt_lib.latest_checkpoint(self.run_dir, missing_ok=True)
-        if ckpt is None:
-            raise GptlabError(
-                f"--resume: no checkpoint in {str(self.run_dir)!r} to continue from; "
-                "start a new run (without --resume) with an unused --out"
-            )
-        meta = ckpt_lib.read_meta(ckpt)
-        saved_cfg = meta.get("config")
-        if not isinstance(saved_cfg, dict):
-            raise GptlabError(
-                f"checkpoint {str(ckpt)!r} has no saved config in its metadata; it cannot be resumed"
-            )
-        # Fields added to gptlab after the checkpoint was written take their defaults, which
-        # reproduce the older behaviour; only real differences count as changes.
-        changes = _config_changes(_with_defaults(saved_cfg), self.cfg.to_dict())
-        frozen = [c for c in changes if _is_frozen(c[0])]
-        # Data and batch changes first: a char vocabulary follows its text, so other text
-        # also shows up as a model.vocab_size change, which is the symptom, not the cause.
-        frozen.sort(key=lambda c: c[0].startswith("model."))
-        if frozen and not frozen[0][0].startswith("model."):
-            raise _refuse(*frozen[0])
-        if meta.get("tokenizer") != self.corpus.tokenizer.identity():
-            raise GptlabError(
-                "cannot resume: the tokenizer (for char, the characters of the text) differs from "
-                "the checkpoint's; use the same --data and tokenizer"
-            )
-        if meta.get("data_fingerprint") != self.corpus.fingerprint:
-            raise GptlabError(
-                "cannot resume: the training text differs from the checkpoint's; use the same --data"
-            )
-        if frozen:
-            raise _refuse(*frozen[0])
-        return ckpt, changes
+    # ---------------------------------------------------------------- resume
 
     def _restore(self, ckpt: Path, changes: list[tuple[str, Any, Any]]) -> None:
         self._load_training_state(ckpt)
@@ -482,15 +323,7 @@ class Trainer:
             ckpt_lib.load_weights(self.model, ckpt, self.device)
         st = ckpt_lib.load_state(ckpt)
         try:
-            data = st.get("data")
-            if data and (data["steps_per_epoch"], data["accum"]) != (
-                self.steps_per_epoch,
-                self.accum,
-            ):
-                raise ValueError(
-                    f"its epoch has {data['steps_per_epoch']} steps of {data['accum']} micro-batches, "
-                    f"this run's {self.steps_per_epoch} of {self.accum}"
-                )
+            check_data_layout(st.get("data"), self.steps_per_epoch, self.accum)
             if self.dist.sharded:
                 self._load_sharded(ckpt, st["optimizer"])
             else:
@@ -498,7 +331,7 @@ class Trainer:
             if st.get("scaler"):
                 self.scaler.load_state_dict(st["scaler"])
             self.state = TrainState(**st["trainer"])
-            _set_rng_state(st["rng"])
+            set_rng_state(st["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise GptlabError(
                 f"training state in {str(ckpt)!r} does not fit this run ({str(e).splitlines()[0]}); "
@@ -521,6 +354,24 @@ class Trainer:
             weights = full.state_dict()
         dist_lib.load_full_state(self.model, self.optimizer, weights, optimizer_state)
 
+    def _rollback(self) -> bool:
+        """Reload the latest checkpoint and halve the learning rate after a non-finite streak;
+        False (stop instead) when there is no checkpoint or the rollbacks are used up."""
+        ckpt = ckpt_lib.latest_checkpoint(self.run_dir, missing_ok=True)
+        if ckpt is None or self.state.rollbacks >= MAX_ROLLBACKS:
+            return False
+        from_step, rollbacks = self.state.step, self.state.rollbacks + 1
+        lr_scale = self.state.lr_scale * 0.5
+        self._load_training_state(ckpt)
+        self.state.rollbacks, self.state.lr_scale, self.state.bad_steps = rollbacks, lr_scale, 0
+        # The steps after the checkpoint are redone: their records would be duplicates.
+        if self.metrics is not None:
+            self.metrics.close()
+            truncate_metrics(self.metrics.path, self.state.step)
+            self.metrics = MetricsLog(self.metrics.path)
+        self.emit("rollback", checkpoint=str(ckpt), from_step=from_step, lr_scale=lr_scale)
+        return True
+
     # ---------------------------------------------------------------- events
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -537,8 +388,8 @@ class Trainer:
     # ---------------------------------------------------------------- periodic work
 
     def evaluate(self) -> tuple[float, float]:
-        with autocast(self.device, self.precision):
-            train_loss, val_loss = dist_lib.evaluate_model(
+        with self.rt.autocast():
+            train_loss, val_loss = evaluate_model(
                 self.train_model,
                 self.train_loader,
                 self.val_loader,
@@ -546,17 +397,20 @@ class Trainer:
                 self.cfg.train.eval_iter,
                 self.dist,
             )
-        h = self.state.history
-        h["step"].append(self.state.step)
-        h["epoch"].append(self.epoch_progress)
-        h["tokens"].append(self.state.tokens_seen)
-        h["train_loss"].append(train_loss)
-        h["val_loss"].append(val_loss)
-        self.state.best_val = min(self.state.best_val, val_loss)
+        st = self.state
+        for key, value in (
+            ("step", st.step),
+            ("epoch", self.epoch_progress),
+            ("tokens", st.tokens_seen),
+            ("train_loss", train_loss),
+            ("val_loss", val_loss),
+        ):
+            st.history[key].append(value)
+        st.best_val = min(st.best_val, val_loss)
         self.emit(
             "eval",
             epoch=self.epoch_progress,
-            tokens=self.state.tokens_seen,
+            tokens=st.tokens_seen,
             train_loss=train_loss,
             val_loss=val_loss,
         )
@@ -564,10 +418,8 @@ class Trainer:
 
     def full_validation_loss(self) -> float:
         self.model.eval()
-        with torch.no_grad(), autocast(self.device, self.precision):
-            loss = dist_lib.loader_loss(
-                self.val_loader, self.train_model, self.device, None, self.dist
-            )
+        with torch.no_grad(), self.rt.autocast():
+            loss = calc_loss_loader(self.val_loader, self.train_model, self.device, None, self.dist)
         self.model.train()
         return loss
 
@@ -578,7 +430,7 @@ class Trainer:
         idx = text_to_token_ids(tc.start_context, tok).to(self.device)
         # Its own generator: sampling never shifts the training run's random stream.
         gen = torch.Generator(device=self.device).manual_seed(self.sample_gen_seed)
-        with autocast(self.device, self.precision):
+        with self.rt.autocast():
             out = generate(
                 self.model,
                 idx,
@@ -605,11 +457,33 @@ class Trainer:
             model.load_state_dict(weights)
         else:
             model, optimizer_state = self.model, self.optimizer.state_dict()
-        state = {
+        path = ckpt_lib.save_checkpoint(
+            self.run_dir,
+            self.state.step,
+            model,
+            self._meta(val_loss),
+            self._training_state(optimizer_state),
+            self.cfg.train.keep_last,
+        )
+        self.emit("checkpoint", path=str(path), reason=reason)
+        return path
+
+    def _meta(self, val_loss: float | None) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "tokenizer": self.corpus.tokenizer.identity(),
+            "data_fingerprint": self.corpus.fingerprint,
+            "tokens_seen": self.state.tokens_seen,
+            "val_loss": val_loss,
+        }
+
+    def _training_state(self, optimizer_state: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint holds besides weights and meta: all a resume needs."""
+        return {
             "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "trainer": asdict(self.state),
-            "rng": _get_rng_state(),
+            "rng": rng_state(),
             # Where the data stream stands. The loader's order is a pure function of
             # (seed, epoch), so these numbers are the sampler's whole state.
             "data": {
@@ -626,18 +500,15 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"],
             },
         }
-        path = ckpt_lib.save_checkpoint(
-            self.run_dir,
-            self.state.step,
-            model,
-            self._meta(val_loss),
-            state,
-            self.cfg.train.keep_last,
-        )
-        self.emit("checkpoint", path=str(path), reason=reason)
-        return path
 
-    # ---------------------------------------------------------------- the loop
+    def _save_quietly(self, val_loss: float | None) -> None:
+        """A periodic save that fails (full disk) is reported and training goes on."""
+        try:
+            self.save(val_loss)
+        except GptlabError as e:
+            self.emit("checkpoint_failed", error=str(e))
+
+    # ---------------------------------------------------------------- is it due?
 
     def done(self) -> str | None:
         """Why training should stop now, or None. Under torchrun every rank gets the same
@@ -653,6 +524,30 @@ class Trainer:
         if tc.max_time and self.state.train_time >= tc.max_time:
             return "max_time"
         return None
+
+    def _log_due(self) -> bool:
+        step = self.state.step
+        return step % self.cfg.train.log_every == 0 or step == 1 or self.done() is not None
+
+    def _eval_due(self) -> bool:
+        # After the first step and every eval_freq steps: the walk-through's global_step
+        # (0-based) % eval_freq == 0.
+        return (self.state.step - 1) % self.cfg.train.eval_freq == 0
+
+    def _epoch_ended(self) -> bool:
+        return self.state.step % self.steps_per_epoch == 0
+
+    def _checkpoint_due(self) -> bool:
+        tc = self.cfg.train
+        # Decided together: under FSDP2 a save needs every rank.
+        minutes_due = bool(tc.checkpoint_every_minutes) and self.dist.any(
+            time.monotonic() - self._last_ckpt_time >= 60 * tc.checkpoint_every_minutes
+        )
+        steps_due = bool(tc.checkpoint_every) and self.state.step % tc.checkpoint_every == 0
+        # Not in the middle of a non-finite streak: a rollback must find good weights.
+        return (steps_due or minutes_due) and not self.state.bad_steps
+
+    # ---------------------------------------------------------------- one step
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over `accum` micro-batches; returns (loss, grad_norm)."""
@@ -670,7 +565,7 @@ class Trainer:
             x, y = self._batch(epoch, index)
             # ranks exchange gradients once per step, after their last micro-batch
             with dist_lib.grad_sync(self.parallel_model, m == len(mine) - 1):
-                with autocast(self.device, self.precision):
+                with self.rt.autocast():
                     loss = self.loss_fn(x, y) / len(mine)
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
@@ -680,6 +575,15 @@ class Trainer:
         grad_norm = dist_lib.grad_norm_value(
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         )
+        loss_val, norm_val = self._update(loss_sum, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens_seen += self.accum * x.numel()
+        return loss_val, norm_val
+
+    def _update(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
+        """Apply the optimizer step unless the loss or gradient is non-finite (then count
+        it); returns (loss, grad_norm) as floats, read with one host sync."""
         skip_on_device = self._fused_can_skip and not self.scaler.is_enabled()
         if skip_on_device:
             # The fused kernel skips a non-finite step by itself (the flag GradScaler uses),
@@ -707,14 +611,11 @@ class Trainer:
                 self.scaler.update()
             self.state.bad_steps = 0
             self.state.skipped_steps += overflow
-        else:  # keep the last good weights; the guard below decides whether to go on
+        else:  # keep the last good weights; the guard in run() decides whether to go on
             self.state.bad_steps += 1
             self.state.skipped_steps += 1
             if self.scaler.is_enabled():
                 self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.step += 1
-        self.state.tokens_seen += self.accum * x.numel()
         return loss_val, norm_val
 
     def _first_compiled_step(self) -> tuple[float, float]:
@@ -746,24 +647,84 @@ class Trainer:
             x, y = self._batch(epoch, in_epoch * self.accum)
             self._pending = ((epoch, in_epoch * self.accum), x, y)
 
+    # ---------------------------------------------------------------- the loop
+
     def run(self) -> dict[str, Any]:
         """Train until a limit, a signal or a guard stops it; returns the final 'end' record."""
+        self._emit_start()
+        self.model.train()
+        self._last_ckpt_time = time.monotonic()
+        window = _Window()
+        last_val: float | None = None
+        first = True
+        while (reason := self.done()) is None:
+            loss, norm = self._timed_step(window, first)
+            first = False
+            if not self._guard(loss, norm):
+                continue  # rolled back to a checkpoint: its counters replace this step's
+            if self._log_due():
+                self._emit_train(window, loss, norm)
+            if self._eval_due():
+                _, last_val = self.evaluate()
+            if self._epoch_ended():
+                self.emit("epoch", epoch=self.state.step // self.steps_per_epoch)
+                self.sample()
+            if self._checkpoint_due():
+                self._save_quietly(last_val)
+                self._last_ckpt_time = time.monotonic()
+        return self._finish(reason, last_val)
+
+    def _timed_step(self, window: _Window, first: bool) -> tuple[float, float]:
+        """One step, its time added to the run's; the first step of a compiled run is
+        reported on its own (it compiles) and kept out of the throughput window."""
+        st = self.state
+        t0 = time.perf_counter()
+        tokens_before = st.tokens_seen
+        compiling = first and self.rt.compiled
+        loss, norm = self._first_compiled_step() if compiling else self.train_step()
+        dist_lib.maybe_fail_for_test(self.dist, st.step)
+        dt = time.perf_counter() - t0  # the step's one host read has synchronised the device
+        st.train_time += dt
+        if compiling:
+            self.emit("compile", seconds=round(dt, 2))
+            window.reset()
+        else:
+            window.add(st.tokens_seen - tokens_before, loss)
+        return loss, norm
+
+    def _guard(self, loss: float, norm: float) -> bool:
+        """Report a skipped, overflowing or spiking step; after `max_bad_steps` non-finite
+        steps in a row, roll back (False: the loop goes on from the checkpoint) or stop."""
         tc, st = self.cfg.train, self.state
-        n_params = count_parameters(self.model)
+        spike = st.observe_loss(loss)
+        if st.bad_steps:  # this step was non-finite and skipped
+            self.emit("nonfinite", loss=loss, grad_norm=norm, consecutive=st.bad_steps)
+            if st.bad_steps >= tc.max_bad_steps:
+                if tc.on_nonfinite == "rollback" and self._rollback():
+                    return False
+                self.stop_reason = "nonfinite"
+        elif not math.isfinite(norm):
+            self.emit("overflow", grad_norm=norm, scale=self.scaler.get_scale())
+        elif spike:
+            self.emit("spike", loss=loss, ema=st.loss_ema)
+        return True
+
+    def _emit_start(self) -> None:
+        tc, rt = self.cfg.train, self.rt
         if self.resumed_from is not None:
             changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in self.resume_changes]
             self.emit("resume", checkpoint=str(self.resumed_from), changed=changed)
         self.emit(
             "start",
-            params=n_params,
+            params=count_parameters(self.model),
             device=str(self.device),
-            precision=self.precision,
-            compiled=self.compiled,
+            precision=rt.precision,
+            compiled=rt.compiled,
             world_size=self.dist.world_size,
             parallel=self.dist.mode,
-            chunked_loss=self.chunked_loss,
-            fast_dropout=self.fast_dropout,
-            host_memory=self.host_memory,
+            chunked_loss=rt.chunked_loss,
+            fast_dropout=rt.fast_dropout,
+            host_memory=rt.host_memory,
             accum=self.accum,
             batch_tokens=self.accum * tc.batch_size * self.cfg.model.context_length,
             steps_per_epoch=self.steps_per_epoch,
@@ -773,88 +734,31 @@ class Trainer:
             peak_flops=self.peak,
             peak_source=self.peak_source,
         )
-        self.model.train()
-        last_ckpt_time = time.monotonic()
-        window_t, window_tokens, window_steps, window_loss = time.perf_counter(), 0, 0, 0.0
-        first_step = True
-        last_val: float | None = None
-        while (reason := self.done()) is None:
-            t0 = time.perf_counter()
-            tokens_before = st.tokens_seen
-            if first_step and self.compiled:
-                loss, norm = self._first_compiled_step()
-            else:
-                loss, norm = self.train_step()
-            dist_lib.maybe_fail_for_test(self.dist, st.step)
-            dt = time.perf_counter() - t0  # .item() in train_step has synchronised the device
-            st.train_time += dt
-            if first_step and self.compiled:
-                self.emit("compile", seconds=round(dt, 2))
-                window_t = time.perf_counter()
-            else:
-                window_tokens += st.tokens_seen - tokens_before
-                window_steps += 1
-                window_loss += loss if math.isfinite(loss) else 0.0
-            first_step = False
 
-            spike = (
-                math.isfinite(st.loss_ema)
-                and math.isfinite(loss)
-                and loss > 1.5 * st.loss_ema + 0.5
-            )
-            if math.isfinite(loss):
-                st.loss_ema = (
-                    loss if not math.isfinite(st.loss_ema) else 0.9 * st.loss_ema + 0.1 * loss
-                )
-            if st.bad_steps:  # this step was non-finite and skipped
-                self.emit("nonfinite", loss=loss, grad_norm=norm, consecutive=st.bad_steps)
-                if st.bad_steps >= tc.max_bad_steps:
-                    if tc.on_nonfinite == "rollback" and self._rollback():
-                        st = self.state  # the checkpoint's counters replace ours
-                        continue
-                    self.stop_reason = "nonfinite"
-            elif not math.isfinite(norm):
-                self.emit("overflow", grad_norm=norm, scale=self.scaler.get_scale())
-            elif spike:
-                self.emit("spike", loss=loss, ema=st.loss_ema)
+    def _emit_train(self, window: _Window, loss: float, norm: float) -> None:
+        tps = window.tokens_per_s()
+        self.emit(
+            "train",
+            epoch=self.epoch_progress,
+            tokens=self.state.tokens_seen,
+            loss=window.mean_loss(loss),
+            lr=self.optimizer.param_groups[0]["lr"],
+            grad_norm=norm,
+            tokens_per_s=tps,
+            mfu=tps * self.flops_per_token / (self.peak * self.dist.world_size),
+            peak_mem_mib=peak_memory_mib(self.device),
+            elapsed=self.state.train_time,
+        )
+        window.reset()
 
-            if st.step % tc.log_every == 0 or st.step == 1 or self.done():
-                elapsed = time.perf_counter() - window_t
-                tps = window_tokens / elapsed if elapsed > 0 and window_steps else 0.0
-                self.emit(
-                    "train",
-                    epoch=self.epoch_progress,
-                    tokens=st.tokens_seen,
-                    loss=window_loss / window_steps if window_steps else loss,
-                    lr=self.optimizer.param_groups[0]["lr"],
-                    grad_norm=norm,
-                    tokens_per_s=tps,
-                    mfu=tps * self.flops_per_token / (self.peak * self.dist.world_size),
-                    peak_mem_mib=peak_memory_mib(self.device),
-                    elapsed=st.train_time,
-                )
-                window_t, window_tokens, window_steps, window_loss = time.perf_counter(), 0, 0, 0.0
-
-            if (st.step - 1) % tc.eval_freq == 0:
-                _, last_val = self.evaluate()
-            if st.step % self.steps_per_epoch == 0:
-                self.emit("epoch", epoch=st.step // self.steps_per_epoch)
-                self.sample()
-            minutes_due = tc.checkpoint_every_minutes and self.dist.any(
-                time.monotonic() - last_ckpt_time >= 60 * tc.checkpoint_every_minutes
-            )  # decided together: under FSDP2 a save needs every rank
-            due = (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or minutes_due
-            # Not in the middle of a non-finite streak: a rollback must find good weights.
-            if due and not st.bad_steps:
-                self._save_quietly(last_val)
-                last_ckpt_time = time.monotonic()
-
-        # The end: a final evaluation, sample and checkpoint. A signal or the guard saves at
-        # once: the user asked to stop, or the model is in trouble.
+    def _finish(self, reason: str, last_val: float | None) -> dict[str, Any]:
+        """The end: a final evaluation, sample and checkpoint, and the "end" record. A signal
+        or the guard saves at once: the user asked to stop, or the model is in trouble."""
+        st = self.state
         quick = reason in ("nonfinite", "SIGINT", "SIGTERM")
         if not quick and (not st.history["step"] or st.history["step"][-1] != st.step):
             _, last_val = self.evaluate()
-        if not quick and st.step % self.steps_per_epoch != 0:
+        if not quick and not self._epoch_ended():
             self.sample()
         try:
             path = self.save(last_val, reason=reason)
@@ -880,89 +784,20 @@ class Trainer:
             self.metrics.close()
         return end
 
-    def _rollback(self) -> bool:
-        """Reload the latest checkpoint and halve the learning rate after a non-finite streak;
-        False (stop instead) when there is no checkpoint or the rollbacks are used up."""
-        ckpt = ckpt_lib.latest_checkpoint(self.run_dir, missing_ok=True)
-        if ckpt is None or self.state.rollbacks >= MAX_ROLLBACKS:
-            return False
-        from_step, rollbacks = self.state.step, self.state.rollbacks + 1
-        lr_scale = self.state.lr_scale * 0.5
-        self._load_training_state(ckpt)
-        self.state.rollbacks, self.state.lr_scale, self.state.bad_steps = rollbacks, lr_scale, 0
-        # The steps after the checkpoint are redone: their records would be duplicates.
-        if self.metrics is not None:
-            self.metrics.close()
-            truncate_metrics(self.metrics.path, self.state.step)
-            self.metrics = MetricsLog(self.metrics.path)
-        self.emit("rollback", checkpoint=str(ckpt), from_step=from_step, lr_scale=lr_scale)
-        return True
 
-    def _save_quietly(self, val_loss: float | None) -> None:
-        """A periodic save that fails (full disk) is reported and training goes on."""
-        try:
-            self.save(val_loss)
-        except GptlabError as e:
-            self.emit("checkpoint_failed", error=str(e))
-
-
-def _config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_changes(a, b, name + ".")
-        elif a != b:
-            out.append((name, a, b))
-    return out
-
-
-def _refuse(key: str, old: Any, new: Any) -> GptlabError:
-    return GptlabError(
-        f"cannot resume: {key} changed from {old!r} to {new!r} (it defines the model or data); "
-        "start a new run with another --out"
-    )
-
-
-def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config dict with the fields it lacks filled from today's defaults."""
-    out = RunConfig().to_dict()
-    for section, values in saved.items():
-        if isinstance(values, dict) and isinstance(out.get(section), dict):
-            out[section].update(values)
-        else:
-            out[section] = values
-    return out
-
-
-def _is_frozen(key: str) -> bool:
-    return any(key == f or (f.endswith(".*") and key.startswith(f[:-1])) for f in FROZEN_ON_RESUME)
-
-
-def _get_rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(rng: dict[str, Any]) -> None:
-    random.setstate(rng["python"])
-    kind, keys, *rest = rng["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+def _check_vocab(cfg: RunConfig, corpus: Corpus) -> None:
+    n_vocab = corpus.tokenizer.n_vocab
+    if cfg.model.vocab_size < n_vocab:
+        raise GptlabError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+            f"({n_vocab}); set --model.vocab_size {n_vocab}"
+        )
 
 
 @contextlib.contextmanager
 def stop_on_signals(trainer: Trainer):
     """SIGINT/SIGTERM ask the trainer to finish its step, save and stop; a second SIGINT
-    aborts at once. Used by the CLI (library code does not install handlers by itself)."""
+    aborts at once. Used by `train()` (library code does not install handlers by itself)."""
 
     def handler(signum, frame):
         if trainer.stop_reason and signum == signal.SIGINT:
@@ -975,3 +810,183 @@ def stop_on_signals(trainer: Trainer):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+# --------------------------------------------------------------------------- gptlab train
+
+# What a run writes into its directory: a new run must find none of them there.
+RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "loss-plot.pdf", "loss-plot.png")
+# Model fields `init_from` lets the user change: they do not shape the weights.
+INIT_FROM_FREE = ("drop_rate", "attention")
+
+
+@dataclass
+class TrainResult:
+    """What `train()` leaves: where, how it ended, with which config, and the loss plot."""
+
+    run_dir: Path
+    end: dict[str, Any]  # the run's "end" record: reason, step, tokens, val_loss, checkpoint
+    config: RunConfig  # as trained: the data's tokenizer and vocabulary, init_from's model
+    plot: Path | None  # the loss plot's PNG (global rank 0; None when nothing was evaluated)
+    is_main: bool  # global rank 0 of a torchrun job (the only one that wrote files)
+
+
+def train(
+    cfg: RunConfig,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    init_from: str | None = None,
+    model_keys: tuple[str, ...] = (),
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    tensorboard: bool = False,
+    name: str = "run",
+) -> TrainResult:
+    """What `gptlab train` does: train `cfg` into `out` (default runs/NAME-TIME, pointed to
+    by runs/latest) and draw its loss plot.
+
+    `resume` continues the run in `out` from its latest checkpoint. `init_from` (a gptlab
+    run, a Hugging Face GPT-2 folder or hub id) starts from those weights and their model
+    config; `model_keys` are the model fields the user set, of which only drop_rate and
+    attention may differ from the source. `on_event` receives every record (and two
+    "loading"/"init_from" notes before training starts), on global rank 0 only.
+    `tensorboard` also writes TensorBoard events. SIGINT/SIGTERM stop after the current
+    step with a checkpoint saved.
+    """
+    notify = on_event if on_event is not None and dist_lib.detect().is_main else _ignore
+    if init_from is not None and resume:
+        raise GptlabError(
+            "--init-from starts a new run from other weights and --resume continues one; "
+            "use one of them"
+        )
+    run_dir = _new_run_dir(out, resume, name)
+    source = None
+    if init_from is not None:
+        cfg, source = _init_from(cfg, init_from, model_keys, notify)
+    manifest = prepared_manifest(cfg.data.source)
+    tok_name = manifest["tokenizer_name"] if manifest else cfg.data.tokenizer
+    notify(
+        {
+            "event": "loading",
+            "source": cfg.data.source,
+            "prepared": bool(manifest),
+            "tokenizer": tok_name,
+        }
+    )
+    cfg, corpus = open_corpus(cfg, manifest, size_vocab=source is None)
+    init_weights = None
+    if source is not None:
+        _check_source_tokenizer(init_from, source.tokenizer_identity, corpus.tokenizer.identity())
+        weights = source.model.state_dict()
+        source = None  # the model's copy of the weights is all that is needed
+
+        def init_weights(model: nn.Module) -> None:
+            model.load_state_dict(weights)
+
+    trainer = Trainer(
+        cfg, corpus, run_dir, resume=resume, on_event=on_event, init_weights=init_weights
+    )
+    init_weights = None  # free the source's weights: the model holds them now
+    if trainer.dist.is_main:
+        _point_latest(run_dir)
+    end = _run_with_signals(trainer, run_dir, tensorboard)
+    # Only after a clean end: a rank that raised exits without waiting on the others.
+    dist_lib.shutdown()
+    plot = None
+    if trainer.dist.is_main:
+        with contextlib.suppress(GptlabError):  # no evaluation yet: no plot
+            plot = plot_run(run_dir)
+    return TrainResult(run_dir, end, cfg, plot, trainer.dist.is_main)
+
+
+def _ignore(record: dict[str, Any]) -> None:
+    pass
+
+
+def _run_with_signals(trainer: Trainer, run_dir: Path, tensorboard: bool) -> dict[str, Any]:
+    """trainer.run() with the signal handlers installed, and TensorBoard events if asked."""
+    tb = None
+    if tensorboard and trainer.dist.is_main:
+        tb = TensorBoardWriter(run_dir / "tensorboard", purge_step=trainer.state.step or None)
+        view = trainer.on_event
+
+        def both(record: dict[str, Any]) -> None:
+            view(record)
+            tb(record)
+
+        trainer.on_event = both
+    try:
+        with stop_on_signals(trainer):
+            return trainer.run()
+    finally:
+        if tb is not None:
+            tb.close()
+
+
+def _new_run_dir(out: str | Path | None, resume: bool, name: str) -> Path:
+    """The run directory, checked: a resume needs one; a new run must not overwrite one."""
+    if resume and out is None:
+        raise GptlabError("--resume needs --out RUN_DIR: the run to continue")
+    run_dir = (
+        Path(out) if out is not None else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GptlabError(
+            f"--out {str(run_dir)!r} is a file, not a directory; choose another --out"
+        )
+    taken = [] if resume else _run_files_in(run_dir)
+    if taken:
+        raise GptlabError(
+            f"{str(run_dir)!r} already holds {', '.join(taken)}, which a new run would overwrite; "
+            "add --resume to continue that run, or choose another --out"
+        )
+    return run_dir
+
+
+def _run_files_in(run_dir: Path) -> list[str]:
+    """The run files (and a non-empty checkpoints/) already in run_dir."""
+    taken = [name for name in RUN_FILES if (run_dir / name).exists()]
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        taken.insert(0, "checkpoints/")
+    return taken
+
+
+def _point_latest(run_dir: Path) -> None:
+    """Make runs/latest point at this run (a convenience; failures are harmless)."""
+    if run_dir.parent.name != "runs":
+        return
+    link = run_dir.parent / "latest"
+    try:
+        tmp = run_dir.parent / f".latest-{os.getpid()}"
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, link)
+    except OSError:
+        pass
+
+
+def _init_from(
+    cfg: RunConfig, src: str, model_keys: tuple[str, ...], notify
+) -> tuple[RunConfig, Run]:
+    """(cfg with the source's model config, the opened source) for `init_from`."""
+    fixed = [k for k in model_keys if k not in INIT_FROM_FREE]
+    if fixed:
+        raise GptlabError(
+            f"--init-from takes the model config from the source; model.{fixed[0]} cannot be set "
+            f"(only {', '.join('model.' + k for k in INIT_FROM_FREE)})"
+        )
+    notify({"event": "init_from", "source": src})
+    source = open_run(src, device="cpu", hub=True)
+    changes = {k: getattr(cfg.model, k) for k in model_keys}
+    cfg = replace(cfg, model=replace(source.config.model, **changes))
+    return cfg.validate(), source
+
+
+def _check_source_tokenizer(src: str, theirs: dict[str, Any], ours: dict[str, Any]) -> None:
+    if ours != theirs:
+        kind = theirs.get("type")
+        raise GptlabError(
+            f"--init-from: {src!r} was trained with a {kind} tokenizer"
+            + (" of another vocabulary" if ours.get("type") == kind else "")
+            + f" but this data uses a {ours.get('type')} one; use data tokenized the same way"
+        )

@@ -1,0 +1,168 @@
+"""Progress views for the terminal: they render the records that training and `gptlab
+prepare` emit (the same records that go to metrics.jsonl) as a progress bar and lines.
+
+The library never prints; the CLI passes one of these as `on_event`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+
+def _eval_line(r: dict[str, Any]) -> str:
+    # The walk-through's line: the epoch is the 1-based one that contains the step, so the
+    # evaluation after a run's last step of epoch 10 is labelled Ep 10, not Ep 11.
+    epoch = max(1, math.ceil(r["epoch"]))
+    return (
+        f"Ep {epoch} (Step {r['step']:06d}): "
+        f"Train loss {r['train_loss']:.3f}, Val loss {r['val_loss']:.3f}"
+    )
+
+
+# One line for each event that is printed as it comes (the rest need the view's state).
+LINES = {
+    "eval": _eval_line,
+    "sample": lambda r: "sample: " + r["text"].replace("\n", " / "),
+    "compile": lambda r: f"compiled the model in {r['seconds']:.1f} s (first step)",
+    "nonfinite": lambda r: (
+        f"step {r['step']}: non-finite loss or gradient, step skipped ({r['consecutive']} in a row)"
+    ),
+    "rollback": lambda r: (
+        f"step {r['from_step']}: non-finite steps; rolled back to {r['checkpoint']} "
+        f"with learning rate x{r['lr_scale']:g}"
+    ),
+    "loading": lambda r: (
+        f"gptlab: streaming prepared data {r['source']!r} ({r['tokenizer']} tokenizer, "
+        "its own train/val split)"
+        if r["prepared"]
+        else f"gptlab: loading data {r['source']!r} ({r['tokenizer']} tokenizer)"
+    ),
+    "init_from": lambda r: f"gptlab: loading weights from {r['source']!r}",
+}
+
+
+class ConsoleView:
+    """Renders trainer events: a tqdm progress bar, evaluation lines and samples."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = None
+
+    def _print(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def __call__(self, r: dict[str, Any]) -> None:
+        ev = r["event"]
+        if ev in LINES:
+            self._print(LINES[ev](r))
+        elif ev == "checkpoint_failed" and not r.get("final"):  # a final failure is an error
+            self._print(f"warning: {r['error']} (training goes on)")
+        elif handler := getattr(self, f"_on_{ev}", None):
+            handler(r)
+
+    def _on_start(self, r: dict[str, Any]) -> None:
+        world = r.get("world_size", 1)
+        procs = f" | {world} processes ({r['parallel']})" if world > 1 else ""
+        self._print(
+            f"model: {r['params'] / 1e6:.2f}M parameters | device {r['device']} | precision {r['precision']}"
+            f"{' | compiled' if r['compiled'] else ''}{procs} | {r['batch_tokens']} tokens/step ({r['accum']} micro-batches)"
+            f" | {r['train_tokens']:,} train / {r['val_tokens']:,} val tokens"
+        )
+        # A bar only on a terminal: in a log file or pipe its redraws are noise, and one
+        # plain line per logged step is what a reader (or a supervising script) wants.
+        if not self.quiet and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=r["total_steps"] or None,
+                initial=r["step"],
+                unit="step",
+                dynamic_ncols=True,
+                smoothing=0.1,
+            )
+
+    def _on_resume(self, r: dict[str, Any]) -> None:
+        self._print(f"resuming from {r['checkpoint']} (step {r['step']})")
+        for c in r["changed"]:
+            self._print(f"  changed: {c}")
+
+    def _on_train(self, r: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.n = r["step"]
+            self.bar.set_postfix_str(
+                f"loss {r['loss']:.3f} | {r['tokens'] / 1e6:.2f}M tok | {r['tokens_per_s']:,.0f} tok/s"
+                f" | MFU {100 * r['mfu']:.1f}%",
+                refresh=True,
+            )
+        elif not self.quiet:
+            self._print(f"step {r['step']}: loss {r['loss']:.3f}, {r['tokens_per_s']:,.0f} tok/s")
+
+    def _on_end(self, r: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.n = r["step"]
+            self.bar.refresh()
+        self.close()
+        val = r.get("val_loss")
+        print(
+            f"done ({r['reason']}): {r['step']} steps, {r['tokens']:,} tokens in {r['train_time']:.0f} s"
+            + (f", val loss {val:.3f}" if val is not None else "")
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class PrepareView:
+    """Renders prepare events: a byte-based progress bar with tokens/s."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = None
+        self.t0 = time.perf_counter()
+        self.tokens0 = 0
+
+    def __call__(self, r: dict[str, Any]) -> None:
+        ev = r["event"]
+        if ev == "chars":
+            print(f"char tokenizer: {r['n_chars']} characters found", flush=True)
+        elif ev == "start":
+            if r["resumed"]:
+                print(f"continuing an interrupted preparation ({r['tokens']:,} tokens done)")
+            print(
+                f"tokenizing with {r['workers']} worker(s): vocabulary {r['n_vocab']:,}, "
+                f"shards of {r['dtype']}",
+                flush=True,
+            )
+            self.tokens0 = r["tokens"]
+            if not self.quiet:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(
+                    total=r["total_bytes"] or None,
+                    initial=r["done_bytes"],
+                    unit="B",
+                    unit_scale=True,
+                    dynamic_ncols=True,
+                )
+        elif ev == "progress" and self.bar is not None:
+            self.bar.n = r["done_bytes"]
+            rate = (r["tokens"] - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(
+                f"{r['tokens']:,} tokens | {r['documents']:,} docs | {rate:,.0f} tok/s",
+                refresh=True,
+            )
+        elif ev == "finished_already":
+            print("already prepared: nothing to do")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

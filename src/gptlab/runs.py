@@ -1,0 +1,62 @@
+"""Open a trained model from wherever it lives: a gptlab run, a checkpoint, or a Hugging Face
+GPT-2 (a local folder, or a hub id where the network allows).
+
+`open_run` is what `gptlab generate`, `gptlab eval`, `train --init-from`, the tests and the
+benchmarks use, so every one of them accepts the same sources and reports the same errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gptlab import checkpoint as ckpt_lib
+from gptlab import hf
+from gptlab.config import RunConfig
+from gptlab.model import GPTModel
+from gptlab.runtime import resolve_device
+from gptlab.tokenizer import GPT2Tokenizer, Tokenizer, from_identity
+
+
+@dataclass
+class Run:
+    """A model ready to use, with the tokenizer and config it was trained with."""
+
+    model: GPTModel  # in eval mode, on `device`
+    tokenizer: Tokenizer
+    config: RunConfig  # for a Hugging Face model: its model shape and default settings
+    device: torch.device
+    checkpoint: Path | None  # the checkpoint directory; None for a Hugging Face model
+
+    @property
+    def tokenizer_identity(self) -> dict:
+        return self.tokenizer.identity()
+
+
+def is_hf_source(src: str | Path, hub: bool = False) -> bool:
+    """True for a Hugging Face model folder (config.json, no gptlab checkpoint), and with
+    `hub`, for a name that is no local path and so may be a hub id."""
+    p = Path(src).expanduser()
+    if ckpt_lib.is_run_dir(p):
+        return False
+    if p.is_dir():
+        return (p / "config.json").is_file()
+    return hub and not p.exists() and hf.looks_like_hub_id(str(src))
+
+
+def open_run(src: str | Path, device: str | torch.device = "auto", hub: bool = False) -> Run:
+    """The model of a gptlab run or checkpoint directory (its latest checkpoint), or of a
+    Hugging Face GPT-2 folder (with GPT-2's tokenizer), on `device`. With `hub`, a name
+    that is no local path is downloaded as a hub id (where the network allows).
+
+    Anything else is a GptlabError that says what the path holds and what to pass instead.
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if is_hf_source(src, hub):
+        model = hf.load_gpt2_model(src)
+        return Run(model.to(dev), GPT2Tokenizer(), RunConfig(model=model.cfg), dev, None)
+    model, cfg, meta = ckpt_lib.load_trained_model(src)
+    tokenizer = from_identity(meta["tokenizer"])
+    return Run(model.to(dev).eval(), tokenizer, cfg, dev, Path(meta["path"]))
