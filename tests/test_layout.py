@@ -1,0 +1,102 @@
+"""The package's layering: each module imports only modules below it in LAYERS.
+
+The order is written down here, once. A change that wants an import the other way is a
+design question (move the code down, or pass the object in), not a reason to edit this
+list in passing. Function-level imports count too; imports under `if TYPE_CHECKING:` do
+not (they are types only, never executed).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "gptlab"
+
+# Bottom (imports nothing of gptlab) to top (the command line).
+LAYERS = (
+    "errors",  # the one exception type users see
+    "config",  # typed dataclasses, presets, TOML, overrides, validation
+    "model",  # GPTModel: token ids -> logits; parameter and FLOP counts
+    "tokenizer",  # GPT-2 BPE, char-level, trained BPE
+    "bpe",  # training byte-level BPEs
+    "sources",  # reading documents from files, directories, globs, jsonl, parquet, hf:
+    "data",  # documents -> tokens -> corpora, prepared shards, loaders
+    "prepare",  # gptlab prepare: parallel, resumable sharding
+    "optim",  # parameter groups, optimizers, lr schedule
+    "runtime",  # device, precision, compile and host-memory policy; speed facts
+    "dist",  # torchrun environment, DDP / FSDP2, rank helpers
+    "loss",  # the loss paths (full logits, chunked)
+    "generate",  # sampling, KV cache, streaming
+    "evaluate",  # calc_loss_*, evaluate_model (rank-aware), perplexity, bits per byte
+    "checkpoint",  # atomic, versioned checkpoints
+    "resume",  # what may change on resume; RNG state
+    "metrics",  # metrics.jsonl
+    "plot",  # figures from metrics.jsonl
+    "tb",  # the optional TensorBoard view
+    "hf",  # Hugging Face GPT-2 weights, both ways
+    "runs",  # open a gptlab run or a Hugging Face folder
+    "trainer",  # the loop, and train()
+    "console",  # progress views for the terminal
+    "cli",  # argv -> library calls -> one-line errors and exit codes
+)
+ENTRY_POINTS = ("__init__", "__main__")  # the package itself and `python -m gptlab`
+
+
+def _gptlab_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, gptlab module) for every import of a gptlab module in the file, at any depth,
+    except under `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "gptlab":  # `from gptlab import checkpoint` or `__version__`
+                names = [f"gptlab.{a.name}" for a in node.names]
+            else:
+                names = [node.module]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "gptlab" and len(parts) > 1 and parts[1] in LAYERS:
+                found.append((node.lineno, parts[1]))
+    return found
+
+
+def test_every_module_has_a_place_in_the_layers():
+    modules = {p.stem for p in SRC.glob("*.py")} - set(ENTRY_POINTS)
+    assert modules - set(LAYERS) == set(), "add the new module to LAYERS, where it belongs"
+    assert set(LAYERS) - modules == set(), "a module in LAYERS no longer exists"
+
+
+@pytest.mark.parametrize("module", LAYERS)
+def test_imports_point_down(module):
+    rank = LAYERS.index(module)
+    upward = [
+        f"{module}.py:{line} imports {target}"
+        for line, target in _gptlab_imports(SRC / f"{module}.py")
+        if LAYERS.index(target) >= rank
+    ]
+    assert upward == []
+
+
+def test_the_checker_sees_function_level_imports(tmp_path):
+    """The rule would be toothless if imports inside functions went unseen."""
+    f = tmp_path / "m.py"
+    f.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from gptlab.cli import main\n"
+        "def g():\n    from gptlab import trainer\n    import gptlab.hf\n"
+        "from gptlab import __version__\n"
+    )
+    assert _gptlab_imports(f) == [(5, "trainer"), (6, "hf")]
