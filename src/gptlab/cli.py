@@ -1,17 +1,25 @@
-"""`gptlab train | generate | plot | prepare | tokenizer train | eval | convert`: the only
-code that reads argv, prints for the user or exits.
+"""`gptlab train | config | generate | plot | prepare | tokenizer train | eval | convert`: the
+only code that reads argv, prints for the user or exits.
 
-User mistakes (GptlabError) print one line on stderr and exit with status 2.
+User mistakes (GptlabError) print one line on stderr and exit with status 2. Help goes to
+stdout. This module imports only the standard library, gptlab.config and gptlab.errors at
+the top, so `gptlab --help` and `gptlab <cmd> --help` answer without loading torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
+import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from gptlab import config as C
 from gptlab.errors import GptlabError
 
 LIMIT_FLAGS = ("epochs", "max_steps", "max_time")
@@ -22,14 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
         args, rest = parser.parse_known_args(argv)
+        if rest:
+            raise GptlabError(_unknown_argument(rest[0], args))
         if args.command is None:
-            parser.print_help()
+            parser.print_help()  # on stdout like all help; still a usage mistake, so status 2
             return 2
-        if args.command != "train" and rest:
-            raise GptlabError(
-                f"unknown argument {rest[0]!r} for `gptlab {args.command}`; see gptlab {args.command} --help"
-            )
-        return args.func(args, rest)
+        return args.func(args)
     except GptlabError as e:
         print(f"gptlab: error: {e}", file=sys.stderr)
         return 2
@@ -42,69 +48,129 @@ def main(argv: list[str] | None = None) -> int:
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage mistakes (e.g. `--max-steps abc`) are one-line GptlabErrors,
-    like every other user error, instead of a usage block and a bare exit."""
+    like every other user error, instead of a usage block and a bare exit. Flags are never
+    abbreviated: a typo must not silently become another flag."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
+        message = message.removeprefix("argument ")
+        flag, _, problem = message.partition(": ")
+        if problem == "expected one argument":
+            message = f"{flag} needs a value"
         raise GptlabError(f"{message}; see `{self.prog} --help`")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gptlab", description="Pretrain GPT-style language models from scratch.")
-    sub = p.add_subparsers(dest="command")
+def _unknown_argument(arg: str, args: argparse.Namespace) -> str:
+    """The one-line error for the first argument no option of the command took."""
+    sub = getattr(args, "command_parser", None)
+    prog = sub.prog if sub is not None else "gptlab"
+    name = arg.split("=", 1)[0]
+    if not name.startswith("-"):
+        return f"unexpected argument {arg!r} for `{prog}`; see `{prog} --help`"
+    flags = list(sub._option_string_actions) if sub is not None else ["--help", "--version"]
+    close = difflib.get_close_matches(name, flags, n=1)
+    section = name[2:].partition(".")[0]
+    if close:
+        hint = f"did you mean {close[0]}?"
+    elif "." in name and section not in C.SECTIONS:
+        hint = f"config sections are {', '.join(C.SECTIONS)}"
+    else:
+        hint = f"see `{prog} --help`"
+    return f"unknown option {name!r} for `{prog}`; {hint}"
 
-    t = sub.add_parser(
+
+def _help_and_fail(parser: argparse.ArgumentParser) -> int:
+    """A command group called without its subcommand: its help (on stdout), status 2."""
+    parser.print_help()
+    return 2
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def _number(kind: type, bounds: C.Range, note: str = "", keep_text: bool = False) -> Callable:
+    """An argparse `type`: text -> kind (int or float) within bounds, else a one-line error
+    naming the range. keep_text returns the text itself (a config override, converted later)."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value not in bounds:
+            raise argparse.ArgumentTypeError(
+                f"must be {noun} {bounds.describe()}{note}, got {text!r}"
+            )
+        return text if keep_text else value
+
+    return parse
+
+
+AT_LEAST_ONE = C.Range(1)
+SEED = C.Range(0, 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def _vocab_size(text: str) -> int:
+    from gptlab.bpe import MIN_VOCAB  # the BPE's own floor; imported only when the flag is given
+
+    return _number(int, C.Range(MIN_VOCAB), " (256 bytes, the special token, a merge)")(text)
+
+
+# --------------------------------------------------------------------------- the parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    from gptlab import __version__
+
+    p = _Parser(prog="gptlab", description="Pretrain GPT-style language models from scratch.")
+    p.add_argument("--version", action="version", version=f"gptlab {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (
+        _train_parser,
+        _config_parser,
+        _generate_parser,
+        _convert_parser,
+        _plot_parser,
+        _prepare_parser,
+        _tokenizer_parser,
+        _eval_parser,
+    ):
+        add(sub)
+    return p
+
+
+def _command(sub, name: str, func: Callable, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand parser that runs func(args) and knows itself (for error hints)."""
+    c = sub.add_parser(name, **kwargs)
+    c.set_defaults(func=func, command_parser=c)
+    return c
+
+
+def _train_parser(sub) -> None:
+    t = _command(
+        sub,
         "train",
+        cmd_train,
+        usage="gptlab train [--data PATH] [--preset NAME] [--config FILE] [--out DIR] "
+        "[options] [--section.field VALUE ...]",
         help="train a model (default: the `cpu` preset on Shakespeare, ~10 minutes on 2 CPU cores)",
-        description="Train a model. Any config field can be set as --section.field VALUE "
-        "(e.g. --train.lr 3e-4, --model.n_layers 6). The limit flags replace the preset's limits; "
-        "given together, training stops at whichever comes first.",
+        description="Train a model. Every config field can be set as --section.field VALUE "
+        "(listed below; e.g. --train.lr 3e-4, --model.n_layers=6). The limit flags replace the "
+        "preset's limits; given together, training stops at whichever comes first. See the "
+        "resolved config with `gptlab config` and the same flags.",
     )
-    t.add_argument(
-        "--data",
-        help="file, directory or glob of .txt/.md files, 'shakespeare' (default), "
-        "or a directory written by `gptlab prepare` (streamed from disk)",
-    )
-    t.add_argument(
-        "--preset",
-        help="model/run preset: tiny, cpu (default), gpt2-small, gpt2-medium, gpt2-large, gpt2-xl",
-    )
-    t.add_argument(
-        "--config",
-        help="TOML file with [model], [train], [data] sections (and an optional preset key)",
-    )
+    _run_config_args(t)
     t.add_argument(
         "--out",
+        metavar="DIR",
         help="run directory (default: runs/<preset>-<time>; runs/latest points at the newest)",
     )
     t.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
-    )
-    t.add_argument("--epochs", type=int, help="passes over the training data")
-    t.add_argument("--max-steps", type=int, help="optimizer steps")
-    t.add_argument("--max-time", type=float, help="seconds of training")
-    t.add_argument("--precision", help="auto, fp32, bf16 or fp16 (same as --train.precision)")
-    t.add_argument("--compile", help="auto, on or off (same as --train.compile)")
-    t.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (same as --train.device)")
-    t.add_argument(
-        "--checkpoint-every",
-        type=int,
-        metavar="STEPS",
-        help="save a checkpoint every STEPS steps (same as --train.checkpoint_every)",
-    )
-    t.add_argument(
-        "--checkpoint-every-minutes",
-        type=float,
-        metavar="M",
-        help="save a checkpoint every M minutes (same as --train.checkpoint_every_minutes)",
-    )
-    t.add_argument(
-        "--keep-last",
-        type=int,
-        metavar="K",
-        help="keep the newest K checkpoints, plus the best by validation loss (same as --train.keep_last)",
-    )
-    t.add_argument(
-        "--parallel", help="under torchrun: ddp (default) or fsdp (same as --train.parallel)"
     )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument(
@@ -119,9 +185,142 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write TensorBoard events to RUN_DIR/tensorboard (needs `tensorboard`)",
     )
-    t.set_defaults(func=cmd_train)
+    _config_field_args(t)
 
-    g = sub.add_parser("generate", help="continue a prompt with a trained model")
+
+def _config_parser(sub) -> None:
+    c = _command(
+        sub,
+        "config",
+        cmd_config,
+        usage="gptlab config [--preset NAME] [--config FILE] [--data PATH] [options] "
+        "[--section.field VALUE ...]",
+        help="print the resolved config of a run as TOML (what --config reads back)",
+        description="Print the config `gptlab train` would run with these flags, resolved "
+        "(preset, then --config, then the flags) and validated, as TOML. Save it, edit it and "
+        "pass it back with --config.",
+    )
+    _run_config_args(c)
+    c.set_defaults(out=None, resume=False)
+    _config_field_args(c)
+
+
+# Flags that each set one train.* field: flag -> (dotted key, metavar).
+TRAIN_ALIASES = {
+    "--precision": ("train.precision", None),
+    "--compile": ("train.compile", None),
+    "--device": ("train.device", "DEVICE"),
+    "--parallel": ("train.parallel", None),
+    "--checkpoint-every": ("train.checkpoint_every", "STEPS"),
+    "--checkpoint-every-minutes": ("train.checkpoint_every_minutes", "M"),
+    "--keep-last": ("train.keep_last", "K"),
+}
+
+
+def _run_config_args(p: argparse.ArgumentParser) -> None:
+    """The flags that decide a run's config, shared by `train` and `config`."""
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="file, directory or glob of .txt/.md files, 'shakespeare' (default), "
+        "or a directory written by `gptlab prepare` (streamed from disk)",
+    )
+    p.add_argument(
+        "--preset",
+        metavar="{" + ",".join(C.PRESETS) + "}",
+        help=f"model/run preset (default: {C.DEFAULT_PRESET})",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with [model], [train], [data] tables and an optional preset key "
+        "(`gptlab config` writes one)",
+    )
+    p.add_argument(
+        "--epochs", type=_number(int, AT_LEAST_ONE), metavar="N", help="passes over the data"
+    )
+    p.add_argument(
+        "--max-steps", type=_number(int, AT_LEAST_ONE), metavar="N", help="optimizer steps"
+    )
+    p.add_argument(
+        "--max-time", type=_number(float, C.POSITIVE), metavar="SECONDS", help="seconds of training"
+    )
+    train_fields = {f.name: f for f in dataclasses.fields(C.TrainConfig)}
+    for flag, (key, metavar) in TRAIN_ALIASES.items():
+        f = train_fields[key.split(".")[1]]
+        kind, bounds = type(f.default), C.field_range(f)
+        p.add_argument(
+            flag,
+            action=_Override,
+            key=key,
+            dest=key,
+            default=argparse.SUPPRESS,
+            metavar=metavar or _metavar(f),
+            type=_number(kind, bounds, keep_text=True) if bounds else None,
+            help=_escape(f"{C.field_help(f)} (same as --{key})"),
+        )
+
+
+class _Override(argparse.Action):
+    """Records `--section.field VALUE` (or a flag that stands for one field, like
+    --precision) as (dotted key, text) in the order given; see config_overrides()."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, key: str, **kwargs: Any):
+        super().__init__(option_strings, dest, **kwargs)
+        self.key = key
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        given = [*getattr(namespace, "_config_overrides", []), (self.key, values)]
+        namespace._config_overrides = given
+
+
+def config_overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The config fields the user set on the command line, as (dotted key, text) in the order
+    given: every --section.field VALUE and the flags that stand for one (--precision, ...)."""
+    return list(getattr(args, "_config_overrides", []))
+
+
+def _config_field_args(p: argparse.ArgumentParser) -> None:
+    """Every config field as --section.field VALUE, one group per section, generated from the
+    dataclasses: the meaning, choices and default in the help come from gptlab.config."""
+    base = C.preset(C.DEFAULT_PRESET)
+    for section, cls in C.SECTION_TYPES.items():
+        group = p.add_argument_group(
+            f"{section} settings (the [{section}] table of a --config file)",
+            f"{cls.__doc__.splitlines()[0]} Default: every preset's starting value; "
+            f"'{C.DEFAULT_PRESET} preset': what the default preset changes it to.",
+        )
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            default = json.dumps(f.default)
+            preset_value = getattr(getattr(base, section), f.name)
+            if preset_value != f.default:
+                default += f"; {C.DEFAULT_PRESET} preset: {json.dumps(preset_value)}"
+            group.add_argument(
+                f"--{key}",
+                action=_Override,
+                key=key,
+                dest=key,
+                default=argparse.SUPPRESS,
+                metavar=_metavar(f),
+                help=_escape(f"{C.field_help(f)} (default: {default})"),
+            )
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    choices = C.field_choices(f)
+    if choices:
+        return "{" + ",".join(choices) + "}"
+    return {bool: "BOOL", int: "INT", float: "FLOAT"}.get(type(f.default), "TEXT")
+
+
+def _escape(help_text: str) -> str:
+    return help_text.replace("%", "%%")  # argparse formats help with %
+
+
+def _generate_parser(sub) -> None:
+    g = _command(sub, "generate", cmd_generate, help="continue a prompt with a trained model")
     g.add_argument(
         "--checkpoint",
         default="runs/latest",
@@ -132,11 +331,28 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         help="text to continue (default: 'Every effort moves you'); repeat for a batch of prompts",
     )
-    g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=_number(int, C.NON_NEGATIVE), default=100, metavar="N")
+    g.add_argument(
+        "--temperature",
+        type=_number(float, C.NON_NEGATIVE),
+        default=0.8,
+        help="0 for greedy decoding (default: 0.8)",
+    )
+    g.add_argument(
+        "--top-k",
+        type=_number(int, C.NON_NEGATIVE, " (0: no top-k cut)"),
+        default=50,
+        metavar="K",
+        help="sample among the K likeliest tokens; 0: all (default: 50)",
+    )
+    g.add_argument(
+        "--top-p",
+        type=_number(float, C.Range(0, 1, low_open=True)),
+        default=None,
+        metavar="P",
+        help="sample among the likeliest tokens whose probability reaches P (default: off)",
+    )
+    g.add_argument("--seed", type=_number(int, SEED), default=None)
     g.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
     g.add_argument(
         "--no-cache", action="store_true", help="recompute the whole window at every step"
@@ -146,30 +362,41 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compile the cached step with a static cache (CUDA: CUDA graphs; slow first call)",
     )
-    g.add_argument("--device", default="auto")
-    g.set_defaults(func=cmd_generate)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
-    c = sub.add_parser(
-        "convert", help="convert GPT-2 weights to and from Hugging Face transformers' format"
+
+def _convert_parser(sub) -> None:
+    c = _command(
+        sub,
+        "convert",
+        None,
+        help="convert GPT-2 weights to and from Hugging Face transformers' format",
     )
-    csub = c.add_subparsers(dest="direction")
-    fh = csub.add_parser(
+    c.set_defaults(func=lambda args: _help_and_fail(c))
+    csub = c.add_subparsers(dest="direction", metavar="DIRECTION")
+    fh = _command(
+        csub,
         "from-hf",
+        cmd_convert_from_hf,
         help="a Hugging Face GPT-2 (directory or hub id) -> a gptlab run directory",
     )
     fh.add_argument("src", help="directory with config.json + model.safetensors, or a hub id")
     fh.add_argument("out_dir", help="new gptlab run directory")
-    fh.set_defaults(func=cmd_convert_from_hf)
-    th = csub.add_parser(
-        "to-hf", help="a gptlab run -> a directory transformers' from_pretrained loads"
+    th = _command(
+        csub,
+        "to-hf",
+        cmd_convert_to_hf,
+        help="a gptlab run -> a directory transformers' from_pretrained loads",
     )
     th.add_argument("run_dir", help="gptlab run or checkpoint directory")
     th.add_argument("out_dir", help="new directory for config.json, model.safetensors, ...")
-    th.set_defaults(func=cmd_convert_to_hf)
-    c.set_defaults(func=lambda args, rest: _usage(c))
 
-    pl = sub.add_parser(
+
+def _plot_parser(sub) -> None:
+    pl = _command(
+        sub,
         "plot",
+        cmd_plot,
         help="draw runs' plots from metrics.jsonl: loss, learning rate, throughput; "
         "several runs are also overlaid",
     )
@@ -182,10 +409,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write each run's metrics as TensorBoard events (RUN_DIR/tensorboard)",
     )
-    pl.set_defaults(func=cmd_plot)
 
-    pr = sub.add_parser(
+
+def _prepare_parser(sub) -> None:
+    pr = _command(
+        sub,
         "prepare",
+        cmd_prepare,
         help="tokenize a corpus of any size into token shards for `gptlab train --data DIR`",
         description="Stream documents from files (.txt/.md: one document per file; .jsonl: "
         "one per line; .parquet: one per row), directories, globs, 'shakespeare' or hf:NAME, "
@@ -202,9 +432,21 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--text-field", default="text", help="jsonl field / parquet column / dataset field"
     )
-    pr.add_argument("--val-ratio", type=float, default=0.1, help="share of documents (0.1)")
-    pr.add_argument("--seed", type=int, default=1337, help="seed of the document split")
-    pr.add_argument("--workers", type=int, default=None, help="tokenizer processes (all cores)")
+    pr.add_argument(
+        "--val-ratio",
+        type=_number(float, C.BELOW_ONE),
+        default=0.1,
+        help="share of documents for validation (default: 0.1)",
+    )
+    pr.add_argument(
+        "--seed", type=_number(int, SEED), default=1337, help="seed of the document split"
+    )
+    pr.add_argument(
+        "--workers",
+        type=_number(int, AT_LEAST_ONE),
+        default=None,
+        help="tokenizer processes (default: all cores)",
+    )
     pr.add_argument(
         "--skip-bad",
         action="store_true",
@@ -212,9 +454,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     pr.add_argument(
         "--shard-tokens",
-        type=int,
+        type=_number(int, AT_LEAST_ONE),
         default=None,
-        help="tokens per shard file (default 16,777,216)",
+        help="tokens per shard file (default: 16,777,216)",
     )
     pr.add_argument(
         "--doc-separator",
@@ -224,29 +466,42 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--hf-config", default=None, help="configuration of hf:NAME datasets")
     pr.add_argument("--verify", action="store_true", help="re-check the shards of --out and exit")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
-    pr.set_defaults(func=cmd_prepare)
 
-    tk = sub.add_parser("tokenizer", help="train your own tokenizer")
-    tk_sub = tk.add_subparsers(dest="tokenizer_command")
-    tt = tk_sub.add_parser(
+
+def _tokenizer_parser(sub) -> None:
+    tk = _command(sub, "tokenizer", None, help="train your own tokenizer")
+    tk.set_defaults(func=lambda args: _help_and_fail(tk))
+    tk_sub = tk.add_subparsers(dest="tokenizer_command", metavar="COMMAND")
+    tt = _command(
+        tk_sub,
         "train",
+        cmd_tokenizer_train,
         help="train a byte-level BPE on your text",
         description="Train a byte-level BPE (GPT-2's kind) with the `tokenizers` library on the "
         "documents `gptlab prepare` would read, and save DIR/tokenizer.json. Use it with "
         "`gptlab prepare ... --tokenizer DIR` or `gptlab train --data.tokenizer DIR`.",
     )
     tt.add_argument("--data", nargs="+", required=True, metavar="INPUT", help="as for prepare")
-    tt.add_argument("--vocab-size", type=int, required=True, help="ids, special token included")
+    tt.add_argument(
+        "--vocab-size", type=_vocab_size, required=True, help="ids, special token included"
+    )
     tt.add_argument("--out", required=True, help="directory for tokenizer.json")
-    tt.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair")
+    tt.add_argument(
+        "--min-frequency",
+        type=_number(int, AT_LEAST_ONE),
+        default=2,
+        help="least count of a merged pair (default: 2)",
+    )
     tt.add_argument("--text-field", default="text")
     tt.add_argument("--doc-separator", default=None)
     tt.add_argument("--skip-bad", action="store_true")
-    tt.set_defaults(func=cmd_tokenizer_train)
-    tk.set_defaults(func=lambda args, rest: (tk.print_help(), 2)[1])
 
-    ev = sub.add_parser(
+
+def _eval_parser(sub) -> None:
+    ev = _command(
+        sub,
         "eval",
+        cmd_eval,
         help="loss, perplexity and bits per byte of a trained model",
         description="Evaluate a run on --data (text: all of it; a prepared directory: its "
         "--split) or, by default, on the run's own validation split. Bits per byte count the "
@@ -255,89 +510,77 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", default="runs/latest", help="run or checkpoint directory")
     ev.add_argument("--data", help="text file/dir/glob, 'shakespeare', or a prepared directory")
     ev.add_argument("--split", choices=("val", "train"), default="val")
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--precision", default="fp32", help="fp32 (default), bf16 or fp16")
+    ev.add_argument("--batch-size", type=_number(int, AT_LEAST_ONE), default=8)
+    ev.add_argument(
+        "--max-batches",
+        type=_number(int, AT_LEAST_ONE),
+        default=None,
+        help="stop after this many batches",
+    )
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    ev.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.set_defaults(func=cmd_eval)
-    return p
 
 
-# --------------------------------------------------------------------------- train
+# --------------------------------------------------------------------------- train and config
 
 
-def parse_overrides(rest: list[str]) -> list[tuple[str, str]]:
-    """['--train.lr', '3e-4', '--model.n_layers=4'] -> [('train.lr', '3e-4'), ('model.n_layers', '4')]."""
-    pairs, i = [], 0
-    while i < len(rest):
-        arg = rest[i]
-        if not arg.startswith("--") or "." not in arg.split("=")[0]:
-            raise GptlabError(
-                f"unknown argument {arg!r}; config fields are set as --section.field VALUE"
-            )
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(rest):
-                raise GptlabError(f"{arg} needs a value")
-            key, value = arg[2:], rest[i + 1]
-            i += 2
-        pairs.append((key, value))
-    return pairs
-
-
-def build_config(args: argparse.Namespace, rest: list[str]):
-    from gptlab import config as C
-
+def build_config(args: argparse.Namespace) -> tuple[C.RunConfig, str]:
+    """(validated RunConfig, preset name) from `train`/`config` arguments: the preset, then the
+    --config file, then --data, the limit flags and the config overrides in the order given.
+    A resumed run without --preset/--config starts from its saved config ("resumed")."""
     saved = Path(args.out) / "config.json" if args.out else None
     if args.resume and saved and saved.is_file() and not (args.preset or args.config):
         cfg = C.RunConfig.from_dict(json.loads(saved.read_text()))
         preset_name = "resumed"
     else:
-        file_cfg = C.load_toml(args.config) if args.config else {}
-        preset_name = args.preset or file_cfg.pop("preset", None) or C.DEFAULT_PRESET
-        file_cfg.pop("preset", None)
-        cfg = C.preset(preset_name)
-        C.apply_nested(cfg, file_cfg, origin=f"config file {args.config}")
+        cfg, preset_name = _preset_and_file(args.preset, args.config)
     if args.data:
         cfg.data.source = args.data
     if any(getattr(args, f) is not None for f in LIMIT_FLAGS):
         cfg.train.epochs = args.epochs or 0
         cfg.train.max_steps = args.max_steps or 0
         cfg.train.max_time = args.max_time or 0.0
-    for flag in ("precision", "compile", "device", "parallel"):
-        if getattr(args, flag):
-            C.set_field(cfg, f"train.{flag}", getattr(args, flag))
-    for flag in ("checkpoint_every", "checkpoint_every_minutes", "keep_last"):
-        if getattr(args, flag) is not None:
-            C.set_field(cfg, f"train.{flag}", getattr(args, flag))
-    for key, value in parse_overrides(rest):
+    for key, value in config_overrides(args):
         C.set_field(cfg, key, value)
     return cfg.validate(), preset_name
 
 
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
+def _preset_and_file(preset: str | None, config_file: str | None) -> tuple[C.RunConfig, str]:
+    """The preset's config with the TOML file applied, and the preset's name; a --preset that
+    disagrees with the file's own `preset` is an error, not a silent choice."""
+    file_cfg = C.load_toml(config_file) if config_file else {}
+    file_preset = file_cfg.pop("preset", None)
+    if preset and file_preset is not None and preset != file_preset:
+        raise GptlabError(
+            f"--preset {preset} disagrees with preset = {file_preset!r} in {config_file}; "
+            "drop one of them"
+        )
+    name = preset or file_preset or C.DEFAULT_PRESET
+    cfg = C.preset(name)
+    C.apply_nested(cfg, file_cfg, origin=f"config file {config_file}")
+    return cfg, name
 
 
-def _model_keys(args: argparse.Namespace, rest: list[str]) -> tuple[str, ...]:
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg, preset_name = build_config(args)
+    sys.stdout.write(C.to_toml(cfg, preset_name))
+    return 0
+
+
+def _model_keys(args: argparse.Namespace) -> tuple[str, ...]:
     """The model fields the user set (flags and --config file): `--init-from` checks them."""
-    from gptlab import config as C
-
-    keys = [k.split(".", 1)[1] for k, _ in parse_overrides(rest) if k.startswith("model.")]
+    keys = [k.split(".", 1)[1] for k, _ in config_overrides(args) if k.startswith("model.")]
     if args.config:
         keys += list(C.load_toml(args.config).get("model", {}))
     return tuple(keys)
 
 
-def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     from gptlab.console import ConsoleView
     from gptlab.trainer import train
 
-    cfg, preset_name = build_config(args, rest)
+    cfg, preset_name = build_config(args)
     view = ConsoleView(quiet=args.quiet)
     try:
         result = train(
@@ -345,7 +588,7 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
             args.out,
             resume=args.resume,
             init_from=args.init_from,
-            model_keys=_model_keys(args, rest) if args.init_from else (),
+            model_keys=_model_keys(args) if args.init_from else (),
             on_event=view,
             tensorboard=args.tensorboard,
             name=preset_name,
@@ -380,16 +623,10 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 # --------------------------------------------------------------------------- generate and plot
 
 
-def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     from gptlab.generate import complete, stream_text
     from gptlab.runs import open_run
 
-    if args.max_new_tokens < 0:
-        raise GptlabError("--max-new-tokens must be 0 or more")
-    if args.temperature < 0:
-        raise GptlabError("--temperature must be 0 or more")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise GptlabError("--top-p must be in (0, 1]")
     prompts = args.prompt or ["Every effort moves you"]
     run = open_run(args.checkpoint, args.device)
     model, tokenizer = run.model, run.tokenizer
@@ -420,7 +657,7 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def cmd_convert_from_hf(args: argparse.Namespace, rest: list[str]) -> int:
+def cmd_convert_from_hf(args: argparse.Namespace) -> int:
     from gptlab.hf import convert_from_hf, matching_preset
     from gptlab.model import GPTModel, count_parameters
 
@@ -438,7 +675,7 @@ def cmd_convert_from_hf(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def cmd_convert_to_hf(args: argparse.Namespace, rest: list[str]) -> int:
+def cmd_convert_to_hf(args: argparse.Namespace) -> int:
     from gptlab.hf import convert_to_hf
 
     names = convert_to_hf(args.run_dir, args.out_dir)
@@ -453,7 +690,7 @@ def cmd_convert_to_hf(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def cmd_plot(args: argparse.Namespace, rest: list[str]) -> int:
+def cmd_plot(args: argparse.Namespace) -> int:
     from gptlab.plot import plot_compare, plot_lr, plot_run, plot_throughput
 
     for run in args.run_dirs:
@@ -485,7 +722,7 @@ def cmd_plot(args: argparse.Namespace, rest: list[str]) -> int:
 # --------------------------------------------------------------------------- prepare, tokenizer, eval
 
 
-def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
+def cmd_prepare(args: argparse.Namespace) -> int:
     from gptlab.prepare import DEFAULT_SHARD_TOKENS, prepare, verify
 
     if args.verify:
@@ -547,7 +784,7 @@ def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from gptlab.bpe import train_bpe
     from gptlab.prepare import iter_texts
 
@@ -568,16 +805,10 @@ def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     from gptlab.evaluate import evaluate_run
     from gptlab.runs import open_run
 
-    if args.batch_size < 1:
-        raise GptlabError("--batch-size must be 1 or more")
-    if args.max_batches is not None and args.max_batches < 1:
-        raise GptlabError("--max-batches must be 1 or more")
-    if args.precision not in ("fp32", "bf16", "fp16"):
-        raise GptlabError(f"--precision must be fp32, bf16 or fp16, got {args.precision!r}")
     run = open_run(args.checkpoint, args.device)
     r = evaluate_run(run, args.data, args.split, args.batch_size, args.max_batches, args.precision)
     r = {"data": r["data"], "checkpoint": args.checkpoint, **r}

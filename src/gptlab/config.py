@@ -4,11 +4,15 @@ A run is described by one `RunConfig` (sections `model`, `train`, `data`). It ca
 built from a preset, a TOML file with the same sections, and `section.field=value`
 overrides, in that order. Every value is checked by `validate()`, and unknown keys are
 errors that name the key. The resolved config is saved with each run and checkpoint.
+
+Each field carries its one line of meaning (and, for a setting with a fixed set of values,
+its choices) in its metadata: `gptlab train --help` and validation both read them there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -40,23 +44,106 @@ GPT_CONFIG_124M: dict[str, Any] = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: bounds `low` and `high` (None: unbounded), each
+    included unless marked open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        return self.high is None or (v < self.high if self.high_open else v <= self.high)
+
+    def describe(self) -> str:
+        """'greater than 0', '1 or more', 'in [0, 1)', ..."""
+        lo, hi = _number_text(self.low), _number_text(self.high)
+        if self.high is None:
+            return f"greater than {lo}" if self.low_open else f"{lo} or more"
+        if self.low is None:
+            return f"less than {hi}" if self.high_open else f"{hi} or less"
+        return f"in {'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+
+
+def _number_text(v: float | None) -> str:
+    return str(int(v)) if v is not None and float(v).is_integer() else str(v)
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)
+BELOW_ONE = Range(0, 1, high_open=True)
+
+
+def _field(
+    default: Any, help: str, choices: tuple[str, ...] | None = None, bounds: Range | None = None
+) -> Any:
+    """A dataclass field with its one line of help and, where they apply, the choices of an
+    enum-like string or the range of a number: validation and the CLI read them from here."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if bounds is not None:
+        metadata["range"] = bounds
+    return field(default=default, metadata=metadata)
+
+
+def field_help(f: dataclasses.Field) -> str:
+    """The one line of meaning a config field declares."""
+    return f.metadata.get("help", "")
+
+
+def field_choices(f: dataclasses.Field) -> tuple[str, ...] | None:
+    """The values an enum-like config field accepts, or None for an open field."""
+    return f.metadata.get("choices")
+
+
+def field_range(f: dataclasses.Field) -> Range | None:
+    """The range a numeric config field accepts, or None when any number will do."""
+    return f.metadata.get("range")
+
+
 @dataclass
 class ModelConfig:
     """Shape and options of a GPTModel. Field names follow the walk-through's dict."""
 
-    vocab_size: int = 50257
-    context_length: int = 1024
-    emb_dim: int = 768
-    n_heads: int = 12
-    n_layers: int = 12
-    drop_rate: float = 0.1
-    qkv_bias: bool = False
+    vocab_size: int = _field(
+        50257, "token ids the embedding and output head cover", bounds=POSITIVE
+    )
+    context_length: int = _field(
+        1024, "longest input in tokens (rows of the position embedding)", bounds=POSITIVE
+    )
+    emb_dim: int = _field(768, "width of the embeddings and of every block", bounds=POSITIVE)
+    n_heads: int = _field(
+        12, "attention heads per block; emb_dim must be divisible by it", bounds=POSITIVE
+    )
+    n_layers: int = _field(12, "transformer blocks", bounds=POSITIVE)
+    drop_rate: float = _field(
+        0.1, "dropout probability on embeddings, attention and shortcuts", bounds=BELOW_ONE
+    )
+    qkv_bias: bool = _field(False, "give the query, key and value projections a bias")
     # gptlab's additions; the defaults reproduce the walk-through's model exactly.
-    tie_weights: bool = False  # share tok_emb and out_head weights (as GPT-2 does)
-    attention: str = "sdpa"  # "sdpa": fused kernels; "manual": the walk-through's masked softmax
-    vocab_multiple: int = 1  # pad the embedding/head rows to a multiple of this (64 is fast)
-    init: str = "pytorch"  # "pytorch": PyTorch defaults (the walk-through); "gpt2": N(0, 0.02)
-    fused_qkv: bool = False  # compute q, k, v with one matmul (same parameters, same math)
+    tie_weights: bool = _field(False, "share tok_emb and out_head weights (as GPT-2 does)")
+    attention: str = _field(
+        "sdpa",
+        "sdpa: PyTorch's fused attention kernels; manual: the walk-through's masked softmax",
+        choices=("sdpa", "manual"),
+    )
+    vocab_multiple: int = _field(
+        1,
+        "pad the embedding and head rows to a multiple of this (e.g. 64, for matmul kernels)",
+        bounds=POSITIVE,
+    )
+    init: str = _field(
+        "pytorch",
+        "pytorch: PyTorch's default initialisation (the walk-through); gpt2: GPT-2's N(0, 0.02)",
+        choices=("pytorch", "gpt2"),
+    )
+    fused_qkv: bool = _field(False, "compute q, k, v with one matmul (same parameters, same math)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -79,111 +166,118 @@ class ModelConfig:
         return (self.vocab_size + m - 1) // m * m
 
     def validate(self) -> ModelConfig:
-        _positive(
-            self,
-            "model",
-            ["vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "vocab_multiple"],
-        )
+        _check_fields(self, "model")
         if self.emb_dim % self.n_heads:
             raise GptlabError(
                 f"model.emb_dim ({self.emb_dim}) must be divisible by model.n_heads ({self.n_heads}); "
                 "change one of them"
             )
-        _fraction(self, "model", "drop_rate", upper_open=True)
-        _choice(self, "model", "attention", ("sdpa", "manual"))
-        _choice(self, "model", "init", ("pytorch", "gpt2"))
         return self
+
+
+_ON_OFF = ("auto", "on", "off")
 
 
 @dataclass
 class TrainConfig:
     """Optimiser, schedule, limits and periodic work of the CLI trainer."""
 
-    lr: float = 4e-4
-    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    batch_size: int = 8  # sequences per micro-batch (the walk-through's batch_size)
-    batch_tokens: int = 0  # tokens per optimizer step; 0 means one micro-batch per step
-    epochs: int = 1  # passes over the training windows
-    max_steps: int = 0  # optimizer steps; 0 = no limit (epochs decide)
-    max_time: float = 0.0  # seconds of training; 0 = no limit
-    eval_freq: int = 100  # evaluate train and val loss every eval_freq steps
-    eval_iter: int = 20  # batches per evaluation
-    start_context: str = "Every effort moves you"
-    sample_tokens: int = 50
-    log_every: int = 10
-    seed: int = 123
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
-    precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
-    compile: str = "auto"  # "auto" | "on" | "off"
-    fused_optimizer: bool = True
-    # "auto" | "on" | "off": the training loss from hidden states in row chunks, never holding
-    # the full (B, T, V) logits (gptlab.loss); auto turns it on where it measured faster
-    chunked_loss: str = "auto"
-    # "auto" | "on" | "off": dropout masks from random integers on CPU (gptlab.model.Dropout,
-    # 2.7x faster than PyTorch's; another random stream); auto = on when training on CPU
-    fast_dropout: str = "auto"
-    # "auto" | "keep" | "release": "keep" has glibc's malloc keep freed memory for reuse
-    # instead of handing large blocks back to the OS, which each step then page-faults in
-    # again (1.2-1.5x the tokens/s on our CPU); auto = keep when training on CPU (Linux)
-    host_memory: str = "auto"
-    checkpoint_every: int = 0  # steps; 0 = only at the end (and on signals)
-    checkpoint_every_minutes: float = 0.0
-    keep_last: int = 2
-    max_bad_steps: int = 5  # consecutive non-finite steps before training stops
-    # after max_bad_steps: "stop" (save the last good weights), or "rollback" to the latest
-    # checkpoint with half the learning rate (up to 3 times, then stop)
-    on_nonfinite: str = "stop"
-    parallel: str = "ddp"  # under torchrun: "ddp" (replicas) | "fsdp" (FSDP2, sharded)
-    dist_timeout: float = 600.0  # seconds any collective may wait before the job fails
+    lr: float = _field(4e-4, "peak learning rate", bounds=POSITIVE)
+    min_lr_ratio: float = _field(0.1, "the schedule decays to lr * min_lr_ratio", bounds=FRACTION)
+    warmup_steps: int = _field(0, "steps of linear warm-up to lr", bounds=NON_NEGATIVE)
+    schedule: str = _field(
+        "cosine",
+        "decay from lr to lr * min_lr_ratio after warm-up (constant: none)",
+        choices=("cosine", "linear", "constant"),
+    )
+    weight_decay: float = _field(
+        0.1, "AdamW weight decay of the Linear layers' weights", bounds=NON_NEGATIVE
+    )
+    beta1: float = _field(0.9, "AdamW beta1", bounds=BELOW_ONE)
+    beta2: float = _field(0.999, "AdamW beta2", bounds=BELOW_ONE)
+    grad_clip: float = _field(
+        1.0, "max global gradient norm; 0 disables clipping", bounds=NON_NEGATIVE
+    )
+    batch_size: int = _field(
+        8, "sequences per micro-batch (the walk-through's batch_size)", bounds=POSITIVE
+    )
+    batch_tokens: int = _field(
+        0,
+        "tokens per optimizer step, a multiple of batch_size x context_length; "
+        "0 = one micro-batch per step",
+        bounds=NON_NEGATIVE,
+    )
+    epochs: int = _field(1, "passes over the training windows; 0 = no limit", bounds=NON_NEGATIVE)
+    max_steps: int = _field(0, "optimizer steps; 0 = no limit (epochs decide)", bounds=NON_NEGATIVE)
+    max_time: float = _field(0.0, "seconds of training; 0 = no limit", bounds=NON_NEGATIVE)
+    eval_freq: int = _field(
+        100, "evaluate train and val loss every eval_freq steps", bounds=POSITIVE
+    )
+    eval_iter: int = _field(20, "batches per evaluation", bounds=POSITIVE)
+    start_context: str = _field(
+        "Every effort moves you", "prompt of the sample printed after each evaluation"
+    )
+    sample_tokens: int = _field(50, "tokens in each sample", bounds=NON_NEGATIVE)
+    log_every: int = _field(10, "report the training loss every log_every steps", bounds=POSITIVE)
+    seed: int = _field(123, "seed of the initial weights, dropout and data order")
+    device: str = _field("auto", "auto, cpu, cuda, cuda:N or mps (auto: a GPU if there is one)")
+    precision: str = _field(
+        "auto",
+        "matmul precision, weights stay fp32; auto: bf16 where the device supports it, "
+        "fp16 on older CUDA GPUs, else fp32",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
+    compile: str = _field(
+        "auto", "torch.compile the model and loss; auto: on CUDA only", choices=_ON_OFF
+    )
+    fused_optimizer: bool = _field(True, "use PyTorch's fused AdamW kernel where it has one")
+    chunked_loss: str = _field(
+        "auto",
+        "compute the loss from hidden states in row chunks, never holding the full (B, T, V) "
+        "logits (gptlab.loss); auto: on when training on CPU",
+        choices=_ON_OFF,
+    )
+    fast_dropout: str = _field(
+        "auto",
+        "draw dropout masks from random integers (gptlab.model.Dropout; another random stream "
+        "than PyTorch's); auto: on when training on CPU",
+        choices=_ON_OFF,
+    )
+    host_memory: str = _field(
+        "auto",
+        "keep: glibc's malloc keeps freed memory for reuse instead of returning it to the OS, "
+        "so each step need not fault it in again; auto: keep when training on CPU (Linux)",
+        choices=("auto", "keep", "release"),
+    )
+    checkpoint_every: int = _field(
+        0, "steps between checkpoints; 0 = only at the end", bounds=NON_NEGATIVE
+    )
+    checkpoint_every_minutes: float = _field(
+        0.0, "minutes between checkpoints; 0 = off", bounds=NON_NEGATIVE
+    )
+    keep_last: int = _field(
+        2, "newest checkpoints kept, plus the best by validation loss", bounds=POSITIVE
+    )
+    max_bad_steps: int = _field(
+        5, "consecutive non-finite steps before on_nonfinite applies", bounds=POSITIVE
+    )
+    on_nonfinite: str = _field(
+        "stop",
+        "stop: save the last good weights and stop; rollback: to the latest checkpoint at "
+        "half the learning rate (up to 3 times, then stop)",
+        choices=("stop", "rollback"),
+    )
+    parallel: str = _field(
+        "ddp",
+        "under torchrun: ddp (a replica per process) or fsdp (FSDP2, sharded)",
+        choices=("ddp", "fsdp"),
+    )
+    dist_timeout: float = _field(
+        600.0, "seconds any collective may wait before the job fails", bounds=POSITIVE
+    )
 
     def validate(self) -> TrainConfig:
-        _positive(
-            self,
-            "train",
-            [
-                "lr",
-                "batch_size",
-                "eval_freq",
-                "eval_iter",
-                "log_every",
-                "keep_last",
-                "max_bad_steps",
-                "dist_timeout",
-            ],
-        )
-        _non_negative(
-            self,
-            "train",
-            [
-                "warmup_steps",
-                "weight_decay",
-                "grad_clip",
-                "batch_tokens",
-                "epochs",
-                "max_steps",
-                "max_time",
-                "sample_tokens",
-                "checkpoint_every",
-                "checkpoint_every_minutes",
-            ],
-        )
-        _fraction(self, "train", "min_lr_ratio")
-        _fraction(self, "train", "beta1", upper_open=True)
-        _fraction(self, "train", "beta2", upper_open=True)
-        _choice(self, "train", "schedule", ("cosine", "linear", "constant"))
-        _choice(self, "train", "precision", ("auto", "fp32", "bf16", "fp16"))
-        _choice(self, "train", "compile", ("auto", "on", "off"))
-        _choice(self, "train", "on_nonfinite", ("stop", "rollback"))
-        _choice(self, "train", "parallel", ("ddp", "fsdp"))
-        _choice(self, "train", "chunked_loss", ("auto", "on", "off"))
-        _choice(self, "train", "fast_dropout", ("auto", "on", "off"))
-        _choice(self, "train", "host_memory", ("auto", "keep", "release"))
+        _check_fields(self, "train")
         if self.epochs == 0 and self.max_steps == 0 and self.max_time == 0:
             raise GptlabError(
                 "no training limit: set train.epochs, train.max_steps or train.max_time above 0"
@@ -195,15 +289,25 @@ class TrainConfig:
 class DataConfig:
     """Where the text comes from and how it becomes training windows."""
 
-    source: str = (
-        "shakespeare"  # a file, directory, glob, built-in "shakespeare", or a prepared dir
+    source: str = _field(
+        "shakespeare",
+        "a file, directory or glob, the built-in 'shakespeare', or a `gptlab prepare` directory",
     )
-    tokenizer: str = "gpt2"  # "gpt2" | "char" | path of a trained tokenizer.json (or its directory)
-    train_ratio: float = 0.9
-    stride: int = 0  # distance between window starts; 0 = context_length (no overlap)
-    shuffle: bool = True
+    tokenizer: str = _field(
+        "gpt2", "gpt2, char, or the path of a trained tokenizer.json (or its directory)"
+    )
+    train_ratio: float = _field(
+        0.9,
+        "share of the tokens for training; the rest validates",
+        bounds=Range(0, 1, low_open=True, high_open=True),
+    )
+    stride: int = _field(
+        0, "distance between window starts; 0 = context_length (no overlap)", bounds=NON_NEGATIVE
+    )
+    shuffle: bool = _field(True, "shuffle the training windows every epoch")
 
     def validate(self) -> DataConfig:
+        _check_fields(self, "data")
         if not self.source:
             raise GptlabError("data.source is empty: pass --data PATH or --data shakespeare")
         if self.tokenizer not in ("gpt2", "char") and not (
@@ -215,11 +319,6 @@ class DataConfig:
                 f"data.tokenizer must be gpt2, char, or the path of a trained tokenizer.json "
                 f"(or its directory); got {self.tokenizer!r}"
             )
-        if not 0.0 < self.train_ratio < 1.0:
-            raise GptlabError(
-                f"data.train_ratio must be between 0 and 1 (exclusive), got {self.train_ratio}"
-            )
-        _non_negative(self, "data", ["stride"])
         return self
 
 
@@ -257,6 +356,8 @@ class RunConfig:
 
 
 SECTIONS = ("model", "train", "data")
+# Each section's dataclass, in the order the sections appear in a config.
+SECTION_TYPES: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 
 # Presets set whole runs. The GPT-2 family sets only the model shape; the small ones are
 # sized for a 2-core CPU and carry the schedule that suits them.
@@ -286,11 +387,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "log_every": 5,
         },
     },
-    # The default run: the lowest validation loss we found in 10 minutes on 2 CPU cores.
-    # GPT-2 BPE beat a char-level 6x384 model in bits per byte, and 4 layers for 1,000
-    # steps beat 8 layers for 800 (BENCHMARKS.md). A fixed step count lets the cosine reach
-    # its floor: 1,000 steps took 509 s of training (~4,000 tokens/s on a quiet 2-core CPU:
-    # bf16, chunked loss, kept host memory); max_time is a safety net for slower machines.
+    # The default run: the lowest validation loss we found in a ten-minute budget on 2 CPU
+    # cores; BENCHMARKS.md holds the runs that chose its tokenizer, depth and step count. A
+    # fixed step count lets the cosine reach its floor; max_time is a safety net for slower
+    # machines.
     "cpu": {
         "model": {
             "context_length": 128,
@@ -337,6 +437,15 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise GptlabError(f"config file {str(p)!r} is not valid TOML: {e}") from None
 
 
+def to_toml(cfg: RunConfig, preset_name: str | None = None) -> str:
+    """The config as TOML text that `load_toml` + `apply_nested` (or `--config`) read back
+    to an identical RunConfig; with `preset_name`, a top-level `preset` key records it."""
+    import tomli_w  # only `gptlab config` writes TOML
+
+    doc: dict[str, Any] = {"preset": preset_name} if preset_name else {}
+    return tomli_w.dumps({**doc, **cfg.to_dict()})
+
+
 def apply_nested(cfg: RunConfig, d: dict[str, Any], origin: str = "config") -> None:
     """Set fields from a nested dict {"model": {...}, "train": {...}, "data": {...}}."""
     for section, values in d.items():
@@ -358,59 +467,59 @@ def set_field(cfg: RunConfig, dotted: str, value: Any) -> None:
             f"unknown config key {dotted!r}; use section.field with sections {', '.join(SECTIONS)}"
         )
     obj = getattr(cfg, section)
-    types = {f.name: f.type for f in dataclasses.fields(obj)}
-    if key not in types:
-        raise GptlabError(f"unknown config key {dotted!r}; {section} has: {', '.join(types)}")
+    names = [f.name for f in dataclasses.fields(obj)]
+    if key not in names:
+        raise GptlabError(f"unknown config key {dotted!r}; {section} has: {', '.join(names)}")
     setattr(obj, key, _coerce(dotted, value, getattr(obj, key)))
 
 
 def _coerce(name: str, value: Any, current: Any) -> Any:
+    """value (a command-line string or a TOML/JSON value) as the type of `current`."""
     kind = type(current)
     if isinstance(value, str) and kind is not str:
-        text = value.strip().lower()
-        if kind is bool:
-            if text in ("true", "1", "yes", "on"):
-                return True
-            if text in ("false", "0", "no", "off"):
-                return False
-            raise GptlabError(f"{name} must be true or false, got {value!r}")
-        try:
-            return int(text) if kind is int else float(text)
-        except ValueError:
-            raise GptlabError(f"{name} must be a number, got {value!r}") from None
+        return _parse(name, value, kind)
     if kind is bool and not isinstance(value, bool):
         raise GptlabError(f"{name} must be true or false, got {value!r}")
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
+    if kind is int and isinstance(value, float):  # 1e3 or 2.5 in TOML: say so, do not round
+        raise GptlabError(f"{name} must be an integer, got {value!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise GptlabError(f"{name} must be of type {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise GptlabError(f"{name} must be a finite number, got {value!r}")
     return value
 
 
-def _positive(obj: Any, section: str, names: list[str]) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        if not v > 0:
-            raise GptlabError(f"{section}.{n} must be greater than 0, got {v}")
+def _parse(name: str, text: str, kind: type) -> Any:
+    """A command-line string as a bool, int or float field's value."""
+    t = text.strip().lower()
+    if kind is bool:
+        if t in ("true", "1", "yes", "on"):
+            return True
+        if t in ("false", "0", "no", "off"):
+            return False
+        raise GptlabError(f"{name} must be true or false, got {text!r}")
+    try:
+        number = float(t)
+    except ValueError:
+        what = "an integer" if kind is int else "a"
+        raise GptlabError(f"{name} must be {what} number, got {text!r}") from None
+    if not math.isfinite(number):
+        raise GptlabError(f"{name} must be a finite number, got {text!r}")
+    if kind is float:
+        return number
+    try:
+        return int(t)  # not int(number): a float cannot hold every large integer exactly
+    except ValueError:
+        raise GptlabError(f"{name} must be an integer, got {text!r}") from None
 
 
-def _non_negative(obj: Any, section: str, names: list[str]) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        if v < 0:
-            raise GptlabError(f"{section}.{n} must be 0 or more, got {v}")
-
-
-def _fraction(obj: Any, section: str, name: str, upper_open: bool = False) -> None:
-    v = getattr(obj, name)
-    if not (0.0 <= v < 1.0 if upper_open else 0.0 <= v <= 1.0):
-        bound = "[0, 1)" if upper_open else "[0, 1]"
-        raise GptlabError(f"{section}.{name} must be in {bound}, got {v}")
-
-
-def _choice(obj: Any, section: str, name: str, choices: tuple[str, ...]) -> None:
-    v = getattr(obj, name)
-    if v not in choices:
-        raise GptlabError(f"{section}.{name} must be one of {', '.join(choices)}; got {v!r}")
+def _check_fields(obj: Any, section: str) -> None:
+    """Every field of obj within the range, and among the choices, its metadata declares."""
+    for f in fields(obj):
+        v, bounds, choices = getattr(obj, f.name), field_range(f), field_choices(f)
+        if bounds is not None and v not in bounds:
+            raise GptlabError(f"{section}.{f.name} must be {bounds.describe()}, got {v}")
+        if choices is not None and v not in choices:
+            raise GptlabError(f"{section}.{f.name} must be one of {', '.join(choices)}; got {v!r}")

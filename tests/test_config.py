@@ -1,0 +1,124 @@
+"""gptlab.config: field metadata as the one source of help, choices and ranges; value
+conversion; TOML rendering that reads back identically."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+
+import pytest
+
+from gptlab import config as C
+from gptlab.errors import GptlabError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+FIELDS = [(section, f) for section, cls in C.SECTION_TYPES.items() for f in dataclasses.fields(cls)]
+IDS = [f"{s}.{f.name}" for s, f in FIELDS]
+
+
+def test_section_types_match_runconfig():
+    assert list(C.SECTION_TYPES) == list(C.SECTIONS)
+    assert {f.name: f.default_factory for f in dataclasses.fields(C.RunConfig)} == C.SECTION_TYPES
+
+
+@pytest.mark.parametrize("section, f", FIELDS, ids=IDS)
+def test_every_field_has_one_line_of_help_and_a_valid_default(section, f):
+    text = C.field_help(f)
+    assert text and "\n" not in text
+    choices, bounds = C.field_choices(f), C.field_range(f)
+    if choices is not None:
+        assert f.default in choices
+    if bounds is not None:
+        assert isinstance(f.default, int | float) and f.default in bounds
+
+
+@pytest.mark.parametrize(
+    "section, f",
+    [(s, f) for s, f in FIELDS if C.field_choices(f)],
+    ids=lambda x: getattr(x, "name", x),
+)
+def test_validate_reads_choices_from_metadata(section, f):
+    for choice in C.field_choices(f):
+        cfg = C.RunConfig()
+        setattr(getattr(cfg, section), f.name, choice)
+        cfg.validate()
+    cfg = C.RunConfig()
+    setattr(getattr(cfg, section), f.name, "nonsense")
+    with pytest.raises(GptlabError, match=f"{section}.{f.name} must be one of"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize(
+    "section, f",
+    [(s, f) for s, f in FIELDS if C.field_range(f)],
+    ids=lambda x: getattr(x, "name", x),
+)
+def test_validate_reads_ranges_from_metadata(section, f):
+    bounds = C.field_range(f)
+    bad = bounds.low if bounds.low_open else bounds.low - 1  # just outside the lower bound
+    cfg = C.RunConfig()
+    setattr(getattr(cfg, section), f.name, type(f.default)(bad))
+    with pytest.raises(
+        GptlabError, match=re.escape(f"{section}.{f.name} must be {bounds.describe()}")
+    ):
+        cfg.validate()
+
+
+@pytest.mark.parametrize(
+    "bounds, inside, outside, text",
+    [
+        (C.POSITIVE, [1e-9, 5], [0, -1], "greater than 0"),
+        (C.NON_NEGATIVE, [0, 3.5], [-1e-9], "0 or more"),
+        (C.FRACTION, [0, 1], [-0.1, 1.01], "in [0, 1]"),
+        (C.BELOW_ONE, [0, 0.999], [1, -0.1], "in [0, 1)"),
+        (C.Range(0, 1, low_open=True), [1, 0.5], [0, 1.5], "in (0, 1]"),
+        (C.Range(high=10, high_open=True), [-5, 9], [10], "less than 10"),
+    ],
+)
+def test_range(bounds, inside, outside, text):
+    assert all(v in bounds for v in inside)
+    assert not any(v in bounds for v in outside)
+    assert bounds.describe() == text
+
+
+@pytest.mark.parametrize("value", ["1e3", "2.5", " 7.0 ", 1000.0, 2.5])
+def test_integer_field_refuses_non_integers(value):
+    with pytest.raises(GptlabError, match="model.emb_dim must be an integer, got"):
+        C.set_field(C.RunConfig(), "model.emb_dim", value)
+
+
+@pytest.mark.parametrize("value", ["two", "", "1x"])
+def test_integer_field_refuses_text(value):
+    with pytest.raises(GptlabError, match="model.n_layers must be an integer number"):
+        C.set_field(C.RunConfig(), "model.n_layers", value)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", float("nan"), float("inf")])
+def test_float_field_refuses_non_finite(value):
+    with pytest.raises(GptlabError, match="train.max_time must be a finite number"):
+        C.set_field(C.RunConfig(), "train.max_time", value)
+
+
+def test_values_convert_to_the_field_type():
+    cfg = C.RunConfig()
+    C.set_field(cfg, "model.n_layers", " 3 ")
+    C.set_field(cfg, "train.lr", "3e-4")
+    C.set_field(cfg, "train.max_time", 60)  # a TOML integer for a float field
+    C.set_field(cfg, "model.qkv_bias", "yes")
+    assert (cfg.model.n_layers, cfg.train.lr, cfg.model.qkv_bias) == (3, 3e-4, True)
+    assert isinstance(cfg.train.max_time, float) and cfg.train.max_time == 60.0
+
+
+@pytest.mark.parametrize("name", list(C.PRESETS))
+def test_to_toml_reads_back_identically(name):
+    cfg = C.preset(name).validate()
+    cfg.train.start_context = 'quotes " and \\ and\ttabs'
+    doc = tomllib.loads(C.to_toml(cfg, name))
+    assert doc.pop("preset") == name
+    assert C.RunConfig.from_dict(doc) == cfg
+    assert "preset" not in tomllib.loads(C.to_toml(cfg))
