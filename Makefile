@@ -1,6 +1,9 @@
 # Two commands a new user needs: `make demo` (train on Shakespeare) and `make test`.
-# Each creates .venv when it is missing. TORCH_SPEC picks the torch build pip installs first;
-# override it for your platform, e.g. `make demo TORCH_SPEC='torch>=2.4'`.
+# Each creates .venv when it is missing and installs only what it needs: the demo gets
+# gptlab with its built-in corpus (.[corpus]), the tests get the dev tools too (.[dev]).
+# Each install leaves its own stamp, so `make demo` then `make test` adds what is missing.
+# TORCH_SPEC picks the torch build pip installs first; override it for your platform,
+# e.g. `make demo TORCH_SPEC='torch>=2.4'`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -8,21 +11,29 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint setup clean
 
-setup: $(VENV)/.installed
-
-$(VENV)/.installed: pyproject.toml
+# The venv and torch, shared by both installs below.
+$(VENV)/.torch-installed:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.demo-installed: pyproject.toml $(VENV)/.torch-installed
+	$(BIN)/python -m pip install -q -e ".[corpus]"
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml $(VENV)/.torch-installed
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-demo: setup
+setup: $(VENV)/.dev-installed
+
+demo: $(VENV)/.demo-installed
 	$(BIN)/gptlab train
 
-test: setup
+test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q
 
-lint: setup
+lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 

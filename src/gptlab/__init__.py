@@ -3,52 +3,65 @@
 The walk-through's names are all here: GPTModel, GPT_CONFIG_124M, create_dataloader(_v1),
 calc_loss_batch, calc_loss_loader, evaluate_model, train_model_simple,
 generate_text_simple, generate, text_to_token_ids, token_ids_to_text, plot_losses.
+
+They are imported on first use (PEP 562), so `import gptlab`, and with it `gptlab --help`,
+loads neither torch nor numpy nor matplotlib; `from gptlab import GPTModel` works as ever.
 """
 
-from gptlab.config import GPT_CONFIG_124M, DataConfig, ModelConfig, RunConfig, TrainConfig
-from gptlab.data import (
-    GPTDatasetV1,
-    TokenWindowLoader,
-    create_dataloader,
-    create_dataloader_v1,
-    load_corpus,
-)
-from gptlab.errors import GptlabError
-from gptlab.evaluate import calc_loss_batch, calc_loss_loader, evaluate_model
-from gptlab.generate import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
-from gptlab.model import GPTModel, count_parameters, flops_per_token
-from gptlab.plot import plot_losses
-from gptlab.tokenizer import CharTokenizer, GPT2Tokenizer, get_tokenizer
-from gptlab.trainer import generate_and_print_sample, train_model_simple
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GPT_CONFIG_124M",
-    "DataConfig",
-    "ModelConfig",
-    "RunConfig",
-    "TrainConfig",
-    "GPTDatasetV1",
-    "TokenWindowLoader",
-    "create_dataloader",
-    "create_dataloader_v1",
-    "load_corpus",
-    "GptlabError",
-    "calc_loss_batch",
-    "calc_loss_loader",
-    "evaluate_model",
-    "generate",
-    "generate_text_simple",
-    "text_to_token_ids",
-    "token_ids_to_text",
-    "GPTModel",
-    "count_parameters",
-    "flops_per_token",
-    "plot_losses",
-    "CharTokenizer",
-    "GPT2Tokenizer",
-    "get_tokenizer",
-    "generate_and_print_sample",
-    "train_model_simple",
-]
+# The module that defines each public name; to export a name, add it here.
+_HOMES: dict[str, tuple[str, ...]] = {
+    "config": ("GPT_CONFIG_124M", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig"),
+    "data": (
+        "GPTDatasetV1",
+        "TokenWindowLoader",
+        "create_dataloader",
+        "create_dataloader_v1",
+        "load_corpus",
+    ),
+    "errors": ("GptlabError",),
+    "evaluate": ("calc_loss_batch", "calc_loss_loader", "evaluate_model"),
+    "generate": ("generate", "generate_text_simple", "text_to_token_ids", "token_ids_to_text"),
+    "model": ("GPTModel", "count_parameters", "flops_per_token"),
+    "plot": ("plot_losses",),
+    "tokenizer": ("CharTokenizer", "GPT2Tokenizer", "get_tokenizer"),
+    "trainer": ("generate_and_print_sample", "train_model_simple"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = list(_HOME_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """`gptlab.generate` is the function, as when this file imported it eagerly. Importing
+    the submodule gptlab.generate (which cli and the trainer do) makes the import system set
+    the package attribute of that name to the submodule; this keeps the function there."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _HOME_OF.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
