@@ -863,26 +863,8 @@ def train(
     source = None
     if init_from is not None:
         cfg, source = _init_from(cfg, init_from, model_keys, notify)
-    manifest = prepared_manifest(cfg.data.source)
-    tok_name = manifest["tokenizer_name"] if manifest else cfg.data.tokenizer
-    notify(
-        {
-            "event": "loading",
-            "source": cfg.data.source,
-            "prepared": bool(manifest),
-            "tokenizer": tok_name,
-        }
-    )
-    cfg, corpus = open_corpus(cfg, manifest, size_vocab=source is None)
-    init_weights = None
-    if source is not None:
-        _check_source_tokenizer(init_from, source.tokenizer_identity, corpus.tokenizer.identity())
-        weights = source.model.state_dict()
-        source = None  # the model's copy of the weights is all that is needed
-
-        def init_weights(model: nn.Module) -> None:
-            model.load_state_dict(weights)
-
+    cfg, corpus, init_weights = _open_data(cfg, source, init_from, notify)
+    source = None  # init_weights holds what is needed of it
     trainer = Trainer(
         cfg, corpus, run_dir, resume=resume, on_event=on_event, init_weights=init_weights
     )
@@ -897,6 +879,31 @@ def train(
         with contextlib.suppress(GptlabError):  # no evaluation yet: no plot
             plot = plot_run(run_dir)
     return TrainResult(run_dir, end, cfg, plot, trainer.dist.is_main)
+
+
+def _open_data(cfg: RunConfig, source: Run | None, init_from: str | None, notify):
+    """(cfg completed by its data, the corpus, the function that loads the source's
+    weights into the new model, or None without a source)."""
+    manifest = prepared_manifest(cfg.data.source)
+    tok_name = manifest["tokenizer_name"] if manifest else cfg.data.tokenizer
+    notify(
+        {
+            "event": "loading",
+            "source": cfg.data.source,
+            "prepared": bool(manifest),
+            "tokenizer": tok_name,
+        }
+    )
+    cfg, corpus = open_corpus(cfg, manifest, size_vocab=source is None)
+    if source is None:
+        return cfg, corpus, None
+    _check_source_tokenizer(init_from, source.tokenizer_identity, corpus.tokenizer.identity())
+    weights = source.model.state_dict()
+
+    def init_weights(model: nn.Module) -> None:
+        model.load_state_dict(weights)
+
+    return cfg, corpus, init_weights
 
 
 def _ignore(record: dict[str, Any]) -> None:
