@@ -204,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--text-field", default="text", help="jsonl field / parquet column / dataset field"
     )
-    pr.add_argument("--val-ratio", type=float, default=0.1, help="share of documents (0.1)")
+    pr.add_argument("--val-ratio", type=float, default=0.1, help="share of pieces of text (0.1)")
     pr.add_argument("--seed", type=int, default=1337, help="seed of the document split")
     pr.add_argument("--workers", type=int, default=None, help="tokenizer processes (all cores)")
     pr.add_argument(
@@ -404,7 +404,9 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         print(
             f"gptlab: loading data {cfg.data.source!r} ({cfg.data.tokenizer} tokenizer)", flush=True
         )
-    corpus = load_corpus(cfg.data.source, cfg.data.tokenizer, cfg.data.train_ratio)
+    corpus = load_corpus(
+        cfg.data.source, cfg.data.tokenizer, cfg.data.train_ratio, text_field=cfg.data.text_field
+    )
     if is_prepared(cfg.data.source) and len(corpus.val) <= cfg.model.context_length:
         raise GptlabError(
             f"the validation split of {cfg.data.source!r} has {len(corpus.val)} tokens, fewer than "
@@ -782,8 +784,8 @@ def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
         )
     if manifest["val_ratio"] > 0 and not manifest["splits"]["val"]["documents"]:
         print(
-            "warning: the validation split is empty (too few documents); raise --val-ratio, "
-            "give more documents or split text files with --doc-separator",
+            "warning: the validation split is empty (too little text to cut into pieces for it); "
+            "raise --val-ratio or give more text",
             file=sys.stderr,
         )
     print(f"train on it: gptlab train --data {args.out}")
@@ -840,7 +842,7 @@ class PrepareView:
 
 def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
     from gptlab.bpe import train_bpe
-    from gptlab.prepare import iter_texts
+    from gptlab.sources import iter_texts
 
     texts = iter_texts(
         args.data,
@@ -900,10 +902,12 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
             )
         tokens, what = open_split(source, args.split, manifest), f"{source} ({args.split} split)"
     elif args.data:
-        docs = read_documents(source)
+        docs = read_documents(source, text_field=cfg.data.text_field)
         tokens, what = tokenize_documents(docs, tokenizer, tokenizer.identity()), f"{source} (all)"
     else:
-        corpus = load_corpus(source, cfg.data.tokenizer, cfg.data.train_ratio, tokenizer=tokenizer)
+        corpus = load_corpus(
+            source, cfg.data.tokenizer, cfg.data.train_ratio, tokenizer, cfg.data.text_field
+        )
         tokens = corpus.val if args.split == "val" else corpus.train
         what = f"{source} (the run's {args.split} split)"
     T = cfg.model.context_length

@@ -193,6 +193,7 @@ class DataConfig:
         "shakespeare"  # a file, directory, glob, built-in "shakespeare", or a prepared dir
     )
     tokenizer: str = "gpt2"  # "gpt2" | "char" | path of a trained tokenizer.json (or its directory)
+    text_field: str = "text"  # the text's field in .jsonl, column in .parquet, field in hf: data
     train_ratio: float = 0.9
     stride: int = 0  # distance between window starts; 0 = context_length (no overlap)
     shuffle: bool = True
