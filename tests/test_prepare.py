@@ -1,5 +1,5 @@
 """`gptlab prepare`: streamed, parallel, resumable tokenization into shards, checked against a
-direct in-memory tokenization of the same documents."""
+direct in-memory tokenization of the same documents and pieces; the split of one short text."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import random
 
 import numpy as np
 import pytest
+from conftest import make_corpus_text
 
 from gptlab import prepare as P
+from gptlab import sources as S
 from gptlab.cli import main
 from gptlab.data import ShardedTokens, TokenWindowLoader, load_corpus, open_split, read_manifest
 from gptlab.errors import GptlabError
@@ -51,16 +53,30 @@ def corpus_dir(tmp_path):
 @pytest.fixture
 def small_pieces(monkeypatch):
     # tiny read pieces and tasks: many cuts inside documents and many tasks to interrupt
-    monkeypatch.setattr(P, "CHUNK_BYTES", 997)
+    monkeypatch.setattr(S, "CHUNK_BYTES", 997)
     monkeypatch.setattr(P, "BATCH_BYTES", 2500)
 
 
-def _split_docs(docs: list[str], seed: int, val_ratio: float) -> dict[str, list[str]]:
-    val = P.document_split(seed, np.arange(len(docs)), val_ratio)
-    return {
-        "train": [d for d, v in zip(docs, val, strict=True) if not v],
-        "val": [d for d, v in zip(docs, val, strict=True) if v],
-    }
+def _split_docs(docs: list[str], manifest: dict) -> dict[str, list[str]]:
+    """The texts each split should hold, computed directly: documents cut by `cut_pieces` at
+    the manifest's piece size, pieces numbered in order and assigned by `piece_split`;
+    consecutive pieces of a document in one split run on, anything else is a new text."""
+    pieces = [
+        (d, text)
+        for d, doc in enumerate(docs)
+        for text in S.cut_pieces(doc, manifest["split"]["piece_bytes"])
+    ]
+    val = P.piece_split(manifest["seed"], np.arange(len(pieces)), manifest["val_ratio"])
+    out: dict[str, list[str]] = {"train": [], "val": []}
+    last: dict[str, tuple[int, int] | None] = {"train": None, "val": None}
+    for n, ((d, text), v) in enumerate(zip(pieces, val, strict=True)):
+        split = "val" if v else "train"
+        if last[split] == (d, n - 1):
+            out[split][-1] += text
+        else:
+            out[split].append(text)
+        last[split] = (d, n)
+    return out
 
 
 def _all_tokens(directory, split) -> np.ndarray:
@@ -72,8 +88,11 @@ def test_shards_equal_direct_tokenization(tmp_path, corpus_dir, small_pieces):
     out = tmp_path / "prep"
     m = P.prepare([str(d)], out, "gpt2", val_ratio=0.3, seed=7, workers=2, shard_tokens=1000)
     tok = GPT2Tokenizer()
-    expected = _split_docs(docs, 7, 0.3)
+    expected = _split_docs(docs, m)
     assert expected["train"] and expected["val"]
+    # the long files were cut into pieces (smaller than one read chunk here), the rest whole
+    assert m["split"]["piece_bytes"] > 997 and m["split"]["pieces"] > len(docs) + 20
+    assert sum(m["splits"][s]["pieces"] for s in P.SPLITS) == m["split"]["pieces"]
     for split, split_docs in expected.items():
         ref = tok.encode(ENDOFTEXT.join(split_docs))
         got = _all_tokens(out, split)
@@ -106,7 +125,8 @@ def test_no_document_in_both_splits(tmp_path):
         assert len(seen[split]) == m["splits"][split]["documents"]
     assert not seen["train"] & seen["val"]
     assert len(seen["train"]) + len(seen["val"]) == 200
-    assert 20 < len(seen["val"]) < 80  # about a quarter, decided per document
+    assert 40 <= len(seen["val"]) <= 60  # about a quarter, decided per document
+    assert m["split"]["pieces"] == 200  # short documents of a many-document corpus stay whole
 
 
 @pytest.mark.parametrize("stop_after,checkpoint_seconds", [(1, 0.0), (3, 1e9), (6, 0.0), (9, 1e9)])
@@ -166,11 +186,11 @@ def test_finished_preparation_is_kept_and_other_settings_refused(tmp_path, corpu
 def test_streaming_loader_yields_in_memory_windows(tmp_path, corpus_dir):
     d, docs = corpus_dir
     out = tmp_path / "prep"
-    P.prepare([str(d)], out, "gpt2", val_ratio=0.2, seed=1, workers=2, shard_tokens=333)
+    m = P.prepare([str(d)], out, "gpt2", val_ratio=0.2, seed=1, workers=2, shard_tokens=333)
     corpus = load_corpus(str(out), "ignored", 0.5)
     assert isinstance(corpus.train, ShardedTokens) and len(corpus.train.shards) > 5
     assert all(isinstance(s, np.memmap) for s in corpus.train.shards)
-    ref = np.array(GPT2Tokenizer().encode(ENDOFTEXT.join(_split_docs(docs, 1, 0.2)["train"])))
+    ref = np.array(GPT2Tokenizer().encode(ENDOFTEXT.join(_split_docs(docs, m)["train"])))
     ref = ref.astype(np.uint16)
     assert len(corpus.train) == len(ref)
     a = TokenWindowLoader(corpus.train, 4, 32, stride=20, shuffle=True, seed=5)
@@ -301,7 +321,7 @@ def test_parquet_column(tmp_path):
         [str(tmp_path / "d.parquet")], out, "gpt2", text_field="content", val_ratio=0.2, workers=2
     )
     tok = GPT2Tokenizer()
-    for split, docs in _split_docs(texts, 1337, 0.2).items():
+    for split, docs in _split_docs(texts, m).items():
         assert _all_tokens(out, split).tolist() == tok.encode(ENDOFTEXT.join(docs))
         assert m["splits"][split]["documents"] == len(docs)
     with pytest.raises(GptlabError, match="no column 'text'"):
@@ -318,9 +338,89 @@ def test_hf_dataset_problem_is_one_line(tmp_path):
 def test_bad_inputs(tmp_path):
     with pytest.raises(GptlabError, match="not found"):
         P.prepare([str(tmp_path / "nope.txt")], tmp_path / "o", "gpt2")
-    (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(GptlabError, match="unsupported file type"):
-        P.prepare([str(tmp_path / "x.csv")], tmp_path / "o", "gpt2")
+    (tmp_path / "x.bin").write_bytes(b"\x00\x01 binary \xff")  # named by itself: read as text
+    with pytest.raises(GptlabError, match="x.bin: byte 10: is not UTF-8"):
+        P.prepare([str(tmp_path / "x.bin")], tmp_path / "o", "gpt2", workers=1)
     (tmp_path / "bad.txt").write_bytes(b"ok text \xff\xfe more")
     with pytest.raises(GptlabError, match="bad.txt: byte 8: is not UTF-8"):
         P.prepare([str(tmp_path / "bad.txt")], tmp_path / "o2", "gpt2", workers=1)
+
+
+# --------------------------------------------------------------------------- one short text
+
+
+@pytest.fixture
+def story(tmp_path):
+    """One ~20 KB text of paragraphs: the walk-through's kind of first corpus."""
+    path = tmp_path / "story.txt"
+    path.write_text(make_corpus_text(70), encoding="utf-8")
+    assert 18_000 < path.stat().st_size < 22_000
+    return path
+
+
+def test_one_text_file_gets_both_splits(tmp_path, story):
+    out = tmp_path / "prep"
+    m = P.prepare([str(story)], out, "gpt2", workers=1)  # the defaults: val_ratio 0.1
+    train, val = m["splits"]["train"], m["splits"]["val"]
+    assert train["tokens"] and val["tokens"]
+    assert 0.05 < val["bytes"] / (train["bytes"] + val["bytes"]) < 0.15  # about a tenth
+    assert train["bytes"] + val["bytes"] == story.stat().st_size  # nothing lost or doubled
+    split = m["split"]
+    assert split["unit"] == "piece" and split["piece_bytes"] == P.AUTO_MIN_PIECE_BYTES
+    assert split["pieces"] == train["pieces"] + val["pieces"] > 30
+    assert "seed" in split["rule"] and "val_ratio" in split["rule"]
+    assert "paragraph break" in split["cut"]
+    tok = GPT2Tokenizer()
+    for name, texts in _split_docs([story.read_text(encoding="utf-8")], m).items():
+        assert _all_tokens(out, name).tolist() == tok.encode(ENDOFTEXT.join(texts))
+    # the seed changes which pieces, not whether validation gets any
+    for seed in range(5):
+        m = P.prepare([str(story)], tmp_path / f"s{seed}", "gpt2", workers=1, seed=seed)
+        assert m["splits"]["val"]["tokens"] > 0
+
+
+def test_piece_split_spreads_evenly():
+    for seed in range(300):  # at 0.1, any 13 consecutive pieces hold a validation piece
+        val = P.piece_split(seed, np.arange(1000, 1013), 0.1)
+        assert val.any() and not val.all()
+    val = P.piece_split(1337, np.arange(100_000), 0.1)
+    assert abs(val.mean() - 0.1) < 0.001
+    assert not P.piece_split(1337, np.arange(1000), 0.0).any()
+    again = P.piece_split(1337, np.arange(5000)[::-1], 0.1)[::-1]  # order does not matter
+    assert np.array_equal(again, val[:5000])
+
+
+def test_interrupted_prepare_of_one_file_resumes_byte_identical(tmp_path, story, small_pieces):
+    ref = tmp_path / "ref"
+    P.prepare([str(story)], ref, "gpt2", workers=2, shard_tokens=300)
+    out = tmp_path / "out"
+    assert (
+        P.prepare(
+            [str(story)],
+            out,
+            "gpt2",
+            workers=2,
+            shard_tokens=300,
+            _stop_after_tasks=3,
+            checkpoint_seconds=1e9,
+        )
+        == {}
+    )
+    P.prepare([str(story)], out, "gpt2", workers=1, shard_tokens=300)
+    names = sorted(p.name for p in ref.glob("*.bin"))
+    assert names == sorted(p.name for p in out.glob("*.bin")) and len(names) > 4
+    for name in names:
+        assert (ref / name).read_bytes() == (out / name).read_bytes(), name
+    assert read_manifest(ref)["splits"] == read_manifest(out)["splits"]
+
+
+def test_prepare_one_file_then_train(tmp_path, story, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["prepare", str(story), "--out", str(data), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err and f"gptlab train --data {data}" in out
+    args = ["train", "--data", str(data), "--preset", "tiny", "--max-steps", "5", "--out", str(run)]
+    assert main([*args, "--device", "cpu", "--quiet"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert evals and all(np.isfinite(r["val_loss"]) for r in evals)

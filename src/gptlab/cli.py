@@ -436,7 +436,7 @@ def _prepare_parser(sub) -> None:
         "--val-ratio",
         type=_number(float, C.BELOW_ONE),
         default=0.1,
-        help="share of documents for validation (default: 0.1)",
+        help="share of the text for validation, in pieces (default: 0.1)",
     )
     pr.add_argument(
         "--seed", type=_number(int, SEED), default=1337, help="seed of the document split"
@@ -776,8 +776,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         )
     if manifest["val_ratio"] > 0 and not manifest["splits"]["val"]["documents"]:
         print(
-            "warning: the validation split is empty (too few documents); raise --val-ratio, "
-            "give more documents or split text files with --doc-separator",
+            "warning: the validation split is empty (too little text to cut into pieces for it); "
+            "raise --val-ratio or give more text",
             file=sys.stderr,
         )
     print(f"train on it: gptlab train --data {args.out}")
@@ -786,7 +786,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from gptlab.bpe import train_bpe
-    from gptlab.prepare import iter_texts
+    from gptlab.sources import iter_texts
 
     texts = iter_texts(
         args.data,

