@@ -157,7 +157,7 @@ def _train_parser(sub) -> None:
         cmd_train,
         usage="gptlab train [--data PATH] [--preset NAME] [--config FILE] [--out DIR] "
         "[options] [--section.field VALUE ...]",
-        help="train a model (default: the `cpu` preset on Shakespeare, ~10 minutes on 2 CPU cores)",
+        help="train a model (default: the `cpu` preset on Shakespeare, sized for a 10-minute CPU run)",
         description="Train a model. Every config field can be set as --section.field VALUE "
         "(listed below; e.g. --train.lr 3e-4, --model.n_layers=6). The limit flags replace the "
         "preset's limits; given together, training stops at whichever comes first. See the "

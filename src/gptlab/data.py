@@ -270,7 +270,7 @@ def open_corpus(
             raise GptlabError(
                 f"the validation split of {source!r} has {len(corpus.val)} tokens, fewer than "
                 f"one context window ({cfg.model.context_length + 1}); prepare it again with a "
-                "larger --val-ratio or more documents (or --doc-separator to split text files)"
+                "larger --val-ratio or more text"
             )
     else:
         dc = cfg.data

@@ -20,7 +20,8 @@ different underneath, and why:
   GPT-2's initialisation.
 - Dropout layers are `Dropout` (an `nn.Dropout`): by default exactly PyTorch's. The trainer
   may switch on `use_fast_dropout` for CPU training, which draws the masks from random
-  integers 2.7x faster (same distribution up to 1.5e-5 in p, another random stream).
+  integers, faster (same distribution up to 1.5e-5 in p, another random stream; the
+  speed is in BENCHMARKS.md).
 
 Loss, sampling, precision, compilation and parallelism all live outside this file.
 
@@ -72,10 +73,10 @@ class GELU(nn.Module):
 class Dropout(nn.Dropout):
     """nn.Dropout; with `fast` set, CPU tensors get masks from `fast_dropout_mask`.
 
-    PyTorch's CPU dropout draws one Bernoulli sample per element (~5 ns each on our 2-core
-    CPU: 15% of a training step of the 6x384 model); 15 random bits per element, from one
-    63-bit draw per 4 elements, cost a third of that. Off by default, so the walk-through's
-    model consumes the random stream exactly as its readers' does.
+    PyTorch's CPU dropout draws one Bernoulli sample per element, a visible share of a
+    small model's training step; 15 random bits per element, from one 63-bit draw per 4
+    elements, cost a fraction of that (BENCHMARKS.md). Off by default, so the
+    walk-through's model consumes the random stream exactly as its readers' does.
     """
 
     fast: bool = False
