@@ -394,3 +394,17 @@ def test_unavailable_device_is_a_user_error(device, tiny_run, capsys):
 def test_plot_of_a_non_run_is_a_user_error(tmp_path, capsys):
     rc, out, err = run_cli(capsys, "plot", tmp_path)
     assert_user_error(rc, out, err, "metrics.jsonl")
+
+
+def test_the_eval_after_the_last_epoch_is_labelled_with_that_epoch(tmp_path, corpus_file, capsys):
+    """The walk-through labels an evaluation with the 1-based epoch holding its step; a run
+    of exactly two epochs ends with a final evaluation of epoch 2, never 'Ep 3'."""
+    argv = [*TRAIN, "--data", corpus_file, "--out", tmp_path / "run", "--epochs", "2"]
+    argv += ["--train.eval_freq", "1000"]  # only the first and the final evaluation
+    rc, out, _ = run_cli(capsys, *argv)
+    assert rc == 0
+    evals = [r for r in records(tmp_path / "run") if r["event"] == "eval"]
+    start = next(r for r in records(tmp_path / "run") if r["event"] == "start")
+    assert evals[-1]["step"] == 2 * start["steps_per_epoch"]  # ends on the epoch boundary
+    labels = [line.split(" (Step")[0] for line in out.splitlines() if line.startswith("Ep ")]
+    assert labels == ["Ep 1", "Ep 2"]
