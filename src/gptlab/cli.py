@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -404,7 +405,9 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         print(
             f"gptlab: loading data {cfg.data.source!r} ({cfg.data.tokenizer} tokenizer)", flush=True
         )
-    corpus = load_corpus(cfg.data.source, cfg.data.tokenizer, cfg.data.train_ratio)
+    corpus = load_corpus(
+        cfg.data.source, cfg.data.tokenizer, cfg.data.train_ratio, split=cfg.data.split
+    )
     if is_prepared(cfg.data.source) and len(corpus.val) <= cfg.model.context_length:
         raise GptlabError(
             f"the validation split of {cfg.data.source!r} has {len(corpus.val)} tokens, fewer than "
@@ -566,8 +569,12 @@ class ConsoleView:
                     f"step {r['step']}: loss {r['loss']:.3f}, {r['tokens_per_s']:,.0f} tok/s"
                 )
         elif ev == "eval":
+            # The walk-through's labels for the step just done: its 0-based index, and the
+            # 1-based epoch holding it (the step that ends epoch 4 is in epoch 4, though
+            # 4.0 epochs are done). r["step"] counts the steps done.
+            step, epoch = max(r["step"] - 1, 0), max(1, math.ceil(r["epoch"]))
             self._print(
-                f"Ep {int(r['epoch']) + 1} (Step {r['step']:06d}): Train loss {r['train_loss']:.3f}, Val loss {r['val_loss']:.3f}"
+                f"Ep {epoch} (Step {step:06d}): Train loss {r['train_loss']:.3f}, Val loss {r['val_loss']:.3f}"
             )
         elif ev == "sample":
             self._print("sample: " + r["text"].replace("\n", " / "))
@@ -903,7 +910,9 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
         docs = read_documents(source)
         tokens, what = tokenize_documents(docs, tokenizer, tokenizer.identity()), f"{source} (all)"
     else:
-        corpus = load_corpus(source, cfg.data.tokenizer, cfg.data.train_ratio, tokenizer=tokenizer)
+        corpus = load_corpus(
+            source, cfg.data.tokenizer, cfg.data.train_ratio, tokenizer, cfg.data.split
+        )
         tokens = corpus.val if args.split == "val" else corpus.train
         what = f"{source} (the run's {args.split} split)"
     T = cfg.model.context_length

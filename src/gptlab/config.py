@@ -98,6 +98,9 @@ class TrainConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"  # "cosine" | "linear" | "constant"
     weight_decay: float = 0.1
+    # "matrices": decay only the weight matrices of linear layers (gptlab.optim.param_groups);
+    # "all": every parameter in one group, as the walk-through's AdamW(model.parameters())
+    weight_decay_on: str = "matrices"
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
@@ -171,6 +174,7 @@ class TrainConfig:
         _fraction(self, "train", "beta1", upper_open=True)
         _fraction(self, "train", "beta2", upper_open=True)
         _choice(self, "train", "schedule", ("cosine", "linear", "constant"))
+        _choice(self, "train", "weight_decay_on", ("matrices", "all"))
         _choice(self, "train", "precision", ("auto", "fp32", "bf16", "fp16"))
         _choice(self, "train", "compile", ("auto", "on", "off"))
         _choice(self, "train", "on_nonfinite", ("stop", "rollback"))
@@ -194,8 +198,15 @@ class DataConfig:
     )
     tokenizer: str = "gpt2"  # "gpt2" | "char" | path of a trained tokenizer.json (or its directory)
     train_ratio: float = 0.9
+    # where the train/val cut is made: "tokens": train_ratio of the tokenized text;
+    # "chars": train_ratio of its characters, each part tokenized on its own (the walk-through)
+    split: str = "tokens"
     stride: int = 0  # distance between window starts; 0 = context_length (no overlap)
     shuffle: bool = True
+    # the order of training windows: "seeded": a pure function of (seed, epoch), evaluation on
+    # fixed batches; "dataloader": torch DataLoaders drawing from the global RNG as the
+    # walk-through's do: each epoch and each evaluation draws a fresh shuffle (one process only)
+    order: str = "seeded"
 
     def validate(self) -> DataConfig:
         if not self.source:
@@ -214,6 +225,8 @@ class DataConfig:
                 f"data.train_ratio must be between 0 and 1 (exclusive), got {self.train_ratio}"
             )
         _non_negative(self, "data", ["stride"])
+        _choice(self, "data", "split", ("tokens", "chars"))
+        _choice(self, "data", "order", ("seeded", "dataloader"))
         return self
 
 
@@ -307,6 +320,52 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "eval_freq": 100,
             "eval_iter": 10,
             "log_every": 10,
+        },
+    },
+    # The walk-through's chapter 5 run, step for step: `gptlab train --preset walkthrough --data
+    # the-verdict.txt` prints the losses its train_model_simple prints (on a CPU). Everything
+    # that changes the numbers is pinned: its model and dropout draws (manual attention,
+    # PyTorch's masks, fp32, no compile), AdamW(model.parameters(), lr=4e-4,
+    # weight_decay=0.1) unfused and unclipped, its 90/10 split by characters and its loaders.
+    "walkthrough": {
+        "model": {
+            **GPT_CONFIG_124M,
+            "context_length": 256,
+            "tie_weights": False,
+            "init": "pytorch",
+            "attention": "manual",
+            "vocab_multiple": 1,
+            "fused_qkv": False,
+        },
+        "train": {
+            "lr": 4e-4,
+            "schedule": "constant",
+            "warmup_steps": 0,
+            "weight_decay": 0.1,
+            "weight_decay_on": "all",
+            "beta1": 0.9,
+            "beta2": 0.999,
+            "grad_clip": 0.0,
+            "batch_size": 2,
+            "batch_tokens": 0,
+            "epochs": 10,
+            "max_steps": 0,
+            "eval_freq": 5,
+            "eval_iter": 5,
+            "seed": 123,
+            "precision": "fp32",
+            "compile": "off",
+            "fused_optimizer": False,
+            "chunked_loss": "off",
+            "fast_dropout": "off",
+        },
+        "data": {
+            "tokenizer": "gpt2",
+            "train_ratio": 0.9,
+            "split": "chars",
+            "stride": 0,
+            "shuffle": True,
+            "order": "dataloader",
         },
     },
 }

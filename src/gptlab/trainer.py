@@ -37,7 +37,7 @@ from torch import nn
 from gptlab import checkpoint as ckpt_lib
 from gptlab import dist as dist_lib
 from gptlab.config import RunConfig
-from gptlab.data import Corpus, TokenWindowLoader
+from gptlab.data import Corpus, make_loaders
 from gptlab.errors import GptlabError
 from gptlab.evaluate import calc_loss_batch, evaluate_model
 from gptlab.generate import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
@@ -266,6 +266,8 @@ FROZEN_ON_RESUME = (
     "data.train_ratio",
     "data.stride",
     "data.shuffle",
+    "data.split",
+    "data.order",
     "train.batch_size",
     "train.batch_tokens",
     "train.seed",
@@ -314,19 +316,7 @@ class Trainer:
                 "fp16 needs a gradient scaler that FSDP2 shards do not support here; "
                 "use --precision bf16 (or fp32) with --parallel fsdp"
             )
-        stride = cfg.data.stride or mc.context_length
-        self.train_loader = TokenWindowLoader(
-            corpus.train, tc.batch_size, mc.context_length, stride, cfg.data.shuffle, tc.seed
-        )
-        self.val_loader = TokenWindowLoader(
-            corpus.val,
-            tc.batch_size,
-            mc.context_length,
-            mc.context_length,
-            False,
-            tc.seed,
-            drop_last=False,
-        )
+        self.train_loader, self.val_loader = make_loaders(cfg, corpus, self.dist.world_size)
         for split, loader, tokens in (
             ("training", self.train_loader, corpus.train),
             ("validation", self.val_loader, corpus.val),
@@ -491,6 +481,7 @@ class Trainer:
                     f"its epoch has {data['steps_per_epoch']} steps of {data['accum']} micro-batches, "
                     f"this run's {self.steps_per_epoch} of {self.accum}"
                 )
+            self.train_loader.load_state_dict((data or {}).get("loader", {}))
             if self.dist.sharded:
                 self._load_sharded(ckpt, st["optimizer"])
             else:
@@ -610,9 +601,11 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "trainer": asdict(self.state),
             "rng": _get_rng_state(),
-            # Where the data stream stands. The loader's order is a pure function of
-            # (seed, epoch), so these numbers are the sampler's whole state.
+            # Where the data stream stands. A seeded loader's order is a pure function of
+            # (seed, epoch), so these numbers are the sampler's whole state; a dataloader
+            # one adds the current epoch's drawn order.
             "data": {
+                "loader": self.train_loader.state_dict(),
                 "epoch": self.state.step // self.steps_per_epoch,
                 "batch_in_epoch": self.state.step % self.steps_per_epoch * self.accum,
                 "steps_per_epoch": self.steps_per_epoch,
