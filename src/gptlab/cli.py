@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--preset",
-        help="model/run preset: tiny, cpu (default), gpt2-small, gpt2-medium, gpt2-large, gpt2-xl",
+        help="model/run preset: tiny, cpu (default), gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, walkthrough",
     )
     t.add_argument(
         "--config",
