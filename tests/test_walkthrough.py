@@ -292,6 +292,8 @@ def test_dataloader_order_state_round_trip():
     other.load_state_dict(loader.state_dict())
     torch.manual_seed(2)  # the restored epoch draws nothing
     assert all(torch.equal(other.batch(3, i)[0], x) for i, x in enumerate(first))
+    assert sorted(other.order(3).tolist()) == list(range(other.num_windows))
+    assert other.order(3).tolist() == loader.order(3).tolist()
     assert TokenWindowLoader(torch.arange(200).numpy(), 2, 8).state_dict() == {}
 
 

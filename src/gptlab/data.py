@@ -555,14 +555,20 @@ class DataLoaderWindowLoader(TokenWindowLoader):
         self._batches: list[torch.Tensor] = []  # the current epoch's index batches, each (B,)
 
     def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.windows(self._epoch_batches(epoch)[index].numpy())
+
+    def order(self, epoch: int) -> np.ndarray:
+        return torch.cat(self._epoch_batches(epoch)).numpy()
+
+    def _epoch_batches(self, epoch: int) -> list[torch.Tensor]:
         if epoch != self._epoch:
             if self._epoch is not None and epoch < self._epoch:
                 raise ValueError(
                     f"epoch {epoch}'s order was drawn and left behind (the loader is at epoch "
                     f"{self._epoch}); a DataLoader order cannot be drawn again"
                 )
-            self._epoch, self._batches = epoch, list(self.index_loader)
-        return self.windows(self._batches[index].numpy())
+            self._epoch, self._batches = epoch, list(self.index_loader)  # the draws happen here
+        return self._batches
 
     def __iter__(self):
         for sel in self.index_loader:
