@@ -191,7 +191,13 @@ class TrainConfig:
         choices=("cosine", "linear", "constant"),
     )
     weight_decay: float = _field(
-        0.1, "AdamW weight decay of the Linear layers' weights", bounds=NON_NEGATIVE
+        0.1, "AdamW weight decay (of the parameters weight_decay_on names)", bounds=NON_NEGATIVE
+    )
+    weight_decay_on: str = _field(
+        "matrices",
+        "matrices: decay only the Linear layers' weight matrices; all: every parameter, as "
+        "the walk-through's AdamW(model.parameters()) does",
+        choices=("matrices", "all"),
     )
     beta1: float = _field(0.9, "AdamW beta1", bounds=BELOW_ONE)
     beta2: float = _field(0.999, "AdamW beta2", bounds=BELOW_ONE)
@@ -304,10 +310,23 @@ class DataConfig:
         "share of the tokens for training; the rest validates",
         bounds=Range(0, 1, low_open=True, high_open=True),
     )
+    split: str = _field(
+        "tokens",
+        "where the train/val cut is made: tokens: train_ratio of the tokenized text; chars: "
+        "train_ratio of its characters, each part tokenized on its own (the walk-through)",
+        choices=("tokens", "chars"),
+    )
     stride: int = _field(
         0, "distance between window starts; 0 = context_length (no overlap)", bounds=NON_NEGATIVE
     )
     shuffle: bool = _field(True, "shuffle the training windows every epoch")
+    order: str = _field(
+        "seeded",
+        "order of the training windows: seeded: a pure function of (seed, epoch), evaluations "
+        "on fixed batches; dataloader: torch DataLoaders drawing from the global RNG as the "
+        "walk-through's do, a fresh shuffle each epoch and evaluation (one process only)",
+        choices=("seeded", "dataloader"),
+    )
 
     def validate(self) -> DataConfig:
         _check_fields(self, "data")
@@ -416,6 +435,52 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "eval_freq": 100,
             "eval_iter": 10,
             "log_every": 10,
+        },
+    },
+    # The walk-through's chapter 5 run, step for step: `gptlab train --preset walkthrough --data
+    # the-verdict.txt` prints the losses its train_model_simple prints (on a CPU). Everything
+    # that changes the numbers is pinned: its model and dropout draws (manual attention,
+    # PyTorch's masks, fp32, no compile), AdamW(model.parameters(), lr=4e-4,
+    # weight_decay=0.1) unfused and unclipped, its 90/10 split by characters and its loaders.
+    "walkthrough": {
+        "model": {
+            **GPT_CONFIG_124M,
+            "context_length": 256,
+            "tie_weights": False,
+            "init": "pytorch",
+            "attention": "manual",
+            "vocab_multiple": 1,
+            "fused_qkv": False,
+        },
+        "train": {
+            "lr": 4e-4,
+            "schedule": "constant",
+            "warmup_steps": 0,
+            "weight_decay": 0.1,
+            "weight_decay_on": "all",
+            "beta1": 0.9,
+            "beta2": 0.999,
+            "grad_clip": 0.0,
+            "batch_size": 2,
+            "batch_tokens": 0,
+            "epochs": 10,
+            "max_steps": 0,
+            "eval_freq": 5,
+            "eval_iter": 5,
+            "seed": 123,
+            "precision": "fp32",
+            "compile": "off",
+            "fused_optimizer": False,
+            "chunked_loss": "off",
+            "fast_dropout": "off",
+        },
+        "data": {
+            "tokenizer": "gpt2",
+            "train_ratio": 0.9,
+            "split": "chars",
+            "stride": 0,
+            "shuffle": True,
+            "order": "dataloader",
         },
     },
 }

@@ -13,11 +13,12 @@ from typing import Any
 
 
 def _eval_line(r: dict[str, Any]) -> str:
-    # The walk-through's line: the epoch is the 1-based one that contains the step, so the
-    # evaluation after a run's last step of epoch 10 is labelled Ep 10, not Ep 11.
-    epoch = max(1, math.ceil(r["epoch"]))
+    # The walk-through's labels for the step just done: its 0-based index (r["step"] counts
+    # the steps done), and the 1-based epoch holding it, so the evaluation after the last
+    # step of epoch 10 is labelled Ep 10, not Ep 11.
+    step, epoch = max(r["step"] - 1, 0), max(1, math.ceil(r["epoch"]))
     return (
-        f"Ep {epoch} (Step {r['step']:06d}): "
+        f"Ep {epoch} (Step {step:06d}): "
         f"Train loss {r['train_loss']:.3f}, Val loss {r['val_loss']:.3f}"
     )
 

@@ -11,6 +11,8 @@
   as the walk-through's dataset but assembles each batch with one NumPy gather instead of
   per-sample Python, and its order is a pure function of (seed, epoch), so a resumed run
   can continue at any batch.
+- `DataLoaderWindowLoader`: the same windows in the order the walk-through's torch
+  DataLoaders give (drawn from the global RNG); `make_loaders(cfg, corpus)` picks the pair.
 """
 
 from __future__ import annotations
@@ -102,12 +104,14 @@ def load_corpus(
     train_ratio: float,
     tokenizer: Any = None,
     text_field: str = "text",
+    split: str = "tokens",
 ) -> Corpus:
     """Read (any input `gptlab prepare` takes; `text_field` for .jsonl, .parquet and hf:),
-    tokenize (cached) and split a corpus by `train_ratio` of its tokens.
+    tokenize (cached) and split a corpus: by `train_ratio` of its tokens, or with
+    `split="chars"` by `train_ratio` of its characters (see `split_by_chars`).
 
     A directory written by `gptlab prepare` is memory-mapped instead (its own split and
-    tokenizer; `tokenizer_name` and `train_ratio` do not apply).
+    tokenizer; `tokenizer_name`, `train_ratio` and `split` do not apply).
     """
     if is_prepared(source):
         return load_prepared(source)
@@ -117,11 +121,32 @@ def load_corpus(
             tokenizer_name, text="".join(docs) if tokenizer_name == "char" else None
         )
     identity = tokenizer.identity()
+    if split == "chars":
+        return split_by_chars(docs, tokenizer, train_ratio)
+    if split != "tokens":
+        raise GptlabError(f"data.split must be tokens or chars; got {split!r}")
     tokens = tokenize_documents(docs, tokenizer, identity)
     split = int(train_ratio * len(tokens))
     h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     h.update(np.ascontiguousarray(tokens).view(np.uint8))
     return Corpus(tokens[:split], tokens[split:], tokenizer, h.hexdigest()[:16])
+
+
+def split_by_chars(docs: list[str], tokenizer: Any, train_ratio: float) -> Corpus:
+    """The walk-through's split: the text (documents joined by `<|endoftext|>`) is cut at
+    `int(train_ratio * len(text))` characters and each part is tokenized on its own, as the
+    walk-through builds its two datasets (a word cut in two becomes the tokens of its
+    halves). Both parts are cached like any tokenized text."""
+    identity = tokenizer.identity()
+    text = ENDOFTEXT.join(docs)
+    cut = int(train_ratio * len(text))
+    train = tokenize_documents([text[:cut]], tokenizer, identity)
+    val = tokenize_documents([text[cut:]], tokenizer, identity)
+    h = hashlib.sha256(json.dumps({**identity, "split": "chars"}, sort_keys=True).encode())
+    for part in (train, val):
+        h.update(np.ascontiguousarray(part).view(np.uint8))
+        h.update(b"|")
+    return Corpus(train, val, tokenizer, h.hexdigest()[:16])
 
 
 # --------------------------------------------------------------------------- prepared corpora
@@ -274,7 +299,9 @@ def open_corpus(
             )
     else:
         dc = cfg.data
-        corpus = load_corpus(source, dc.tokenizer, dc.train_ratio, text_field=dc.text_field)
+        corpus = load_corpus(
+            source, dc.tokenizer, dc.train_ratio, text_field=dc.text_field, split=dc.split
+        )
     if size_vocab and corpus.tokenizer.identity()["type"] != "gpt2":
         cfg.model.vocab_size = corpus.tokenizer.n_vocab
     return cfg.validate(), corpus
@@ -392,6 +419,10 @@ class TokenWindowLoader:
 
     def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         sel = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+        return self.windows(sel)
+
+    def windows(self, sel: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows `sel` ((B,) indices into `starts`) as (inputs, targets), each (B, T) int64."""
         windows = self.tokens[self.starts[sel][:, None] + self._offsets]  # (B, T+1)
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # (B, T), (B, T)
@@ -399,3 +430,118 @@ class TokenWindowLoader:
     def __iter__(self):
         for i in range(len(self)):
             yield self.batch(0, i)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: the order is a pure function of (seed, epoch), which the config holds."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class DataLoaderWindowLoader(TokenWindowLoader):
+    """TokenWindowLoader's windows in the order torch DataLoaders give the walk-through.
+
+    The walk-through iterates `DataLoader(dataset, batch_size, shuffle, drop_last)`: every
+    new iterator draws from torch's global RNG (the loader's base seed, and with shuffle
+    the sampler's seed), and each epoch and each evaluation starts one. Dropout draws from
+    the same RNG in between, so the orders depend on everything that ran before. Here a
+    real DataLoader over the window indices `range(num_windows)` makes those draws, so they
+    stay exactly torch's, and the windows are gathered as TokenWindowLoader gathers them.
+
+    - `batch(epoch, index)`: the first call for a new epoch starts that epoch's iterator
+      (its draws happen then, as at the top of the walk-through's epoch loop) and keeps the
+      epoch's batches; epochs go forward only.
+    - iterating starts a fresh iterator each time, as `calc_loss_loader` does on the
+      walk-through's loaders (a fresh random order of the training windows each evaluation).
+    - `state_dict()` holds the current epoch's order, which the RNG state alone cannot give
+      back once the epoch is under way; with the global RNG state restored too, a resumed
+      run repeats the uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        context_length: int,
+        stride: int | None = None,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
+        super().__init__(tokens, batch_size, context_length, stride, shuffle, drop_last=drop_last)
+        self.index_loader = DataLoader(
+            range(self.num_windows),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=0,
+        )
+        self._epoch: int | None = None
+        self._batches: list[torch.Tensor] = []  # the current epoch's index batches, each (B,)
+
+    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.windows(self._epoch_batches(epoch)[index].numpy())
+
+    def order(self, epoch: int) -> np.ndarray:
+        return torch.cat(self._epoch_batches(epoch)).numpy()
+
+    def _epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        if epoch != self._epoch:
+            if self._epoch is not None and epoch < self._epoch:
+                raise ValueError(
+                    f"epoch {epoch}'s order was drawn and left behind (the loader is at epoch "
+                    f"{self._epoch}); a DataLoader order cannot be drawn again"
+                )
+            self._epoch, self._batches = epoch, list(self.index_loader)  # the draws happen here
+        return self._batches
+
+    def __iter__(self):
+        for sel in self.index_loader:
+            yield self.windows(sel.numpy())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current epoch and its order of windows ((num_batches * B,) int64)."""
+        if self._epoch is None:
+            return {}
+        return {"epoch": self._epoch, "order": torch.cat(self._batches)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            self._epoch, self._batches = None, []
+            return
+        self._epoch = int(state["epoch"])
+        self._batches = list(state["order"].split(self.batch_size))
+
+
+def make_loaders(
+    cfg: RunConfig, corpus: Corpus, world_size: int = 1
+) -> tuple[TokenWindowLoader, TokenWindowLoader]:
+    """The trainer's (train, val) loaders over `corpus` for a run config.
+
+    Training windows start every `data.stride` tokens (0: every context_length), validation
+    windows every context_length; validation keeps its order and its last partial batch.
+    `data.order` picks the kind: "seeded" (TokenWindowLoader) or "dataloader"
+    (DataLoaderWindowLoader, which follows one process's global RNG, so not under torchrun).
+    """
+    mc, tc, dc = cfg.model, cfg.train, cfg.data
+    stride = dc.stride or mc.context_length
+    if dc.order == "dataloader":
+        if world_size > 1:
+            raise GptlabError(
+                "data.order dataloader follows one process's random stream, as the walk-through "
+                "does; train it in one process, or use --data.order seeded under torchrun"
+            )
+        train = DataLoaderWindowLoader(
+            corpus.train, tc.batch_size, mc.context_length, stride, dc.shuffle
+        )
+        val = DataLoaderWindowLoader(
+            corpus.val, tc.batch_size, mc.context_length, shuffle=False, drop_last=False
+        )
+        return train, val
+    train = TokenWindowLoader(
+        corpus.train, tc.batch_size, mc.context_length, stride, dc.shuffle, tc.seed
+    )
+    val = TokenWindowLoader(
+        corpus.val, tc.batch_size, mc.context_length, shuffle=False, seed=tc.seed, drop_last=False
+    )
+    return train, val

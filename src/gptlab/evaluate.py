@@ -201,6 +201,6 @@ def _tokens_to_evaluate(run: Run, data: str | None, split: str):
         docs = read_documents(source, text_field=run.config.data.text_field)
         return tokenize_documents(docs, tokenizer, tokenizer.identity()), f"{source} (all)"
     dc = run.config.data
-    corpus = load_corpus(source, dc.tokenizer, dc.train_ratio, tokenizer, dc.text_field)
+    corpus = load_corpus(source, dc.tokenizer, dc.train_ratio, tokenizer, dc.text_field, dc.split)
     tokens = corpus.val if split == "val" else corpus.train
     return tokens, f"{source} (the run's {split} split)"

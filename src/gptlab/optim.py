@@ -2,6 +2,8 @@
 
 Weight decay applies to the matrices of linear layers only: biases, LayerNorm parameters
 and embeddings are left undecayed (decaying them only pulls useful values towards zero).
+`train.weight_decay_on = "all"` decays every parameter instead, as the walk-through's
+`AdamW(model.parameters(), weight_decay=0.1)` does.
 AdamW is the fused kernel where PyTorch has one for the device (CPU and CUDA since 2.4):
 one kernel over all parameters instead of a loop over tensors (BENCHMARKS.md).
 """
@@ -44,13 +46,20 @@ def _is_tied_embedding(model: nn.Module, p: torch.Tensor) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with gptlab's parameter groups; fused when asked for and available."""
+    """AdamW with gptlab's parameter groups, or with `weight_decay_on="all"` the
+    walk-through's one group of every parameter; fused when asked for and available."""
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     fused = cfg.fused_optimizer and device.type in ("cuda", "cpu")
     try:
-        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), fused=fused, **kwargs)
+        return torch.optim.AdamW(_groups(model, cfg), fused=fused, **kwargs)
     except (RuntimeError, TypeError):  # an older torch without a fused kernel for this device
-        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+        return torch.optim.AdamW(_groups(model, cfg), **kwargs)
+
+
+def _groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    if cfg.weight_decay_on == "all":
+        return [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    return param_groups(model, cfg.weight_decay)
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int | None) -> float:

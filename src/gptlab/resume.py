@@ -30,6 +30,8 @@ FROZEN_ON_RESUME = (
     "data.train_ratio",
     "data.stride",
     "data.shuffle",
+    "data.split",
+    "data.order",
     "train.batch_size",
     "train.batch_tokens",
     "train.seed",

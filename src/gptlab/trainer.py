@@ -40,7 +40,7 @@ from torch import nn
 from gptlab import checkpoint as ckpt_lib
 from gptlab import dist as dist_lib
 from gptlab.config import RunConfig
-from gptlab.data import Corpus, TokenWindowLoader, open_corpus, prepared_manifest
+from gptlab.data import Corpus, make_loaders, open_corpus, prepared_manifest
 from gptlab.errors import GptlabError
 from gptlab.evaluate import calc_loss_batch, calc_loss_loader, evaluate_model
 from gptlab.generate import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
@@ -232,14 +232,8 @@ class Trainer:
         """The loaders, the micro-batches per step and the step counts; clear errors when
         the text is too short for them."""
         tc, mc, corpus = self.cfg.train, self.cfg.model, self.corpus
-        stride = self.cfg.data.stride or mc.context_length
         T = mc.context_length
-        self.train_loader = TokenWindowLoader(
-            corpus.train, tc.batch_size, T, stride, self.cfg.data.shuffle, tc.seed
-        )
-        self.val_loader = TokenWindowLoader(
-            corpus.val, tc.batch_size, T, T, False, tc.seed, drop_last=False
-        )
+        self.train_loader, self.val_loader = make_loaders(self.cfg, corpus, self.dist.world_size)
         for split, loader, tokens in (
             ("training", self.train_loader, corpus.train),
             ("validation", self.val_loader, corpus.val),
@@ -323,7 +317,9 @@ class Trainer:
             ckpt_lib.load_weights(self.model, ckpt, self.device)
         st = ckpt_lib.load_state(ckpt)
         try:
-            check_data_layout(st.get("data"), self.steps_per_epoch, self.accum)
+            data = st.get("data")
+            check_data_layout(data, self.steps_per_epoch, self.accum)
+            self.train_loader.load_state_dict((data or {}).get("loader", {}))
             if self.dist.sharded:
                 self._load_sharded(ckpt, st["optimizer"])
             else:
@@ -484,9 +480,11 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "trainer": asdict(self.state),
             "rng": rng_state(),
-            # Where the data stream stands. The loader's order is a pure function of
-            # (seed, epoch), so these numbers are the sampler's whole state.
+            # Where the data stream stands. A seeded loader's order is a pure function of
+            # (seed, epoch), so these numbers are the sampler's whole state; a dataloader
+            # one adds the current epoch's drawn order.
             "data": {
+                "loader": self.train_loader.state_dict(),
                 "epoch": self.state.step // self.steps_per_epoch,
                 "batch_in_epoch": self.state.step % self.steps_per_epoch * self.accum,
                 "steps_per_epoch": self.steps_per_epoch,
