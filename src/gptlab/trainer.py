@@ -15,9 +15,10 @@ resume may change, and the random state it restores, from `gptlab.resume`.
 `train()` is what `gptlab train` does, callable from Python: it opens the data, checks the
 run directory, optionally starts from other weights, trains, and draws the loss plot.
 
-Exact resume: the data order is a pure function of (seed, epoch), sampling uses its own
-generator, and checkpoints carry the optimizer and every RNG state, so a run resumed from
-step k repeats the uninterrupted run's steps k+1, k+2, ... bit for bit (CPU, fp32).
+Exact resume: the data order is a pure function of (seed, epoch) (or, with data.order
+"dataloader", the walk-through's drawn order, which checkpoints store), sampling uses its
+own generator, and checkpoints carry the optimizer and every RNG state, so a run resumed
+from step k repeats the uninterrupted run's steps k+1, k+2, ... bit for bit (CPU, fp32).
 """
 
 from __future__ import annotations
