@@ -130,6 +130,18 @@ def test_eval_on_prepared_data_needs_the_runs_tokenizer(runs, capsys):
     assert "another tokenizer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_eval_in_half_precision_on_cpu_is_close_to_fp32(runs, capsys, precision):
+    """eval's --precision is a request, not training's policy: fp16 works on a CPU too."""
+    tmp, data, (a, _) = runs
+    base = ["eval", "--checkpoint", str(a), "--device", "cpu", "--max-batches", "2", "--json"]
+    losses = {}
+    for p in ("fp32", precision):
+        assert main([*base, "--precision", p]) == 0
+        losses[p] = json.loads(capsys.readouterr().out)["loss"]
+    assert losses[precision] == pytest.approx(losses["fp32"], rel=0.02)
+
+
 def test_tensorboard_missing_is_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     from gptlab.tb import TensorBoardWriter

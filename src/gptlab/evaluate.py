@@ -28,7 +28,7 @@ from gptlab.data import (
 from gptlab.dist import Dist, eval_batch_indices
 from gptlab.errors import GptlabError
 from gptlab.loss import logits_loss
-from gptlab.runtime import autocast, keep_freed_host_memory, resolve_precision
+from gptlab.runtime import PRECISION_DTYPES, autocast, keep_freed_host_memory
 from gptlab.tokenizer import token_byte_lengths
 
 if TYPE_CHECKING:  # only a type: runs.open_run makes it, and runs sits above this module
@@ -171,6 +171,8 @@ def evaluate_run(
     """
     if split not in ("val", "train"):
         raise GptlabError(f"split must be val or train, got {split!r}")
+    if precision not in PRECISION_DTYPES:  # evaluation has no 'auto': it is asked for
+        raise GptlabError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     if run.device.type == "cpu":
         keep_freed_host_memory()  # each batch's (B, T, V) logits would be page-faulted afresh
     tokens, what = _tokens_to_evaluate(run, data, split)
@@ -180,7 +182,7 @@ def evaluate_run(
             f"{what} has {len(tokens)} tokens, fewer than one window ({T + 1}); give more text"
         )
     byte_lengths = token_byte_lengths(run.tokenizer)
-    with autocast(run.device, resolve_precision(precision, run.device)):
+    with autocast(run.device, precision):
         r = evaluate_tokens(run.model, tokens, T, batch_size, run.device, byte_lengths, max_batches)
     return {"data": what, **r}
 
