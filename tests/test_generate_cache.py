@@ -58,6 +58,25 @@ def test_cached_forward_gives_the_full_forwards_logits(attention, static):
         pieces += [model(x[:, t : t + 1], cache) for t in range(11, 16)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
 
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_dynamic_cache_never_reads_its_unfilled_slots(attention):
+    # Its buffers are left uninitialised (no memset per generate call): poison every slot
+    # past the prefill with NaN, and the later steps must still give the full forward's logits.
+    model = tiny(attention)
+    x = prompt(batch=2, n=12)
+    with torch.no_grad():
+        full = model(x)  # (2, 12, V)
+        cache = KVCache(16)
+        pieces = [model(x[:, :7], cache)]
+        for buf in cache.keys + cache.values:
+            buf[:, :, 7:] = float("nan")
+        pieces += [model(x[:, 7:9], cache)]  # a block: the masked path
+        pieces += [model(x[:, t : t + 1], cache) for t in range(9, 12)]  # single tokens
+    got = torch.cat(pieces, dim=1)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
+
+
 
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
 @pytest.mark.parametrize("batch", [1, 3])
