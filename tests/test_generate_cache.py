@@ -58,6 +58,7 @@ def test_cached_forward_gives_the_full_forwards_logits(attention, static):
         pieces += [model(x[:, t : t + 1], cache) for t in range(11, 16)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
 
+
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
 def test_dynamic_cache_never_reads_its_unfilled_slots(attention):
     # Its buffers are left uninitialised (no memset per generate call): poison every slot
@@ -75,7 +76,6 @@ def test_dynamic_cache_never_reads_its_unfilled_slots(attention):
     got = torch.cat(pieces, dim=1)
     assert not got.isnan().any()
     torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
-
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
