@@ -182,7 +182,30 @@ _ON_OFF = ("auto", "on", "off")
 class TrainConfig:
     """Optimiser, schedule, limits and periodic work of the CLI trainer."""
 
-    lr: float = _field(4e-4, "peak learning rate", bounds=POSITIVE)
+    optimizer: str = _field(
+        "adamw",
+        "adamw: AdamW for every parameter; muon: Muon (torch.optim.Muon) for the 2-D matrices "
+        "inside the transformer blocks, AdamW at lr for the rest (embeddings, head, norms, biases)",
+        choices=("adamw", "muon"),
+    )
+    lr: float = _field(4e-4, "peak learning rate (of AdamW's parameters)", bounds=POSITIVE)
+    muon_lr: float = _field(
+        0.02, "peak learning rate of Muon's matrices (train.optimizer = muon)", bounds=POSITIVE
+    )
+    muon_momentum: float = _field(0.95, "Muon's (Nesterov) momentum", bounds=BELOW_ONE)
+    muon_weight_decay: float = _field(
+        0.0,
+        "Muon's decoupled weight decay: each step multiplies its matrices by 1 - (scheduled "
+        "muon_lr) x this",
+        bounds=NON_NEGATIVE,
+    )
+    muon_adjust_lr: str = _field(
+        "original",
+        "how Muon scales muon_lr per matrix shape: original: by sqrt(max(1, rows/cols)) "
+        "(Keller Jordan's; muon_lr ~ 0.02); match_rms_adamw: by 0.2 sqrt(max(rows, cols)), "
+        "so muon_lr can be an AdamW learning rate (Moonshot's)",
+        choices=("original", "match_rms_adamw"),
+    )
     min_lr_ratio: float = _field(0.1, "the schedule decays to lr * min_lr_ratio", bounds=FRACTION)
     warmup_steps: int = _field(0, "steps of linear warm-up to lr", bounds=NON_NEGATIVE)
     schedule: str = _field(

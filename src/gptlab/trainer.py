@@ -48,7 +48,7 @@ from gptlab.generate import generate, generate_text_simple, text_to_token_ids, t
 from gptlab.loss import make_loss_fn
 from gptlab.metrics import MetricsLog, truncate_metrics
 from gptlab.model import GPTModel, count_parameters, flops_per_token, use_fast_dropout
-from gptlab.optim import build_optimizer, lr_at
+from gptlab.optim import MuonAdamW, build_optimizer, set_lr
 from gptlab.plot import plot_run
 from gptlab.resume import check_data_layout, check_resume, rng_state, set_rng_state
 from gptlab.runs import Run, open_run
@@ -552,9 +552,8 @@ class Trainer:
         """One optimizer step over `accum` micro-batches; returns (loss, grad_norm)."""
         tc = self.cfg.train
         epoch, in_epoch = divmod(self.state.step, self.steps_per_epoch)
-        lr = lr_at(self.state.step, tc, self.total_steps) * self.state.lr_scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        # every group follows the schedule from its own peak; a rollback's scale lowers all
+        set_lr(self.optimizer, self.state.step, tc, self.total_steps, self.state.lr_scale)
         loss_sum = torch.zeros((), device=self.device)
         # This rank's share of the step's micro-batches (all of them in a single process).
         mine = dist_lib.micro_batch_indices(
@@ -736,12 +735,18 @@ class Trainer:
 
     def _emit_train(self, window: _Window, loss: float, norm: float) -> None:
         tps = window.tokens_per_s()
+        muon = (
+            {"muon_lr": self.optimizer.muon.param_groups[0]["lr"]}
+            if isinstance(self.optimizer, MuonAdamW)
+            else {}
+        )
         self.emit(
             "train",
             epoch=self.epoch_progress,
             tokens=self.state.tokens_seen,
             loss=window.mean_loss(loss),
             lr=self.optimizer.param_groups[0]["lr"],
+            **muon,
             grad_norm=norm,
             tokens_per_s=tps,
             mfu=tps * self.flops_per_token / (self.peak * self.dist.world_size),
