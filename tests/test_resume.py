@@ -250,6 +250,11 @@ def test_resume_reuses_the_saved_config_and_logs_safe_changes(finished_run, caps
         (["--model.emb_dim", "64"], "cannot resume: model.emb_dim changed from 32 to 64"),
         (["--data.tokenizer", "gpt2"], "cannot resume: data.tokenizer changed from 'char'"),
         (["--train.batch_size", "2"], "cannot resume: train.batch_size changed from 4 to 2"),
+        (
+            ["--train.optimizer", "muon"],
+            "cannot resume: train.optimizer changed from 'adamw' to 'muon' (the checkpoint's "
+            "optimizer state belongs to the other optimizer)",
+        ),
     ],
 )
 def test_resume_refuses_model_tokenizer_and_batch_changes(finished_run, capsys, flags, message):
