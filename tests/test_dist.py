@@ -306,9 +306,7 @@ def modern_ref(workdir):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_every_architecture_option_runs_under_torchrun_as_in_one_process(
-    mode, workdir, modern_ref
-):
+def test_every_architecture_option_runs_under_torchrun_as_in_one_process(mode, workdir, modern_ref):
     out = workdir / f"modern-{mode}"
     res = _torchrun(_args(workdir, out) + MODERN + ["--parallel", mode])
     assert res.returncode == 0, res.stdout + res.stderr
