@@ -72,6 +72,31 @@ def test_muon_takes_the_block_matrices_and_adamw_everything_else_once(tied):
     assert ("out_head.weight" in adamw) is not tied
 
 
+def test_the_split_follows_llama_shaped_blocks():
+    """SwiGLU's three matrices and grouped-query attention's smaller k/v matrices go to
+    Muon; QK-norm's and RMSNorm's 1-D scales stay on AdamW (no biases here)."""
+    cfg = preset("tiny").model
+    cfg.vocab_size = 64
+    for key, value in dict(
+        positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_heads=1, qk_norm=True
+    ).items():
+        setattr(cfg, key, value)
+    model = GPTModel(cfg.validate())
+    opt = build_optimizer(model, _muon_cfg(), CPU)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for p in opt.muon.param_groups[0]["params"]}
+    block = {n.removeprefix("trf_blocks.0.") for n in muon if n.startswith("trf_blocks.0.")}
+    assert block == {
+        "att.W_query.weight", "att.W_key.weight", "att.W_value.weight", "att.out_proj.weight",
+        "ff.fc1.weight", "ff.fc2.weight", "ff.fc3.weight",
+    }  # fmt: skip
+    assert len(muon) == 7 * cfg.n_layers
+    assert model.trf_blocks[0].att.W_key.weight.shape[0] < cfg.emb_dim  # the smaller k/v
+    adamw = {names[id(p)] for g in opt.adamw.param_groups for p in g["params"]}
+    assert "trf_blocks.0.att.q_norm.scale" in adamw and "final_norm.scale" in adamw
+    assert muon | adamw == set(names.values()) and not muon & adamw
+
+
 def test_muon_settings_reach_torch_muon_and_adamw_keeps_its_own():
     model = _model(False)
     cfg = _muon_cfg(
