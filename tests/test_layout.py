@@ -36,7 +36,7 @@ LAYERS = (
     "metrics",  # metrics.jsonl
     "plot",  # figures from metrics.jsonl
     "tb",  # the optional TensorBoard view
-    "hf",  # Hugging Face GPT-2 weights, both ways
+    "hf",  # Hugging Face GPT-2 and Llama weights, both ways
     "runs",  # open a gptlab run or a Hugging Face folder
     "trainer",  # the loop, and train()
     "console",  # progress views for the terminal

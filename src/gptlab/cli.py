@@ -176,7 +176,7 @@ def _train_parser(sub) -> None:
     t.add_argument(
         "--init-from",
         metavar="SRC",
-        help="start from these weights: a gptlab run, a Hugging Face GPT-2 directory or a hub id "
+        help="start from these weights: a gptlab run, a Hugging Face GPT-2 or Llama directory or a hub id "
         "(gpt2, gpt2-medium, ...); the model config comes from SRC (only --model.drop_rate and "
         "--model.attention may change)",
     )
@@ -370,7 +370,7 @@ def _convert_parser(sub) -> None:
         sub,
         "convert",
         None,
-        help="convert GPT-2 weights to and from Hugging Face transformers' format",
+        help="convert GPT-2 and Llama weights to and from Hugging Face transformers' format",
     )
     c.set_defaults(func=lambda args: _help_and_fail(c))
     csub = c.add_subparsers(dest="direction", metavar="DIRECTION")
@@ -378,7 +378,7 @@ def _convert_parser(sub) -> None:
         csub,
         "from-hf",
         cmd_convert_from_hf,
-        help="a Hugging Face GPT-2 (directory or hub id) -> a gptlab run directory",
+        help="a Hugging Face GPT-2 or Llama (directory or hub id) -> a gptlab run directory",
     )
     fh.add_argument("src", help="directory with config.json + model.safetensors, or a hub id")
     fh.add_argument("out_dir", help="new gptlab run directory")
