@@ -159,6 +159,7 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
 
+    @torch.inference_mode()  # the whole thread: the cache's tensors are inference tensors
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -195,7 +196,7 @@ class Engine:
         """Run a prefill or decode step; if it fails, its generations end with an error
         event and leave, and the loop goes on serving the others."""
         try:
-            with torch.inference_mode(), autocast(self.device, self.precision):
+            with autocast(self.device, self.precision):
                 step(*args)
         except Exception as e:  # one failed step must not stop the server
             log.exception("generation step failed")
