@@ -33,6 +33,7 @@ import asyncio
 import hmac
 import json
 import math
+import socket
 import threading
 import time
 import uuid
@@ -563,8 +564,6 @@ class ServerThread:
     """
 
     def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0):
-        import socket
-
         self.socket = socket.create_server((host, port))
         self.host, self.port = self.socket.getsockname()[:2]
         config = uvicorn.Config(app, log_level="warning", lifespan="off")
@@ -606,12 +605,12 @@ def serve(
 ) -> None:
     """Serve `run` until interrupted (Ctrl-C); `on_ready(url)` once the socket listens."""
     app, engine = build(run, max_batch, precision, api_key)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
     try:
-        sock = config.bind_socket()
+        # a listening socket first, so `on_ready` is true when it is called
+        sock = socket.create_server((host, port))
         if on_ready is not None:
-            on_ready(f"http://{host}:{port}")
-        server.run(sockets=[sock])
+            on_ready(f"http://{host}:{sock.getsockname()[1]}")
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         engine.close()
