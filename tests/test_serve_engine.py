@@ -20,11 +20,12 @@ from gptlab.tokenizer import CharTokenizer
 TEXT = "abcdefghijklmnopqrstuvwxyz .,!?\n"
 
 
-def tiny_model(vocab: int, ctx: int = 24, seed: int = 0) -> GPTModel:
+def tiny_model(vocab: int, ctx: int = 24, seed: int = 0, **options) -> GPTModel:
     torch.manual_seed(seed)
     cfg = ModelConfig(
-        vocab_size=vocab, context_length=ctx, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0
-    )
+        vocab_size=vocab, context_length=ctx, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
+        **options,
+    )  # fmt: skip
     model = GPTModel(cfg).double().eval()
     with torch.no_grad():  # larger random weights: confident, varied next-token choices
         for p in model.parameters():
@@ -32,9 +33,12 @@ def tiny_model(vocab: int, ctx: int = 24, seed: int = 0) -> GPTModel:
     return model
 
 
+@pytest.mark.parametrize(
+    "options", [{}, {"positions": "rope", "n_kv_heads": 2}, {"attention": "manual"}]
+)
 @torch.no_grad()
-def test_slot_cache_rows_joining_at_different_steps_match_generate():
-    model = tiny_model(vocab=40)
+def test_slot_cache_rows_joining_at_different_steps_match_generate(options):
+    model = tiny_model(vocab=40, **options)
     prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [12], [30, 31]]
     n_new = 8
     ref = [generate(model, torch.tensor([p]), n_new)[0, len(p) :].tolist() for p in prompts]
