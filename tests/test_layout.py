@@ -30,6 +30,7 @@ LAYERS = (
     "dist",  # torchrun environment, DDP / FSDP2, rank helpers
     "loss",  # the loss paths (full logits, chunked)
     "generate",  # sampling, KV cache, streaming
+    "engine",  # continuous batching: many generations share the model's forward passes
     "evaluate",  # calc_loss_*, evaluate_model (rank-aware), perplexity, bits per byte
     "checkpoint",  # atomic, versioned checkpoints
     "resume",  # what may change on resume; RNG state
@@ -39,6 +40,7 @@ LAYERS = (
     "hf",  # Hugging Face GPT-2 and Llama weights, both ways
     "runs",  # open a gptlab run or a Hugging Face folder
     "trainer",  # the loop, and train()
+    "serve",  # the OpenAI-compatible HTTP server and its page
     "console",  # progress views for the terminal
     "cli",  # argv -> library calls -> one-line errors and exit codes
 )
