@@ -2,7 +2,7 @@
 attention, logit soft-capping, zero-initialised projections): each one against the paths
 that must agree (SDPA vs manual attention, cached vs uncached generation, chunked vs full
 loss, compiled vs eager), the counts, and the refusals of impossible combinations.
-Their math against an independent implementation is in test_hf.py (Llama)."""
+Their math against an independent implementation is in test_hf_llama.py (Llama, Qwen3)."""
 
 from __future__ import annotations
 

@@ -850,7 +850,7 @@ def train(
     by runs/latest) and draw its loss plot.
 
     `resume` continues the run in `out` from its latest checkpoint. `init_from` (a gptlab
-    run, a Hugging Face GPT-2 folder or hub id) starts from those weights and their model
+    run, a Hugging Face GPT-2 or Llama folder or hub id) starts from those weights and their model
     config; `model_keys` are the model fields the user set, of which only drop_rate and
     attention may differ from the source. `on_event` receives every record (and two
     "loading"/"init_from" notes before training starts), on global rank 0 only.
