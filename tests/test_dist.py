@@ -288,6 +288,34 @@ def test_fsdp_reproduces_the_single_process_run(fsdp_run, ref_run):
             torch.testing.assert_close(got["state"][i][k], v, atol=TOL, rtol=0)
 
 
+# Every architecture option on (rotary, RMSNorm, QK-norm, ReLU^2, no biases, multi-query
+# attention, soft-capped logits, an untied head): new parameters (q_norm, k_norm), missing
+# ones (biases, the position table) and smaller k/v matrices, through DDP and FSDP2 alike.
+MODERN = [
+    "--model.positions", "rope", "--model.norm", "rmsnorm", "--model.qk_norm", "true",
+    "--model.mlp", "relu2", "--model.bias", "false", "--model.n_kv_heads", "1",
+    "--model.logit_softcap", "15", "--model.tie_weights", "false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def modern_ref(workdir):
+    out = workdir / "modern-ref"
+    assert cli.main(_args(workdir, out) + MODERN) == 0
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_every_architecture_option_runs_under_torchrun_as_in_one_process(mode, workdir, modern_ref):
+    out = workdir / f"modern-{mode}"
+    res = _torchrun(_args(workdir, out) + MODERN + ["--parallel", mode])
+    assert res.returncode == 0, res.stdout + res.stderr
+    _assert_same_curve(out, modern_ref)
+    _assert_same_weights(
+        out / "checkpoints" / "step-00000008", modern_ref / "checkpoints" / "step-00000008"
+    )
+
+
 @pytest.mark.parametrize("which", ["ddp", "fsdp"])
 def test_two_process_checkpoint_resumes_on_one_process(which, ddp_run, fsdp_run, ref_run, workdir):
     run = {"ddp": ddp_run, "fsdp": fsdp_run}[which][0]

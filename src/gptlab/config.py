@@ -144,6 +144,49 @@ class ModelConfig:
         choices=("pytorch", "gpt2"),
     )
     fused_qkv: bool = _field(False, "compute q, k, v with one matmul (same parameters, same math)")
+    # Architecture options of later models (Llama, the GPT-2 speedruns); each default is
+    # GPT-2's, so the presets above them build the walk-through's model unchanged.
+    positions: str = _field(
+        "learned",
+        "learned: a position embedding table (GPT-2); rope: rotary q/k rotations (Llama)",
+        choices=("learned", "rope"),
+    )
+    rope_theta: float = _field(
+        10000.0, "rotary base: wavelengths up to 2 pi theta", bounds=POSITIVE
+    )
+    norm: str = _field(
+        "layernorm",
+        "layernorm (GPT-2) or rmsnorm (Llama: no centring, no shift)",
+        choices=("layernorm", "rmsnorm"),
+    )
+    norm_eps: float = _field(1e-5, "epsilon of every norm", bounds=POSITIVE)
+    qk_norm: bool = _field(False, "RMS-normalise each head's queries and keys before attention")
+    mlp: str = _field(
+        "gelu",
+        "gelu (GPT-2), swiglu (Llama: silu(fc1 x) * fc2 x), relu2 (relu(x)^2, the speedruns)",
+        choices=("gelu", "swiglu", "relu2"),
+    )
+    mlp_hidden: int = _field(
+        0,
+        "hidden width of the MLP; 0 = 4 x emb_dim (gelu, relu2) or 8/3 x emb_dim rounded up "
+        "to a multiple of 64 (swiglu)",
+        bounds=NON_NEGATIVE,
+    )
+    bias: bool = _field(
+        True, "biases in the output projections, the MLP and LayerNorm (qkv_bias: in q, k, v)"
+    )
+    n_kv_heads: int = _field(
+        0,
+        "key/value heads for grouped-query attention; n_heads must be a multiple; "
+        "0 = n_heads (1: multi-query)",
+        bounds=NON_NEGATIVE,
+    )
+    logit_softcap: float = _field(
+        0.0, "squash logits into (-c, c) with c * tanh(logits / c); 0 = off", bounds=NON_NEGATIVE
+    )
+    zero_init_proj: bool = _field(
+        False, "start the attention and MLP output projections at zero (blocks begin as identity)"
+    )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -161,6 +204,20 @@ class ModelConfig:
         return self.emb_dim // self.n_heads
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads when that is 0."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ff_hidden(self) -> int:
+        """The MLP's hidden width (mlp_hidden, or the option's customary default)."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":  # 8/3 x keeps the parameter count of a 4 x two-matrix MLP
+            return math.ceil(8 * self.emb_dim / 3 / 64) * 64
+        return 4 * self.emb_dim
+
+    @property
     def padded_vocab_size(self) -> int:
         m = self.vocab_multiple
         return (self.vocab_size + m - 1) // m * m
@@ -171,6 +228,16 @@ class ModelConfig:
             raise GptlabError(
                 f"model.emb_dim ({self.emb_dim}) must be divisible by model.n_heads ({self.n_heads}); "
                 "change one of them"
+            )
+        if self.n_heads % self.kv_heads:
+            raise GptlabError(
+                f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads "
+                f"({self.n_kv_heads}); pick n_kv_heads among its divisors"
+            )
+        if self.positions == "rope" and self.head_dim % 2:
+            raise GptlabError(
+                f"rotary positions need an even head size, got emb_dim / n_heads = {self.head_dim}; "
+                "change model.emb_dim or model.n_heads"
             )
         return self
 

@@ -62,7 +62,7 @@ from gptlab.tokenizer import BPETokenizer, from_identity
 def generate_and_print_sample(model: nn.Module, tokenizer, device, start_context: str) -> None:
     """Print a 50-token greedy continuation of `start_context` on one line."""
     model.eval()
-    context_size = model.pos_emb.weight.shape[0]
+    context_size = model.cfg.context_length
     encoded = text_to_token_ids(start_context, tokenizer).to(device)
     with torch.no_grad():
         token_ids = generate_text_simple(
