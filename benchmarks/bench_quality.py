@@ -37,7 +37,9 @@ what max_time limits), wall s (the whole `train()` call: loading, a `bpe:N` toke
 training, periodic evaluations, the final checkpoint), tokens/s (tokens over train s),
 eval s, validation loss (nats/token) and bits per byte, the held-out bytes scored, the
 parameters and the machine's 1-minute load average before the run. `--json FILE` appends
-one JSON line per recipe with every figure and the resolved config.
+one JSON line per recipe with every figure and the resolved config, as each finishes.
+Ctrl-C (or SIGTERM) stops the recipe in training after its step and ends the benchmark
+with the table of the recipes finished before it.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def run_recipe(recipe: str, cfg: C.RunConfig, name: str, out: Path) -> dict[str,
     result = train(cfg, out, on_event=keep, name=name)
     wall = time.perf_counter() - t0
     end, start = result.end, records["start"]
+    if end["reason"] in ("SIGINT", "SIGTERM"):
+        raise KeyboardInterrupt  # the user stopped the benchmark, not only this recipe
     t0 = time.perf_counter()
     run = open_run(result.run_dir, cfg.train.device)
     ev = evaluate_run(run, split="val", batch_size=cfg.train.batch_size, precision="fp32")
@@ -205,13 +209,19 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         )
         rows = []
-        for n, (recipe, cfg, name) in enumerate(plans):
-            print(f"[{n + 1}/{len(plans)}] {recipe}", file=sys.stderr, flush=True)
-            row = run_recipe(recipe, cfg, name, root / f"{n:02d}-{_slug(recipe)}")
-            rows.append(row)
-            if args.json:
-                with open(args.json, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
+        try:
+            for n, (recipe, cfg, name) in enumerate(plans):
+                print(f"[{n + 1}/{len(plans)}] {recipe}", file=sys.stderr, flush=True)
+                row = run_recipe(recipe, cfg, name, root / f"{n:02d}-{_slug(recipe)}")
+                rows.append(row)
+                if args.json:
+                    with open(args.json, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+        except KeyboardInterrupt:
+            print("bench_quality: stopped; the recipes finished so far:", file=sys.stderr)
+            if rows:
+                print(format_table(rows))
+            return 130
     print(format_table(rows))
     return 0
 

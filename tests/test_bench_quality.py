@@ -110,3 +110,25 @@ def test_runs_go_to_a_temp_dir_that_is_removed(bench, tmp_path, capsys):
     )
     (row,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert not Path(row["run_dir"]).exists()
+
+
+def test_a_stopped_run_ends_the_benchmark(bench, tmp_path, capsys, monkeypatch):
+    import gptlab.trainer as trainer_lib
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(make_corpus_text(), encoding="utf-8")
+    real_train = trainer_lib.train
+    calls = []
+
+    def stopped(*args, **kwargs):
+        calls.append(1)
+        result = real_train(*args, **kwargs)
+        result.end["reason"] = "SIGINT"  # as the signal handler leaves it
+        return result
+
+    monkeypatch.setattr(trainer_lib, "train", stopped)
+    recipe = f"{TINY} data.tokenizer=char"
+    argv = ["--data", str(text), "--steps", "2", "--recipe", recipe, "--recipe", recipe]
+    assert bench.main(argv) == 130
+    assert len(calls) == 1  # the second recipe never started
+    assert "stopped" in capsys.readouterr().err
