@@ -381,6 +381,25 @@ class TrainConfig:
         return self
 
 
+# A byte-level BPE holds the 256 bytes, `<|endoftext|>` and at least one merge (bpe.py).
+BPE_MIN_VOCAB = 256 + 1 + 1
+BPE_PREFIX = "bpe:"
+
+
+def corpus_bpe_size(name: str) -> int | None:
+    """N for a tokenizer name `bpe:N` (a BPE trained on the run's own training text), None
+    for any other name; a `bpe:` name whose N is not a whole number >= 258 is an error."""
+    if not name.startswith(BPE_PREFIX):
+        return None
+    size = name[len(BPE_PREFIX) :]
+    if not size.isdigit() or int(size) < BPE_MIN_VOCAB:
+        raise GptlabError(
+            f"data.tokenizer {name!r}: N in bpe:N must be a whole number of ids, "
+            f"{BPE_MIN_VOCAB} or more (256 bytes, <|endoftext|> and merges), e.g. bpe:4096"
+        )
+    return int(size)
+
+
 @dataclass
 class DataConfig:
     """Where the text comes from and how it becomes training windows."""
@@ -390,7 +409,9 @@ class DataConfig:
         "a file, directory or glob, the built-in 'shakespeare', or a `gptlab prepare` directory",
     )
     tokenizer: str = _field(
-        "gpt2", "gpt2, char, or the path of a trained tokenizer.json (or its directory)"
+        "gpt2",
+        "gpt2, char, bpe:N (a byte-level BPE of N ids trained on the training text when it "
+        "loads, cached), or the path of a trained tokenizer.json (or its directory)",
     )
     text_field: str = _field(
         "text", "the text's field in .jsonl, column in .parquet, field of hf: datasets"
@@ -422,14 +443,17 @@ class DataConfig:
         _check_fields(self, "data")
         if not self.source:
             raise GptlabError("data.source is empty: pass --data PATH or --data shakespeare")
-        if self.tokenizer not in ("gpt2", "char") and not (
-            self.tokenizer.endswith(".json")
-            or "/" in self.tokenizer
-            or Path(self.tokenizer).is_dir()
+        if corpus_bpe_size(self.tokenizer) is None and (
+            self.tokenizer not in ("gpt2", "char")
+            and not (
+                self.tokenizer.endswith(".json")
+                or "/" in self.tokenizer
+                or Path(self.tokenizer).is_dir()
+            )
         ):
             raise GptlabError(
-                f"data.tokenizer must be gpt2, char, or the path of a trained tokenizer.json "
-                f"(or its directory); got {self.tokenizer!r}"
+                f"data.tokenizer must be gpt2, char, bpe:N, or the path of a trained "
+                f"tokenizer.json (or its directory); got {self.tokenizer!r}"
             )
         return self
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from gptlab import checkpoint as ckpt_lib
 from gptlab import dist as dist_lib
-from gptlab.config import RunConfig
+from gptlab.config import RunConfig, corpus_bpe_size
 from gptlab.data import Corpus, make_loaders, open_corpus, prepared_manifest
 from gptlab.errors import GptlabError
 from gptlab.evaluate import calc_loss_batch, calc_loss_loader, evaluate_model
@@ -54,6 +54,7 @@ from gptlab.resume import check_data_layout, check_resume, rng_state, set_rng_st
 from gptlab.runs import Run, open_run
 from gptlab.runtime import peak_flops, peak_memory_mib, resolve_device, resolve_runtime, to_device
 from gptlab.tb import TensorBoardWriter
+from gptlab.tokenizer import BPETokenizer, from_identity
 
 # --------------------------------------------------------------------------- the walk-through's loop
 
@@ -867,7 +868,8 @@ def train(
     source = None
     if init_from is not None:
         cfg, source = _init_from(cfg, init_from, model_keys, notify)
-    cfg, corpus, init_weights = _open_data(cfg, source, init_from, notify)
+    recorded = _recorded_corpus_bpe(cfg, run_dir) if resume else None
+    cfg, corpus, init_weights = _open_data(cfg, source, init_from, notify, recorded)
     source = None  # init_weights holds what is needed of it
     trainer = Trainer(
         cfg, corpus, run_dir, resume=resume, on_event=on_event, init_weights=init_weights
@@ -885,9 +887,29 @@ def train(
     return TrainResult(run_dir, end, cfg, plot, trainer.dist.is_main)
 
 
-def _open_data(cfg: RunConfig, source: Run | None, init_from: str | None, notify):
+def _recorded_corpus_bpe(cfg: RunConfig, run_dir: Path) -> BPETokenizer | None:
+    """The tokenizer a `bpe:N` run being resumed recorded, so it continues with exactly that
+    one even where the tokenizer cache is gone (the data fingerprint still refuses other
+    text); None for other tokenizers or when the run recorded none."""
+    if corpus_bpe_size(cfg.data.tokenizer) is None:
+        return None
+    try:
+        identity = json.loads((run_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # check_resume reports what is missing
+    return from_identity(identity) if identity.get("type") == "bpe" else None
+
+
+def _open_data(
+    cfg: RunConfig,
+    source: Run | None,
+    init_from: str | None,
+    notify,
+    tokenizer: BPETokenizer | None = None,
+):
     """(cfg completed by its data, the corpus, the function that loads the source's
-    weights into the new model, or None without a source)."""
+    weights into the new model, or None without a source); `tokenizer` replaces the one
+    data.tokenizer names (a resumed run's own)."""
     manifest = prepared_manifest(cfg.data.source)
     tok_name = manifest["tokenizer_name"] if manifest else cfg.data.tokenizer
     notify(
@@ -898,7 +920,7 @@ def _open_data(cfg: RunConfig, source: Run | None, init_from: str | None, notify
             "tokenizer": tok_name,
         }
     )
-    cfg, corpus = open_corpus(cfg, manifest, size_vocab=source is None)
+    cfg, corpus = open_corpus(cfg, manifest, size_vocab=source is None, tokenizer=tokenizer)
     if source is None:
         return cfg, corpus, None
     _check_source_tokenizer(init_from, source.tokenizer_identity, corpus.tokenizer.identity())
