@@ -380,3 +380,14 @@ def test_train_init_from_starts_from_the_source_weights(tmp_path, capsys):
     other = ["train", "--preset", "tiny", "--data", str(text), "--out", str(tmp_path / "ft2")]
     err = cli_error(capsys, *other, "--init-from", str(tmp_path / "hf"), "--model.emb_dim", "64")
     assert "model.emb_dim cannot be set" in err
+
+
+def test_gpt2_mlp_width_and_norm_epsilon_travel_both_ways():
+    # n_inner and layer_norm_epsilon are GPT-2 config fields; gptlab has both options
+    ours = random_ours(tiny_cfg(mlp_hidden=48, norm_eps=1e-6))
+    out = hf.config_to_hf(ours.cfg)
+    assert (out["n_inner"], out["layer_norm_epsilon"]) == (48, 1e-6)
+    assert hf.config_from_hf(out).ff_hidden == 48
+    x = ids()
+    with torch.no_grad():
+        assert (hf_from_ours(ours)(x).logits - ours(x)).abs().max().item() < TOL

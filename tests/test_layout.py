@@ -30,15 +30,17 @@ LAYERS = (
     "dist",  # torchrun environment, DDP / FSDP2, rank helpers
     "loss",  # the loss paths (full logits, chunked)
     "generate",  # sampling, KV cache, streaming
+    "engine",  # continuous batching: many generations share the model's forward passes
     "evaluate",  # calc_loss_*, evaluate_model (rank-aware), perplexity, bits per byte
     "checkpoint",  # atomic, versioned checkpoints
     "resume",  # what may change on resume; RNG state
     "metrics",  # metrics.jsonl
     "plot",  # figures from metrics.jsonl
     "tb",  # the optional TensorBoard view
-    "hf",  # Hugging Face GPT-2 weights, both ways
+    "hf",  # Hugging Face GPT-2 and Llama weights, both ways
     "runs",  # open a gptlab run or a Hugging Face folder
     "trainer",  # the loop, and train()
+    "serve",  # the OpenAI-compatible HTTP server and its page
     "console",  # progress views for the terminal
     "cli",  # argv -> library calls -> one-line errors and exit codes
 )

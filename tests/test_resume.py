@@ -175,6 +175,35 @@ def test_stop_at_step_k_and_resume_in_process(text, tmp_path, monkeypatch, k):
     )
 
 
+# Every architecture option on at once (the "speedrun" shape with grouped-query attention).
+MODERN = dict(
+    positions="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", bias=False, n_kv_heads=1,
+    logit_softcap=15.0, zero_init_proj=True, tie_weights=False,
+)  # fmt: skip
+
+
+def test_a_run_with_every_architecture_option_resumes_exactly(text, tmp_path, monkeypatch):
+    cfg = tiny_config()
+    for key, value in MODERN.items():
+        setattr(cfg.model, key, value)
+    corpus = tiny_corpus(text, cfg)
+    Trainer(copy.deepcopy(cfg), corpus, tmp_path / "ref").run()
+
+    run = tmp_path / "run"
+    first = Trainer(copy.deepcopy(cfg), corpus, run)
+    poison_step(monkeypatch, [first], 13, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with stop_on_signals(first):
+        assert first.run()["step"] == 13
+    monkeypatch.undo()
+    Trainer(copy.deepcopy(cfg), corpus, run, resume=True).run()
+    assert losses_by_step(run) == losses_by_step(tmp_path / "ref")
+    assert_same_tensors(
+        weights(ckpt_lib.latest_checkpoint(run)),
+        weights(ckpt_lib.latest_checkpoint(tmp_path / "ref")),
+    )
+    assert "trf_blocks.0.att.q_norm.scale" in weights(ckpt_lib.latest_checkpoint(run))
+
+
 def test_second_sigint_aborts_at_once(text, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     trainer_ref = []
@@ -250,6 +279,11 @@ def test_resume_reuses_the_saved_config_and_logs_safe_changes(finished_run, caps
         (["--model.emb_dim", "64"], "cannot resume: model.emb_dim changed from 32 to 64"),
         (["--data.tokenizer", "gpt2"], "cannot resume: data.tokenizer changed from 'char'"),
         (["--train.batch_size", "2"], "cannot resume: train.batch_size changed from 4 to 2"),
+        (
+            ["--train.optimizer", "muon"],
+            "cannot resume: train.optimizer changed from 'adamw' to 'muon' (the checkpoint's "
+            "optimizer state belongs to the other optimizer)",
+        ),
     ],
 )
 def test_resume_refuses_model_tokenizer_and_batch_changes(finished_run, capsys, flags, message):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from gptlab.config import BPE_MIN_VOCAB
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import ENDOFTEXT, BPETokenizer
 
 # 256 byte tokens and the special token come first; the vocabulary needs room for merges.
-MIN_VOCAB = 256 + 1 + 1
+MIN_VOCAB = BPE_MIN_VOCAB
 
 
 def train_bpe(

@@ -1,4 +1,5 @@
-"""`gptlab train | config | generate | plot | prepare | tokenizer train | eval | convert`: the
+"""`gptlab train | config | generate | plot | prepare | tokenizer train | eval | convert |
+serve`: the
 only code that reads argv, prints for the user or exits.
 
 User mistakes (GptlabError) print one line on stderr and exit with status 2. Help goes to
@@ -138,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
         _prepare_parser,
         _tokenizer_parser,
         _eval_parser,
+        _serve_parser,
     ):
         add(sub)
     return p
@@ -176,7 +178,7 @@ def _train_parser(sub) -> None:
     t.add_argument(
         "--init-from",
         metavar="SRC",
-        help="start from these weights: a gptlab run, a Hugging Face GPT-2 directory or a hub id "
+        help="start from these weights: a gptlab run, a Hugging Face GPT-2 or Llama directory or a hub id "
         "(gpt2, gpt2-medium, ...); the model config comes from SRC (only --model.drop_rate and "
         "--model.attention may change)",
     )
@@ -370,7 +372,7 @@ def _convert_parser(sub) -> None:
         sub,
         "convert",
         None,
-        help="convert GPT-2 weights to and from Hugging Face transformers' format",
+        help="convert GPT-2 and Llama weights to and from Hugging Face transformers' format",
     )
     c.set_defaults(func=lambda args: _help_and_fail(c))
     csub = c.add_subparsers(dest="direction", metavar="DIRECTION")
@@ -378,7 +380,7 @@ def _convert_parser(sub) -> None:
         csub,
         "from-hf",
         cmd_convert_from_hf,
-        help="a Hugging Face GPT-2 (directory or hub id) -> a gptlab run directory",
+        help="a Hugging Face GPT-2 or Llama (directory or hub id) -> a gptlab run directory",
     )
     fh.add_argument("src", help="directory with config.json + model.safetensors, or a hub id")
     fh.add_argument("out_dir", help="new gptlab run directory")
@@ -520,6 +522,47 @@ def _eval_parser(sub) -> None:
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     ev.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _serve_parser(sub) -> None:
+    s = _command(
+        sub,
+        "serve",
+        cmd_serve,
+        help="serve a model over an OpenAI-compatible HTTP API, with a page at /",
+        description="Serve a trained model: /v1/completions, /v1/chat/completions and "
+        "/v1/models as in OpenAI's API (the `openai` client works), a playground and run view "
+        "at /, and /health. Concurrent requests share the model's forward passes. Needs the "
+        "serve extra: pip install 'gptlab[serve]'.",
+    )
+    s.add_argument(
+        "--checkpoint",
+        default="runs/latest",
+        help="run or checkpoint directory, or a Hugging Face GPT-2 folder (default: runs/latest)",
+    )
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only)",
+    )
+    s.add_argument("--port", type=_number(int, C.Range(1, 65535)), default=8000)
+    s.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require `Authorization: Bearer KEY` on every endpoint but /health and the page",
+    )
+    s.add_argument(
+        "--max-batch",
+        type=_number(int, C.Range(1, 1024)),
+        default=16,
+        metavar="N",
+        help="sequences decoded at once; more requests wait their turn (default: 16)",
+    )
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    s.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    s.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (slow first requests)"
+    )
 
 
 # --------------------------------------------------------------------------- train and config
@@ -821,6 +864,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"loss {r['loss']:.4f} | perplexity {r['perplexity']:.2f} | "
             f"bits per byte {r['bits_per_byte']:.4f} ({r['bytes']:,} bytes)"
         )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("starlette", "uvicorn")):
+        raise GptlabError("gptlab serve needs its web stack: pip install 'gptlab[serve]'")
+    import torch
+
+    from gptlab.runs import open_run
+    from gptlab.serve import serve
+
+    run = open_run(args.checkpoint, args.device)
+    if args.compile:
+        # shapes change with the batch and the cache length at every step: compile dynamic
+        run.model = torch.compile(run.model, dynamic=True)
+
+    def ready(url: str) -> None:
+        key = " (API key required)" if args.api_key else ""
+        print(f"serving {args.checkpoint} at {url}{key}: page at /, OpenAI API at /v1", flush=True)
+
+    serve(run, args.host, args.port, args.api_key, args.max_batch, args.precision, on_ready=ready)
     return 0
 
 

@@ -144,6 +144,49 @@ class ModelConfig:
         choices=("pytorch", "gpt2"),
     )
     fused_qkv: bool = _field(False, "compute q, k, v with one matmul (same parameters, same math)")
+    # Architecture options of later models (Llama, the GPT-2 speedruns); each default is
+    # GPT-2's, so the presets above them build the walk-through's model unchanged.
+    positions: str = _field(
+        "learned",
+        "learned: a position embedding table (GPT-2); rope: rotary q/k rotations (Llama)",
+        choices=("learned", "rope"),
+    )
+    rope_theta: float = _field(
+        10000.0, "rotary base: wavelengths up to 2 pi theta", bounds=POSITIVE
+    )
+    norm: str = _field(
+        "layernorm",
+        "layernorm (GPT-2) or rmsnorm (Llama: no centring, no shift)",
+        choices=("layernorm", "rmsnorm"),
+    )
+    norm_eps: float = _field(1e-5, "epsilon of every norm", bounds=POSITIVE)
+    qk_norm: bool = _field(False, "RMS-normalise each head's queries and keys before attention")
+    mlp: str = _field(
+        "gelu",
+        "gelu (GPT-2), swiglu (Llama: silu(fc1 x) * fc2 x), relu2 (relu(x)^2, the speedruns)",
+        choices=("gelu", "swiglu", "relu2"),
+    )
+    mlp_hidden: int = _field(
+        0,
+        "hidden width of the MLP; 0 = 4 x emb_dim (gelu, relu2) or 8/3 x emb_dim rounded up "
+        "to a multiple of 64 (swiglu)",
+        bounds=NON_NEGATIVE,
+    )
+    bias: bool = _field(
+        True, "biases in the output projections, the MLP and LayerNorm (qkv_bias: in q, k, v)"
+    )
+    n_kv_heads: int = _field(
+        0,
+        "key/value heads for grouped-query attention; n_heads must be a multiple; "
+        "0 = n_heads (1: multi-query)",
+        bounds=NON_NEGATIVE,
+    )
+    logit_softcap: float = _field(
+        0.0, "squash logits into (-c, c) with c * tanh(logits / c); 0 = off", bounds=NON_NEGATIVE
+    )
+    zero_init_proj: bool = _field(
+        False, "start the attention and MLP output projections at zero (blocks begin as identity)"
+    )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -161,6 +204,20 @@ class ModelConfig:
         return self.emb_dim // self.n_heads
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads when that is 0."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ff_hidden(self) -> int:
+        """The MLP's hidden width (mlp_hidden, or the option's customary default)."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":  # 8/3 x keeps the parameter count of a 4 x two-matrix MLP
+            return math.ceil(8 * self.emb_dim / 3 / 64) * 64
+        return 4 * self.emb_dim
+
+    @property
     def padded_vocab_size(self) -> int:
         m = self.vocab_multiple
         return (self.vocab_size + m - 1) // m * m
@@ -172,6 +229,16 @@ class ModelConfig:
                 f"model.emb_dim ({self.emb_dim}) must be divisible by model.n_heads ({self.n_heads}); "
                 "change one of them"
             )
+        if self.n_heads % self.kv_heads:
+            raise GptlabError(
+                f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads "
+                f"({self.n_kv_heads}); pick n_kv_heads among its divisors"
+            )
+        if self.positions == "rope" and self.head_dim % 2:
+            raise GptlabError(
+                f"rotary positions need an even head size, got emb_dim / n_heads = {self.head_dim}; "
+                "change model.emb_dim or model.n_heads"
+            )
         return self
 
 
@@ -182,7 +249,30 @@ _ON_OFF = ("auto", "on", "off")
 class TrainConfig:
     """Optimiser, schedule, limits and periodic work of the CLI trainer."""
 
-    lr: float = _field(4e-4, "peak learning rate", bounds=POSITIVE)
+    optimizer: str = _field(
+        "adamw",
+        "adamw: AdamW for every parameter; muon: Muon (torch.optim.Muon) for the 2-D matrices "
+        "inside the transformer blocks, AdamW at lr for the rest (embeddings, head, norms, biases)",
+        choices=("adamw", "muon"),
+    )
+    lr: float = _field(4e-4, "peak learning rate (of AdamW's parameters)", bounds=POSITIVE)
+    muon_lr: float = _field(
+        0.02, "peak learning rate of Muon's matrices (train.optimizer = muon)", bounds=POSITIVE
+    )
+    muon_momentum: float = _field(0.95, "Muon's (Nesterov) momentum", bounds=BELOW_ONE)
+    muon_weight_decay: float = _field(
+        0.0,
+        "Muon's decoupled weight decay: each step multiplies its matrices by 1 - (scheduled "
+        "muon_lr) x this",
+        bounds=NON_NEGATIVE,
+    )
+    muon_adjust_lr: str = _field(
+        "original",
+        "how Muon scales muon_lr per matrix shape: original: by sqrt(max(1, rows/cols)) "
+        "(Keller Jordan's; muon_lr ~ 0.02); match_rms_adamw: by 0.2 sqrt(max(rows, cols)), "
+        "so muon_lr can be an AdamW learning rate (Moonshot's)",
+        choices=("original", "match_rms_adamw"),
+    )
     min_lr_ratio: float = _field(0.1, "the schedule decays to lr * min_lr_ratio", bounds=FRACTION)
     warmup_steps: int = _field(0, "steps of linear warm-up to lr", bounds=NON_NEGATIVE)
     schedule: str = _field(
@@ -291,6 +381,25 @@ class TrainConfig:
         return self
 
 
+# A byte-level BPE holds the 256 bytes, `<|endoftext|>` and at least one merge (bpe.py).
+BPE_MIN_VOCAB = 256 + 1 + 1
+BPE_PREFIX = "bpe:"
+
+
+def corpus_bpe_size(name: str) -> int | None:
+    """N for a tokenizer name `bpe:N` (a BPE trained on the run's own training text), None
+    for any other name; a `bpe:` name whose N is not a whole number >= 258 is an error."""
+    if not name.startswith(BPE_PREFIX):
+        return None
+    size = name[len(BPE_PREFIX) :]
+    if not size.isdigit() or int(size) < BPE_MIN_VOCAB:
+        raise GptlabError(
+            f"data.tokenizer {name!r}: N in bpe:N must be a whole number of ids, "
+            f"{BPE_MIN_VOCAB} or more (256 bytes, <|endoftext|> and merges), e.g. bpe:4096"
+        )
+    return int(size)
+
+
 @dataclass
 class DataConfig:
     """Where the text comes from and how it becomes training windows."""
@@ -300,7 +409,9 @@ class DataConfig:
         "a file, directory or glob, the built-in 'shakespeare', or a `gptlab prepare` directory",
     )
     tokenizer: str = _field(
-        "gpt2", "gpt2, char, or the path of a trained tokenizer.json (or its directory)"
+        "gpt2",
+        "gpt2, char, bpe:N (a byte-level BPE of N ids trained on the training text when it "
+        "loads, cached), or the path of a trained tokenizer.json (or its directory)",
     )
     text_field: str = _field(
         "text", "the text's field in .jsonl, column in .parquet, field of hf: datasets"
@@ -332,14 +443,17 @@ class DataConfig:
         _check_fields(self, "data")
         if not self.source:
             raise GptlabError("data.source is empty: pass --data PATH or --data shakespeare")
-        if self.tokenizer not in ("gpt2", "char") and not (
-            self.tokenizer.endswith(".json")
-            or "/" in self.tokenizer
-            or Path(self.tokenizer).is_dir()
+        if corpus_bpe_size(self.tokenizer) is None and (
+            self.tokenizer not in ("gpt2", "char")
+            and not (
+                self.tokenizer.endswith(".json")
+                or "/" in self.tokenizer
+                or Path(self.tokenizer).is_dir()
+            )
         ):
             raise GptlabError(
-                f"data.tokenizer must be gpt2, char, or the path of a trained tokenizer.json "
-                f"(or its directory); got {self.tokenizer!r}"
+                f"data.tokenizer must be gpt2, char, bpe:N, or the path of a trained "
+                f"tokenizer.json (or its directory); got {self.tokenizer!r}"
             )
         return self
 

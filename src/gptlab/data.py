@@ -4,6 +4,8 @@
   directories and globs of .txt/.md/.jsonl/.parquet, the built-in `shakespeare`, `hf:NAME`.
 - `tokenize_documents(...)`: documents joined with `<|endoftext|>`, tokenized once and
   cached as a `.npy` array (uint16 while ids fit, else uint32).
+- `corpus_bpe(...)`: the tokenizer `data.tokenizer = "bpe:N"` names, a byte-level BPE
+  trained on the training part of the text only, cached by (text, N).
 - `GPTDatasetV1` and `create_dataloader`: the walk-through's sliding-window dataset.
 - `load_prepared(dir)`: a corpus written by `gptlab prepare` (see prepare.py), its token
   shards memory-mapped and read as one array (`ShardedTokens`) without loading them.
@@ -30,10 +32,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gptlab.config import RunConfig, cache_dir
+from gptlab.bpe import train_bpe
+from gptlab.config import RunConfig, cache_dir, corpus_bpe_size
 from gptlab.errors import GptlabError
 from gptlab.sources import read_documents, shakespeare_plays  # noqa: F401 (also importable here)
-from gptlab.tokenizer import ENDOFTEXT, Tokenizer, get_tokenizer
+from gptlab.tokenizer import (
+    ENDOFTEXT,
+    BPETokenizer,
+    Tokenizer,
+    eot_id,
+    get_tokenizer,
+    token_byte_lengths,
+)
 
 # --------------------------------------------------------------------------- tokens
 
@@ -110,13 +120,20 @@ def load_corpus(
     tokenize (cached) and split a corpus: by `train_ratio` of its tokens, or with
     `split="chars"` by `train_ratio` of its characters (see `split_by_chars`).
 
+    `tokenizer_name` "bpe:N" trains a byte-level BPE of N ids on the training part of the
+    text (see `corpus_bpe`) unless `tokenizer` (the one a run recorded) is given; its
+    token split never starts the validation tokens inside that training text.
+
     A directory written by `gptlab prepare` is memory-mapped instead (its own split and
     tokenizer; `tokenizer_name`, `train_ratio` and `split` do not apply).
     """
     if is_prepared(source):
         return load_prepared(source)
     docs = read_documents(source, text_field=text_field)
-    if tokenizer is None:
+    bpe_size = corpus_bpe_size(tokenizer_name)
+    if tokenizer is None and bpe_size is not None:
+        tokenizer = corpus_bpe(docs, bpe_size, train_ratio)
+    elif tokenizer is None:
         tokenizer = get_tokenizer(
             tokenizer_name, text="".join(docs) if tokenizer_name == "char" else None
         )
@@ -127,9 +144,65 @@ def load_corpus(
         raise GptlabError(f"data.split must be tokens or chars; got {split!r}")
     tokens = tokenize_documents(docs, tokenizer, identity)
     split = int(train_ratio * len(tokens))
+    if bpe_size is not None:
+        split = max(split, _first_token_after(tokens, tokenizer, _train_chars(docs, train_ratio)))
     h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     h.update(np.ascontiguousarray(tokens).view(np.uint8))
     return Corpus(tokens[:split], tokens[split:], tokenizer, h.hexdigest()[:16])
+
+
+def _train_chars(docs: list[str], train_ratio: float) -> str:
+    """The text a `bpe:N` tokenizer is trained on: the first `train_ratio` of the characters
+    of the documents joined by `<|endoftext|>` (exactly split_by_chars' training part)."""
+    text = ENDOFTEXT.join(docs)
+    return text[: int(train_ratio * len(text))]
+
+
+def corpus_bpe(docs: list[str], vocab_size: int, train_ratio: float) -> BPETokenizer:
+    """A byte-level BPE of `vocab_size` ids trained on the training part of `docs` only
+    (`_train_chars`), so the validation text never shaped the vocabulary.
+
+    Trained once per (text, size): the tokenizer.json is cached under cache_dir()/bpe, keyed
+    by a hash of both, so a second run and a resumed run get the identical tokenizer
+    without training again.
+    """
+    text = _train_chars(docs, train_ratio)
+    h = hashlib.sha256(f"bpe:{vocab_size}:min_frequency=2\n".encode())
+    h.update(text.encode("utf-8", "surrogatepass"))
+    path = cache_dir() / "bpe" / f"{h.hexdigest()[:32]}.json"
+    if path.is_file():
+        try:
+            return BPETokenizer(path.read_text(encoding="utf-8"))
+        except (OSError, GptlabError):
+            pass  # a damaged cache entry is trained again below
+    # the documents' boundaries are training text's boundaries: no merge spans `<|endoftext|>`
+    tokenizer = train_bpe(text.split(ENDOFTEXT), vocab_size)
+    _atomic_write_text(path, tokenizer.to_json())
+    return tokenizer
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache is an optimisation: a read-only or full disk must not stop training
+
+
+def _first_token_after(tokens: np.ndarray, tokenizer: Any, text: str) -> int:
+    """The index of the first token of `tokens` (the whole text's) that starts at or after
+    the end of `text`, a prefix of it: where a validation split must start at the earliest
+    for its tokens to hold no byte of `text`."""
+    lengths = token_byte_lengths(tokenizer)
+    eot = eot_id(tokenizer)
+    if eot is not None:
+        lengths[eot] = len(ENDOFTEXT.encode())  # it stands for its own bytes in the text
+    ends = np.cumsum(lengths[np.asarray(tokens)])  # (n,) byte offset where each token ends
+    # token i starts where token i - 1 ends; the first i with ends[i - 1] >= cut
+    return int(np.searchsorted(ends, len(text.encode("utf-8", "surrogatepass")))) + 1
 
 
 def split_by_chars(docs: list[str], tokenizer: Any, train_ratio: float) -> Corpus:
@@ -276,14 +349,18 @@ def load_prepared(directory: str | Path, manifest: dict[str, Any] | None = None)
 
 
 def open_corpus(
-    cfg: RunConfig, manifest: dict[str, Any] | None = None, size_vocab: bool = True
+    cfg: RunConfig,
+    manifest: dict[str, Any] | None = None,
+    size_vocab: bool = True,
+    tokenizer: Any = None,
 ) -> tuple[RunConfig, Corpus]:
     """The corpus `cfg.data` names, and a copy of `cfg` completed by it, validated.
 
     A prepared directory (its `manifest`, when the caller has read it already) fixes the
     tokenizer, recorded as data.tokenizer, and the split. With `size_vocab`, a char or
     trained vocabulary sets model.vocab_size (GPT-2's keeps the configured size, which may
-    be padded); without it (weights from elsewhere) the model keeps its size.
+    be padded); without it (weights from elsewhere) the model keeps its size. `tokenizer`,
+    when given, replaces the one data.tokenizer would build (a resumed run's own).
     """
     cfg = copy.deepcopy(cfg)
     source = cfg.data.source
@@ -300,7 +377,7 @@ def open_corpus(
     else:
         dc = cfg.data
         corpus = load_corpus(
-            source, dc.tokenizer, dc.train_ratio, text_field=dc.text_field, split=dc.split
+            source, dc.tokenizer, dc.train_ratio, tokenizer, dc.text_field, dc.split
         )
     if size_vocab and corpus.tokenizer.identity()["type"] != "gpt2":
         cfg.model.vocab_size = corpus.tokenizer.n_vocab

@@ -420,10 +420,19 @@ def full_state(
 
     opts = _options(cpu_offload=True)
     weights = get_model_state_dict(model, options=opts)
-    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    parts = _optimizer_parts(optimizer)
+    osds = {k: get_optimizer_state_dict(model, o, options=opts) for k, o in parts.items()}
     if not weights:  # ranks other than 0
         return {}, {}
-    return weights, optimizer_state_to_ids(osd)
+    if list(osds) == [None]:
+        return weights, optimizer_state_to_ids(osds[None])
+    return weights, {k: optimizer_state_to_ids(osd) for k, osd in osds.items()}
+
+
+def _optimizer_parts(optimizer: Any) -> dict[str | None, torch.optim.Optimizer]:
+    """The torch optimizers inside `optimizer`: a MuonAdamW's by the keys of its state dict
+    ("adamw", "muon"); {None: optimizer} for a plain one."""
+    return getattr(optimizer, "parts", None) or {None: optimizer}
 
 
 def load_full_state(
@@ -446,5 +455,6 @@ def load_full_state(
 
     set_model_state_dict(model, weights, options=_options(broadcast_from_rank0=True))
     if optimizer is not None and osd is not None:
-        named = optimizer_state_to_names(osd, model, optimizer)
-        set_optimizer_state_dict(model, optimizer, named, options=_options())
+        for key, part in _optimizer_parts(optimizer).items():
+            named = optimizer_state_to_names(osd if key is None else osd[key], model, part)
+            set_optimizer_state_dict(model, part, named, options=_options())

@@ -284,3 +284,128 @@ def _undecided_tail(text: str, stop: Sequence[str]) -> int:
                 n = max(n, k)
                 break
     return n
+
+
+class TextStream:
+    """Token ids in, text out piece by piece: what `stream_text` does, for a caller that
+    feeds the ids itself (the server's batched decode loop).
+
+    `push` returns the text that is now certain: nothing that may still turn into a stop
+    string or ends inside a multi-byte character. Once a stop string appears, `stopped` is
+    set and the text before it is all that was ever returned.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""  # the whole continuation decoded so far
+        self.sent = 0  # characters of it returned so far
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add one token; the newly certain text ("" if none)."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids)
+        cut = _first_stop(self.text, self.stop)
+        if cut is not None:
+            self.stopped = True
+            return self._take(cut)
+        return self._take(len(self.text) - _undecided_tail(self.text, self.stop))
+
+    def flush(self) -> str:
+        """At the end of generation: the text held back, unless a stop string cut it."""
+        return "" if self.stopped else self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        piece = self.text[self.sent : upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return piece
+
+
+class SlotCache:
+    """A KV cache of independent rows ("slots") for serving: each slot holds one sequence,
+    with its own length, so sequences of different lengths decode in one batch and a new
+    one can be prefilled into a free slot while the others are mid-way.
+
+    `select(rows)` names the slots the next forward runs on (batch row b is slot rows[b]);
+    then `GPTModel.forward(ids, cache)` reserves positions per row (`advance` returns them
+    (B, T)), and each attention layer writes its keys and values at those positions and
+    attends over the first Tk positions of its rows, Tk the longest row, with a per-row
+    mask (B, 1, T, Tk) that hides what lies beyond each row's own length.
+
+    Buffers are (slots, Hkv, max_len, Hd) per layer, sized from the first keys written
+    (so grouped-query attention and autocast dtypes need no configuration).
+    """
+
+    def __init__(self, slots: int, max_len: int):
+        self.slots = slots
+        self.max_len = max_len
+        self.keys: list[torch.Tensor] = []  # per layer (S, Hkv, max_len, Hd)
+        self.values: list[torch.Tensor] = []  # per layer (S, Hkv, max_len, Hd)
+        self.lengths = [0] * slots  # positions filled, per slot
+        self._rows: list[int] = []
+        self._rows_t: torch.Tensor | None = None  # (B,) the rows as an index
+        self._positions: torch.Tensor | None = None  # (B, T) where this forward writes
+        self._mask: torch.Tensor | None = None  # (B, 1, T, Tk)
+        self._packed: tuple[int, int] | None = None  # (first, end) when the rows are consecutive
+
+    def select(self, rows: Sequence[int]) -> None:
+        """The slots the next forward runs on, in batch order."""
+        self._rows = list(rows)
+        first, n = self._rows[0], len(self._rows)
+        self._packed = (first, first + n) if self._rows == list(range(first, first + n)) else None
+
+    def free(self, slot: int) -> None:
+        """Forget the slot's positions (its buffer rows are overwritten by the next user)."""
+        self.lengths[slot] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        """Give slot `dst` the contents of slot `src` and free `src` (to keep slots packed)."""
+        n = self.lengths[src]
+        for buf in (*self.keys, *self.values):
+            buf[dst, :, :n] = buf[src, :, :n]
+        self.lengths[dst], self.lengths[src] = n, 0
+
+    def advance(self, T: int, device: torch.device) -> torch.Tensor:
+        """Reserve each selected row's next T positions; returns them (B, T)."""
+        starts = [self.lengths[r] for r in self._rows]
+        Tk = max(starts) + T  # keys to attend over: the longest row's
+        if Tk > self.max_len:
+            raise ValueError(f"slot cache full: {Tk} positions exceed its max_len {self.max_len}")
+        for r in self._rows:
+            self.lengths[r] += T
+        self._rows_t = torch.tensor(self._rows, device=device)  # (B,)
+        offsets = torch.arange(T, device=device)  # (T,)
+        positions = torch.tensor(starts, device=device)[:, None] + offsets  # (B, T)
+        keys = torch.arange(Tk, device=device)  # (Tk,)
+        self._mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, Tk)
+        self._positions = positions
+        return positions
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write layer `layer`'s new keys and values (B, Hkv, T, Hd) at the reserved
+        positions; returns the selected rows' keys and values (B, Hkv, Tk, Hd) and the mask
+        (B, 1, T, Tk), True where a new position may attend."""
+        if layer == len(self.keys):
+            _, Hkv, _, Hd = k.shape
+            for store in (self.keys, self.values):
+                shape = (self.slots, Hkv, self.max_len, Hd)
+                store.append(torch.zeros(shape, dtype=k.dtype, device=k.device))
+        kb, vb = self.keys[layer], self.values[layer]
+        rows, positions = self._rows_t[:, None], self._positions  # (B, 1), (B, T)
+        # advanced indices around a slice: the (B, T) index dims come first, then Hkv, Hd
+        kb[rows, :, positions] = k.transpose(1, 2).to(kb.dtype)  # (B, T, Hkv, Hd)
+        vb[rows, :, positions] = v.transpose(1, 2).to(vb.dtype)
+        Tk = self._mask.shape[-1]
+        if self._packed is not None:  # consecutive rows: a view, no copy
+            first, end = self._packed
+            return kb[first:end, :, :Tk], vb[first:end, :, :Tk], self._mask
+        index = self._rows_t
+        return (
+            kb[:, :, :Tk].index_select(0, index),
+            vb[:, :, :Tk].index_select(0, index),
+            self._mask,
+        )

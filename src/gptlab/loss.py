@@ -57,6 +57,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         chunk_rows: int,
         compute_dtype: torch.dtype,
         need_grad: bool,
+        cap: float,
     ) -> torch.Tensor:
         N = hidden.shape[0]
         # Every matmul below runs in compute_dtype by our own casts; autocast would add its own.
@@ -74,6 +75,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 hc = h[start : start + chunk_rows]  # (n, D)
                 tc = targets[start : start + chunk_rows]  # (n,)
                 logits = hc @ w.t()  # (n, V) in compute_dtype
+                if cap:  # soft-capped: cap * tanh(logits / cap), in fp32
+                    squash = torch.tanh(logits.to(acc) / cap)  # (n, V)
+                    logits = squash * cap
                 # One fused kernel (max, sum of exponentials, subtraction) row by row, in
                 # fp32: faster than the same steps as separate passes.
                 logp = torch.log_softmax(logits, dim=-1, dtype=acc)  # (n, V)
@@ -83,6 +87,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     # d(sum of losses)/d(logits) = softmax - onehot; 1/N is applied in backward
                     probs = logp.exp_()  # (n, V), in place
                     probs.scatter_add_(1, tc.unsqueeze(1), _minus_ones(tc, acc))
+                    if cap:  # through the cap: d(cap tanh(y / cap))/dy = 1 - tanh^2
+                        probs.mul_(1.0 - squash.square_())
                     dlogits = probs.to(compute_dtype)  # (n, V)
                     grad_h[start : start + chunk_rows] = dlogits @ w  # (n, D)
                     if compute_dtype == acc:
@@ -103,7 +109,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         scale = grad_out / ctx.rows  # the loss is a mean over rows
         gh = (grad_h * scale).to(h_dtype)  # (N, D)
         gw = (grad_w * scale).to(w_dtype)  # (Vp, D)
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def _minus_ones(targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -116,11 +122,13 @@ def chunked_cross_entropy(
     targets: torch.Tensor,
     vocab_size: int | None = None,
     chunk_rows: int | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight[:vocab_size].T` against `targets`, chunked.
 
     hidden (N, D) or (B, T, D); weight (Vp, D) (Vp >= vocab_size, default Vp); targets (N,)
-    or (B, T) ids below vocab_size. Returns a scalar fp32 loss equal to
+    or (B, T) ids below vocab_size; `softcap` c > 0 scores `c tanh(logits / c)` instead (the
+    model's `logit_softcap`). Returns a scalar fp32 loss equal to
     `F.cross_entropy(hidden @ weight[:vocab_size].T, targets)`, with the same gradients for
     hidden and weight. Under autocast the matmuls run in the autocast dtype (as the head's
     `nn.Linear` would) and the softmax statistics in fp32.
@@ -136,7 +144,7 @@ def chunked_cross_entropy(
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedCrossEntropy.apply(
-        hidden, weight, targets, vocab_size, chunk_rows, compute_dtype, need_grad
+        hidden, weight, targets, vocab_size, chunk_rows, compute_dtype, need_grad, softcap
     )
 
 
@@ -162,7 +170,12 @@ def model_loss(
         return logits_loss(model(input_batch), target_batch)
     hidden = model.hidden_states(input_batch)  # (B, T, D)
     return chunked_cross_entropy(
-        hidden, model.out_head.weight, target_batch, model.cfg.vocab_size, chunk_rows
+        hidden,
+        model.out_head.weight,
+        target_batch,
+        model.cfg.vocab_size,
+        chunk_rows,
+        softcap=model.cfg.logit_softcap,
     )
 
 

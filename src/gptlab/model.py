@@ -51,16 +51,39 @@ def as_model_config(cfg: ModelConfig | dict[str, Any]) -> ModelConfig:
 
 
 class LayerNorm(nn.Module):
-    """Layer normalisation over the last dim, with the walk-through's `scale`/`shift` names."""
+    """Layer normalisation over the last dim, with the walk-through's `scale`/`shift` names
+    (`bias=False`: no shift)."""
 
-    def __init__(self, emb_dim: int, eps: float = 1e-5):
+    def __init__(self, emb_dim: int, eps: float = 1e-5, bias: bool = True):
         super().__init__()
         self.eps = eps
         self.scale = nn.Parameter(torch.ones(emb_dim))
-        self.shift = nn.Parameter(torch.zeros(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation (Llama's): x / rms(x) * scale, with no centring and no
+    shift. The statistics are taken in fp32 whatever the input's dtype, as Llama does."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), self.scale.shape, eps=self.eps).to(x.dtype)
+        return normed * self.scale
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The norm `cfg.norm` names, over `dim` features (default emb_dim)."""
+    dim = dim or cfg.emb_dim
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return LayerNorm(dim, cfg.norm_eps, bias=cfg.bias)
 
 
 class GELU(nn.Module):
@@ -68,6 +91,13 @@ class GELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
+
+
+class ReLUSquared(nn.Module):
+    """relu(x)^2: sparse like ReLU, smooth at 0 in its gradient (the GPT-2 speedruns' MLP)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
 
 
 class Dropout(nn.Dropout):
@@ -114,16 +144,72 @@ def use_fast_dropout(model: nn.Module, on: bool = True) -> None:
 
 
 class FeedForward(nn.Module):
+    """Two-matrix MLP: D -> hidden -> D through GELU (GPT-2) or ReLU^2 (`cfg.mlp`)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        act = ReLUSquared() if cfg.mlp == "relu2" else GELU()
         self.layers = nn.Sequential(
-            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
-            GELU(),
-            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+            nn.Linear(cfg.emb_dim, cfg.ff_hidden, bias=cfg.bias),
+            act,
+            nn.Linear(cfg.ff_hidden, cfg.emb_dim, bias=cfg.bias),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        """The matrix that writes back to the residual stream."""
+        return self.layers[2]
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP (Llama's): fc3(silu(fc1 x) * fc2 x), D -> hidden -> D with three matrices.
+
+    The names are those of the walk-through's Llama chapter: fc1 the gate, fc2 the up
+    projection, fc3 the down projection.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.emb_dim, cfg.ff_hidden, bias=cfg.bias)
+        self.fc2 = nn.Linear(cfg.emb_dim, cfg.ff_hidden, bias=cfg.bias)
+        self.fc3 = nn.Linear(cfg.ff_hidden, cfg.emb_dim, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))  # (B, T, D)
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.fc3
+
+
+def rope_angles(
+    positions: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles at `positions` (T,) or (B, T).
+
+    Returns two fp32 tensors (T, Hd), or (B, 1, T, Hd) for per-row positions, ready to
+    broadcast against queries and keys (B, H, T, Hd). Feature pair (i, i + Hd/2) turns by
+    position * theta^(-2i/Hd): Llama's layout as Hugging Face stores it, so its weights
+    need no permutation.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / theta**exponents  # (Hd/2,), rounded as Hugging Face's Llama rounds it
+    angles = positions.float()[..., None] * inv_freq  # (..., T, Hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (..., T, Hd)
+    if positions.dim() == 2:
+        angles = angles[:, None]  # (B, 1, T, Hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate queries or keys (B, H, T, Hd) by the angles of `rope_angles`; same shape and dtype."""
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, Hd)
+    return (x * cos + rotated * sin).to(x.dtype)
 
 
 class KVCache:
@@ -220,7 +306,13 @@ def _mark_static(t: torch.Tensor) -> None:
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention with separate query/key/value projections."""
+    """Causal multi-head self-attention with separate query/key/value projections.
+
+    The walk-through's arguments come first. The options after them are off by default:
+    `num_kv_heads` < num_heads shares each key/value head among a group of query heads
+    (grouped-query attention; 1 is multi-query), `qk_norm` RMS-normalises each head's
+    queries and keys, and rotary angles passed to `forward` rotate them by position.
+    """
 
     def __init__(
         self,
@@ -232,40 +324,63 @@ class MultiHeadAttention(nn.Module):
         qkv_bias: bool = False,
         attention: str = "sdpa",
         fused_qkv: bool = False,
+        num_kv_heads: int | None = None,
+        out_bias: bool = True,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         if d_out % num_heads:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
         self.d_out = d_out
         self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
         self.head_dim = d_out // num_heads
         self.context_length = context_length
         self.attention = attention
         self.fused_qkv = fused_qkv
+        d_kv = self.num_kv_heads * self.head_dim
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
+        self.W_key = nn.Linear(d_in, d_kv, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_kv, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out, bias=out_bias)
         self.dropout = Dropout(dropout)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
         # The walk-through stores its causal mask as a buffer; its checkpoints carry it.
         self._register_load_state_dict_pre_hook(_drop_walkthrough_mask)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). With a cache, x holds only the new positions."""
         B, T, _ = x.shape
-        H, Hd = self.num_heads, self.head_dim
+        H, Hkv, Hd = self.num_heads, self.num_kv_heads, self.head_dim
         if self.fused_qkv:
-            q, k, v = self._qkv_one_matmul(x)  # each (B, T, D)
+            q, k, v = self._qkv_one_matmul(x)  # (B, T, D), (B, T, Hkv Hd) x 2
         else:
-            q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)  # each (B, T, D)
+            q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
         q = q.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
-        k = k.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
-        v = v.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
+        k = k.view(B, T, Hkv, Hd).transpose(1, 2)  # (B, Hkv, T, Hd)
+        v = v.view(B, T, Hkv, Hd).transpose(1, 2)  # (B, Hkv, T, Hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         mask = None  # without a cache: causal over the T positions
         if cache is not None:
             # Attend over the cached past too: Tk = past + T keys; mask (T, Tk) or None (all).
-            k, v, mask = cache.update(layer, k, v)  # (B, H, Tk, Hd) x 2
+            k, v, mask = cache.update(layer, k, v)  # (B, Hkv, Tk, Hd) x 2
+        if Hkv != H:  # each key/value head serves H / Hkv query heads
+            k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, Hd)
+            v = v.repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, Hd)
 
         # SDPA's CPU kernels have no dropout: with it they fall back to the same math as
         # below, with PyTorch's slower masks; the fast ones need the explicit path.
@@ -288,14 +403,15 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(ctx)
 
     def _qkv_one_matmul(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # One (D, 3D) matmul instead of three (D, D) ones: a larger GEMM keeps a GPU
-        # busier. The three weights stay separate parameters (names and checkpoints are
-        # the walk-through's); concatenating them each step costs a copy of 3 D^2 values.
-        w = torch.cat((self.W_query.weight, self.W_key.weight, self.W_value.weight))  # (3D, D)
+        # One (D, D + 2 Dkv) matmul instead of three: a larger GEMM keeps a GPU busier. The
+        # three weights stay separate parameters (names and checkpoints are the
+        # walk-through's); concatenating them each step costs a copy of their values.
+        w = torch.cat((self.W_query.weight, self.W_key.weight, self.W_value.weight))
         b = None
         if self.W_query.bias is not None:
-            b = torch.cat((self.W_query.bias, self.W_key.bias, self.W_value.bias))  # (3D,)
-        return F.linear(x, w, b).split(self.d_out, dim=-1)  # 3 x (B, T, D)
+            b = torch.cat((self.W_query.bias, self.W_key.bias, self.W_value.bias))
+        d_kv = self.W_key.weight.shape[0]
+        return F.linear(x, w, b).split((self.d_out, d_kv, d_kv), dim=-1)
 
 
 def _drop_walkthrough_mask(state_dict, prefix, *args, **kwargs) -> None:
@@ -303,7 +419,7 @@ def _drop_walkthrough_mask(state_dict, prefix, *args, **kwargs) -> None:
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LayerNorm block: x + att(norm1(x)), then x + ff(norm2(x))."""
+    """Pre-norm block: x + att(norm1(x)), then x + ff(norm2(x))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -316,17 +432,25 @@ class TransformerBlock(nn.Module):
             qkv_bias=cfg.qkv_bias,
             attention=cfg.attention,
             fused_qkv=cfg.fused_qkv,
+            num_kv_heads=cfg.kv_heads,
+            out_bias=cfg.bias,
+            qk_norm=cfg.qk_norm,
+            norm_eps=cfg.norm_eps,
         )
-        self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg.emb_dim)
-        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.ff = SwiGLU(cfg) if cfg.mlp == "swiglu" else FeedForward(cfg)
+        self.norm1 = make_norm(cfg)
+        self.norm2 = make_norm(cfg)
         self.drop_shortcut = Dropout(cfg.drop_rate)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         shortcut = x
-        x = self.drop_shortcut(self.att(self.norm1(x), cache, layer))
+        x = self.drop_shortcut(self.att(self.norm1(x), cache, layer, rope))
         x = x + shortcut
 
         shortcut = x
@@ -337,7 +461,8 @@ class TransformerBlock(nn.Module):
 class GPTModel(nn.Module):
     """GPT-2-style decoder: token ids (B, T) -> logits (B, T, V).
 
-    `cfg` is the walk-through's dict (e.g. `GPT_CONFIG_124M`) or a `ModelConfig`.
+    `cfg` is the walk-through's dict (e.g. `GPT_CONFIG_124M`) or a `ModelConfig`, whose
+    architecture options (rotary positions, RMSNorm, SwiGLU, ...) default to GPT-2's.
     """
 
     def __init__(self, cfg: ModelConfig | dict[str, Any]):
@@ -346,16 +471,21 @@ class GPTModel(nn.Module):
         self.cfg = cfg
         vocab = cfg.padded_vocab_size
         self.tok_emb = nn.Embedding(vocab, cfg.emb_dim)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        # Rotary positions turn queries and keys inside attention instead: no table.
+        self.pos_emb = (
+            nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.positions == "learned" else None
+        )
         self.drop_emb = Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.final_norm = make_norm(cfg)
         self.out_head = nn.Linear(cfg.emb_dim, vocab, bias=False)
         if cfg.tie_weights:
             # One matrix maps ids to vectors and vectors back to id scores (as in GPT-2).
             self.out_head.weight = self.tok_emb.weight
         if cfg.init == "gpt2":
             init_gpt2_weights(self)
+        if cfg.zero_init_proj:
+            zero_output_projections(self)
         if vocab != cfg.vocab_size:
             with torch.no_grad():  # rows for padded ids are never looked up nor scored
                 self.tok_emb.weight[cfg.vocab_size :].zero_()
@@ -373,13 +503,14 @@ class GPTModel(nn.Module):
             logits = logits[
                 ..., : self.cfg.vocab_size
             ]  # (B, T, V): padded ids never reach a loss or sampler
-        return logits
+        return softcap(logits, self.cfg.logit_softcap)
 
     def hidden_states(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> final-normed hidden states (B, T, D), the output head's input.
 
-        `forward` is `out_head(hidden_states(idx))` cut to `vocab_size`; a loss that never
-        builds the full (B, T, V) logits (`gptlab.loss.chunked_cross_entropy`) starts here.
+        `forward` is `out_head(hidden_states(idx))` cut to `vocab_size` (and soft-capped);
+        a loss that never builds the full (B, T, V) logits
+        (`gptlab.loss.chunked_cross_entropy`) starts here.
         """
         B, T = in_idx.shape
         if cache is None:
@@ -394,16 +525,25 @@ class GPTModel(nn.Module):
                 raise ValueError(
                     f"KV cache max_len {cache.max_len} exceeds context_length {self.cfg.context_length}"
                 )
-            positions = cache.advance(T, in_idx.device)  # (T,): the positions after the cached ones
-        tok_embeds = self.tok_emb(in_idx)  # (B, T, D)
-        pos_embeds = self.pos_emb(positions)  # (T, D)
-        x = self.drop_emb(tok_embeds + pos_embeds)  # (B, T, D)
-        if cache is None:
-            x = self.trf_blocks(x)  # (B, T, D)
+            # (T,), or (B, T) for a cache whose rows stand at different positions
+            positions = cache.advance(T, in_idx.device)
+        x = self.tok_emb(in_idx)  # (B, T, D)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)  # (B, T, D) + (T, D) or (B, T, D)
         else:
-            for layer, block in enumerate(self.trf_blocks):
-                x = block(x, cache, layer)  # (B, T, D)
+            rope = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        x = self.drop_emb(x)  # (B, T, D)
+        for layer, block in enumerate(self.trf_blocks):
+            x = block(x, cache, layer, rope)  # (B, T, D)
         return self.final_norm(x)  # (B, T, D)
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap): logits squashed into (-cap, cap); unchanged when cap is 0."""
+    if not cap:
+        return logits
+    return cap * torch.tanh(logits / cap)
 
 
 def init_gpt2_weights(model: GPTModel) -> None:
@@ -411,14 +551,30 @@ def init_gpt2_weights(model: GPTModel) -> None:
     scaled by 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth."""
     std = 0.02
     resid_std = std / math.sqrt(2 * model.cfg.n_layers)
-    for name, module in model.named_modules():
+    resid = {id(m) for m in _output_projections(model)}
+    for module in model.modules():
         if isinstance(module, nn.Linear):
-            is_resid = name.endswith("att.out_proj") or name.endswith("ff.layers.2")
+            is_resid = id(module) in resid
             nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_resid else std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+
+
+def _output_projections(model: GPTModel) -> list[nn.Linear]:
+    """The layers that write into the residual stream: attention's and the MLP's last."""
+    return [m for block in model.trf_blocks for m in (block.att.out_proj, block.ff.out_proj)]
+
+
+def zero_output_projections(model: GPTModel) -> None:
+    """Zero the residual-stream writers (weights and biases): each block starts as the
+    identity, and the first updates decide what it adds (as the GPT-2 speedruns do)."""
+    with torch.no_grad():
+        for proj in _output_projections(model):
+            proj.weight.zero_()
+            if proj.bias is not None:
+                proj.bias.zero_()
 
 
 def count_parameters(model: nn.Module, exclude_out_head: bool = False) -> int:
@@ -438,12 +594,16 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     """Training FLOPs per token (forward + backward): 6 N + 12 L H Hd T.
 
     N counts the weights that take part in matmuls: every parameter except the position
-    embedding and (when untied) the token embedding, which are table look-ups. The second
-    term is attention's QK^T and AV products at sequence length T (default: context_length).
+    embedding and (when untied) the token embedding, which are table look-ups. It is read
+    off the model itself (built on the meta device: no memory, no time), so every
+    architecture option is counted as built. The second term is attention's QK^T and AV
+    products at sequence length T (default: context_length).
     """
     T = seq_len or cfg.context_length
-    D, L, V = cfg.emb_dim, cfg.n_layers, cfg.padded_vocab_size
-    qkv_bias = 3 * D if cfg.qkv_bias else 0
-    per_block = 4 * D * D + qkv_bias + D + 8 * D * D + 5 * D + 4 * D  # att, ff, two norms
-    n_matmul = L * per_block + 2 * D + V * D  # + final norm + head
-    return 6 * n_matmul + 12 * L * cfg.n_heads * cfg.head_dim * T
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    lookups = [model.pos_emb.weight] if model.pos_emb is not None else []
+    if model.out_head.weight is not model.tok_emb.weight:
+        lookups.append(model.tok_emb.weight)
+    n_matmul = count_parameters(model) - sum(p.numel() for p in lookups)
+    return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T

@@ -1,4 +1,16 @@
-"""Optimizer and learning-rate schedule.
+"""Optimizers and the learning-rate schedule.
+
+`train.optimizer = "adamw"` (the default) trains every parameter with AdamW.
+`train.optimizer = "muon"` gives the 2-D weight matrices inside the transformer blocks
+(attention and MLP projections) to PyTorch's `torch.optim.Muon`, which orthogonalises each
+matrix's momentum before stepping, and keeps AdamW, at `train.lr`, for everything else:
+embeddings, the output head (tied or not: it is an embedding), norms and biases. The two
+step together as one `MuonAdamW`; the schedule drives both from their own peaks.
+Muon's Newton-Schulz iteration runs in bf16, so runs that differ only in float summation
+order (DDP's all-reduce) drift apart more than AdamW runs do. Under FSDP2, torch.optim.Muon
+steps the DTensor shards and each op of the iteration gathers what it needs: it
+orthogonalises the whole matrix (tests/test_dist.py), at the cost of collectives per
+iteration.
 
 Weight decay applies to the matrices of linear layers only: biases, LayerNorm parameters
 and embeddings are left undecayed (decaying them only pulls useful values towards zero).
@@ -18,9 +30,12 @@ from torch import nn
 from gptlab.config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weight matrices of nn.Linear, and everything else."""
-    decay, no_decay, seen = [], [], set()
+def param_groups(
+    model: nn.Module, weight_decay: float, exclude: frozenset[int] = frozenset()
+) -> list[dict]:
+    """Two AdamW groups: decayed weight matrices of nn.Linear, and everything else;
+    parameters whose id() is in `exclude` (another optimizer's) are left out."""
+    decay, no_decay, seen = [], [], set(exclude)
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
@@ -45,25 +60,116 @@ def _is_tied_embedding(model: nn.Module, p: torch.Tensor) -> bool:
     return tok is not None and p is tok.weight
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def muon_params(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters Muon trains: every 2-D matrix inside the transformer blocks
+    (`model.trf_blocks`), each once, in module order. Chosen by place and shape, not by name,
+    so that new block layouts (more MLP matrices, smaller k/v projections) need no list; the
+    embeddings and the head live outside the blocks, norm scales and biases are 1-D."""
+    out, seen = [], set()
+    for p in model.trf_blocks.parameters():
+        if p.requires_grad and p.ndim == 2 and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+class MuonAdamW:
+    """torch.optim.Muon and torch.optim.AdamW over disjoint parameters, used as one optimizer.
+
+    Has what the trainer and `torch.amp.GradScaler` use of an optimizer: `param_groups`
+    (AdamW's groups first, so `param_groups[0]["lr"]` is AdamW's, as with AdamW alone),
+    `step`, `zero_grad`, `state_dict`/`load_state_dict` and `defaults`. The state dict is
+    `{"adamw": ..., "muon": ...}`, each the optimizer's own.
+    """
+
+    def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Muon):
+        self.adamw, self.muon = adamw, muon
+        self.defaults: dict = {}  # not fused as a whole: the trainer checks for a skip on the host
+
+    @property
+    def parts(self) -> dict[str, torch.optim.Optimizer]:
+        """The two optimizers by their keys in the state dict (FSDP2 gathers each on its own)."""
+        return {"adamw": self.adamw, "muon": self.muon}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Built on each call: load_state_dict replaces the optimizers' group dicts.
+        return self.adamw.param_groups + self.muon.param_groups
+
+    def step(self) -> None:
+        self.adamw.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {key: opt.state_dict() for key, opt in self.parts.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, opt in self.parts.items():
+            opt.load_state_dict(state[key])
+
+
+Optimizer = torch.optim.AdamW | MuonAdamW
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Optimizer:
     """AdamW with gptlab's parameter groups, or with `weight_decay_on="all"` the
-    walk-through's one group of every parameter; fused when asked for and available."""
+    walk-through's one group of every parameter; fused when asked for and available.
+    With `cfg.optimizer == "muon"`, a MuonAdamW: Muon for `muon_params(model)`, this AdamW
+    for the rest."""
+    if cfg.optimizer == "muon":
+        hidden = muon_params(model)
+        muon = torch.optim.Muon(
+            hidden,
+            lr=cfg.muon_lr,
+            weight_decay=cfg.muon_weight_decay,
+            momentum=cfg.muon_momentum,
+            nesterov=True,
+            adjust_lr_fn=cfg.muon_adjust_lr,
+        )
+        return MuonAdamW(_adamw(model, cfg, device, frozenset(map(id, hidden))), muon)
+    return _adamw(model, cfg, device)
+
+
+def _adamw(
+    model: nn.Module, cfg: TrainConfig, device: torch.device, exclude: frozenset[int] = frozenset()
+) -> torch.optim.AdamW:
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     fused = cfg.fused_optimizer and device.type in ("cuda", "cpu")
     try:
-        return torch.optim.AdamW(_groups(model, cfg), fused=fused, **kwargs)
+        return torch.optim.AdamW(_groups(model, cfg, exclude), fused=fused, **kwargs)
     except (RuntimeError, TypeError):  # an older torch without a fused kernel for this device
-        return torch.optim.AdamW(_groups(model, cfg), **kwargs)
+        return torch.optim.AdamW(_groups(model, cfg, exclude), **kwargs)
 
 
-def _groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+def _groups(model: nn.Module, cfg: TrainConfig, exclude: frozenset[int]) -> list[dict]:
     if cfg.weight_decay_on == "all":
-        return [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
-    return param_groups(model, cfg.weight_decay)
+        rest = [p for p in model.parameters() if id(p) not in exclude]
+        return [{"params": rest, "weight_decay": cfg.weight_decay}]
+    return param_groups(model, cfg.weight_decay, exclude)
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int | None) -> float:
-    """Learning rate for optimizer step `step` (0-based).
+def set_lr(
+    optimizer: Optimizer, step: int, cfg: TrainConfig, total_steps: int | None, scale: float = 1.0
+) -> float:
+    """Set every group's learning rate for optimizer step `step`: the schedule's shape from
+    each optimizer's own peak (AdamW's `cfg.lr`, Muon's `cfg.muon_lr`), times `scale` (the
+    trainer's rollback factor). Returns AdamW's."""
+    lr = lr_at(step, cfg, total_steps) * scale
+    muon = optimizer.muon.param_groups if isinstance(optimizer, MuonAdamW) else []
+    muon_lr = lr_at(step, cfg, total_steps, peak=cfg.muon_lr) * scale if muon else lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for group in muon:
+        group["lr"] = muon_lr
+    return lr
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int | None, peak: float | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based), peaking at `peak` (default `cfg.lr`).
 
     Linear warmup over `warmup_steps` (step 0 runs at lr / warmup_steps, step
     warmup_steps - 1 at lr), then cosine or linear decay from lr at step `warmup_steps` to
@@ -71,13 +177,14 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int | None) -> float:
     warmup when the schedule is "constant" or the total is unknown (a run limited by wall
     time alone).
     """
+    lr = cfg.lr if peak is None else peak
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant" or not total_steps:
-        return cfg.lr
-    floor = cfg.lr * cfg.min_lr_ratio
+        return lr
+    floor = lr * cfg.min_lr_ratio
     span = max(total_steps - 1 - cfg.warmup_steps, 1)  # the last step runs at the floor
     progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
     if cfg.schedule == "linear":
-        return cfg.lr - (cfg.lr - floor) * progress
-    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+        return lr - (lr - floor) * progress
+    return floor + 0.5 * (lr - floor) * (1.0 + math.cos(math.pi * progress))

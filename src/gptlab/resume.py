@@ -1,10 +1,10 @@
 """What a resumed run may change, what it may not, and the random state it carries.
 
 A run resumed from step k must repeat the uninterrupted run's steps k+1, k+2, ... bit for
-bit (CPU, fp32). That holds when the model, the data stream and the batch are the same
-(`FROZEN_ON_RESUME`, the tokenizer and the data fingerprint are checked before anything is
-loaded) and every random generator continues where it stopped (`rng_state` /
-`set_rng_state`). Limits, evaluation, checkpointing and the learning rate may change; each
+bit (CPU, fp32). That holds when the model, the data stream, the batch and the kind of
+optimizer are the same (`FROZEN_ON_RESUME`, the tokenizer and the data fingerprint are
+checked before anything is loaded) and every random generator continues where it stopped
+(`rng_state` / `set_rng_state`). Limits, evaluation, checkpointing and the learning rate may change; each
 change is reported.
 """
 
@@ -35,7 +35,12 @@ FROZEN_ON_RESUME = (
     "train.batch_size",
     "train.batch_tokens",
     "train.seed",
+    "train.optimizer",
 )
+# Why a frozen field may not change, where "it defines the model or data" is not the reason.
+FROZEN_BECAUSE = {
+    "train.optimizer": "the checkpoint's optimizer state belongs to the other optimizer",
+}
 
 Change = tuple[str, Any, Any]  # (dotted key, saved value, new value)
 
@@ -73,8 +78,9 @@ def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def _refuse(key: str, old: Any, new: Any) -> GptlabError:
+    why = FROZEN_BECAUSE.get(key, "it defines the model or data")
     return GptlabError(
-        f"cannot resume: {key} changed from {old!r} to {new!r} (it defines the model or data); "
+        f"cannot resume: {key} changed from {old!r} to {new!r} ({why}); "
         "start a new run with another --out"
     )
 

@@ -1,5 +1,5 @@
 """Open a trained model from wherever it lives: a gptlab run, a checkpoint, or a Hugging Face
-GPT-2 (a local folder, or a hub id where the network allows).
+GPT-2 or Llama (a local folder, or a hub id where the network allows).
 
 `open_run` is what `gptlab generate`, `gptlab eval`, `train --init-from`, the tests and the
 benchmarks use, so every one of them accepts the same sources and reports the same errors.
@@ -17,7 +17,7 @@ from gptlab import hf
 from gptlab.config import RunConfig
 from gptlab.model import GPTModel
 from gptlab.runtime import resolve_device
-from gptlab.tokenizer import GPT2Tokenizer, Tokenizer, from_identity
+from gptlab.tokenizer import Tokenizer, from_identity
 
 
 @dataclass
@@ -48,15 +48,16 @@ def is_hf_source(src: str | Path, hub: bool = False) -> bool:
 
 def open_run(src: str | Path, device: str | torch.device = "auto", hub: bool = False) -> Run:
     """The model of a gptlab run or checkpoint directory (its latest checkpoint), or of a
-    Hugging Face GPT-2 folder (with GPT-2's tokenizer), on `device`. With `hub`, a name
+    Hugging Face GPT-2 or Llama folder (with GPT-2's tokenizer, or the trained BPE in its
+    tokenizer.json), on `device`. With `hub`, a name
     that is no local path is downloaded as a hub id (where the network allows).
 
     Anything else is a GptlabError that says what the path holds and what to pass instead.
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if is_hf_source(src, hub):
-        model = hf.load_gpt2_model(src)
-        return Run(model.to(dev), GPT2Tokenizer(), RunConfig(model=model.cfg), dev, None)
+        model, tokenizer = hf.open_hf(src)
+        return Run(model.to(dev), tokenizer, RunConfig(model=model.cfg), dev, None)
     model, cfg, meta = ckpt_lib.load_trained_model(src)
     tokenizer = from_identity(meta["tokenizer"])
     return Run(model.to(dev).eval(), tokenizer, cfg, dev, Path(meta["path"]))

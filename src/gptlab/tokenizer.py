@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from gptlab.config import BPE_PREFIX
 from gptlab.errors import GptlabError
 
 ENDOFTEXT = "<|endoftext|>"
@@ -266,6 +267,12 @@ def get_tokenizer(
         if text is None:
             raise ValueError("a char tokenizer is built from text: pass text=...")
         return CharTokenizer.from_text(text)
+    if name.startswith(BPE_PREFIX):
+        # bpe:N needs the training text, which only the data loader knows (data.load_corpus)
+        raise GptlabError(
+            f"{name} trains a tokenizer on a run's own text, which only `gptlab train` does; "
+            "here train one first (gptlab tokenizer train --vocab-size N --out DIR) and give DIR"
+        )
     if is_tokenizer_path(name):
         return BPETokenizer.from_file(name)
     raise GptlabError(

@@ -40,7 +40,7 @@ from torch import nn
 
 from gptlab import checkpoint as ckpt_lib
 from gptlab import dist as dist_lib
-from gptlab.config import RunConfig
+from gptlab.config import RunConfig, corpus_bpe_size
 from gptlab.data import Corpus, make_loaders, open_corpus, prepared_manifest
 from gptlab.errors import GptlabError
 from gptlab.evaluate import calc_loss_batch, calc_loss_loader, evaluate_model
@@ -48,12 +48,13 @@ from gptlab.generate import generate, generate_text_simple, text_to_token_ids, t
 from gptlab.loss import make_loss_fn
 from gptlab.metrics import MetricsLog, truncate_metrics
 from gptlab.model import GPTModel, count_parameters, flops_per_token, use_fast_dropout
-from gptlab.optim import build_optimizer, lr_at
+from gptlab.optim import MuonAdamW, build_optimizer, set_lr
 from gptlab.plot import plot_run
 from gptlab.resume import check_data_layout, check_resume, rng_state, set_rng_state
 from gptlab.runs import Run, open_run
 from gptlab.runtime import peak_flops, peak_memory_mib, resolve_device, resolve_runtime, to_device
 from gptlab.tb import TensorBoardWriter
+from gptlab.tokenizer import BPETokenizer, from_identity
 
 # --------------------------------------------------------------------------- the walk-through's loop
 
@@ -61,7 +62,7 @@ from gptlab.tb import TensorBoardWriter
 def generate_and_print_sample(model: nn.Module, tokenizer, device, start_context: str) -> None:
     """Print a 50-token greedy continuation of `start_context` on one line."""
     model.eval()
-    context_size = model.pos_emb.weight.shape[0]
+    context_size = model.cfg.context_length
     encoded = text_to_token_ids(start_context, tokenizer).to(device)
     with torch.no_grad():
         token_ids = generate_text_simple(
@@ -552,9 +553,8 @@ class Trainer:
         """One optimizer step over `accum` micro-batches; returns (loss, grad_norm)."""
         tc = self.cfg.train
         epoch, in_epoch = divmod(self.state.step, self.steps_per_epoch)
-        lr = lr_at(self.state.step, tc, self.total_steps) * self.state.lr_scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        # every group follows the schedule from its own peak; a rollback's scale lowers all
+        set_lr(self.optimizer, self.state.step, tc, self.total_steps, self.state.lr_scale)
         loss_sum = torch.zeros((), device=self.device)
         # This rank's share of the step's micro-batches (all of them in a single process).
         mine = dist_lib.micro_batch_indices(
@@ -736,12 +736,18 @@ class Trainer:
 
     def _emit_train(self, window: _Window, loss: float, norm: float) -> None:
         tps = window.tokens_per_s()
+        muon = (
+            {"muon_lr": self.optimizer.muon.param_groups[0]["lr"]}
+            if isinstance(self.optimizer, MuonAdamW)
+            else {}
+        )
         self.emit(
             "train",
             epoch=self.epoch_progress,
             tokens=self.state.tokens_seen,
             loss=window.mean_loss(loss),
             lr=self.optimizer.param_groups[0]["lr"],
+            **muon,
             grad_norm=norm,
             tokens_per_s=tps,
             mfu=tps * self.flops_per_token / (self.peak * self.dist.world_size),
@@ -845,7 +851,7 @@ def train(
     by runs/latest) and draw its loss plot.
 
     `resume` continues the run in `out` from its latest checkpoint. `init_from` (a gptlab
-    run, a Hugging Face GPT-2 folder or hub id) starts from those weights and their model
+    run, a Hugging Face GPT-2 or Llama folder or hub id) starts from those weights and their model
     config; `model_keys` are the model fields the user set, of which only drop_rate and
     attention may differ from the source. `on_event` receives every record (and two
     "loading"/"init_from" notes before training starts), on global rank 0 only.
@@ -862,7 +868,8 @@ def train(
     source = None
     if init_from is not None:
         cfg, source = _init_from(cfg, init_from, model_keys, notify)
-    cfg, corpus, init_weights = _open_data(cfg, source, init_from, notify)
+    recorded = _recorded_corpus_bpe(cfg, run_dir) if resume else None
+    cfg, corpus, init_weights = _open_data(cfg, source, init_from, notify, recorded)
     source = None  # init_weights holds what is needed of it
     trainer = Trainer(
         cfg, corpus, run_dir, resume=resume, on_event=on_event, init_weights=init_weights
@@ -880,9 +887,29 @@ def train(
     return TrainResult(run_dir, end, cfg, plot, trainer.dist.is_main)
 
 
-def _open_data(cfg: RunConfig, source: Run | None, init_from: str | None, notify):
+def _recorded_corpus_bpe(cfg: RunConfig, run_dir: Path) -> BPETokenizer | None:
+    """The tokenizer a `bpe:N` run being resumed recorded, so it continues with exactly that
+    one even where the tokenizer cache is gone (the data fingerprint still refuses other
+    text); None for other tokenizers or when the run recorded none."""
+    if corpus_bpe_size(cfg.data.tokenizer) is None:
+        return None
+    try:
+        identity = json.loads((run_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # check_resume reports what is missing
+    return from_identity(identity) if identity.get("type") == "bpe" else None
+
+
+def _open_data(
+    cfg: RunConfig,
+    source: Run | None,
+    init_from: str | None,
+    notify,
+    tokenizer: BPETokenizer | None = None,
+):
     """(cfg completed by its data, the corpus, the function that loads the source's
-    weights into the new model, or None without a source)."""
+    weights into the new model, or None without a source); `tokenizer` replaces the one
+    data.tokenizer names (a resumed run's own)."""
     manifest = prepared_manifest(cfg.data.source)
     tok_name = manifest["tokenizer_name"] if manifest else cfg.data.tokenizer
     notify(
@@ -893,7 +920,7 @@ def _open_data(cfg: RunConfig, source: Run | None, init_from: str | None, notify
             "tokenizer": tok_name,
         }
     )
-    cfg, corpus = open_corpus(cfg, manifest, size_vocab=source is None)
+    cfg, corpus = open_corpus(cfg, manifest, size_vocab=source is None, tokenizer=tokenizer)
     if source is None:
         return cfg, corpus, None
     _check_source_tokenizer(init_from, source.tokenizer_identity, corpus.tokenizer.identity())

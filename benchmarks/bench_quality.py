@@ -1,0 +1,230 @@
+"""Time to quality: the held-out bits per byte each recipe reaches in a wall-clock budget.
+
+    python benchmarks/bench_quality.py --recipe cpu --recipe "cpu data.tokenizer=bpe:4096"
+    python benchmarks/bench_quality.py --recipe cpu --recipe "cpu model.n_layers=6 train.lr=3e-3" \\
+        --recipe my.toml --steps 300 --json quality.jsonl
+
+A recipe is a preset name or the path of a TOML file (`gptlab train --config`'s format; it
+may name its preset), then any `section.field=value` overrides; a recipe that starts with
+an override starts from the default preset. Each recipe is trained by
+`gptlab.trainer.train`, the function behind `gptlab train`, on --data (the built-in
+Shakespeare by default), one after another in this process (never side by side). Then the
+final checkpoint is evaluated as `gptlab eval` does (`gptlab.evaluate.evaluate_run`, fp32)
+over the whole validation split: non-overlapping windows of the model's context, every
+window whole (the tail shorter than one window, under 0.1% of the bytes here, is left out).
+
+Limits: `--budget S` (default 600) sets train.max_time = S, the seconds of training steps
+(periodic evaluations, samples and checkpoints are not counted, as in `gptlab train`); the
+recipe's own max_steps still applies. `--steps N` instead trains exactly N steps with no
+time limit: the way to compare recipes at equal steps, whose losses do not depend on the
+machine's load. train.epochs is set to 0 either way (the budget or the steps decide).
+
+Bits per byte are the held-out text's total loss in bits over its UTF-8 bytes
+(`evaluate.bits_per_byte`: loss x tokens / (ln 2 x bytes), each token's bytes from
+`tokenizer.token_byte_lengths`, `<|endoftext|>` counting none), which compares tokenizers
+only if they all score the same text. With data.split = "tokens" (the presets' default),
+the validation split is the last 10% of each tokenizer's tokens, so its text differs by
+tokenizer: on the built-in corpus GPT-2's is the last 491,387 bytes, a BPE of 2,048 ids
+trained on the corpus scores 479,916 and one of 8,192 ids 461,703 (a corpus-trained BPE
+packs the text it was trained on tighter than the held-out text, so its 90% of the tokens
+reach further into the text): up to 6% of the held-out text (whole scenes) differs. So this
+benchmark sets data.split = "chars" for every recipe, after the preset and TOML file and
+before the overrides: the cut is at 90% of the characters and every tokenizer scores the
+same held-out characters (the bytes column shows it; only the left-out tail differs).
+
+Columns: steps, tokens seen (steps x tokens per step), train s (seconds of training steps,
+what max_time limits), wall s (the whole `train()` call: loading, a `bpe:N` tokenizer's
+training, periodic evaluations, the final checkpoint), tokens/s (tokens over train s),
+eval s, validation loss (nats/token) and bits per byte, the held-out bytes scored, the
+parameters and the machine's 1-minute load average before the run. `--json FILE` appends
+one JSON line per recipe with every figure and the resolved config, as each finishes.
+Ctrl-C (or SIGTERM) stops the recipe in training after its step and ends the benchmark
+with the table of the recipes finished before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from gptlab import config as C
+from gptlab.errors import GptlabError
+
+COLUMNS = (
+    ("recipe", "recipe", "{}"),
+    ("steps", "steps", "{:,}"),
+    ("tokens", "tokens", "{:,}"),
+    ("train s", "train_s", "{:.1f}"),
+    ("wall s", "wall_s", "{:.1f}"),
+    ("tokens/s", "tokens_per_s", "{:,.0f}"),
+    ("eval s", "eval_s", "{:.1f}"),
+    ("val loss", "val_loss", "{:.4f}"),
+    ("bits/byte", "bits_per_byte", "{:.4f}"),
+    ("val bytes", "val_bytes", "{:,}"),
+    ("params", "params", "{:,}"),
+    ("load", "load_before", "{:.2f}"),
+)
+
+
+def parse_recipe(
+    recipe: str, budget: float, steps: int | None, data: str
+) -> tuple[C.RunConfig, str]:
+    """(the config a recipe describes, with this benchmark's data, split and limits, and
+    the recipe's preset name). See the module docstring for the order of what applies."""
+    words = shlex.split(recipe)
+    if not words:
+        raise GptlabError("an empty --recipe; give a preset, a TOML file or overrides")
+    base, overrides = (words[0], words[1:]) if "=" not in words[0] else (None, words)
+    if base is None or base in C.PRESETS:
+        name = base or C.DEFAULT_PRESET
+        cfg = C.preset(name)
+    else:
+        file_cfg = C.load_toml(base)
+        name = file_cfg.pop("preset", C.DEFAULT_PRESET)
+        cfg = C.preset(name)
+        C.apply_nested(cfg, file_cfg, origin=f"config file {base}")
+    cfg.data.source = data
+    cfg.data.split = "chars"  # the same held-out characters for every tokenizer
+    tc = cfg.train
+    tc.epochs = 0
+    if steps is None:
+        tc.max_time = float(budget)
+    else:
+        tc.max_steps, tc.max_time = steps, 0.0
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise GptlabError(f"recipe {recipe!r}: {item!r} is not section.field=value")
+        C.set_field(cfg, key.strip(), value.strip())
+    return cfg.validate(), name
+
+
+def run_recipe(recipe: str, cfg: C.RunConfig, name: str, out: Path) -> dict[str, Any]:
+    """Train `cfg` into `out`, evaluate its final checkpoint over the whole validation
+    split, and return one row: every figure of the table, the end reason and the config."""
+    from gptlab.evaluate import evaluate_run
+    from gptlab.runs import open_run
+    from gptlab.trainer import train
+
+    records: dict[str, dict[str, Any]] = {}
+
+    def keep(record: dict[str, Any]) -> None:
+        records[record["event"]] = record  # the last of each kind: start, end, ...
+
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    result = train(cfg, out, on_event=keep, name=name)
+    wall = time.perf_counter() - t0
+    end, start = result.end, records["start"]
+    if end["reason"] in ("SIGINT", "SIGTERM"):
+        raise KeyboardInterrupt  # the user stopped the benchmark, not only this recipe
+    t0 = time.perf_counter()
+    run = open_run(result.run_dir, cfg.train.device)
+    ev = evaluate_run(run, split="val", batch_size=cfg.train.batch_size, precision="fp32")
+    eval_s = time.perf_counter() - t0
+    return {
+        "recipe": recipe,
+        "steps": end["step"],
+        "tokens": end["tokens"],
+        "batch_tokens": start["batch_tokens"],
+        "train_s": end["train_time"],
+        "wall_s": wall,
+        "tokens_per_s": end["tokens"] / end["train_time"] if end["train_time"] else 0.0,
+        "eval_s": eval_s,
+        "val_loss": ev["loss"],
+        "bits_per_byte": ev["bits_per_byte"],
+        "val_tokens": ev["tokens"],
+        "val_bytes": ev["bytes"],
+        "val_windows": ev["windows"],
+        "params": start["params"],
+        "device": start["device"],
+        "precision": start["precision"],
+        "end_reason": end["reason"],
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+        "run_dir": str(result.run_dir),
+        "config": result.config.to_dict(),
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table, one row per recipe, columns as COLUMNS lists them."""
+    cells = [[fmt.format(r[key]) for _, key, fmt in COLUMNS] for r in rows]
+    heads = [head for head, _, _ in COLUMNS]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(heads)]
+
+    def line(values: list[str]) -> str:
+        parts = [
+            v.ljust(w) if i == 0 else v.rjust(w)
+            for i, (v, w) in enumerate(zip(values, widths, strict=True))
+        ]
+        return "| " + " | ".join(parts) + " |"
+
+    rule = (
+        "| "
+        + " | ".join("-" * w if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths))
+        + " |"
+    )
+    return "\n".join([line(heads), rule, *(line(c) for c in cells)])
+
+
+def _slug(recipe: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", recipe)[:80].strip("_") or "recipe"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--recipe",
+        action="append",
+        required=True,
+        help='a preset or TOML path, then section.field=value overrides (e.g. "cpu model.n_layers=6")',
+    )
+    p.add_argument(
+        "--budget", type=float, default=600.0, help="seconds of training (train.max_time)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="train exactly N steps, no time limit")
+    p.add_argument("--data", default="shakespeare", help="the text (default: built-in Shakespeare)")
+    p.add_argument("--out", default=None, help="keep the runs under DIR (default: a temp dir)")
+    p.add_argument("--json", default=None, help="append one JSON line per recipe to this file")
+    args = p.parse_args(argv)
+    if (args.steps is not None and args.steps < 1) or args.budget <= 0:
+        p.error("--steps and --budget must be positive")
+    try:
+        plans = [(r, *parse_recipe(r, args.budget, args.steps, args.data)) for r in args.recipe]
+    except GptlabError as e:  # every recipe is checked before the first one trains
+        print(f"bench_quality: error: {e}", file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as stack:
+        root = (
+            Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        )
+        rows = []
+        try:
+            for n, (recipe, cfg, name) in enumerate(plans):
+                print(f"[{n + 1}/{len(plans)}] {recipe}", file=sys.stderr, flush=True)
+                row = run_recipe(recipe, cfg, name, root / f"{n:02d}-{_slug(recipe)}")
+                rows.append(row)
+                if args.json:
+                    with open(args.json, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+        except KeyboardInterrupt:
+            print("bench_quality: stopped; the recipes finished so far:", file=sys.stderr)
+            if rows:
+                print(format_table(rows))
+            return 130
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The time-to-quality script: recipes parsed through gptlab.config, trained by the real
+trainer, evaluated over the whole validation split; the table's figures agree with each
+other. No timing is asserted: figures belong in BENCHMARKS.md, not in tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import make_corpus_text
+
+from gptlab.errors import GptlabError
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
+TINY = "tiny train.device=cpu train.compile=off train.precision=fp32"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipes_parse_presets_files_and_overrides(bench, tmp_path):
+    cfg, name = bench.parse_recipe("cpu model.n_layers=6 train.lr=3e-3", 600, None, "shakespeare")
+    assert name == "cpu" and cfg.model.n_layers == 6 and cfg.train.lr == 3e-3
+    assert cfg.train.max_time == 600 and cfg.train.max_steps == 1000 and cfg.train.epochs == 0
+    assert cfg.data.split == "chars"  # the same held-out characters for every tokenizer
+    cfg, _ = bench.parse_recipe("cpu", 600, 300, "shakespeare")
+    assert cfg.train.max_steps == 300 and cfg.train.max_time == 0
+    toml = tmp_path / "r.toml"
+    toml.write_text('preset = "tiny"\n[model]\nn_layers = 3\n[data]\ntokenizer = "bpe:300"\n')
+    cfg, name = bench.parse_recipe(f"{toml} model.emb_dim=64", 60, None, "x.txt")
+    assert name == "tiny" and cfg.model.n_layers == 3 and cfg.model.emb_dim == 64
+    assert cfg.data.tokenizer == "bpe:300" and cfg.data.source == "x.txt"
+    cfg, name = bench.parse_recipe("data.tokenizer=char", 60, None, "shakespeare")
+    assert name == "cpu" and cfg.data.tokenizer == "char"
+    cfg, _ = bench.parse_recipe("cpu data.split=tokens", 60, None, "shakespeare")
+    assert cfg.data.split == "tokens"  # an override is the user's choice
+    for bad, words in [
+        ("nosuchpreset", "not found"),
+        ("cpu model.n_layers", "section.field=value"),
+        ("cpu model.nope=1", "unknown config key"),
+        ("cpu data.tokenizer=bpe:10", "258"),
+    ]:
+        with pytest.raises(GptlabError, match=words):
+            bench.parse_recipe(bad, 60, None, "shakespeare")
+
+
+def test_bad_recipe_exits_2_before_training(bench, tmp_path, capsys):
+    rc = bench.main(["--recipe", TINY, "--recipe", "tiny model.nope=1", "--out", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.nope" in err[0]
+    assert not list(tmp_path.iterdir())  # nothing trained
+
+
+def test_main_trains_each_recipe_and_reports_consistent_figures(bench, tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text(make_corpus_text(), encoding="utf-8")
+    jsonl = tmp_path / "q.jsonl"
+    recipes = [f"{TINY} data.tokenizer=char", f"{TINY} data.tokenizer=bpe:300 train.batch_size=2"]
+    argv = ["--data", str(text), "--steps", "5", "--json", str(jsonl), "--out", str(tmp_path / "r")]
+    for r in recipes:
+        argv += ["--recipe", r]
+    assert bench.main(argv) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    heads = [c.strip() for c in table[0].strip("|").split("|")]
+    assert heads == [h for h, _, _ in bench.COLUMNS]
+    assert len(table) == 2 + len(recipes)
+    for line, recipe in zip(table[2:], recipes, strict=True):
+        assert line.strip("| ").startswith(recipe)
+        assert len(line.strip("|").split("|")) == len(heads)
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["recipe"] for r in rows] == recipes
+    for row in rows:
+        assert row["steps"] == 5 and row["end_reason"] == "max_steps"
+        cfg = row["config"]
+        assert row["batch_tokens"] == cfg["train"]["batch_size"] * cfg["model"]["context_length"]
+        assert row["tokens"] == row["steps"] * row["batch_tokens"]
+        expected = row["val_loss"] * row["val_tokens"] / (math.log(2) * row["val_bytes"])
+        assert row["bits_per_byte"] == pytest.approx(expected, rel=1e-12)
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["train_s"])
+        assert 0 < row["val_loss"] < 10 and row["val_windows"] > 0
+        assert cfg["data"]["split"] == "chars" and cfg["data"]["source"] == str(text)
+        assert Path(row["run_dir"]).is_dir()
+    char, bpe = rows
+    # both score the same held-out characters: the bytes differ only by the left-out tail
+    # (under one window of each model, 32 tokens, at most 4 bytes per BPE-300 token here)
+    text_bytes = len(make_corpus_text().encode())
+    held_out = text_bytes - int(0.9 * len(make_corpus_text()))
+    for row in rows:
+        assert held_out - 32 * 4 - 4 <= row["val_bytes"] <= held_out
+    assert char["config"]["model"]["vocab_size"] < bpe["config"]["model"]["vocab_size"] == 300
+
+
+def test_runs_go_to_a_temp_dir_that_is_removed(bench, tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text(make_corpus_text(), encoding="utf-8")
+    jsonl = tmp_path / "q.jsonl"
+    recipe = f"{TINY} data.tokenizer=char"
+    assert (
+        bench.main(["--data", str(text), "--steps", "2", "--recipe", recipe, "--json", str(jsonl)])
+        == 0
+    )
+    (row,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert not Path(row["run_dir"]).exists()
+
+
+def test_a_stopped_run_ends_the_benchmark(bench, tmp_path, capsys, monkeypatch):
+    import gptlab.trainer as trainer_lib
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(make_corpus_text(), encoding="utf-8")
+    real_train = trainer_lib.train
+    calls = []
+
+    def stopped(*args, **kwargs):
+        calls.append(1)
+        result = real_train(*args, **kwargs)
+        result.end["reason"] = "SIGINT"  # as the signal handler leaves it
+        return result
+
+    monkeypatch.setattr(trainer_lib, "train", stopped)
+    recipe = f"{TINY} data.tokenizer=char"
+    argv = ["--data", str(text), "--steps", "2", "--recipe", recipe, "--recipe", recipe]
+    assert bench.main(argv) == 130
+    assert len(calls) == 1  # the second recipe never started
+    assert "stopped" in capsys.readouterr().err
