@@ -61,8 +61,8 @@ def test_cached_forward_gives_the_full_forwards_logits(attention, static):
 
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
 def test_dynamic_cache_never_reads_its_unfilled_slots(attention):
-    # Its buffers are left uninitialised (no memset per generate call): poison every slot
-    # past the prefill with NaN, and the later steps must still give the full forward's logits.
+    # Attention runs over the filled slots only: poison every slot past the prefill with
+    # NaN, and the later steps must still give the full forward's logits.
     model = tiny(attention)
     x = prompt(batch=2, n=12)
     with torch.no_grad():

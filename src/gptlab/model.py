@@ -261,10 +261,8 @@ class KVCache:
             slots = torch.arange(past, past + T, device=device)  # (T,)
             self.pos += T
             # one new token sees every cached key; a block of them sees the past and its own causal part
-            self._mask = None
-            if T > 1:
-                keys = torch.arange(past + T, device=device)  # (Tk,)
-                self._mask = keys[None, :] <= slots[:, None]  # (T, Tk)
+            keys = torch.arange(past + T, device=device)  # (Tk,)
+            self._mask = None if T == 1 else keys[None, :] <= slots[:, None]  # (T, Tk)
         self._slots = slots
         return slots
 
@@ -278,12 +276,8 @@ class KVCache:
         """
         if layer == len(self.keys):
             B, H, _, Hd = k.shape
-            # Dynamic mode reads only filled slots, so its buffers need no zeroing (for a
-            # 1024-slot cache that is ~17 ms of memset per generate call on a CPU); the static
-            # mode attends over every slot (masked) and 0 * NaN garbage would be NaN.
-            alloc = torch.zeros if self.static else torch.empty
             for store in (self.keys, self.values):
-                buf = alloc(B, H, self.max_len, Hd, dtype=k.dtype, device=k.device)
+                buf = torch.zeros(B, H, self.max_len, Hd, dtype=k.dtype, device=k.device)
                 _mark_static(buf)
                 store.append(buf)
         kb, vb = self.keys[layer], self.values[layer]
