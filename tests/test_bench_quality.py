@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import make_corpus_text
 
+from gptlab import config as C
 from gptlab.errors import GptlabError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
@@ -29,7 +30,8 @@ def bench():
 def test_recipes_parse_presets_files_and_overrides(bench, tmp_path):
     cfg, name = bench.parse_recipe("cpu model.n_layers=6 train.lr=3e-3", 600, None, "shakespeare")
     assert name == "cpu" and cfg.model.n_layers == 6 and cfg.train.lr == 3e-3
-    assert cfg.train.max_time == 600 and cfg.train.max_steps == 1000 and cfg.train.epochs == 0
+    assert cfg.train.max_time == 600 and cfg.train.epochs == 0
+    assert cfg.train.max_steps == C.PRESETS["cpu"]["train"]["max_steps"]
     assert cfg.data.split == "chars"  # the same held-out characters for every tokenizer
     cfg, _ = bench.parse_recipe("cpu", 600, 300, "shakespeare")
     assert cfg.train.max_steps == 300 and cfg.train.max_time == 0

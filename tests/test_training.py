@@ -154,7 +154,7 @@ def test_the_default_preset_runs_its_whole_schedule(tmp_path):
     its schedule) short on a small corpus such as the built-in plays (673 steps an epoch)."""
     import numpy as np
 
-    from gptlab.config import preset
+    from gptlab.config import PRESETS, preset
     from gptlab.data import Corpus
     from gptlab.tokenizer import CharTokenizer
     from gptlab.trainer import Trainer
@@ -166,4 +166,4 @@ def test_the_default_preset_runs_its_whole_schedule(tmp_path):
     cfg.train.device = "cpu"
     trainer = Trainer(cfg, Corpus(ids[:18000], ids[18000:], tok, "test"), tmp_path / "run")
     assert trainer.steps_per_epoch < cfg.train.max_steps  # several passes over this text
-    assert trainer.total_steps == cfg.train.max_steps == 1000
+    assert trainer.total_steps == cfg.train.max_steps == PRESETS["cpu"]["train"]["max_steps"]
