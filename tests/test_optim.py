@@ -23,6 +23,7 @@ from gptlab import checkpoint as ckpt_lib
 from gptlab import cli
 from gptlab import loss as loss_mod
 from gptlab.config import TrainConfig, preset
+from gptlab.errors import GptlabError
 from gptlab.model import GPTModel
 from gptlab.optim import MuonAdamW, build_optimizer, lr_at, muon_params, set_lr
 from gptlab.trainer import Trainer
@@ -281,3 +282,10 @@ def test_train_help_lists_the_optimizer_settings(capsys):
     for name in ("--train.optimizer", "--train.muon_lr", "--train.muon_momentum"):
         assert name in out
     assert "{adamw,muon}" in out
+
+
+def test_muon_on_a_torch_without_it_is_one_clear_error(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    cfg = TrainConfig(optimizer="muon")
+    with pytest.raises(GptlabError, match="PyTorch 2.9 or newer.*--train.optimizer adamw"):
+        build_optimizer(torch.nn.Linear(2, 2), cfg, torch.device("cpu"))

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from gptlab.config import TrainConfig
+from gptlab.errors import GptlabError
 
 
 def param_groups(
@@ -121,6 +122,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     With `cfg.optimizer == "muon"`, a MuonAdamW: Muon for `muon_params(model)`, this AdamW
     for the rest."""
     if cfg.optimizer == "muon":
+        if not hasattr(torch.optim, "Muon"):  # PyTorch ships it from 2.9
+            raise GptlabError(
+                f"train.optimizer=muon needs torch.optim.Muon (PyTorch 2.9 or newer; this is "
+                f"{torch.__version__}): upgrade torch, or pass --train.optimizer adamw"
+            )
         hidden = muon_params(model)
         muon = torch.optim.Muon(
             hidden,
