@@ -22,6 +22,10 @@ different underneath, and why:
   may switch on `use_fast_dropout` for CPU training, which draws the masks from random
   integers, faster (same distribution up to 1.5e-5 in p, another random stream; the
   speed is in BENCHMARKS.md).
+- Options from later models, each off by default (so the walk-through's presets build
+  exactly its model): rotary positions, RMSNorm, QK-norm, SwiGLU and ReLU^2 MLPs, no biases,
+  grouped-query attention, soft-capped logits and zero-initialised output projections
+  (`ModelConfig`; the README's table says what each is).
 
 Loss, sampling, precision, compilation and parallelism all live outside this file.
 
@@ -29,6 +33,7 @@ Shape legend:
     B   batch size              T   sequence length (<= context_length)
     D   emb_dim                 H   n_heads
     Hd  head_dim = D // H       V   vocab_size (Vp: padded to vocab_multiple)
+    Hkv key/value heads (n_kv_heads; H unless grouped-query attention)
 """
 
 from __future__ import annotations
