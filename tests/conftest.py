@@ -26,6 +26,20 @@ _SENTENCES = [
 ]
 
 
+def jitter(model: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """Add scale x N(0, 1) to every parameter, in place, and return the model: random enough
+    that a wrongly copied weight or a wrong mask shows (at 0.2-0.3: confident, varied greedy
+    choices). A GPTModel's padded vocabulary rows stay zero, as the model keeps them."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+        cfg = getattr(model, "cfg", None)
+        if isinstance(cfg, ModelConfig) and cfg.padded_vocab_size != cfg.vocab_size:
+            model.tok_emb.weight[cfg.vocab_size :].zero_()
+            model.out_head.weight[cfg.vocab_size :].zero_()
+    return model
+
+
 def make_corpus_text(n_paragraphs: int = 30) -> str:
     """Deterministic paragraphs built from the sentences above, in rotating order."""
     paragraphs = []

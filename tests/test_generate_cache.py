@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import jitter
 
 from gptlab import checkpoint as ckpt_lib
 from gptlab.cli import main
@@ -34,11 +35,7 @@ def tiny(attention: str = "sdpa", vocab: int = 97, ctx: int = 16, seed: int = 0)
         qkv_bias=True,
         init="gpt2",
     )
-    model = GPTModel(cfg).eval()
-    with torch.no_grad():  # larger random weights: varied, confident next-token choices
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model
+    return jitter(GPTModel(cfg).eval(), 0.3)
 
 
 def prompt(batch: int = 1, n: int = 5, vocab: int = 97, seed: int = 1) -> torch.Tensor:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import jitter
 
 from gptlab import checkpoint as ckpt_lib
 from gptlab import hf
@@ -43,16 +44,7 @@ def tiny_cfg(**kw) -> ModelConfig:
 def random_ours(cfg: ModelConfig, seed: int = 0) -> GPTModel:
     """A GPTModel whose every weight is random (biases and norms too), so a wrong copy shows."""
     torch.manual_seed(seed)
-    model = GPTModel(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        if (
-            cfg.padded_vocab_size != cfg.vocab_size
-        ):  # padding rows stay zero, as GPTModel keeps them
-            model.tok_emb.weight[cfg.vocab_size :].zero_()
-            model.out_head.weight[cfg.vocab_size :].zero_()
-    return model
+    return jitter(GPTModel(cfg).eval(), 0.05)
 
 
 def random_theirs(tie: bool, seed: int = 0, vocab: int = 50257) -> GPT2LMHeadModel:
@@ -68,11 +60,7 @@ def random_theirs(tie: bool, seed: int = 0, vocab: int = 50257) -> GPT2LMHeadMod
         attn_pdrop=0.0,
         tie_word_embeddings=tie,
     )
-    model = GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return jitter(GPT2LMHeadModel(config).eval(), 0.05)
 
 
 def hf_from_ours(model: GPTModel) -> GPT2LMHeadModel:

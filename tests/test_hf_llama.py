@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import jitter
 
 from gptlab import checkpoint as ckpt_lib
 from gptlab import hf
@@ -51,14 +52,7 @@ def llama_cfg(**kw) -> ModelConfig:
 def random_ours(cfg: ModelConfig, seed: int = 0) -> GPTModel:
     """A GPTModel whose every weight is random (norm scales too), so a wrong copy shows."""
     torch.manual_seed(seed)
-    model = GPTModel(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        # padding rows stay zero, as GPTModel keeps them
-        model.tok_emb.weight[cfg.vocab_size :].zero_()
-        model.out_head.weight[cfg.vocab_size :].zero_()
-    return model
+    return jitter(GPTModel(cfg).eval(), 0.1)
 
 
 def random_theirs(tie: bool, n_kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
@@ -75,11 +69,7 @@ def random_theirs(tie: bool, n_kv_heads: int = 2, seed: int = 0) -> LlamaForCaus
         rope_theta=2000.0,
         tie_word_embeddings=tie,
     )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
+    return jitter(LlamaForCausalLM(config).eval(), 0.1)
 
 
 def ids(n: int = 16, batch: int = 2, seed: int = 1) -> torch.Tensor:

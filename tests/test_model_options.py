@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import jitter
 
 from gptlab.cli import main
 from gptlab.config import ModelConfig, preset
@@ -56,11 +57,7 @@ def tiny(attention: str = "sdpa", seed: int = 0, **options) -> GPTModel:
         attention=attention,
         **options,
     )
-    model = GPTModel(cfg).eval()
-    with torch.no_grad():  # larger random weights: varied, confident next-token choices
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model
+    return jitter(GPTModel(cfg).eval(), 0.3)
 
 
 def ids(batch: int = 2, n: int = 16, seed: int = 1) -> torch.Tensor:

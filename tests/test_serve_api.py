@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from conftest import jitter
 
 pytest.importorskip("starlette")
 openai = pytest.importorskip("openai")
@@ -35,10 +36,7 @@ def run() -> Run:
     cfg = ModelConfig(
         vocab_size=50257, context_length=CTX, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0
     )
-    model = GPTModel(cfg).double().eval()
-    with torch.no_grad():  # larger random weights: confident, varied greedy choices
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+    model = jitter(GPTModel(cfg).double().eval(), 0.2)
     return Run(model, GPT2Tokenizer(), RunConfig(model=cfg), torch.device("cpu"), None)
 
 

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from conftest import jitter
 
 from gptlab.config import ModelConfig
 from gptlab.engine import Engine, Event, Sampling
@@ -26,11 +27,7 @@ def tiny_model(vocab: int, ctx: int = 24, seed: int = 0, **options) -> GPTModel:
         vocab_size=vocab, context_length=ctx, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
         **options,
     )  # fmt: skip
-    model = GPTModel(cfg).double().eval()
-    with torch.no_grad():  # larger random weights: confident, varied next-token choices
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model
+    return jitter(GPTModel(cfg).double().eval(), 0.3)
 
 
 @pytest.mark.parametrize(
