@@ -122,3 +122,14 @@ def test_to_toml_reads_back_identically(name):
     assert doc.pop("preset") == name
     assert C.RunConfig.from_dict(doc) == cfg
     assert "preset" not in tomllib.loads(C.to_toml(cfg))
+
+
+def test_the_gpu_preset_is_the_cpu_recipe_at_gpt2_smalls_scale():
+    cpu, gpu, small = C.preset("cpu"), C.preset("gpu"), C.preset("gpt2-small")
+    shape = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+    assert all(getattr(gpu.model, k) == getattr(small.model, k) for k in shape)
+    recipe = set(C.MODERN_BLOCKS) | {"tie_weights", "init", "drop_rate", "vocab_multiple"}
+    assert {k: getattr(gpu.model, k) for k in recipe} == {k: getattr(cpu.model, k) for k in recipe}
+    assert (gpu.train.optimizer, gpu.train.muon_lr) == (cpu.train.optimizer, cpu.train.muon_lr)
+    micro = gpu.train.batch_size * gpu.model.context_length
+    assert gpu.train.batch_tokens % micro == 0 and gpu.train.batch_tokens >= 2**19
