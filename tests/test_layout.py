@@ -36,7 +36,7 @@ LAYERS = (
     "resume",  # what may change on resume; RNG state
     "metrics",  # metrics.jsonl
     "plot",  # figures from metrics.jsonl
-    "tb",  # the optional TensorBoard view
+    "trackers",  # optional trackers fed the metrics records: TensorBoard, wandb, trackio
     "hf",  # Hugging Face GPT-2 and Llama weights, both ways
     "runs",  # open a gptlab run or a Hugging Face folder
     "trainer",  # the loop, and train()

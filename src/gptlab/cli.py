@@ -183,9 +183,18 @@ def _train_parser(sub) -> None:
         "--model.attention may change)",
     )
     t.add_argument(
+        "--tracker",
+        action="append",
+        choices=C.TRACKERS,
+        metavar="NAME",
+        help="also log to this experiment tracker: tensorboard (RUN_DIR/tensorboard), wandb "
+        "(WANDB_MODE=offline: a local run for `wandb sync`) or trackio (local; `trackio show`); "
+        "repeat for several; kept in train.trackers, so a resume logs there too",
+    )
+    t.add_argument(
         "--tensorboard",
         action="store_true",
-        help="also write TensorBoard events to RUN_DIR/tensorboard (needs `tensorboard`)",
+        help="the same as --tracker tensorboard",
     )
     _config_field_args(t)
 
@@ -586,6 +595,12 @@ def build_config(args: argparse.Namespace) -> tuple[C.RunConfig, str]:
         cfg.train.max_time = args.max_time or 0.0
     for key, value in config_overrides(args):
         C.set_field(cfg, key, value)
+    added = (getattr(args, "tracker", None) or []) + (
+        ["tensorboard"] if getattr(args, "tensorboard", False) else []
+    )
+    if added:
+        names = [*C.tracker_names(cfg.train.trackers), *added]
+        cfg.train.trackers = ",".join(dict.fromkeys(names))
     return cfg.validate(), preset_name
 
 
@@ -633,7 +648,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             init_from=args.init_from,
             model_keys=_model_keys(args) if args.init_from else (),
             on_event=view,
-            tensorboard=args.tensorboard,
             name=preset_name,
         )
     finally:
@@ -753,7 +767,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
             if png is not None:
                 print(f"wrote {png}")
         if args.tensorboard:
-            from gptlab.tb import write_run
+            from gptlab.trackers import write_run
 
             print(f"wrote TensorBoard events to {write_run(run)} (tensorboard --logdir {run})")
     if len(args.run_dirs) > 1:
