@@ -4,16 +4,31 @@ and the centred score, bad input, and a model overfit on a sentence choosing it.
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import jitter
 
+from gptlab.cli import main
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPTModel
-from gptlab.tasks import Score, encode_pair, score_requests
+from gptlab.runs import open_run
+from gptlab.tasks import (
+    DEFAULT_SEED,
+    Score,
+    _requests,
+    encode_pair,
+    load_items,
+    load_suite,
+    make_task,
+    run_suite,
+    score_requests,
+)
+from gptlab.tokenizer import GPT2Tokenizer
 
 T = 16
 
@@ -98,8 +113,6 @@ def test_empty_context_needs_eot_and_continuation_must_fit(model):
 
 
 def test_encode_pair_moves_trailing_spaces_and_splits_the_whole():
-    from gptlab.tokenizer import GPT2Tokenizer
-
     tok = GPT2Tokenizer()
     ctx, cont = encode_pair(tok, "The cat sat on the ", "mat")
     assert ctx == tok.encode("The cat sat on the")
@@ -107,3 +120,180 @@ def test_encode_pair_moves_trailing_spaces_and_splits_the_whole():
     ctx, cont = encode_pair(tok, "Question: 2+2\nAnswer:", " four")
     assert ctx + cont == tok.encode("Question: 2+2\nAnswer: four")
     assert encode_pair(tok, "", "Hello") == ([tok.eot_token], tok.encode("Hello"))
+
+
+# --------------------------------------------------------------------------- formats
+
+DATA = Path(__file__).parent / "data" / "tasks"
+
+
+def test_hellaswag_is_preprocessed_as_lm_eval_does():
+    fmt, items = load_items(str(DATA / "hellaswag.jsonl"))
+    assert fmt == "hellaswag" and len(items) == 4
+    # activity_label: ctx_a + " " + ctx_b capitalised
+    assert items[0].context == "Baking bread: A man kneads dough on a floured table. He"
+    assert items[0].choices[0] == "shapes it into a round loaf and sets it aside to rise."
+    assert [it.answer for it in items] == [0, 1, 0, 2]  # labels as strings or ints
+    # WikiHow artefacts: " [title]" becomes ". ", other [tags] go, double spaces close up
+    assert items[2].context == "Home and Garden: How to water a fern. Check the soil."
+    # lm-eval strips before removing a leading "[step]", so its space stays (faithfully)
+    assert items[2].choices[0] == " Push a finger into the soil to feel whether it is dry."
+    assert items[2].delimiter == " "
+    only_ctx = {"ctx": "A man kneads dough. he", "endings": ["a", "b"], "label": 1}
+    assert _parse("hellaswag", only_ctx).context == "A man kneads dough. he"
+
+
+def test_arc_in_both_published_layouts_with_letter_and_digit_keys():
+    fmt, items = load_items(str(DATA / "arc.jsonl"))
+    assert fmt == "arc"
+    assert items[0].context == (
+        "Question: Which of these is needed for a plant to make its own food?\nAnswer:"
+    )
+    assert items[0].choices == ["sunlight", "sand", "plastic", "noise"]
+    assert [it.answer for it in items] == [0, 1, 1]  # "A", "2" among 1..3, "B"
+
+
+def test_piqa_copa_lambada_and_gptlab_jsonl():
+    _, piqa = load_items(str(DATA / "piqa.jsonl"))
+    assert piqa[1].context == "Question: How do you open a jar whose lid is stuck?\nAnswer:"
+    assert piqa[1].answer == 1 and len(piqa[1].choices) == 2
+    _, copa = load_items(str(DATA / "copa.jsonl"))
+    assert copa[0].context == "The man turned on the lamp therefore"
+    assert copa[1].context == "The girl's shoes were wet because"
+    assert copa[0].choices == [" the room became bright.", " the room became cold."]
+    assert copa[0].delimiter == ""  # the choice carries its space: one, not lm-eval's two
+    fmt, lam = load_items(str(DATA / "lambada.jsonl"))
+    assert fmt == "lambada"
+    assert lam[0].context.endswith("poured the water into the cup and made her")
+    assert lam[0].choices == [" tea"] and lam[0].delimiter == ""
+    fmt, mc = load_items(str(DATA / "mc.jsonl"))
+    assert fmt == "mc" and mc[1].answer == 1 and mc[1].delimiter == " "
+
+
+def test_the_tokens_scored_are_lm_evals():
+    """ARC's choice is " sunlight" after "...\\nAnswer:", encoded whole and split."""
+    tok = GPT2Tokenizer()
+    task = make_task(str(DATA / "arc.jsonl"))
+    reqs, owner = _requests(task, tok, [0], DEFAULT_SEED, 1024)
+    ctx, cont = reqs[0]
+    assert ctx == tok.encode(task.items[0].context)
+    assert cont == tok.encode(task.items[0].context + " sunlight")[len(ctx) :]
+    assert tok.decode(cont) == " sunlight" and owner == [0, 0, 0, 0]
+
+
+def _parse(fmt: str, rec: dict):
+    from gptlab.tasks import _PARSERS
+
+    return _PARSERS[fmt](rec)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _write(path: Path, records) -> Path:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+MC_OK = {"context": "The cat sat", "choices": ["on the mat.", "in the sky."], "answer": 0}
+
+
+@pytest.mark.parametrize(
+    "records, task, problem",
+    [
+        ([{"question": 1, "foo": 2}], None, "item 1 (line 1) has no known task fields"),
+        ([MC_OK, {"context": "A", "choices": ["b", "c"], "answer": 2}], "mc", "item 2 (line 2)"),
+        ([MC_OK, {"context": "A", "choices": [], "answer": 0}], "mc", "choices is empty"),
+        ([], "mc", "holds no items"),
+        ([MC_OK, "{not json"], "mc", "line 2 is not JSON"),
+        ([{"ctx": "x", "endings": ["a", "b"]}], "hellaswag", "item 1 (line 1): label None"),
+        ([MC_OK], "arc", "item 1 (line 1): missing field 'question'"),
+        ([{"goal": "g", "sol1": "a", "sol2": "b"}], "piqa", "separate .lst"),
+        ([{"text": "oneword"}], "lambada", "at least two words"),
+        ([{"context": "A", "choices": ["b " * 40, "c"], "answer": 0}], "mc", "with nothing left"),
+    ],
+    ids=[
+        "wrong-format", "answer-out-of-range", "empty-choices", "zero-items", "bad-json",
+        "no-label", "arc-without-question", "piqa-without-label", "lambada-one-word",
+        "choice-longer-than-context",
+    ],
+)  # fmt: skip
+def test_bad_task_files_are_one_line_errors_and_no_report(
+    tiny_run, tmp_path, capsys, records, task, problem
+):
+    data = _write(tmp_path / "items.jsonl", records)
+    out = tmp_path / "report.json"
+    args = ["eval", "--checkpoint", str(tiny_run), "--out", str(out), "--device", "cpu"]
+    args += ["--task", task, "--task-data", str(data)] if task else ["--task", str(data)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gptlab: error: ")
+    assert problem in err
+    if records:  # every message about an item names the file
+        assert str(data) in err
+    assert not out.exists() and list(tmp_path.iterdir()) == [data]
+
+
+def test_bad_suites_and_flags_are_one_line_errors(tiny_run, tmp_path, capsys):
+    _write(tmp_path / "mc.jsonl", [MC_OK, MC_OK])
+    cases = {
+        "[[tasks]]\ndata = 'mc.jsonl'\nshots = 3\n": "unknown key 'shots'",
+        "[[tasks]]\ndata = 'missing.jsonl'\n": "not found",
+        "name = 'x'\n": "no [[tasks]] tables",
+        "[[tasks]]\ndata = 'mc.jsonl'\nnum_fewshot = 2\n": "only 1 other items",
+        "[[tasks]]\ndata = 'mc.jsonl'\nmetric = 'f1'\n": "metric 'f1'",
+        "[[tasks]]\ndata = 'mc.jsonl'\n[[tasks]]\ndata = 'mc.jsonl'\n": "a second task named",
+        "[[tasks\n": "not valid TOML",
+    }
+    for text, problem in cases.items():
+        suite = tmp_path / "suite.toml"
+        suite.write_text(text)
+        assert main(["eval", "--checkpoint", str(tiny_run), "--suite", str(suite)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and problem in err, (text, err)
+    for args, problem in [
+        (["--task", "hellaswag"], "needs its items: --task-data"),
+        (["--task", "squad", "--task-data", "x.jsonl"], "no known format"),
+        (["--task-data", "x.jsonl"], "go with --task or --suite"),
+        (["--task", "mc", "--task-data", str(tmp_path / "mc.jsonl"), "--out", str(tmp_path)], "is a directory"),
+    ]:  # fmt: skip
+        assert main(["eval", "--checkpoint", str(tiny_run), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and problem in err, (args, err)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_scores_a_task_and_writes_the_report(tiny_run, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    args = ["eval", "--checkpoint", str(tiny_run), "--task", str(DATA / "mc.jsonl")]
+    assert main([*args, "--device", "cpu", "--json", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads(out.read_text())
+    assert printed == written
+    r = written["tasks"]["mc"]
+    assert r["format"] == "mc" and r["n_items"] == 3 and r["chance"] == 0.5
+    assert r["centred"] == pytest.approx((r["acc"] - 0.5) / 0.5)
+    assert written["core"] == r["centred"]
+    assert not [p for p in tmp_path.iterdir() if p.name != "report.json"]  # no temp file left
+
+
+def test_cli_suite_matches_the_library_and_plain_eval_is_unchanged(tiny_run, capsys):
+    suite = str(DATA / "suite.toml")
+    assert main(["eval", "--checkpoint", str(tiny_run), "--suite", suite, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    run = open_run(tiny_run, "cpu")
+    lib = run_suite(run.model, run.tokenizer, load_suite(suite), context_length=32)
+    assert r["tasks"] == lib["tasks"] and r["core"] == lib["core"]
+    assert set(r["tasks"]) == {
+        "hellaswag-mini", "arc-mini", "piqa-mini", "copa-mini", "lambada-mini", "mc-mini",
+    }  # fmt: skip
+    assert r["tasks"]["arc-mini"]["num_fewshot"] == 1
+    assert r["tasks"]["arc-mini"]["n_truncated"] > 0  # one shot does not fit 32 tokens
+    assert "perplexity" in r["tasks"]["lambada-mini"]
+    # without --task/--suite, `gptlab eval` measures loss as before
+    assert main(["eval", "--checkpoint", str(tiny_run), "--json", "--max-batches", "1"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert {"loss", "perplexity", "bits_per_byte"} <= set(plain) and "tasks" not in plain

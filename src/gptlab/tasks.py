@@ -422,7 +422,7 @@ def load_items(source: str, format: str | None = None) -> tuple[str, list[Item]]
             items.append(parse(rec))
         except _Bad as e:
             raise GptlabError(
-                f"{source}: item {n} (line {line_no}): {e} (a {format} item has {FIELDS[format]})"
+                f"{source}: item {n} (line {line_no}): {e} ({format} items have {FIELDS[format]})"
             ) from None
     return format, items
 
