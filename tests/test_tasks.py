@@ -5,6 +5,7 @@ and the centred score, bad input, and a model overfit on a sentence choosing it.
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -20,12 +21,17 @@ from gptlab.runs import open_run
 from gptlab.tasks import (
     DEFAULT_SEED,
     Score,
+    Suite,
     _requests,
+    centred,
+    chance,
     encode_pair,
+    fewshot_context,
     load_items,
     load_suite,
     make_task,
     run_suite,
+    run_task,
     score_requests,
 )
 from gptlab.tokenizer import GPT2Tokenizer
@@ -297,3 +303,158 @@ def test_cli_suite_matches_the_library_and_plain_eval_is_unchanged(tiny_run, cap
     assert main(["eval", "--checkpoint", str(tiny_run), "--json", "--max-batches", "1"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert {"loss", "perplexity", "bits_per_byte"} <= set(plain) and "tasks" not in plain
+
+
+# --------------------------------------------------------------------------- scores
+
+
+class _ByteTokenizer:
+    """One id per byte (ids 0-95 for printable ASCII), <|endoftext|> = 96: a tokenizer the
+    97-id test model can read, for which a test can count tokens by eye."""
+
+    eot_token = 96
+
+    def encode(self, text: str) -> list[int]:
+        return [min(ord(c) - 32, 95) for c in text]
+
+
+def _mc_task(tmp_path, items, **kw):
+    return make_task(str(_write(tmp_path / "t.jsonl", items)), "mc", **kw)
+
+
+def test_left_truncation_is_counted_per_item(model, tmp_path):
+    items = [
+        {"context": "ab", "choices": ["c", "d"], "answer": 0},  # 2 + 2 tokens: fits
+        {"context": "x" * 14, "choices": ["c", "de"], "answer": 1},  # 14 + 3 - 1 = 16: fits
+        {"context": "x" * 15, "choices": ["c", "de"], "answer": 1},  # " de" needs 17: cut
+        {"context": "y" * 40, "choices": ["c", "d"], "answer": 0},  # cut
+    ]
+    r = run_task(model, _ByteTokenizer(), _mc_task(tmp_path, items), context_length=T)
+    assert r["n_items"] == 4 and r["n_truncated"] == 2
+
+
+def test_task_scores_batched_equal_one_at_a_time_and_follow_the_argmax(model, tmp_path):
+    rng = random.Random(3)
+    letters = "abcdefghij"
+    items = []
+    for _ in range(9):
+        n = rng.choice([2, 3, 4])
+        items.append(
+            {
+                "context": "".join(rng.choice(letters) for _ in range(rng.randint(1, 12))),
+                "choices": ["".join(rng.choice(letters) for _ in range(rng.randint(1, 6))) for _ in range(n)],
+                "answer": rng.randrange(n),
+            }
+        )  # fmt: skip
+    task = _mc_task(tmp_path, items)
+    tok = _ByteTokenizer()
+    one = run_task(model, tok, task, context_length=T, batch_size=1)
+    many = run_task(model, tok, task, context_length=T, batch_size=7)
+    assert one == many
+    # the same accuracies written out from single-request scores
+    right = right_norm = 0
+    for it in task.items:
+        lls = []
+        for c in it.choices:
+            ctx, cont = encode_pair(tok, it.context, " " + c)
+            lls.append(_plain_score(model, ctx, cont).logprob)
+        right += max(range(len(lls)), key=lls.__getitem__) == it.answer
+        per_char = [x / len(c) for x, c in zip(lls, it.choices, strict=True)]  # lm-eval: chars
+        right_norm += max(range(len(lls)), key=per_char.__getitem__) == it.answer
+    assert one["acc"] == right / 9 and one["acc_norm"] == right_norm / 9
+
+
+def test_centred_score_and_core_arithmetic(model, tmp_path):
+    assert centred(0.25, 0.25) == 0 and centred(1.0, 0.25) == 1
+    assert centred(0.5, 0.25) == pytest.approx(1 / 3)
+    assert centred(0.0, 0.5) == -1  # worse than guessing is below zero
+    items = [
+        {"context": "ab", "choices": ["c", "d"], "answer": 0},
+        {"context": "ab", "choices": ["c", "d", "e", "f"], "answer": 3},
+    ]
+    task = _mc_task(tmp_path, items)
+    assert chance(task) == pytest.approx((1 / 2 + 1 / 4) / 2)  # mean of 1/len(choices)
+    fixed = _mc_task(tmp_path, items, random_baseline=0.1, metric="acc_norm")
+    suite = Suite("s", [task, fixed], DEFAULT_SEED)
+    fixed.name = "fixed"
+    r = run_suite(model, _ByteTokenizer(), suite, context_length=T)
+    a, b = r["tasks"]["t"], r["tasks"]["fixed"]
+    assert a["centred"] == pytest.approx((a["acc"] - 0.375) / 0.625)
+    assert b["chance"] == 0.1 and b["centred"] == pytest.approx((b["acc_norm"] - 0.1) / 0.9)
+    assert r["core"] == pytest.approx((a["centred"] + b["centred"]) / 2)
+
+
+def test_fewshot_examples_are_fixed_other_items_separated_by_blank_lines(tmp_path):
+    items = [{"context": f"Q{i}", "choices": [f"A{i}", "B"], "answer": 0} for i in range(12)]
+    task = _mc_task(tmp_path, items, num_fewshot=3)
+    ctx = fewshot_context(task, 5)
+    parts = ctx.split("\n\n")
+    assert len(parts) == 4 and parts[-1] == "Q5"
+    shots = parts[:3]
+    assert all(s.startswith("Q") and s.endswith(f" A{s[1:].split(' ')[0]}") for s in shots)
+    assert "Q5 A5" not in shots and len(set(shots)) == 3  # never the item, never twice
+    assert fewshot_context(task, 5) == ctx  # the same every time
+    assert [fewshot_context(task, i) for i in range(12)] == [
+        fewshot_context(task, i) for i in range(12)
+    ]
+    other_seed = {fewshot_context(task, i, seed=7) for i in range(12)}
+    assert other_seed != {fewshot_context(task, i) for i in range(12)}
+    assert fewshot_context(_mc_task(tmp_path, items), 5) == "Q5"  # zero-shot
+
+
+class _SpaceThenZ(torch.nn.Module):
+    """A causal 'model' over _ByteTokenizer's ids: after a space it expects "z", after
+    anything else a space (logit 4 against 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):  # (B, T) -> (B, T, 97)
+        nxt = torch.where(x == 0, ord("z") - 32, 0)  # id 0 is the space
+        return 4.0 * torch.nn.functional.one_hot(nxt, 97).float() + self.dummy
+
+
+def test_cloze_is_right_when_greedy_decoding_gives_the_last_word(tmp_path):
+    items = [{"text": "a b z"}, {"text": "a b q"}, {"text": "c zz"}]
+    task = make_task(str(_write(tmp_path / "l.jsonl", items)), "lambada")
+    r = run_task(_SpaceThenZ(), _ByteTokenizer(), task, context_length=T)
+    assert r["n_items"] == 3 and r["acc"] == pytest.approx(1 / 3)  # only " z" is greedy
+    # log p: " " is 4 above 96 others; a second "z" after "z" is one of the 96 at 0
+    top, rest = math.log(math.exp(4) / (math.exp(4) + 96)), math.log(1 / (math.exp(4) + 96))
+    want = [2 * top, top + rest, 2 * top + rest]
+    assert r["logprob"] == pytest.approx(sum(want) / 3, abs=1e-5)
+    assert r["perplexity"] == pytest.approx(math.exp(-sum(want) / 3), rel=1e-5)
+    assert r["centred"] == r["acc"] and r["chance"] == 0  # guessing a word scores nothing
+
+
+def test_a_model_overfit_on_a_sentence_picks_it(tmp_path):
+    """The hand-checkable item: trained on one sentence, the model must prefer that
+    sentence's ending to another, whichever place the right choice takes."""
+    from gptlab.tokenizer import CharTokenizer
+
+    sentence = "The lighthouse keeper counted the ships that passed before dawn."
+    wrong = "a green ledger full of numbers."
+    tok = CharTokenizer.from_text(sentence + wrong)
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=tok.n_vocab, context_length=80, emb_dim=32, n_heads=4, n_layers=2,
+        drop_rate=0.0,
+    )  # fmt: skip
+    net = GPTModel(cfg)
+    ids = torch.tensor([tok.encode(sentence)])
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for _ in range(40):
+        logits = net(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5
+    ctx = "The lighthouse keeper counted"
+    items = [
+        {"context": ctx, "choices": ["the ships that passed before dawn.", wrong], "answer": 0},
+        {"context": ctx, "choices": [wrong, "the ships that passed before dawn."], "answer": 1},
+    ]
+    r = run_task(net, tok, _mc_task(tmp_path, items), context_length=80)
+    assert r["acc"] == 1.0 and r["acc_norm"] == 1.0 and r["centred"] == 1.0
