@@ -75,7 +75,21 @@ def _random_requests(n: int, seed: int = 0) -> list[tuple[list[int], list[int]]]
     return reqs
 
 
-def test_score_matches_the_plain_computation(model):
+@pytest.fixture(scope="module")
+def capped_model() -> GPTModel:
+    """Soft-capped logits over a padded vocabulary: the head-on-scored-positions path must
+    keep both as `forward` does."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(
+        vocab_size=97, context_length=T, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
+        logit_softcap=3.0, vocab_multiple=64, tie_weights=False,
+    )  # fmt: skip
+    return jitter(GPTModel(cfg), 0.2).eval()
+
+
+@pytest.mark.parametrize("which", ["model", "capped_model"])
+def test_score_matches_the_plain_computation(which, request):
+    model = request.getfixturevalue(which)
     reqs = _random_requests(12)
     got = score_requests(model, reqs, context_length=T, batch_size=4, eot_id=96)
     for (ctx, cont), s in zip(reqs, got, strict=True):
