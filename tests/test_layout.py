@@ -32,6 +32,7 @@ LAYERS = (
     "generate",  # sampling, KV cache, streaming
     "engine",  # continuous batching: many generations share the model's forward passes
     "evaluate",  # calc_loss_*, evaluate_model (rank-aware), perplexity, bits per byte
+    "tasks",  # downstream tasks by log-likelihood: multiple choice, cloze, suites, CORE
     "checkpoint",  # atomic, versioned checkpoints
     "resume",  # what may change on resume; RNG state
     "metrics",  # metrics.jsonl
