@@ -769,7 +769,7 @@ def cmd_convert_to_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from gptlab.plot import plot_compare, plot_lr, plot_run, plot_throughput
+    from gptlab.plot import plot_compare, plot_lr, plot_run, plot_tasks, plot_throughput
 
     for run in args.run_dirs:
         try:
@@ -783,7 +783,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
             ):
                 raise
             print(f"{run}: no loss plot ({e})")
-        for fn in (plot_lr, plot_throughput):
+        for fn in (plot_lr, plot_throughput, plot_tasks):
             png = fn(run)
             if png is not None:
                 print(f"wrote {png}")

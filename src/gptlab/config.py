@@ -371,6 +371,19 @@ class TrainConfig:
     dist_timeout: float = _field(
         600.0, "seconds any collective may wait before the job fails", bounds=POSITIVE
     )
+    eval_tasks: str = _field(
+        "",
+        "a task suite file (.toml, see gptlab eval --suite) scored during training, written "
+        'to metrics.jsonl as "tasks" records; empty = off',
+    )
+    task_eval_every: int = _field(
+        0,
+        "steps between task evaluations (train.eval_tasks); 0 = only at the end",
+        bounds=NON_NEGATIVE,
+    )
+    task_eval_items: int = _field(
+        0, "items scored per task in each task evaluation; 0 = all", bounds=NON_NEGATIVE
+    )
     trackers: str = _field(
         "",
         "experiment trackers fed the metrics records, comma-separated: tensorboard, wandb, "

@@ -53,6 +53,7 @@ from gptlab.plot import plot_run
 from gptlab.resume import check_data_layout, check_resume, rng_state, set_rng_state
 from gptlab.runs import Run, open_run
 from gptlab.runtime import peak_flops, peak_memory_mib, resolve_device, resolve_runtime, to_device
+from gptlab.tasks import load_suite, run_suite
 from gptlab.tokenizer import BPETokenizer, from_identity
 from gptlab.trackers import check_installed, open_trackers
 
@@ -214,6 +215,9 @@ class Trainer:
         self._build_loaders()
         self._build_model(None if resume else init_weights)
         self._check_start_context()
+        # read and checked now: a missing suite file fails here, not at the first evaluation
+        self.suite = load_suite(tc.eval_tasks) if tc.eval_tasks else None
+        self._tasks_step = -1  # the step of the last task evaluation
         self.state = TrainState()
         self.sample_gen_seed = tc.seed
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -414,6 +418,26 @@ class Trainer:
         )
         return train_loss, val_loss
 
+    def evaluate_tasks(self) -> dict[str, Any]:
+        """Score train.eval_tasks' suite on the model as it is (eval mode, no gradients; its
+        mode restored) and emit the "tasks" record. The random state is put back as it
+        was, so a run with task evaluations trains exactly as one without."""
+        rng = rng_state()
+        with self.rt.autocast():
+            report = run_suite(
+                self.model,
+                self.corpus.tokenizer,
+                self.suite,
+                context_length=self.cfg.model.context_length,
+                batch_size=self.cfg.train.batch_size,
+                device=self.device,
+                dist=self.dist,
+                max_items=self.cfg.train.task_eval_items or None,
+            )
+        set_rng_state(rng)
+        self._tasks_step = self.state.step
+        return self.emit("tasks", suite=report["suite"], tasks=report["tasks"], core=report["core"])
+
     def full_validation_loss(self) -> float:
         self.model.eval()
         with torch.no_grad(), self.rt.autocast():
@@ -533,6 +557,10 @@ class Trainer:
         # After the first step and every eval_freq steps: the walk-through's global_step
         # (0-based) % eval_freq == 0.
         return (self.state.step - 1) % self.cfg.train.eval_freq == 0
+
+    def _task_eval_due(self) -> bool:
+        every = self.cfg.train.task_eval_every
+        return self.suite is not None and bool(every) and self.state.step % every == 0
 
     def _epoch_ended(self) -> bool:
         return self.state.step % self.steps_per_epoch == 0
@@ -665,6 +693,8 @@ class Trainer:
                 self._emit_train(window, loss, norm)
             if self._eval_due():
                 _, last_val = self.evaluate()
+            if self._task_eval_due():
+                self.evaluate_tasks()
             if self._epoch_ended():
                 self.emit("epoch", epoch=self.state.step // self.steps_per_epoch)
                 self.sample()
@@ -765,6 +795,8 @@ class Trainer:
             _, last_val = self.evaluate()
         if not quick and not self._epoch_ended():
             self.sample()
+        if not quick and self.suite is not None and self._tasks_step != st.step:
+            self.evaluate_tasks()
         try:
             path = self.save(last_val, reason=reason)
         except GptlabError as e:  # only rank 0 writes, so only rank 0 gets here
