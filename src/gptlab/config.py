@@ -373,8 +373,8 @@ class TrainConfig:
     )
     eval_tasks: str = _field(
         "",
-        "a task suite file (.toml, see gptlab eval --suite) scored during training, written "
-        'to metrics.jsonl as "tasks" records; empty = off',
+        "a task suite file (.toml, as gptlab eval reads) scored during training, each score "
+        "a tasks record in metrics.jsonl; empty = off",
     )
     task_eval_every: int = _field(
         0,
