@@ -32,11 +32,12 @@ LAYERS = (
     "generate",  # sampling, KV cache, streaming
     "engine",  # continuous batching: many generations share the model's forward passes
     "evaluate",  # calc_loss_*, evaluate_model (rank-aware), perplexity, bits per byte
+    "tasks",  # downstream tasks by log-likelihood: multiple choice, cloze, suites, CORE
     "checkpoint",  # atomic, versioned checkpoints
     "resume",  # what may change on resume; RNG state
     "metrics",  # metrics.jsonl
     "plot",  # figures from metrics.jsonl
-    "tb",  # the optional TensorBoard view
+    "trackers",  # optional trackers fed the metrics records: TensorBoard, wandb, trackio
     "hf",  # Hugging Face GPT-2 and Llama weights, both ways
     "runs",  # open a gptlab run or a Hugging Face folder
     "trainer",  # the loop, and train()

@@ -144,9 +144,9 @@ def test_eval_in_half_precision_on_cpu_is_close_to_fp32(runs, capsys, precision)
 
 def test_tensorboard_missing_is_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
-    from gptlab.tb import TensorBoardWriter
+    from gptlab.trackers import TensorBoardWriter
 
-    with pytest.raises(GptlabError, match="pip install tensorboard"):
+    with pytest.raises(GptlabError, match=r"pip install 'gptlab\[tensorboard\]'"):
         TensorBoardWriter(tmp_path)
 
 
@@ -154,7 +154,7 @@ def test_tensorboard_events_follow_the_metrics(runs):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from gptlab.tb import write_run
+    from gptlab.trackers import write_run
 
     _, _, (a, _) = runs
     log_dir = write_run(a)

@@ -183,9 +183,18 @@ def _train_parser(sub) -> None:
         "--model.attention may change)",
     )
     t.add_argument(
+        "--tracker",
+        action="append",
+        choices=C.TRACKERS,
+        metavar="NAME",
+        help="also log to this experiment tracker: tensorboard (RUN_DIR/tensorboard), wandb "
+        "(WANDB_MODE=offline: a local run for `wandb sync`) or trackio (local; `trackio show`); "
+        "repeat for several; kept in train.trackers, so a resume logs there too",
+    )
+    t.add_argument(
         "--tensorboard",
         action="store_true",
-        help="also write TensorBoard events to RUN_DIR/tensorboard (needs `tensorboard`)",
+        help="the same as --tracker tensorboard",
     )
     _config_field_args(t)
 
@@ -522,6 +531,27 @@ def _eval_parser(sub) -> None:
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     ev.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    tk = ev.add_argument_group(
+        "downstream tasks",
+        "Score multiple-choice or cloze items by log-likelihood, as lm-evaluation-harness "
+        "does (accuracy, acc_norm, centred score), instead of loss on text.",
+    )
+    tk.add_argument(
+        "--task",
+        metavar="NAME_OR_FILE",
+        help="a format (hellaswag, arc, piqa, copa, mc, lambada) with --task-data, or a "
+        ".jsonl of items (format detected), or a suite .toml",
+    )
+    tk.add_argument(
+        "--task-data", metavar="PATH", help="the items: .jsonl or hf:NAME[:CONFIG][@SPLIT]"
+    )
+    tk.add_argument("--suite", metavar="FILE.toml", help="several tasks with few-shot counts")
+    tk.add_argument("--num-fewshot", type=_number(int, C.Range(0)), default=0, metavar="K")
+    tk.add_argument(
+        "--limit", type=_number(int, AT_LEAST_ONE), default=None, metavar="N",
+        help="score only the first N items of each task",
+    )  # fmt: skip
+    tk.add_argument("--out", metavar="REPORT.json", help="write the report here when complete")
 
 
 def _serve_parser(sub) -> None:
@@ -586,6 +616,12 @@ def build_config(args: argparse.Namespace) -> tuple[C.RunConfig, str]:
         cfg.train.max_time = args.max_time or 0.0
     for key, value in config_overrides(args):
         C.set_field(cfg, key, value)
+    added = (getattr(args, "tracker", None) or []) + (
+        ["tensorboard"] if getattr(args, "tensorboard", False) else []
+    )
+    if added:
+        names = [*C.tracker_names(cfg.train.trackers), *added]
+        cfg.train.trackers = ",".join(dict.fromkeys(names))
     return cfg.validate(), preset_name
 
 
@@ -633,7 +669,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             init_from=args.init_from,
             model_keys=_model_keys(args) if args.init_from else (),
             on_event=view,
-            tensorboard=args.tensorboard,
             name=preset_name,
         )
     finally:
@@ -734,7 +769,7 @@ def cmd_convert_to_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from gptlab.plot import plot_compare, plot_lr, plot_run, plot_throughput
+    from gptlab.plot import plot_compare, plot_lr, plot_run, plot_tasks, plot_throughput
 
     for run in args.run_dirs:
         try:
@@ -748,12 +783,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
             ):
                 raise
             print(f"{run}: no loss plot ({e})")
-        for fn in (plot_lr, plot_throughput):
+        for fn in (plot_lr, plot_throughput, plot_tasks):
             png = fn(run)
             if png is not None:
                 print(f"wrote {png}")
         if args.tensorboard:
-            from gptlab.tb import write_run
+            from gptlab.trackers import write_run
 
             print(f"wrote TensorBoard events to {write_run(run)} (tensorboard --logdir {run})")
     if len(args.run_dirs) > 1:
@@ -852,6 +887,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gptlab.evaluate import evaluate_run
     from gptlab.runs import open_run
 
+    if args.task or args.suite:
+        return _eval_tasks(args)
+    if args.task_data or args.out:
+        raise GptlabError("--task-data and --out go with --task or --suite")
     run = open_run(args.checkpoint, args.device)
     r = evaluate_run(run, args.data, args.split, args.batch_size, args.max_batches, args.precision)
     r = {"data": r["data"], "checkpoint": args.checkpoint, **r}
@@ -864,6 +903,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"loss {r['loss']:.4f} | perplexity {r['perplexity']:.2f} | "
             f"bits per byte {r['bits_per_byte']:.4f} ({r['bytes']:,} bytes)"
         )
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    from gptlab import dist as dist_lib
+    from gptlab import tasks
+    from gptlab.runs import open_run
+    from gptlab.runtime import resolve_device
+
+    if args.task and args.suite:
+        raise GptlabError("give --task or --suite, not both")
+    if args.suite:
+        suite = tasks.load_suite(args.suite)
+    else:
+        suite = tasks.task_suite(args.task, args.task_data, num_fewshot=args.num_fewshot)
+    if args.out:
+        tasks.check_report_path(args.out)
+    d = dist_lib.setup(resolve_device(args.device))  # under torchrun: items shared by ranks
+    try:
+        run = open_run(args.checkpoint, d.device if d.enabled else args.device)
+        r = tasks.evaluate_run_tasks(
+            run, suite, batch_size=args.batch_size, precision=args.precision, dist=d,
+            max_items=args.limit,
+        )  # fmt: skip
+    finally:
+        dist_lib.shutdown()
+    if not d.is_main:
+        return 0
+    if args.out:
+        tasks.write_report(args.out, r)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"{'task':<16} {'items':>6} {'cut':>4} {'acc':>7} {'acc_norm':>8} {'centred':>8}")
+    for name, t in r["tasks"].items():
+        norm = f"{t['acc_norm']:.4f}" if "acc_norm" in t else "-"
+        print(
+            f"{name:<16} {t['n_items']:>6} {t['n_truncated']:>4} {t['acc']:>7.4f} {norm:>8} "
+            f"{t['centred']:>8.4f}"
+        )
+        if "perplexity" in t:
+            print(f"{'':<16} last-word perplexity {t['perplexity']:.2f}")
+    print(f"core (mean centred): {r['core']:.4f}" + (f"; report: {args.out}" if args.out else ""))
     return 0
 
 

@@ -371,14 +371,50 @@ class TrainConfig:
     dist_timeout: float = _field(
         600.0, "seconds any collective may wait before the job fails", bounds=POSITIVE
     )
+    eval_tasks: str = _field(
+        "",
+        "a task suite file (.toml, as gptlab eval reads) scored during training, each score "
+        "a tasks record in metrics.jsonl; empty = off",
+    )
+    task_eval_every: int = _field(
+        0,
+        "steps between task evaluations (train.eval_tasks); 0 = only at the end",
+        bounds=NON_NEGATIVE,
+    )
+    task_eval_items: int = _field(
+        0, "items scored per task in each task evaluation; 0 = all", bounds=NON_NEGATIVE
+    )
+    trackers: str = _field(
+        "",
+        "experiment trackers fed the metrics records, comma-separated: tensorboard, wandb, "
+        "trackio (each an optional extra); empty = none",
+    )
+    tracker_project: str = _field("gptlab", "the wandb / trackio project the run logs to")
 
     def validate(self) -> TrainConfig:
         _check_fields(self, "train")
+        tracker_names(self.trackers)
+        if self.trackers and not self.tracker_project:
+            raise GptlabError("train.tracker_project is empty; name the project, e.g. gptlab")
         if self.epochs == 0 and self.max_steps == 0 and self.max_time == 0:
             raise GptlabError(
                 "no training limit: set train.epochs, train.max_steps or train.max_time above 0"
             )
         return self
+
+
+TRACKERS = ("tensorboard", "wandb", "trackio")
+
+
+def tracker_names(text: str) -> tuple[str, ...]:
+    """The tracker names of a train.trackers value ("tensorboard,wandb"), each once, checked."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    for name in names:
+        if name not in TRACKERS:
+            raise GptlabError(
+                f"train.trackers: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}"
+            )
+    return names
 
 
 # A byte-level BPE holds the 256 bytes, `<|endoftext|>` and at least one merge (bpe.py).

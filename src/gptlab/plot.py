@@ -3,7 +3,7 @@ x-axis, written as `loss-plot.pdf` and `loss-plot.png`. Uses matplotlib's object
 pyplot state, no GUI), so it works headless and inside training.
 
 Also drawn from metrics.jsonl alone: the learning rate (`lr.png`), throughput (`throughput.png`:
-tokens/s and MFU) and an overlay of several runs' losses against tokens seen (`compare.png`)."""
+tokens/s and MFU), task scores during training (`tasks.png`) and an overlay of several runs' losses against tokens seen (`compare.png`)."""
 
 from __future__ import annotations
 
@@ -152,3 +152,26 @@ def plot_compare(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     ax.set_ylabel("Loss (faint: training)")
     ax.legend(loc="upper right", fontsize="small")
     return _save(fig, Path(out_dir), "compare")
+
+
+def plot_tasks(run_dir: str | Path) -> Path | None:
+    """Task scores during training (train.eval_tasks): each task's centred score and the
+    suite's core (bold) against steps, as tasks.png/.pdf in the run; None without "tasks"
+    records."""
+    run_dir = Path(run_dir)
+    records = _records(run_dir, "tasks")
+    if not records:
+        return None
+    fig = Figure(figsize=(5, 3))
+    ax = fig.add_subplot()
+    steps = [r["step"] for r in records]
+    names = list(dict.fromkeys(n for r in records for n in r["tasks"]))
+    for name in names:
+        pts = [(r["step"], r["tasks"][name]["centred"]) for r in records if name in r["tasks"]]
+        ax.plot([s for s, _ in pts], [v for _, v in pts], alpha=0.6, label=name)
+    ax.plot(steps, [r["core"] for r in records], color="black", linewidth=2, label="core")
+    ax.axhline(0.0, color="grey", linewidth=0.5)  # chance
+    ax.set_xlabel("Step")
+    ax.set_ylabel("Centred score (0 = chance)")
+    ax.legend(loc="upper left", fontsize="small")
+    return _save(fig, run_dir, "tasks")

@@ -40,7 +40,7 @@ from torch import nn
 
 from gptlab import checkpoint as ckpt_lib
 from gptlab import dist as dist_lib
-from gptlab.config import RunConfig, corpus_bpe_size
+from gptlab.config import RunConfig, corpus_bpe_size, tracker_names
 from gptlab.data import Corpus, make_loaders, open_corpus, prepared_manifest
 from gptlab.errors import GptlabError
 from gptlab.evaluate import calc_loss_batch, calc_loss_loader, evaluate_model
@@ -53,8 +53,9 @@ from gptlab.plot import plot_run
 from gptlab.resume import check_data_layout, check_resume, rng_state, set_rng_state
 from gptlab.runs import Run, open_run
 from gptlab.runtime import peak_flops, peak_memory_mib, resolve_device, resolve_runtime, to_device
-from gptlab.tb import TensorBoardWriter
+from gptlab.tasks import load_suite, run_suite
 from gptlab.tokenizer import BPETokenizer, from_identity
+from gptlab.trackers import check_installed, open_trackers
 
 # --------------------------------------------------------------------------- the walk-through's loop
 
@@ -214,6 +215,9 @@ class Trainer:
         self._build_loaders()
         self._build_model(None if resume else init_weights)
         self._check_start_context()
+        # read and checked now: a missing suite file fails here, not at the first evaluation
+        self.suite = load_suite(tc.eval_tasks) if tc.eval_tasks else None
+        self._tasks_step = -1  # the step of the last task evaluation
         self.state = TrainState()
         self.sample_gen_seed = tc.seed
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -414,6 +418,26 @@ class Trainer:
         )
         return train_loss, val_loss
 
+    def evaluate_tasks(self) -> dict[str, Any]:
+        """Score train.eval_tasks' suite on the model as it is (eval mode, no gradients; its
+        mode restored) and emit the "tasks" record. The random state is put back as it
+        was, so a run with task evaluations trains exactly as one without."""
+        rng = rng_state()
+        with self.rt.autocast():
+            report = run_suite(
+                self.model,
+                self.corpus.tokenizer,
+                self.suite,
+                context_length=self.cfg.model.context_length,
+                batch_size=self.cfg.train.batch_size,
+                device=self.device,
+                dist=self.dist,
+                max_items=self.cfg.train.task_eval_items or None,
+            )
+        set_rng_state(rng)
+        self._tasks_step = self.state.step
+        return self.emit("tasks", suite=report["suite"], tasks=report["tasks"], core=report["core"])
+
     def full_validation_loss(self) -> float:
         self.model.eval()
         with torch.no_grad(), self.rt.autocast():
@@ -533,6 +557,10 @@ class Trainer:
         # After the first step and every eval_freq steps: the walk-through's global_step
         # (0-based) % eval_freq == 0.
         return (self.state.step - 1) % self.cfg.train.eval_freq == 0
+
+    def _task_eval_due(self) -> bool:
+        every = self.cfg.train.task_eval_every
+        return self.suite is not None and bool(every) and self.state.step % every == 0
 
     def _epoch_ended(self) -> bool:
         return self.state.step % self.steps_per_epoch == 0
@@ -665,6 +693,8 @@ class Trainer:
                 self._emit_train(window, loss, norm)
             if self._eval_due():
                 _, last_val = self.evaluate()
+            if self._task_eval_due():
+                self.evaluate_tasks()
             if self._epoch_ended():
                 self.emit("epoch", epoch=self.state.step // self.steps_per_epoch)
                 self.sample()
@@ -765,6 +795,8 @@ class Trainer:
             _, last_val = self.evaluate()
         if not quick and not self._epoch_ended():
             self.sample()
+        if not quick and self.suite is not None and self._tasks_step != st.step:
+            self.evaluate_tasks()
         try:
             path = self.save(last_val, reason=reason)
         except GptlabError as e:  # only rank 0 writes, so only rank 0 gets here
@@ -855,10 +887,15 @@ def train(
     config; `model_keys` are the model fields the user set, of which only drop_rate and
     attention may differ from the source. `on_event` receives every record (and two
     "loading"/"init_from" notes before training starts), on global rank 0 only.
-    `tensorboard` also writes TensorBoard events. SIGINT/SIGTERM stop after the current
+    `tensorboard` adds "tensorboard" to train.trackers (the trackers fed every record, on
+    global rank 0). SIGINT/SIGTERM stop after the current
     step with a checkpoint saved.
     """
     notify = on_event if on_event is not None and dist_lib.detect().is_main else _ignore
+    if tensorboard:
+        names = ",".join(dict.fromkeys([*tracker_names(cfg.train.trackers), "tensorboard"]))
+        cfg = replace(cfg, train=replace(cfg.train, trackers=names))
+    check_installed(cfg.train.trackers)  # a missing extra is said now, not after the data loads
     if init_from is not None and resume:
         raise GptlabError(
             "--init-from starts a new run from other weights and --resume continues one; "
@@ -877,7 +914,7 @@ def train(
     init_weights = None  # free the source's weights: the model holds them now
     if trainer.dist.is_main:
         _point_latest(run_dir)
-    end = _run_with_signals(trainer, run_dir, tensorboard)
+    end = _run_with_signals(trainer, run_dir)
     # Only after a clean end: a rank that raised exits without waiting on the others.
     dist_lib.shutdown()
     plot = None
@@ -936,24 +973,29 @@ def _ignore(record: dict[str, Any]) -> None:
     pass
 
 
-def _run_with_signals(trainer: Trainer, run_dir: Path, tensorboard: bool) -> dict[str, Any]:
-    """trainer.run() with the signal handlers installed, and TensorBoard events if asked."""
-    tb = None
-    if tensorboard and trainer.dist.is_main:
-        tb = TensorBoardWriter(run_dir / "tensorboard", purge_step=trainer.state.step or None)
+def _run_with_signals(trainer: Trainer, run_dir: Path) -> dict[str, Any]:
+    """trainer.run() with the signal handlers installed, and the trackers of
+    train.trackers fed every record (global rank 0 only)."""
+    tc = trainer.cfg.train
+    trackers = []
+    if tc.trackers and trainer.dist.is_main:
+        trackers = open_trackers(
+            tc.trackers, run_dir, trainer.cfg.to_dict(), trainer.state.step, tc.tracker_project
+        )
         view = trainer.on_event
 
-        def both(record: dict[str, Any]) -> None:
+        def all_of_them(record: dict[str, Any]) -> None:
             view(record)
-            tb(record)
+            for tracker in trackers:
+                tracker(record)
 
-        trainer.on_event = both
+        trainer.on_event = all_of_them
     try:
         with stop_on_signals(trainer):
             return trainer.run()
     finally:
-        if tb is not None:
-            tb.close()
+        for tracker in trackers:
+            tracker.close()
 
 
 def _new_run_dir(out: str | Path | None, resume: bool, name: str) -> Path:

@@ -136,6 +136,7 @@ async function refreshRun() {
   ]);
   plot($("plot-lr"), [train.map((r) => [r.step, r.lr])]);
   plot($("plot-speed"), [train.map((r) => [r.step, r.tokens_per_s])]);
+  showTasks(run.records.filter((r) => r.event === "tasks"));
   const box = $("samples");
   box.textContent = "";
   for (const s of samples.slice(-3).reverse()) {
@@ -149,6 +150,31 @@ async function refreshRun() {
   $("config").textContent = JSON.stringify(run.config, null, 2);
   // follow a run that still trains, while its view is open
   if (run.training && !$("view-run").hidden) runTimer = setTimeout(refreshRun, 5000);
+}
+
+function showTasks(tasks) {
+  // the core curve, and the latest task evaluation as a table (train.eval_tasks)
+  $("fig-tasks").hidden = !tasks.length;
+  const table = $("tasks");
+  table.textContent = "";
+  if (!tasks.length) return;
+  plot($("plot-tasks"), [tasks.map((r) => [r.step, r.core])]);
+  const latest = tasks[tasks.length - 1];
+  const row = (cells, tag) => {
+    const tr = document.createElement("tr");
+    for (const c of cells) {
+      const td = document.createElement(tag);
+      td.textContent = c;
+      tr.append(td);
+    }
+    table.append(tr);
+  };
+  row(["tasks at step " + latest.step, "acc", "acc_norm", "centred", "items"], "th");
+  for (const [name, t] of Object.entries(latest.tasks)) {
+    const f = (v) => (typeof v === "number" ? v.toFixed(3) : "");
+    row([name, f(t.acc), f(t.acc_norm), f(t.centred), String(t.n_items)], "td");
+  }
+  row(["core", "", "", latest.core.toFixed(3), ""], "td");
 }
 
 const SVG = "http://www.w3.org/2000/svg";
