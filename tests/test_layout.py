@@ -24,6 +24,7 @@ LAYERS = (
     "bpe",  # training byte-level BPEs
     "sources",  # reading documents from files, directories, globs, jsonl, parquet, hf:
     "data",  # documents -> tokens -> corpora, prepared shards, loaders
+    "finetune",  # finetuning records -> rendered examples -> padded or packed batches; losses
     "prepare",  # gptlab prepare: parallel, resumable sharding
     "optim",  # parameter groups, optimizers, lr schedule
     "runtime",  # device, precision, compile and host-memory policy; speed facts
@@ -40,6 +41,7 @@ LAYERS = (
     "hf",  # Hugging Face GPT-2 and Llama weights, both ways
     "runs",  # open a gptlab run or a Hugging Face folder
     "trainer",  # the loop, and train()
+    "finetune_run",  # gptlab finetune: a base model, records, the Trainer; eval of such runs
     "serve",  # the OpenAI-compatible HTTP server and its page
     "console",  # progress views for the terminal
     "cli",  # argv -> library calls -> one-line errors and exit codes
