@@ -487,13 +487,13 @@ class FinetuneConfig:
         "example; false: pad each batch to its longest example (the book)",
     )
     template: str = _field("", "the chat template (chat format); empty: the default one")
-    val: str = _field("", "a file of validation records; empty: val_ratio of --data")
-    test: str = _field("", "a file of test records; empty: test_ratio of --data")
+    val: str = _field("", "a file of validation records; empty: val_ratio of the data's records")
+    test: str = _field("", "a file of test records; empty: test_ratio of the data's records")
     val_ratio: float = _field(
-        0.1, "share of --data's records held out for validation (without val)", bounds=BELOW_ONE
+        0.1, "share of the data's records held out for validation (when val is empty)", bounds=BELOW_ONE
     )
     test_ratio: float = _field(
-        0.1, "share of --data's records held out for testing (without test)", bounds=BELOW_ONE
+        0.1, "share of the data's records held out for testing (when test is empty)", bounds=BELOW_ONE
     )
     train_blocks: int = _field(
         -1,

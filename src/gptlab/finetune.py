@@ -582,13 +582,17 @@ def load_finetune_data(
             )
     else:
         labels = []
-        if fmt == "chat" and chat_render is None:
-            raise GptlabError("the chat format needs a chat template; set --finetune.template")
         for split, recs in (("train", train), ("val", val), ("test", test)):
             exs = []
             for where, r in recs:
                 if fmt == "chat":
-                    ids, learn = chat_render(check_messages(where, r), False)
+                    msgs = check_messages(where, r)
+                    if chat_render is None:
+                        raise GptlabError(
+                            "the chat format needs a chat template (gptlab.chat); set "
+                            "--finetune.template"
+                        )
+                    ids, learn = chat_render(msgs, False)
                     if fc.mask == "padding":
                         learn = [True] * len(ids)
                 else:
