@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import jitter
+from reference_walkthrough import RefGPTModel
 
-from gptlab import cli
 from gptlab import checkpoint as ckpt_lib
+from gptlab import cli
 from gptlab.config import FinetuneConfig, ModelConfig
 from gptlab.finetune import (
     IGNORE_INDEX,
@@ -41,8 +43,6 @@ from gptlab.finetune import (
 )
 from gptlab.model import GPTModel
 from gptlab.tokenizer import GPT2Tokenizer
-from conftest import jitter
-from reference_walkthrough import RefGPTModel
 
 DATA = Path(__file__).parent / "data" / "finetune"
 
@@ -265,7 +265,9 @@ def test_a_packed_example_sees_only_itself():
             at, n = at + len(alone), n + 1
     # without doc_ids the model is unchanged: one example in a row is the plain forward
     one = torch.arange(10)[None]
-    torch.testing.assert_close(model(one, doc_ids=torch.zeros_like(one)), model(one), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        model(one, doc_ids=torch.zeros_like(one)), model(one), atol=1e-6, rtol=0
+    )
 
 
 # --------------------------------------------------------------------------- chapter 6
@@ -352,4 +354,313 @@ def test_classification_splits_and_labels(gpt2):
     assert (len(data.train), len(data.val), len(data.test)) == (160, 20, 20)
     x, y = data.loader("val", 8, 1).batch(0, 0)
     assert x.shape[0] == 8 and y.shape == (8, 2)
-    assert all(x[i, y[i, 1] + 1 :].eq(50256).all() for i in range(8))  # padding after the last token
+    assert all(
+        x[i, y[i, 1] + 1 :].eq(50256).all() for i in range(8)
+    )  # padding after the last token
+
+
+# --------------------------------------------------------------------------- gptlab finetune runs
+
+from run_helpers import (  # noqa: E402
+    CHILD_ENV,
+    losses_by_step,
+    records,
+    release,
+    run_cli,
+    wait_for_gate,
+    weights,
+)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny pretrained run (a 400-id BPE, context 256) on text made from the records."""
+    root = tmp_path_factory.mktemp("finetune")
+    parts = ["Below is an instruction that describes a task. Write a response that appropriately "
+             "completes the request.\n\n### Instruction:\n### Input:\n### Response:\n"]  # fmt: skip
+    for r in _records("instructions.jsonl"):
+        parts.append(f"{r['instruction']}\n{r['input']}\n{r['output']}")
+    parts += [r["text"] for r in _records("classification.jsonl")]
+    (root / "base.txt").write_text("\n\n".join(parts), encoding="utf-8")
+    out = root / "base"
+    flags = ["train", "--data", str(root / "base.txt"), "--preset", "tiny", "--out", str(out),
+             "--max-steps", "4", "--data.tokenizer", "bpe:400", "--model.context_length", "256",
+             *COMMON]  # fmt: skip
+    assert cli.main(flags) == 0
+    return out
+
+
+COMMON = ["--device", "cpu", "--compile", "off", "--precision", "fp32", "--quiet"]
+
+
+def _finetune(base_run: Path, data: str, out: Path, *more: str) -> list[str]:
+    return ["finetune", "--init-from", str(base_run), "--data", str(DATA / data),
+            "--out", str(out), *COMMON, *more]  # fmt: skip
+
+
+def _eval_json(run: Path, capsys, *more: str) -> dict:
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(run), "--json", *more]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+INSTRUCT = ("--max-steps", "8", "--train.lr", "2e-3", "--train.eval_freq", "4",
+            "--train.eval_iter", "10", "--train.log_every", "1")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def instruct_run(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("instruct") / "run"
+    assert cli.main(_finetune(base, "instructions.jsonl", out, *INSTRUCT)) == 0
+    return out
+
+
+def test_an_instructions_finetune_is_a_normal_run_and_eval_reports_its_masked_loss(
+    instruct_run, capsys
+):
+    cfg = json.loads((instruct_run / "config.json").read_text())
+    assert cfg["finetune"]["format"] == "instructions" and cfg["train"]["lr"] == 2e-3
+    assert cfg["model"]["context_length"] == 256  # the base model's
+    evals = records(instruct_run, "eval")
+    assert [e["step"] for e in evals] == [1, 5, 8]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.1  # it learns
+    assert (instruct_run / "loss-plot.png").is_file()
+    ckpt_lib.load_state(ckpt_lib.latest_checkpoint(instruct_run))  # resumable
+    sample = records(instruct_run, "sample")[-1]["text"]
+    assert sample.startswith("Below is an instruction") and "### Response:\n" in sample
+    # gptlab eval: the same masked validation loss as the run's last evaluation (all of
+    # the 30 validation records fit in its eval_iter batches)
+    r = _eval_json(instruct_run, capsys)
+    assert r["format"] == "instructions" and r["examples"] == 30
+    assert r["loss"] == pytest.approx(evals[-1]["val_loss"], abs=1e-6)
+
+
+def test_finetune_from_a_hugging_face_folder_starts_from_the_same_weights(
+    base, instruct_run, tmp_path
+):
+    hf_dir = tmp_path / "hf"
+    assert cli.main(["convert", "to-hf", str(base), str(hf_dir)]) == 0
+    out = tmp_path / "run"
+    assert cli.main(_finetune(hf_dir, "instructions.jsonl", out, *INSTRUCT)) == 0
+    # Step 1's loss is the first batch's under the starting weights: the same model. (Later
+    # steps differ a little: GPT-2's format adds q/k/v biases, zero here, that then train.)
+    assert losses_by_step(out)[1] == pytest.approx(losses_by_step(instruct_run)[1], abs=1e-5)
+    assert json.loads((out / "config.json").read_text())["model"]["qkv_bias"] is True
+
+
+def test_a_packed_finetune_trains_and_evaluates_on_the_same_tokens(base, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        cli.main(_finetune(base, "instructions.jsonl", out, *INSTRUCT, "--finetune.pack", "true"))
+        == 0
+    )
+    evals = records(out, "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    start = records(out, "start")[0]
+    assert start["steps_per_epoch"] < 240 // 8  # rows hold several examples
+    assert _eval_json(out, capsys)["loss"] == pytest.approx(evals[-1]["val_loss"], abs=1e-6)
+
+
+def test_a_classifier_trains_its_top_block_and_reports_accuracy_on_three_splits(
+    base, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    flags = ["--epochs", "2", "--train.lr", "2e-3", "--finetune.train_blocks", "1"]
+    assert cli.main(_finetune(base, "classification.jsonl", out, *flags)) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["num_classes"] == 2 and json.loads(cfg["finetune"]["labels"]) == [
+        "bad",
+        "good",
+    ]
+    acc = records(out, "accuracy")[0]
+    assert set(acc) >= {"train_acc", "val_acc", "test_acc"}
+    assert all(0 <= acc[k] <= 1 for k in ("train_acc", "val_acc", "test_acc"))
+    evals = records(out, "eval")
+    assert "val_acc" in evals[-1] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    # only the top block, the final norm and the new head moved
+    before = weights(ckpt_lib.latest_checkpoint(base))
+    after = weights(ckpt_lib.latest_checkpoint(out))
+    assert after["out_head.weight"].shape == (2, 32) and "out_head.bias" in after
+    for k, v in after.items():
+        if k.startswith("out_head."):
+            continue
+        start = before.get(k, before["out_head.weight"])  # the base ties tok_emb to its head
+        moved = not torch.equal(v, start)
+        assert moved == k.startswith(("trf_blocks.1.", "final_norm.")), k
+    r = _eval_json(out, capsys, "--split", "test")
+    assert r["accuracy"] == pytest.approx(acc["test_acc"])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _write(path: Path, recs: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    return path
+
+
+GOOD_INSTR = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(20)]
+GOOD_CLS = [{"text": f"text {i}", "label": ["a", "b"][i % 2]} for i in range(20)]
+
+
+@pytest.mark.parametrize(
+    "recs, extra, message",
+    [
+        ([*GOOD_INSTR, {"instruction": "x", "input": ""}], (),
+         r"data.jsonl:21: missing field 'output'; each instructions record needs instruction and output"),
+        ([*GOOD_INSTR, {"instruction": "x", "output": "  "}], (), r"data.jsonl:21: empty 'output'"),
+        ([*GOOD_INSTR, {"instruction": "x " * 400, "output": "y"}], (),
+         r"data.jsonl:21: the example is longer than the context \(256 tokens\) and no response"),
+        ([{"messages": [{"role": "robot", "content": "hi"}]}] * 5, (),
+         r"data.jsonl:\d: message 0 has role 'robot'; roles are system, user, assistant"),
+        ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}] * 5, (),
+         r"data.jsonl:\d: no assistant turn with content"),
+        ([*GOOD_CLS[:-1], {"text": "t"}], ("--finetune.format", "classification"),
+         r"data.jsonl:20: missing field 'label'"),
+        (GOOD_CLS, ("--finetune.val", "VAL"), r"val.jsonl:1: label 'c' is not among the training labels \(a, b\)"),
+        (GOOD_INSTR, ("--finetune.mask", "everything"), r"finetune.mask must be one of response, instruction, padding"),
+        ([{"prompt": "x"}], (), r"cannot tell the format from its fields \['prompt'\]"),
+        (["not an object"], (), r"data.jsonl:1: a record must be a JSON object"),
+    ],
+    ids=["missing", "empty-response", "too-long", "role", "empty-assistant", "no-label",
+         "unseen-label", "bad-option", "unknown-format", "not-object"],
+)  # fmt: skip
+def test_bad_input_is_one_line_exit_2_and_nothing_written(
+    base, tmp_path, capsys, recs, extra, message
+):
+    data = _write(tmp_path / "data.jsonl", recs)
+    _write(tmp_path / "val.jsonl", [{"text": "odd", "label": "c"}])
+    extra = [str(tmp_path / "val.jsonl") if e == "VAL" else e for e in extra]
+    out = tmp_path / "run"
+    flags = [
+        "finetune",
+        "--init-from",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *COMMON,
+        *extra,
+    ]
+    capsys.readouterr()
+    assert cli.main(flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gptlab: error: "), err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_finetune_needs_a_base_model_and_records(base, tmp_path, capsys):
+    assert (
+        cli.main(
+            ["finetune", "--data", str(DATA / "instructions.jsonl"), "--out", str(tmp_path / "r")]
+        )
+        == 2
+    )
+    assert "needs --init-from SRC" in capsys.readouterr().err
+    assert cli.main(["finetune", "--init-from", str(base), "--out", str(tmp_path / "r")]) == 2
+    assert "needs --data FILE.jsonl" in capsys.readouterr().err
+    missing = tmp_path / "nope.jsonl"
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--init-from",
+                str(base),
+                "--data",
+                str(missing),
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert cli.main(["finetune", "--preset", "cpu", "--init-from", str(base), "--data", "x"]) == 2
+    assert "drop --preset" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_not_overwritten(instruct_run, base, capsys):
+    before = (instruct_run / "metrics.jsonl").read_bytes()
+    assert cli.main(_finetune(base, "instructions.jsonl", instruct_run, *INSTRUCT)) == 2
+    assert "add --resume" in capsys.readouterr().err
+    assert (instruct_run / "metrics.jsonl").read_bytes() == before
+
+
+# --------------------------------------------------------------------------- exact resume
+
+# The child finetunes through the real CLI and pauses at the N-th call of the finetuning
+# loss (training steps and evaluations alike), so the parent can kill it mid-run.
+GATED_FINETUNE = """
+import sys
+from gptlab import cli, finetune
+
+n, calls, real = int(sys.argv[1]), [0], finetune.lm_loss
+
+def gated(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+        print("gate: paused", flush=True)
+        sys.stdin.readline()
+    return real(*args, **kwargs)
+
+finetune.lm_loss = gated
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+RESUME = ("--max-steps", "10", "--train.lr", "2e-3", "--train.eval_freq", "3",
+          "--train.log_every", "1", "--model.drop_rate", "0.1", "--checkpoint-every", "3")  # fmt: skip
+
+
+def test_finetune_killed_then_resumed_is_bit_identical_to_uninterrupted(base, tmp_path):
+    ref = tmp_path / "ref"
+    done = run_cli(_finetune(base, "instructions.jsonl", ref, *RESUME))
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = tmp_path / "run"
+    n = random.randint(12, 30)  # a call after the first checkpoint (step 3) and before the end
+    proc = subprocess.Popen(
+        [sys.executable, "-c", GATED_FINETUNE, str(n), *_finetune(base, "instructions.jsonl", run, *RESUME)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=CHILD_ENV,
+    )  # fmt: skip
+    try:
+        wait_for_gate(proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            release(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert max(losses_by_step(run)) < 10
+    done = run_cli(["finetune", "--out", str(run), "--resume"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert losses_by_step(run) == losses_by_step(ref)
+    assert losses_by_step(run, "eval", "val_loss") == losses_by_step(ref, "eval", "val_loss")
+    a, b = weights(ckpt_lib.latest_checkpoint(run)), weights(ckpt_lib.latest_checkpoint(ref))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def test_two_process_ddp_finetune_is_the_one_process_run(base, tmp_path):
+    flags = ("--max-steps", "4", "--train.lr", "2e-3", "--train.eval_freq", "2",
+             "--train.eval_iter", "3", "--train.log_every", "1",
+             "--train.batch_size", "4", "--train.batch_tokens", str(2 * 4 * 256))  # fmt: skip
+    ref = tmp_path / "ref"
+    assert cli.main(_finetune(base, "instructions.jsonl", ref, *flags)) == 0
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    res = subprocess.run(
+        [*cmd, "-m", "gptlab", *_finetune(base, "instructions.jsonl", out, *flags, "--parallel", "ddp")],
+        env=CHILD_ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    got, want = losses_by_step(out), losses_by_step(ref)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for s in want:
+        assert got[s] == pytest.approx(want[s], abs=1e-5)
+    for a, b in zip(records(out, "eval"), records(ref, "eval"), strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+    assert records(out, "start")[0]["world_size"] == 2

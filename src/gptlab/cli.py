@@ -671,7 +671,10 @@ def build_finetune_config(args: argparse.Namespace) -> C.RunConfig:
         cfg.train.max_time = args.max_time or 0.0
     for key, value in config_overrides(args):
         C.set_field(cfg, key, value)
-    return cfg.validate()
+    # The model comes from --init-from: the checks across sections wait for it (finetune()).
+    for section in ("train", "data", "finetune"):
+        getattr(cfg, section).validate()
+    return cfg
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

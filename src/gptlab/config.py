@@ -490,10 +490,14 @@ class FinetuneConfig:
     val: str = _field("", "a file of validation records; empty: val_ratio of the data's records")
     test: str = _field("", "a file of test records; empty: test_ratio of the data's records")
     val_ratio: float = _field(
-        0.1, "share of the data's records held out for validation (when val is empty)", bounds=BELOW_ONE
+        0.1,
+        "share of the data's records held out for validation (when val is empty)",
+        bounds=BELOW_ONE,
     )
     test_ratio: float = _field(
-        0.1, "share of the data's records held out for testing (when test is empty)", bounds=BELOW_ONE
+        0.1,
+        "share of the data's records held out for testing (when test is empty)",
+        bounds=BELOW_ONE,
     )
     train_blocks: int = _field(
         -1,
