@@ -22,6 +22,7 @@ LAYERS = (
     "model",  # GPTModel: token ids -> logits; parameter and FLOP counts
     "tokenizer",  # GPT-2 BPE, char-level, trained BPE
     "bpe",  # training byte-level BPEs
+    "chat",  # chat templates: messages -> ids and mask; growing a base by their tokens
     "sources",  # reading documents from files, directories, globs, jsonl, parquet, hf:
     "data",  # documents -> tokens -> corpora, prepared shards, loaders
     "finetune",  # finetuning records -> rendered examples -> padded or packed batches; losses
