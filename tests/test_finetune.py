@@ -664,3 +664,57 @@ def test_two_process_ddp_finetune_is_the_one_process_run(base, tmp_path):
     for a, b in zip(records(out, "eval"), records(ref, "eval"), strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
     assert records(out, "start")[0]["world_size"] == 2
+
+
+# --------------------------------------------------------------------------- chat
+
+
+def test_chat_records_learn_only_the_assistant_turns_and_their_end(gpt2):
+    from gptlab import chat
+    from gptlab.tokenizer import WithSpecialTokens
+
+    tok = WithSpecialTokens(gpt2, list(chat.DEFAULT.special_tokens))
+
+    def render(messages, add_generation_prompt):
+        return chat.render(chat.DEFAULT, tok, messages, add_generation_prompt)
+
+    fc = FinetuneConfig(format="auto", test_ratio=0.0)
+    data = load_finetune_data(fc, str(DATA / "chat.jsonl"), tok, 128, seed=0, chat_render=render)
+    assert data.format == "chat" and len(data.val) == 30
+    by_where = {f"{DATA / 'chat.jsonl'}:{i + 1}": json.loads(line) for i, line in
+                enumerate((DATA / "chat.jsonl").read_text().splitlines())}  # fmt: skip
+    for ex in data.train[:40]:
+        x, y = example_tensors(ex)
+        learned = tok.decode(y[y != IGNORE_INDEX].tolist())
+        replies = [m["content"] for m in by_where[ex.where]["messages"] if m["role"] == "assistant"]
+        assert learned == "".join(r + "<|end|>" for r in replies)
+    # the run's samples answer the first validation conversation
+    assert tok.decode(data.sample_ids).endswith("<|assistant|>")
+
+
+CHAT = ("--train.lr", "2e-3", "--train.eval_freq", "3", "--train.eval_iter", "10",
+        "--train.log_every", "1", "--checkpoint-every", "3")  # fmt: skip
+
+
+def test_a_chat_finetune_grows_the_vocabulary_saves_its_template_and_resumes(
+    base, tmp_path, capsys
+):
+    ref = tmp_path / "ref"
+    assert cli.main(_finetune(base, "chat.jsonl", ref, *CHAT, "--max-steps", "6")) == 0
+    base_vocab = json.loads((base / "config.json").read_text())["model"]["vocab_size"]
+    cfg = json.loads((ref / "config.json").read_text())
+    assert cfg["finetune"]["format"] == "chat"
+    assert cfg["model"]["vocab_size"] == base_vocab + 4  # <|system|> <|user|> <|assistant|> <|end|>
+    assert (ref / "chat_template.json").is_file()
+    assert records(ref, "sample")[-1]["text"].startswith("<|endoftext|><|")
+    r = _eval_json(ref, capsys)
+    assert r["format"] == "chat" and r["loss"] == pytest.approx(
+        records(ref, "eval")[-1]["val_loss"], abs=1e-6
+    )
+    # stopped after step 3, then resumed to step 6: the uninterrupted run
+    run = tmp_path / "run"
+    assert cli.main(_finetune(base, "chat.jsonl", run, *CHAT, "--max-steps", "3")) == 0
+    assert cli.main(["finetune", "--out", str(run), "--resume", "--max-steps", "6", "--quiet"]) == 0
+    assert losses_by_step(run) == losses_by_step(ref)
+    a, b = weights(ckpt_lib.latest_checkpoint(run)), weights(ckpt_lib.latest_checkpoint(ref))
+    assert all(torch.equal(a[k], b[k]) for k in b)

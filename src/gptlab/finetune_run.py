@@ -23,11 +23,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from gptlab import chat
 from gptlab import dist as dist_lib
 from gptlab.config import RunConfig
 from gptlab.errors import GptlabError
 from gptlab.evaluate import calc_loss_loader
-from gptlab.finetune import FinetuneData, classification_accuracy, load_finetune_data
+from gptlab.finetune import (
+    FinetuneData,
+    classification_accuracy,
+    detect_format,
+    load_finetune_data,
+    read_records,
+)
 from gptlab.metrics import MetricsLog
 from gptlab.plot import plot_run
 from gptlab.runs import Run
@@ -48,22 +55,41 @@ def is_finetuned(cfg: RunConfig) -> bool:
     return cfg.finetune.format != "auto"
 
 
-def _chat_render(cfg: RunConfig, tokenizer: Any) -> Callable | None:
-    """The chat format's renderer (messages, add_generation_prompt) -> (ids, learn), or
-    None when gptlab.chat is not there."""
-    return None
+def chat_template(name: str) -> chat.ChatTemplate:
+    """The template finetune.template names: empty or gptlab-chat (the default), or a
+    directory holding a chat_template.json (a finetuned chat run's)."""
+    if name in ("", chat.DEFAULT.name):
+        return chat.DEFAULT
+    found = chat.load_template(name) if Path(name).is_dir() else None
+    if found is None:
+        raise GptlabError(
+            f"finetune.template {name!r} is neither {chat.DEFAULT.name!r} nor a directory with "
+            f"{chat.TEMPLATE_FILE}; leave it empty for the default template"
+        )
+    return found
 
 
-def open_finetune_data(cfg: RunConfig, tokenizer: Any, labels: list[str] | None) -> FinetuneData:
-    """The run's records, rendered for its model (config fields as `finetune()` takes them)."""
-    fc = cfg.finetune
+def open_finetune_data(
+    cfg: RunConfig,
+    tokenizer: Any,
+    labels: list[str] | None,
+    template: chat.ChatTemplate | None = None,
+) -> FinetuneData:
+    """The run's records, rendered for its model (config fields as `finetune()` takes them);
+    chat records by `template`."""
+    render = None
+    if template is not None:
+
+        def render(messages, add_generation_prompt):
+            return chat.render(template, tokenizer, messages, add_generation_prompt)
+
     return load_finetune_data(
-        fc,
+        cfg.finetune,
         cfg.data.source,
         tokenizer,
         cfg.model.context_length,
         cfg.train.seed,
-        chat_render=_chat_render(cfg, tokenizer),
+        chat_render=render,
         labels=labels,
     )
 
@@ -95,16 +121,25 @@ def finetune(
             "gptlab finetune needs --init-from SRC: the gptlab run or Hugging Face folder to start from"
         )
     run_dir = _new_run_dir(out, resume, name)
+    fmt = cfg.finetune.format
+    if fmt == "auto":
+        fmt = detect_format(read_records(cfg.data.source))
+    template = chat_template(cfg.finetune.template) if fmt == "chat" else None
     source = None
     if init_from is not None:
         cfg, source = _init_from(cfg, init_from, model_keys, notify)
         tokenizer = source.tokenizer
-        cfg = replace(cfg, model=replace(cfg.model, num_classes=0))
+        if template is not None:  # the turn tokens: a base lacks them, its vocabulary grows
+            source.model, tokenizer = chat.ensure_special_tokens(source.model, tokenizer, template)
+        vocab = source.model.cfg.vocab_size  # grown, or the base's
+        cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab, num_classes=0))
     else:
         tokenizer = _run_tokenizer(run_dir)
+        if template is not None:
+            template = chat.load_template(run_dir) or template
     labels = json.loads(cfg.finetune.labels) if cfg.finetune.labels else None
     notify({"event": "loading", "source": cfg.data.source, "prepared": False, "tokenizer": "base"})
-    data = open_finetune_data(cfg, tokenizer, labels)
+    data = open_finetune_data(cfg, tokenizer, labels, template)
     fc = replace(
         cfg.finetune, format=data.format, labels=json.dumps(data.labels) if data.labels else ""
     )
@@ -118,6 +153,8 @@ def finetune(
     init_weights = None
     if trainer.dist.is_main:
         _point_latest(run_dir)
+        if template is not None:  # generate --chat, serve and convert to-hf read it there
+            chat.save_template(run_dir, template)
     end = _run_with_signals(trainer, run_dir, tensorboard)
     if data.is_classifier and end["reason"] not in ("SIGINT", "SIGTERM", "nonfinite"):
         end = {**end, "accuracy": _final_accuracy(trainer, data)}
@@ -194,7 +231,10 @@ def evaluate_finetuned(
             cfg, finetune=replace(cfg.finetune, val_ratio=0.0, test_ratio=0.0, val=data, test="")
         )
         split = "val"
-    ft = open_finetune_data(cfg, run.tokenizer, labels)
+    template = run.chat_template
+    if cfg.finetune.format == "chat" and template is None:
+        raise GptlabError(f"the chat run {str(run.checkpoint)!r} has no chat template; restore it")
+    ft = open_finetune_data(cfg, run.tokenizer, labels, template)
     examples = getattr(ft, split)
     if not examples:
         raise GptlabError(f"the run's {split} split has no records; choose another --split")
