@@ -718,3 +718,34 @@ def test_a_chat_finetune_grows_the_vocabulary_saves_its_template_and_resumes(
     assert losses_by_step(run) == losses_by_step(ref)
     a, b = weights(ckpt_lib.latest_checkpoint(run)), weights(ckpt_lib.latest_checkpoint(ref))
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_classifier_is_refused_where_text_is_needed(base, tmp_path, capsys):
+    out = tmp_path / "cls"
+    assert cli.main(_finetune(base, "classification.jsonl", out, "--max-steps", "2")) == 0
+    capsys.readouterr()
+    for flags, message in [
+        (
+            ["generate", "--checkpoint", str(out), "--prompt", "The film"],
+            "generate needs a language model",
+        ),
+        (["convert", "to-hf", str(out), str(tmp_path / "hf")], "is a classifier (2 classes"),
+        (
+            _finetune(out, "instructions.jsonl", tmp_path / "again"),
+            "is a classifier (gptlab finetune)",
+        ),
+    ]:
+        assert cli.main(flags) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "again").exists()
+
+
+def test_an_example_longer_than_the_context_is_cut_and_counted(gpt2, tmp_path):
+    recs = [{"instruction": "Repeat.", "input": "", "output": "word " * n} for n in (5, 200, 6, 7)]
+    path = _write(tmp_path / "long.jsonl", recs * 5)
+    fc = FinetuneConfig(val_ratio=0.2, test_ratio=0.0)
+    data = load_finetune_data(fc, str(path), gpt2, 128, seed=0)
+    assert data.truncated == 5 and data.sizes()["truncated"] == 5
+    cut = [ex for ex in data.train + data.val if len(ex.ids) == 129]
+    assert len(cut) == 5 and all(ex.ids[-1] != gpt2.eot_token for ex in cut)  # the end was cut

@@ -783,12 +783,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- generate and plot
 
 
+def _text_model(run, command: str):
+    """The run, unless it is a classifier, which writes no text."""
+    if run.config.model.num_classes:
+        raise GptlabError(
+            f"{command} needs a language model; this run is a classifier of "
+            f"{run.config.model.num_classes} classes (gptlab finetune); evaluate it with gptlab eval"
+        )
+    return run
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from gptlab.generate import complete, stream_text
     from gptlab.runs import open_run
 
     prompts = args.prompt or ["Every effort moves you"]
-    run = open_run(args.checkpoint, args.device)
+    run = _text_model(open_run(args.checkpoint, args.device), "generate")
     model, tokenizer = run.model, run.tokenizer
     for prompt in prompts:
         if not tokenizer.encode(prompt):
@@ -1007,7 +1017,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gptlab.runs import open_run
     from gptlab.serve import serve
 
-    run = open_run(args.checkpoint, args.device)
+    run = _text_model(open_run(args.checkpoint, args.device), "serve")
     if args.compile:
         # shapes change with the batch and the cache length at every step: compile dynamic
         run.model = torch.compile(run.model, dynamic=True)

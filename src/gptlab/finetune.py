@@ -418,6 +418,16 @@ class FinetuneData:
     def is_classifier(self) -> bool:
         return self.format == "classification"
 
+    def sizes(self) -> dict[str, Any]:
+        """Tokens and records of each split, examples cut to the context, the format."""
+        out: dict[str, Any] = {"format": self.format}
+        for split in ("train", "val", "test"):
+            examples = getattr(self, split)
+            out[f"{split}_tokens"] = sum(len(ex.ids) for ex in examples)
+            out[f"{split}_examples"] = len(examples)
+        out["truncated"] = self.truncated
+        return out
+
     def loader(self, split: str, batch_size: int, seed: int, train: bool = False) -> ExampleLoader:
         """The loader over one split; training ones shuffle by (seed, epoch) and drop the
         last partial batch, the others keep both."""
@@ -478,8 +488,16 @@ def set_trainable(model: nn.Module, train_blocks: int) -> None:
             p.requires_grad_(True)
 
 
-def _fingerprint(parts: list[Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _fingerprint(settings: list[Any], splits: list[list[Any]]) -> str:
+    """A hash of the settings and of every example's ids, mask and label, split by split."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for examples in splits:
+        h.update(b"|split|")
+        for ex in examples:
+            h.update(np.asarray(ex.ids, dtype=np.int64).tobytes())
+            extra = ex.learn if isinstance(ex, Example) else [ex.label]
+            h.update(b"/" + np.asarray(extra, dtype=np.int64).tobytes() + b";")
+    return h.hexdigest()[:16]
 
 
 def split_records(
@@ -616,16 +634,8 @@ def load_finetune_data(
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         sample = chat_render(msgs[:last], True)[0] if last else None
     fingerprint = _fingerprint(
-        [
-            fmt,
-            fc.mask,
-            fc.pack,
-            fc.template,
-            context_length,
-            tokenizer.identity(),
-            labels,
-            [[ex.ids for ex in out[s]] for s in ("train", "val", "test")],
-        ]
+        [fmt, fc.mask, fc.pack, fc.template, context_length, tokenizer.identity(), labels],
+        [out["train"], out["val"], out["test"]],
     )
     return FinetuneData(
         fmt,

@@ -769,6 +769,11 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
     if out.exists() and any(out.iterdir()):
         raise GptlabError(f"{str(out)!r} is not empty; choose a new output directory")
     model, _, meta = ckpt_lib.load_trained_model(run_dir)
+    if model.cfg.num_classes:
+        raise GptlabError(
+            f"{str(run_dir)!r} is a classifier ({model.cfg.num_classes} classes, gptlab "
+            "finetune): it has no causal-LM head to export; convert its base model instead"
+        )
     identity = meta["tokenizer"]
     tokenizer = from_identity(identity)
     template = chat.load_template(meta["path"])

@@ -775,11 +775,16 @@ class Trainer:
             batch_tokens=self.accum * tc.batch_size * self.cfg.model.context_length,
             steps_per_epoch=self.steps_per_epoch,
             total_steps=self.total_steps,
-            train_tokens=len(self.corpus.train),
-            val_tokens=len(self.corpus.val),
+            **self._data_sizes(),
             peak_flops=self.peak,
             peak_source=self.peak_source,
         )
+
+    def _data_sizes(self) -> dict[str, Any]:
+        """The start record's sizes of the data: tokens, and a finetune's records."""
+        if self.task is not None:
+            return self.task.sizes()
+        return {"train_tokens": len(self.corpus.train), "val_tokens": len(self.corpus.val)}
 
     def _emit_train(self, window: _Window, loss: float, norm: float) -> None:
         tps = window.tokens_per_s()
@@ -1057,6 +1062,11 @@ def _init_from(
         )
     notify({"event": "init_from", "source": src})
     source = open_run(src, device="cpu", hub=True)
+    if source.config.model.num_classes:
+        raise GptlabError(
+            f"--init-from {src!r} is a classifier (gptlab finetune): it has no language-model "
+            "head to start from; use its base model"
+        )
     changes = {k: getattr(cfg.model, k) for k in model_keys}
     cfg = replace(cfg, model=replace(source.config.model, **changes))
     return cfg.validate(), source
