@@ -570,6 +570,11 @@ def load_finetune_data(
         raise GptlabError(
             "no validation records; set --finetune.val FILE or a --finetune.val_ratio above 0"
         )
+    if fmt == "classification" and fc.pack:
+        raise GptlabError(
+            "finetune.pack packs instructions and chat records; a classifier scores each text "
+            "on its own: drop --finetune.pack"
+        )
     pad_id = tokenizer.eot_token
     out: dict[str, list] = {}
     truncated = 0
@@ -646,7 +651,7 @@ def load_finetune_data(
         fingerprint,
         pad_id,
         context_length,
-        fc.pack and fmt != "classification",
+        fc.pack,
         labels,
         truncated,
         sample,
