@@ -645,16 +645,17 @@ def test_finetune_killed_then_resumed_is_bit_identical_to_uninterrupted(base, tm
 # --------------------------------------------------------------------------- torchrun
 
 
-def test_two_process_ddp_finetune_is_the_one_process_run(base, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_finetune_is_the_one_process_run(base, tmp_path, mode):
     flags = ("--max-steps", "4", "--train.lr", "2e-3", "--train.eval_freq", "2",
              "--train.eval_iter", "3", "--train.log_every", "1",
              "--train.batch_size", "4", "--train.batch_tokens", str(2 * 4 * 256))  # fmt: skip
     ref = tmp_path / "ref"
     assert cli.main(_finetune(base, "instructions.jsonl", ref, *flags)) == 0
-    out = tmp_path / "ddp"
+    out = tmp_path / mode
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     res = subprocess.run(
-        [*cmd, "-m", "gptlab", *_finetune(base, "instructions.jsonl", out, *flags, "--parallel", "ddp")],
+        [*cmd, "-m", "gptlab", *_finetune(base, "instructions.jsonl", out, *flags, "--parallel", mode)],
         env=CHILD_ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
