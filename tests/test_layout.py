@@ -22,8 +22,10 @@ LAYERS = (
     "model",  # GPTModel: token ids -> logits; parameter and FLOP counts
     "tokenizer",  # GPT-2 BPE, char-level, trained BPE
     "bpe",  # training byte-level BPEs
+    "chat",  # chat templates: messages -> ids and mask; growing a base by their tokens
     "sources",  # reading documents from files, directories, globs, jsonl, parquet, hf:
     "data",  # documents -> tokens -> corpora, prepared shards, loaders
+    "finetune",  # finetuning records -> rendered examples -> padded or packed batches; losses
     "prepare",  # gptlab prepare: parallel, resumable sharding
     "optim",  # parameter groups, optimizers, lr schedule
     "runtime",  # device, precision, compile and host-memory policy; speed facts
@@ -41,6 +43,7 @@ LAYERS = (
     "hf",  # Hugging Face GPT-2 and Llama weights, both ways
     "runs",  # open a gptlab run or a Hugging Face folder
     "trainer",  # the loop, and train()
+    "finetune_run",  # gptlab finetune: a base model, records, the Trainer; eval of such runs
     "serve",  # the OpenAI-compatible HTTP server and its page
     "console",  # progress views for the terminal
     "cli",  # argv -> library calls -> one-line errors and exit codes

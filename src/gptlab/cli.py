@@ -1,5 +1,5 @@
-"""`gptlab train | config | generate | plot | prepare | tokenizer train | eval | convert |
-serve`: the
+"""`gptlab train | finetune | config | generate | plot | prepare | tokenizer train | eval |
+convert | serve`: the
 only code that reads argv, prints for the user or exits.
 
 User mistakes (GptlabError) print one line on stderr and exit with status 2. Help goes to
@@ -132,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for add in (
         _train_parser,
+        _finetune_parser,
         _config_parser,
         _generate_parser,
         _convert_parser,
@@ -195,6 +196,43 @@ def _train_parser(sub) -> None:
         "--tensorboard",
         action="store_true",
         help="the same as --tracker tensorboard",
+    )
+    _config_field_args(t)
+
+
+def _finetune_parser(sub) -> None:
+    t = _command(
+        sub,
+        "finetune",
+        cmd_finetune,
+        usage="gptlab finetune --init-from SRC --data FILE.jsonl [--out DIR] [options] "
+        "[--section.field VALUE ...]",
+        help="finetune a pretrained model on instruction, chat or classification records",
+        description="Finetune the model of --init-from (a gptlab run or a Hugging Face GPT-2 or "
+        "Llama folder) on the records of --data, one JSON object a line: instruction/input/output "
+        "(the Alpaca prompt), messages (a chat template), or text/label (a classification head). "
+        "The loss counts only the response tokens (--finetune.mask). Training starts from "
+        "AdamW at 5e-5 for 2 epochs in batches of 8 (the book's); every --train.* field can be "
+        "set. The run is a normal gptlab run: resume it with --out DIR --resume.",
+    )
+    _run_config_args(t)
+    t.add_argument("--out", metavar="DIR", help="run directory (default: runs/finetune-<time>)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the finetune in --out from its latest checkpoint",
+    )
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--init-from",
+        metavar="SRC",
+        help="the base model: a gptlab run or a Hugging Face GPT-2 or Llama directory (or hub id); "
+        "only --model.drop_rate and --model.attention may change",
+    )
+    t.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard events to RUN_DIR/tensorboard (needs `tensorboard`)",
     )
     _config_field_args(t)
 
@@ -520,7 +558,9 @@ def _eval_parser(sub) -> None:
     )
     ev.add_argument("--checkpoint", default="runs/latest", help="run or checkpoint directory")
     ev.add_argument("--data", help="text file/dir/glob, 'shakespeare', or a prepared directory")
-    ev.add_argument("--split", choices=("val", "train"), default="val")
+    ev.add_argument(
+        "--split", choices=("val", "train", "test"), default="val", help="test: finetuned runs only"
+    )
     ev.add_argument("--batch-size", type=_number(int, AT_LEAST_ONE), default=8)
     ev.add_argument(
         "--max-batches",
@@ -641,6 +681,83 @@ def _preset_and_file(preset: str | None, config_file: str | None) -> tuple[C.Run
     return cfg, name
 
 
+def build_finetune_config(args: argparse.Namespace) -> C.RunConfig:
+    """The finetune's RunConfig: a resumed run's saved one, else the defaults with the book's
+    finetuning schedule (C.FINETUNE_TRAIN), then --config, --data, the limits, the overrides."""
+    if args.preset:
+        raise GptlabError(
+            "gptlab finetune takes its model from --init-from; drop --preset (use --config for settings)"
+        )
+    saved = Path(args.out) / "config.json" if args.out else None
+    if args.resume and saved and saved.is_file() and not args.config:
+        cfg = C.RunConfig.from_dict(json.loads(saved.read_text()))
+    else:
+        cfg = C.RunConfig.from_dict({"train": dict(C.FINETUNE_TRAIN)})
+        if args.config:
+            file_cfg = C.load_toml(args.config)
+            file_cfg.pop("preset", None)
+            C.apply_nested(cfg, file_cfg, origin=f"config file {args.config}")
+        if not args.data and not args.resume:
+            raise GptlabError("gptlab finetune needs --data FILE.jsonl: the records to learn from")
+    if args.data:
+        cfg.data.source = args.data
+    if any(getattr(args, f) is not None for f in LIMIT_FLAGS):
+        cfg.train.epochs = args.epochs or 0
+        cfg.train.max_steps = args.max_steps or 0
+        cfg.train.max_time = args.max_time or 0.0
+    for key, value in config_overrides(args):
+        C.set_field(cfg, key, value)
+    # The model comes from --init-from: the checks across sections wait for it (finetune()).
+    for section in ("train", "data", "finetune"):
+        getattr(cfg, section).validate()
+    return cfg
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from gptlab.console import ConsoleView
+    from gptlab.finetune_run import finetune
+
+    cfg = build_finetune_config(args)
+    view = ConsoleView(quiet=args.quiet)
+    try:
+        result = finetune(
+            cfg,
+            args.out,
+            resume=args.resume,
+            init_from=args.init_from,
+            model_keys=_model_keys(args) if args.init_from else (),
+            on_event=view,
+            tensorboard=args.tensorboard,
+        )
+    finally:
+        view.close()
+    end = result.end
+    if not result.is_main:
+        return {"SIGINT": 130, "SIGTERM": 143, "nonfinite": 1}.get(end["reason"], 0)
+    if result.plot is not None:
+        print(f"loss plot: {result.plot} (and .pdf)")
+    print(f"checkpoint: {end['checkpoint']}")
+    if end["reason"] in ("SIGINT", "SIGTERM"):
+        print(
+            f"stopped by {end['reason']} at step {end['step']}; resume with: "
+            f"gptlab finetune --out {result.run_dir} --resume"
+        )
+        return 130 if end["reason"] == "SIGINT" else 143
+    if end["reason"] == "nonfinite":
+        print(
+            "gptlab: error: finetuning stopped on non-finite steps; resume with a lower --train.lr",
+            file=sys.stderr,
+        )
+        return 1
+    if "accuracy" in end:
+        print(
+            "accuracy: "
+            + " | ".join(f"{k[:-4]} {100 * v:.2f}%" for k, v in end["accuracy"].items())
+        )
+    print(f"evaluate it: gptlab eval --checkpoint {result.run_dir}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg, preset_name = build_config(args)
     sys.stdout.write(C.to_toml(cfg, preset_name))
@@ -701,12 +818,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- generate and plot
 
 
+def _text_model(run, command: str):
+    """The run, unless it is a classifier, which writes no text."""
+    if run.config.model.num_classes:
+        raise GptlabError(
+            f"{command} needs a language model; this run is a classifier of "
+            f"{run.config.model.num_classes} classes (gptlab finetune); evaluate it with gptlab eval"
+        )
+    return run
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from gptlab.generate import complete, stream_text
     from gptlab.runs import open_run
 
     prompts = args.prompt or ["Every effort moves you"]
-    run = open_run(args.checkpoint, args.device)
+    run = _text_model(open_run(args.checkpoint, args.device), "generate")
     model, tokenizer = run.model, run.tokenizer
     for prompt in prompts:
         if not tokenizer.encode(prompt):
@@ -885,6 +1012,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from gptlab.evaluate import evaluate_run
+    from gptlab.finetune_run import evaluate_finetuned, is_finetuned
     from gptlab.runs import open_run
 
     if args.task or args.suite:
@@ -892,6 +1020,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.task_data or args.out:
         raise GptlabError("--task-data and --out go with --task or --suite")
     run = open_run(args.checkpoint, args.device)
+    if is_finetuned(run.config):
+        r = evaluate_finetuned(run, args.data, args.split, args.batch_size)
+        r = {"data": r["data"], "checkpoint": args.checkpoint, **r}
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"data: {r['data']}: {r['examples']:,} {r['format']} records")
+            line = f"loss {r['loss']:.4f} on the learned tokens"
+            if "accuracy" in r:
+                line += f" | accuracy {100 * r['accuracy']:.2f}%"
+            print(line)
+        return 0
     r = evaluate_run(run, args.data, args.split, args.batch_size, args.max_batches, args.precision)
     r = {"data": r["data"], "checkpoint": args.checkpoint, **r}
     if args.json:
@@ -959,7 +1099,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gptlab.runs import open_run
     from gptlab.serve import serve
 
-    run = open_run(args.checkpoint, args.device)
+    run = _text_model(open_run(args.checkpoint, args.device), "serve")
     if args.compile:
         # shapes change with the batch and the cache length at every step: compile dynamic
         run.model = torch.compile(run.model, dynamic=True)

@@ -187,6 +187,12 @@ class ModelConfig:
     zero_init_proj: bool = _field(
         False, "start the attention and MLP output projections at zero (blocks begin as identity)"
     )
+    num_classes: int = _field(
+        0,
+        "0: the output head scores the vocabulary; N: a classification head of N classes "
+        "(Linear(emb_dim, N) with a bias, the book's chapter 6), set by `gptlab finetune`",
+        bounds=NON_NEGATIVE,
+    )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -495,15 +501,72 @@ class DataConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """How `gptlab finetune` reads, renders and masks its records (unused by train)."""
+
+    format: str = _field(
+        "auto",
+        "instructions: instruction, input, output (Alpaca prompt); chat: messages; "
+        "classification: text, label; auto: from the first record's fields",
+        choices=("auto", "instructions", "chat", "classification"),
+    )
+    mask: str = _field(
+        "response",
+        "which targets the loss skips: response: all but the response and its end (the "
+        "assistant turns in chat); instruction: the instruction and input (the book's "
+        "exercise 7.2); padding: only the padding (the book's chapter 7)",
+        choices=("response", "instruction", "padding"),
+    )
+    pack: bool = _field(
+        False,
+        "pack examples into rows of context_length tokens, attention kept inside each "
+        "example; false: pad each batch to its longest example (the book)",
+    )
+    template: str = _field("", "the chat template (chat format); empty: the default one")
+    val: str = _field("", "a file of validation records; empty: val_ratio of the data's records")
+    test: str = _field("", "a file of test records; empty: test_ratio of the data's records")
+    val_ratio: float = _field(
+        0.1,
+        "share of the data's records held out for validation (when val is empty)",
+        bounds=BELOW_ONE,
+    )
+    test_ratio: float = _field(
+        0.1,
+        "share of the data's records held out for testing (when test is empty)",
+        bounds=BELOW_ONE,
+    )
+    train_blocks: int = _field(
+        -1,
+        "blocks trained from the top, with the final norm and the head (the book's chapter "
+        "6 trains 1); -1: every parameter",
+        bounds=Range(-1),
+    )
+    labels: str = _field(
+        "", "classification: the class names in head order, a JSON list (set from the data)"
+    )
+
+    def validate(self) -> FinetuneConfig:
+        _check_fields(self, "finetune")
+        if self.val_ratio + self.test_ratio >= 1:
+            raise GptlabError(
+                f"finetune.val_ratio + finetune.test_ratio ({self.val_ratio + self.test_ratio}) "
+                "must be below 1: some records must train"
+            )
+        return self
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> RunConfig:
         self.model.validate()
         self.train.validate()
         self.data.validate()
+        self.finetune.validate()
         if self.data.stride > self.model.context_length:
             raise GptlabError(
                 f"data.stride ({self.data.stride}) exceeds model.context_length "
@@ -527,9 +590,32 @@ class RunConfig:
         return cfg
 
 
-SECTIONS = ("model", "train", "data")
+SECTIONS = ("model", "train", "data", "finetune")
 # Each section's dataclass, in the order the sections appear in a config.
-SECTION_TYPES: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+SECTION_TYPES: dict[str, type] = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "finetune": FinetuneConfig,
+}
+
+# `gptlab finetune`'s training settings (the model comes from --init-from): the book's
+# chapters 6 and 7 (AdamW at 5e-5, weight decay 0.1, batches of 8, a few epochs), at a
+# constant rate, evaluated every 20 steps.
+FINETUNE_TRAIN: dict[str, Any] = {
+    "optimizer": "adamw",
+    "lr": 5e-5,
+    "weight_decay": 0.1,
+    "schedule": "constant",
+    "warmup_steps": 0,
+    "batch_size": 8,
+    "batch_tokens": 0,
+    "epochs": 2,
+    "eval_freq": 20,
+    "eval_iter": 5,
+    "log_every": 5,
+    "grad_clip": 1.0,
+}
 
 # The later ideas in the blocks (see the README's architecture options), as the `cpu` and
 # `gpu` presets use them.

@@ -45,6 +45,17 @@ LINES = {
 }
 
 
+def _records_note(r: dict[str, Any]) -> str:
+    """A finetune's records in the start line: how many, and how many were cut."""
+    if "format" not in r:
+        return ""
+    cut = f", {r['truncated']:,} cut to the context" if r["truncated"] else ""
+    return (
+        f" ({r['train_examples']:,} / {r['val_examples']:,} / {r['test_examples']:,} "
+        f"{r['format']} records for train / val / test{cut})"
+    )
+
+
 class ConsoleView:
     """Renders trainer events: a tqdm progress bar, evaluation lines and samples."""
 
@@ -73,7 +84,7 @@ class ConsoleView:
         self._print(
             f"model: {r['params'] / 1e6:.2f}M parameters | device {r['device']} | precision {r['precision']}"
             f"{' | compiled' if r['compiled'] else ''}{procs} | {r['batch_tokens']} tokens/step ({r['accum']} micro-batches)"
-            f" | {r['train_tokens']:,} train / {r['val_tokens']:,} val tokens"
+            f" | {r['train_tokens']:,} train / {r['val_tokens']:,} val tokens" + _records_note(r)
         )
         # A bar only on a terminal: in a log file or pipe its redraws are noise, and one
         # plain line per logged step is what a reader (or a supervising script) wants.

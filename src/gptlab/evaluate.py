@@ -10,7 +10,7 @@ reports for a run opened with `gptlab.runs.open_run`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,47 +51,67 @@ def calc_loss_loader(
     device,
     num_batches: int | None = None,
     dist: Dist | None = None,
+    batch_loss: BatchLoss | None = None,
 ) -> float:
     """Average loss over the first `num_batches` batches of a loader (all when None).
 
     An empty loader gives NaN, as in the walk-through. With a torchrun `dist`, every rank
     computes every world_size-th batch (the loader must give batches by index, as
-    TokenWindowLoader does) and all get the same mean.
+    TokenWindowLoader does) and all get the same mean. `batch_loss(model, inputs, targets)`
+    replaces calc_loss_batch's loss (finetuning's masked or classification loss).
     """
     n_available = len(data_loader)
     if n_available == 0:
         return float("nan")
     num_batches = n_available if num_batches is None else min(num_batches, n_available)
     if dist is not None and dist.enabled:
-        return _shared_loader_loss(data_loader, model, device, num_batches, dist)
+        return _shared_loader_loss(data_loader, model, device, num_batches, dist, batch_loss)
     total = 0.0
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
-        total += calc_loss_batch(input_batch, target_batch, model, device).item()
+        total += _loss(input_batch, target_batch, model, device, batch_loss).item()
     return total / num_batches
 
 
-def _shared_loader_loss(loader, model: nn.Module, device, n: int, dist: Dist) -> float:
+BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _loss(x, y, model: nn.Module, device, batch_loss: BatchLoss | None) -> torch.Tensor:
+    if batch_loss is None:
+        return calc_loss_batch(x, y, model, device)
+    return batch_loss(model, x.to(device), y.to(device))
+
+
+def _shared_loader_loss(
+    loader, model: nn.Module, device, n: int, dist: Dist, batch_loss: BatchLoss | None = None
+) -> float:
     """The mean loss of the loader's first n batches, computed by all ranks together."""
     total = torch.zeros((), dtype=torch.float64, device=dist.device)
     for i in eval_batch_indices(n, dist.rank, dist.world_size):
         x, y = loader.batch(0, 0 if i is None else i)  # None: a padding pass, not counted
-        loss = calc_loss_batch(x, y, model, device)
+        loss = _loss(x, y, model, device, batch_loss)
         if i is not None:
             total += loss.double()
     return dist.sum(total).item() / n
 
 
 def evaluate_model(
-    model: nn.Module, train_loader, val_loader, device, eval_iter: int, dist: Dist | None = None
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    device,
+    eval_iter: int,
+    dist: Dist | None = None,
+    batch_loss: BatchLoss | None = None,
 ) -> tuple[float, float]:
     """Train and validation loss on `eval_iter` batches each: eval mode, no grad, then back
-    to train mode. With a torchrun `dist`, computed by all ranks together."""
+    to train mode. With a torchrun `dist`, computed by all ranks together; `batch_loss`
+    as calc_loss_loader takes it."""
     model.eval()
     with torch.no_grad():
-        train_loss = calc_loss_loader(train_loader, model, device, eval_iter, dist)
-        val_loss = calc_loss_loader(val_loader, model, device, eval_iter, dist)
+        train_loss = calc_loss_loader(train_loader, model, device, eval_iter, dist, batch_loss)
+        val_loss = calc_loss_loader(val_loader, model, device, eval_iter, dist, batch_loss)
     model.train()
     return train_loss, val_loss
 

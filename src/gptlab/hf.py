@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from gptlab import chat
 from gptlab import checkpoint as ckpt_lib
 from gptlab.config import PRESETS, ModelConfig, RunConfig
 from gptlab.errors import GptlabError
@@ -754,7 +755,10 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
     (`architecture` says which, or refuses before anything is written): config.json,
     model.safetensors, generation_config.json and the tokenizer: for GPT-2's, vocab.json,
     merges.txt and tokenizer_config.json; for a trained BPE, tokenizer.json and
-    tokenizer_config.json. Returns the names of the files written.
+    tokenizer_config.json. A run with a chat template also gets chat_template.jinja (and
+    the same Jinja string as tokenizer_config.json's `chat_template`, where older
+    transformers look), with the template's special tokens in the tokenizer at the run's
+    ids, so `apply_chat_template` gives gptlab's ids. Returns the names of the files written.
 
     A char-tokenizer run gets the weights and config only (transformers has no tokenizer
     for it); the caller should say so.
@@ -765,8 +769,20 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
     if out.exists() and any(out.iterdir()):
         raise GptlabError(f"{str(out)!r} is not empty; choose a new output directory")
     model, _, meta = ckpt_lib.load_trained_model(run_dir)
+    if model.cfg.num_classes:
+        raise GptlabError(
+            f"{str(run_dir)!r} is a classifier ({model.cfg.num_classes} classes, gptlab "
+            "finetune): it has no causal-LM head to export; convert its base model instead"
+        )
     identity = meta["tokenizer"]
     tokenizer = from_identity(identity)
+    template = chat.load_template(meta["path"])
+    if template is not None and chat.missing_tokens(tokenizer, template):
+        raise GptlabError(
+            f"the run's chat template uses {', '.join(chat.missing_tokens(tokenizer, template))}, "
+            "which its tokenizer lacks; the run is inconsistent: fine-tune it again"
+        )
+    added = list(getattr(tokenizer, "added", {}))  # special tokens after the base's ids
     eos = getattr(tokenizer, "eot_token", None)
     sd = state_dict_to_hf(model)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -779,10 +795,14 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
             tmp / "generation_config.json",
             {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos},
         )
+        jinja = template.jinja() if template is not None else None
+        max_len = model.cfg.context_length
         if identity.get("type") == "gpt2":
-            _write_gpt2_tokenizer(tmp, model.cfg.context_length)
+            _write_gpt2_tokenizer(tmp, max_len, added, jinja)
         elif identity.get("type") == "bpe":
-            _write_trained_tokenizer(tmp, identity["json"], model.cfg.context_length)
+            _write_trained_tokenizer(tmp, identity["json"], max_len, added, jinja)
+        if jinja is not None and identity.get("type") in ("gpt2", "bpe"):
+            (tmp / "chat_template.jinja").write_text(jinja, encoding="utf-8")
         names = sorted(p.name for p in tmp.iterdir())
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -797,8 +817,15 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def _special_tokens_config(tokenizer_class: str, max_len: int) -> dict[str, Any]:
-    return {
+def _special_tokens_config(
+    tokenizer_class: str,
+    max_len: int,
+    added: list[str] | None = None,
+    first_added: int = 0,
+    chat_template: str | None = None,
+) -> dict[str, Any]:
+    """tokenizer_config.json; `added` special tokens take ids first_added, first_added + 1..."""
+    config: dict[str, Any] = {
         "tokenizer_class": tokenizer_class,
         "model_max_length": max_len,
         "bos_token": ENDOFTEXT,
@@ -808,26 +835,69 @@ def _special_tokens_config(tokenizer_class: str, max_len: int) -> dict[str, Any]
         "add_bos_token": False,
         "clean_up_tokenization_spaces": False,
     }
+    if added:
+        config["additional_special_tokens"] = list(added)
+        config["added_tokens_decoder"] = {
+            str(first_added + i): _added_token(t) for i, t in enumerate(added)
+        }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    return config
 
 
-def _write_trained_tokenizer(out: Path, json_text: str, max_len: int) -> None:
+def _added_token(content: str) -> dict[str, Any]:
+    """A special token as transformers records it: matched whole, never normalised."""
+    return {
+        "content": content,
+        "special": True,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+    }
+
+
+def _write_trained_tokenizer(
+    out: Path, json_text: str, max_len: int, added: list[str], chat_template: str | None
+) -> None:
     """A `gptlab tokenizer train` BPE is a `tokenizers` file already: transformers loads it
-    as a PreTrainedTokenizerFast from tokenizer.json."""
-    (out / "tokenizer.json").write_text(json_text, encoding="utf-8")
+    as a PreTrainedTokenizerFast from tokenizer.json. Added special tokens go into the file,
+    where they take the ids after the base's (checked)."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer.from_str(json_text)
+    first = tok.get_vocab_size(with_added_tokens=True)
+    if added:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+        got = [tok.token_to_id(t) for t in added]
+        if got != list(range(first, first + len(added))):
+            raise GptlabError(
+                f"the tokenizer placed the special tokens {added} at ids {got}, not after its "
+                f"own {first}; the run's tokenizer is inconsistent"
+            )
+    (out / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
     _write_json(
-        out / "tokenizer_config.json", _special_tokens_config("PreTrainedTokenizerFast", max_len)
+        out / "tokenizer_config.json",
+        _special_tokens_config("PreTrainedTokenizerFast", max_len, added, first, chat_template),
     )
 
 
-def _write_gpt2_tokenizer(out: Path, max_len: int) -> None:
+def _write_gpt2_tokenizer(
+    out: Path, max_len: int, added: list[str], chat_template: str | None
+) -> None:
     """vocab.json and merges.txt are OpenAI's encoder.json and vocab.bpe (the same content
-    under transformers' names); gpt2_encoding() checks their hashes first."""
+    under transformers' names); gpt2_encoding() checks their hashes first. Added special
+    tokens are declared in tokenizer_config.json at ids 50257, 50258, ..."""
     gpt2_encoding()
     encoder_json, vocab_bpe = gpt2_bpe_files()
     _write_json(out / "vocab.json", json.loads(encoder_json.read_text(encoding="utf-8")))
     shutil.copyfile(vocab_bpe, out / "merges.txt")
-    _write_json(out / "tokenizer_config.json", _special_tokens_config("GPT2Tokenizer", max_len))
     _write_json(
-        out / "special_tokens_map.json",
-        {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT},
+        out / "tokenizer_config.json",
+        _special_tokens_config("GPT2Tokenizer", max_len, added, GPT2_VOCAB, chat_template),
     )
+    special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    if added:
+        special["additional_special_tokens"] = list(added)
+    _write_json(out / "special_tokens_map.json", special)

@@ -358,8 +358,13 @@ class MultiHeadAttention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D). With a cache, x holds only the new positions."""
+        """x (B, T, D) -> (B, T, D). With a cache, x holds only the new positions.
+
+        `attn_mask` (B, 1, T, T) bool, without a cache: which keys each query may see (True:
+        seen), in place of the causal mask (packed examples: causal within each example).
+        """
         B, T, _ = x.shape
         H, Hkv, Hd = self.num_heads, self.num_kv_heads, self.head_dim
         if self.fused_qkv:
@@ -373,7 +378,7 @@ class MultiHeadAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        mask = None  # without a cache: causal over the T positions
+        mask = attn_mask  # None: causal over the T positions
         if cache is not None:
             # Attend over the cached past too: Tk = past + T keys; mask (T, Tk) or None (all).
             k, v, mask = cache.update(layer, k, v)  # (B, Hkv, Tk, Hd) x 2
@@ -386,11 +391,11 @@ class MultiHeadAttention(nn.Module):
         if self.attention == "sdpa" and not self.dropout.uses_fast_mask(q):
             p = self.dropout.p if self.training else 0.0
             ctx = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p, is_causal=cache is None
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=cache is None and mask is None
             )  # (B, H, T, Hd)
         else:
             scores = q @ k.transpose(2, 3)  # (B, H, T, Tk)
-            if cache is None:
+            if cache is None and mask is None:
                 future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # (T, T)
                 scores = scores.masked_fill(future, float("-inf"))
             elif mask is not None:
@@ -447,9 +452,10 @@ class TransformerBlock(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         shortcut = x
-        x = self.drop_shortcut(self.att(self.norm1(x), cache, layer, rope))
+        x = self.drop_shortcut(self.att(self.norm1(x), cache, layer, rope, attn_mask))
         x = x + shortcut
 
         shortcut = x
@@ -477,8 +483,11 @@ class GPTModel(nn.Module):
         self.drop_emb = Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = make_norm(cfg)
-        self.out_head = nn.Linear(cfg.emb_dim, vocab, bias=False)
-        if cfg.tie_weights:
+        if cfg.num_classes:  # the book's classifier: a fresh Linear in place of the LM head
+            self.out_head = nn.Linear(cfg.emb_dim, cfg.num_classes)
+        else:
+            self.out_head = nn.Linear(cfg.emb_dim, vocab, bias=False)
+        if cfg.tie_weights and not cfg.num_classes:
             # One matrix maps ids to vectors and vectors back to id scores (as in GPT-2).
             self.out_head.weight = self.tok_emb.weight
         if cfg.init == "gpt2":
@@ -488,37 +497,61 @@ class GPTModel(nn.Module):
         if vocab != cfg.vocab_size:
             with torch.no_grad():  # rows for padded ids are never looked up nor scored
                 self.tok_emb.weight[cfg.vocab_size :].zero_()
-                self.out_head.weight[cfg.vocab_size :].zero_()
+                if not cfg.num_classes:
+                    self.out_head.weight[cfg.vocab_size :].zero_()
 
-    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, V).
+    def forward(
+        self,
+        in_idx: torch.Tensor,
+        cache: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V) (a classifier's: (B, T, num_classes)).
 
         With a `cache` (see KVCache), in_idx holds only the new tokens: they take the
         positions after the cached ones, attend over those too, and are added to the cache.
+        `doc_ids` (B, T): see `hidden_states`.
         """
-        x = self.hidden_states(in_idx, cache)  # (B, T, D)
-        logits = self.out_head(x)  # (B, T, Vp)
+        x = self.hidden_states(in_idx, cache, doc_ids)  # (B, T, D)
+        logits = self.out_head(x)  # (B, T, Vp) or (B, T, num_classes)
+        if self.cfg.num_classes:
+            return logits
         if logits.shape[-1] != self.cfg.vocab_size:
             logits = logits[
                 ..., : self.cfg.vocab_size
             ]  # (B, T, V): padded ids never reach a loss or sampler
         return softcap(logits, self.cfg.logit_softcap)
 
-    def hidden_states(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        in_idx: torch.Tensor,
+        cache: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token ids (B, T) -> final-normed hidden states (B, T, D), the output head's input.
 
         `forward` is `out_head(hidden_states(idx))` cut to `vocab_size` (and soft-capped);
         a loss that never builds the full (B, T, V) logits
         (`gptlab.loss.chunked_cross_entropy`) starts here.
+
+        `doc_ids` (B, T), without a cache: several examples packed into one row, each a run
+        of equal ids. Each example attends only within itself and its positions start at 0,
+        so it is computed as if it were alone (finetuning's packing).
         """
         B, T = in_idx.shape
+        attn_mask = None
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids (packed examples) cannot be combined with a KV cache")
+            positions, attn_mask = _packed_positions_and_mask(doc_ids)  # (B, T), (B, 1, T, T)
         if cache is None:
             if T > self.cfg.context_length:
                 raise ValueError(
                     f"sequence length {T} exceeds the model's context_length {self.cfg.context_length}; "
                     "crop the input to the last context_length tokens"
                 )
-            positions = torch.arange(T, device=in_idx.device)  # (T,)
+            if attn_mask is None:
+                positions = torch.arange(T, device=in_idx.device)  # (T,)
         else:
             if cache.max_len > self.cfg.context_length:
                 raise ValueError(
@@ -534,8 +567,21 @@ class GPTModel(nn.Module):
             rope = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.drop_emb(x)  # (B, T, D)
         for layer, block in enumerate(self.trf_blocks):
-            x = block(x, cache, layer, rope)  # (B, T, D)
+            x = block(x, cache, layer, rope, attn_mask)  # (B, T, D)
         return self.final_norm(x)  # (B, T, D)
+
+
+def _packed_positions_and_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) restarting at 0 where doc_ids changes, and the attention mask
+    (B, 1, T, T): query i sees key j when j <= i and both belong to the same example."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)  # (B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)  # (B, T): an example begins here
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T)
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
+    return idx - first, (same & causal)[:, None]  # (B, T), (B, 1, T, T)
 
 
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
+from gptlab import chat, hf
 from gptlab import checkpoint as ckpt_lib
-from gptlab import hf
+from gptlab.chat import ChatTemplate
 from gptlab.config import RunConfig
+from gptlab.errors import GptlabError
 from gptlab.model import GPTModel
 from gptlab.runtime import resolve_device
 from gptlab.tokenizer import Tokenizer, from_identity
@@ -29,6 +31,7 @@ class Run:
     config: RunConfig  # for a Hugging Face model: its model shape and default settings
     device: torch.device
     checkpoint: Path | None  # the checkpoint directory; None for a Hugging Face model
+    chat_template: ChatTemplate | None = None  # a fine-tuned chat model's; None: a base model
 
     @property
     def tokenizer_identity(self) -> dict:
@@ -60,4 +63,11 @@ def open_run(src: str | Path, device: str | torch.device = "auto", hub: bool = F
         return Run(model.to(dev), tokenizer, RunConfig(model=model.cfg), dev, None)
     model, cfg, meta = ckpt_lib.load_trained_model(src)
     tokenizer = from_identity(meta["tokenizer"])
-    return Run(model.to(dev).eval(), tokenizer, cfg, dev, Path(meta["path"]))
+    template = chat.load_template(meta["path"])
+    if template is not None and chat.missing_tokens(tokenizer, template):
+        raise GptlabError(
+            f"the chat template of {str(src)!r} uses "
+            f"{', '.join(chat.missing_tokens(tokenizer, template))}, which its tokenizer "
+            "lacks; the run is inconsistent: fine-tune it again"
+        )
+    return Run(model.to(dev).eval(), tokenizer, cfg, dev, Path(meta["path"]), template)

@@ -1,8 +1,10 @@
 """Tokenizers: GPT-2's BPE (offline, exact GPT-2 ids), a character-level one, and byte-level
-BPEs trained on the user's own text (`gptlab tokenizer train`, built on `tokenizers`).
+BPEs trained on the user's own text (`gptlab tokenizer train`, built on `tokenizers`); any
+of them grown by special tokens (`WithSpecialTokens`: a chat template's turn markers).
 
 All offer the calls the walk-through makes on a tiktoken `Encoding`:
-`encode(text, allowed_special={"<|endoftext|>"})` and `decode(ids)`. Every gptlab function
+`encode(text, allowed_special={"<|endoftext|>"})`, `encode_ordinary(text)` (no special
+tokens, whatever the text spells) and `decode(ids)`. Every gptlab function
 that takes a `tokenizer` also accepts a tiktoken `Encoding` itself.
 
 A tokenizer is identified by a small JSON-able dict (`identity()`), saved with each run so
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import re
 from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +39,10 @@ class Tokenizer(Protocol):
     n_vocab: int
 
     def encode(self, text: str, *, allowed_special: Collection[str] | str = ...) -> list[int]: ...
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """`text` as plain text: special tokens' text encodes like any other."""
+        ...
 
     def decode(self, tokens: Iterable[int]) -> str: ...
 
@@ -95,6 +102,9 @@ class GPT2Tokenizer:
     ) -> list[int]:
         return self._enc.encode(text, allowed_special=allowed_special)
 
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
     def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
         return self._enc.encode_batch(texts, num_threads=num_threads, allowed_special={ENDOFTEXT})
 
@@ -144,6 +154,9 @@ class CharTokenizer:
                 ) from None
         return ids
 
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.encode(text, allowed_special=())
+
     def decode(self, tokens: Iterable[int]) -> str:
         return "".join(ENDOFTEXT if t == self.eot_token else self.chars[t] for t in tokens)
 
@@ -181,6 +194,7 @@ class BPETokenizer:
                 f"this tokenizer has no {ENDOFTEXT} token; train it with `gptlab tokenizer train`"
             )
         self._json = self._tok.to_str()  # canonical compact form: equal files, equal identities
+        self._plain = None  # a copy that never matches special tokens (encode_ordinary)
         self.eot_token = eot
         self.n_vocab = self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -206,6 +220,14 @@ class BPETokenizer:
                 f"the text contains {ENDOFTEXT} but it is not an allowed special token here"
             )
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        if self._plain is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._plain = HFTokenizer.from_str(self._json)
+            self._plain.encode_special_tokens = True  # special tokens' text splits like any
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
@@ -237,8 +259,90 @@ class BPETokenizer:
         return {"type": "bpe", "sha256": sha, "json": self._json}
 
 
-def from_identity(identity: dict[str, Any]) -> GPT2Tokenizer | CharTokenizer | BPETokenizer:
+class WithSpecialTokens:
+    """A tokenizer grown by special tokens (a chat template's turn markers) whose ids follow
+    the base's: `base.n_vocab`, `base.n_vocab + 1`, ... in the order given.
+
+    Ordinary text never becomes one of them: `encode` finds their text only where it is in
+    `allowed_special` (as tiktoken does for `<|endoftext|>`), `encode_ordinary` never. The
+    identity is the base's with an `added_special` list, so a grown run reloads as it was.
+    """
+
+    def __init__(self, base: Tokenizer, tokens: Iterable[str]):
+        tokens = list(tokens)
+        if not tokens or len(set(tokens)) != len(tokens) or ENDOFTEXT in tokens or "" in tokens:
+            raise GptlabError(
+                f"special tokens to add must be distinct, non-empty and not {ENDOFTEXT}; "
+                f"got {tokens!r}"
+            )
+        self.base = base
+        self.name = getattr(base, "name", "gpt2")
+        self.added = {t: base.n_vocab + i for i, t in enumerate(tokens)}
+        self._texts = {i: t for t, i in self.added.items()}
+        self.n_vocab = base.n_vocab + len(tokens)
+        self.eot_token = eot_id(base)
+
+    def special_id(self, token: str) -> int | None:
+        """The id of an added special token, or None."""
+        return self.added.get(token)
+
+    def encode(
+        self, text: str, *, allowed_special: Collection[str] | str = frozenset({ENDOFTEXT})
+    ) -> list[int]:
+        everything = allowed_special == "all"
+        mine = [t for t in self.added if everything or t in allowed_special]
+        rest = "all" if everything else set(allowed_special) - set(self.added)
+        if not mine:
+            return self.base.encode(text, allowed_special=rest)
+        ids: list[int] = []
+        pattern = "(" + "|".join(re.escape(t) for t in sorted(mine, key=len, reverse=True)) + ")"
+        for n, piece in enumerate(re.split(pattern, text)):
+            if n % 2:  # re.split puts the matched separators at odd places
+                ids.append(self.added[piece])
+            elif piece:
+                ids.extend(self.base.encode(piece, allowed_special=rest))
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.base.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.base.encode(t, allowed_special={ENDOFTEXT}) for t in texts]
+
+    def decode(self, tokens: Iterable[int]) -> str:
+        out: list[str] = []
+        run: list[int] = []  # base ids decode together (a character may span several)
+        for t in tokens:
+            if t in self._texts:
+                out.append(self.base.decode(run) if run else "")
+                out.append(self._texts[t])
+                run = []
+            else:
+                run.append(t)
+        out.append(self.base.decode(run) if run else "")
+        return "".join(out)
+
+    def identity(self) -> dict[str, Any]:
+        return {**self.base.identity(), "added_special": list(self.added)}
+
+
+def base_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """The identity without added special tokens: ordinary text encodes the same with both
+    (a grown run can read data prepared with its base's tokenizer)."""
+    return {k: v for k, v in identity.items() if k != "added_special"}
+
+
+def from_identity(
+    identity: dict[str, Any],
+) -> GPT2Tokenizer | CharTokenizer | BPETokenizer | WithSpecialTokens:
     """Rebuild the tokenizer a run recorded."""
+    added = identity.get("added_special")
+    if added is not None:
+        if not isinstance(added, list) or not all(isinstance(t, str) for t in added):
+            raise GptlabError(
+                f"added_special in the run's tokenizer must be a list of strings, got {added!r}"
+            )
+        return WithSpecialTokens(from_identity(base_identity(identity)), added)
     kind = identity.get("type")
     if kind == "gpt2":
         return GPT2Tokenizer()
@@ -286,6 +390,9 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     Bits per byte divide a loss by these bytes, which makes it comparable across tokenizers.
     """
     n = tokenizer.n_vocab
+    if isinstance(tokenizer, WithSpecialTokens):
+        added = np.zeros(len(tokenizer.added), dtype=np.int64)
+        return np.concatenate([token_byte_lengths(tokenizer.base), added])
     if isinstance(tokenizer, CharTokenizer):
         lengths = [len(c.encode("utf-8")) for c in tokenizer.chars] + [0]
     elif isinstance(tokenizer, BPETokenizer):

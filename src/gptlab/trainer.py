@@ -44,6 +44,7 @@ from gptlab.config import RunConfig, corpus_bpe_size, tracker_names
 from gptlab.data import Corpus, make_loaders, open_corpus, prepared_manifest
 from gptlab.errors import GptlabError
 from gptlab.evaluate import calc_loss_batch, calc_loss_loader, evaluate_model
+from gptlab.finetune import FinetuneData, classification_accuracy, set_trainable
 from gptlab.generate import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
 from gptlab.loss import make_loss_fn
 from gptlab.metrics import MetricsLog, truncate_metrics
@@ -181,6 +182,10 @@ class Trainer:
     `on_event(record)` receives every metrics record as it is written (the CLI renders them).
     `init_weights(model)`, when given, sets the new model's weights before training starts
     (not on resume): how `gptlab train --init-from` starts from GPT-2 or another run.
+
+    `corpus` may be `FinetuneData` instead (`gptlab finetune`): its examples make the
+    batches, its loss (masked, or the classifier's) is the step's and the evaluations',
+    and `finetune.train_blocks` chooses the trainable parameters. The loop is the same.
     """
 
     def __init__(
@@ -197,6 +202,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.on_event = on_event or (lambda record: None)
         self.stop_reason: str | None = None  # set by signal handlers or guards
+        self.task = corpus if isinstance(corpus, FinetuneData) else None
         tc = cfg.train
         identity = corpus.tokenizer.identity()
         resume_from = (
@@ -239,7 +245,12 @@ class Trainer:
         the text is too short for them."""
         tc, mc, corpus = self.cfg.train, self.cfg.model, self.corpus
         T = mc.context_length
-        self.train_loader, self.val_loader = make_loaders(self.cfg, corpus, self.dist.world_size)
+        if self.task is not None:
+            self.train_loader, self.val_loader = self.task.loaders(tc.batch_size, tc.seed)
+        else:
+            self.train_loader, self.val_loader = make_loaders(
+                self.cfg, corpus, self.dist.world_size
+            )
         for split, loader, tokens in (
             ("training", self.train_loader, corpus.train),
             ("validation", self.val_loader, corpus.val),
@@ -278,12 +289,17 @@ class Trainer:
         use_fast_dropout(self.model, rt.fast_dropout)  # only CPU tensors take the fast path
         if init_weights is not None:
             init_weights(self.model)  # e.g. GPT-2's (train --init-from); a resume loads its own
+        if self.task is not None:
+            set_trainable(self.model, self.cfg.finetune.train_blocks)
         # DDP wrapper or FSDP2 shards (in place, so the optimizer comes after); a single
         # process gets self.model back.
         self.parallel_model = dist_lib.parallelize(self.model, tc.parallel, self.dist)
         self.optimizer = build_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=rt.precision == "fp16")
-        self.loss_fn = make_loss_fn(self.parallel_model, rt.chunked_loss, rt.compiled)
+        if self.task is not None:
+            self.loss_fn = self._task_loss_fn(rt.compiled)
+        else:
+            self.loss_fn = make_loss_fn(self.parallel_model, rt.chunked_loss, rt.compiled)
         self.train_model = (
             torch.compile(self.parallel_model) if rt.compiled else self.parallel_model
         )
@@ -295,6 +311,17 @@ class Trainer:
             and getattr(self.optimizer, "_step_supports_amp_scaling", False)
         )
         self._pending: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
+
+    def _task_loss_fn(self, compiled: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def loss_fn(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return self.task.loss(self.parallel_model, inputs, targets)
+
+        return torch.compile(loss_fn) if compiled else loss_fn
+
+    @property
+    def _batch_loss(self):
+        """The evaluations' loss: calc_loss_batch's (None), or the finetuning task's."""
+        return None if self.task is None else self.task.loss
 
     def _check_start_context(self) -> None:
         # Fail now, not at the first sample an epoch later: a char vocabulary may lack some
@@ -398,7 +425,9 @@ class Trainer:
                 self.device,
                 self.cfg.train.eval_iter,
                 self.dist,
+                self._batch_loss,
             )
+            extra = self._eval_accuracy()
         st = self.state
         for key, value in (
             ("step", st.step),
@@ -415,6 +444,7 @@ class Trainer:
             tokens=st.tokens_seen,
             train_loss=train_loss,
             val_loss=val_loss,
+            **extra,
         )
         return train_loss, val_loss
 
@@ -438,18 +468,35 @@ class Trainer:
         self._tasks_step = self.state.step
         return self.emit("tasks", suite=report["suite"], tasks=report["tasks"], core=report["core"])
 
+    def _eval_accuracy(self) -> dict[str, float]:
+        """A classifier's train and validation accuracy on eval_iter batches (else nothing)."""
+        if self.task is None or not self.task.is_classifier:
+            return {}
+        n = self.cfg.train.eval_iter
+        return {
+            split + "_acc": classification_accuracy(self.train_model, loader, self.device, n)
+            for split, loader in (("train", self.train_loader), ("val", self.val_loader))
+        }
+
     def full_validation_loss(self) -> float:
         self.model.eval()
         with torch.no_grad(), self.rt.autocast():
-            loss = calc_loss_loader(self.val_loader, self.train_model, self.device, None, self.dist)
+            loss = calc_loss_loader(
+                self.val_loader, self.train_model, self.device, None, self.dist, self._batch_loss
+            )
         self.model.train()
         return loss
 
     def sample(self) -> str:
         tc = self.cfg.train
         tok = self.corpus.tokenizer
+        if self.task is not None and self.task.sample_ids is None:
+            return ""  # a classifier writes no text
         self.model.eval()
-        idx = text_to_token_ids(tc.start_context, tok).to(self.device)
+        if self.task is not None:  # the model's answer to the first validation prompt
+            idx = torch.tensor([self.task.sample_ids], device=self.device)
+        else:
+            idx = text_to_token_ids(tc.start_context, tok).to(self.device)
         # Its own generator: sampling never shifts the training run's random stream.
         gen = torch.Generator(device=self.device).manual_seed(self.sample_gen_seed)
         with self.rt.autocast():
@@ -758,11 +805,16 @@ class Trainer:
             batch_tokens=self.accum * tc.batch_size * self.cfg.model.context_length,
             steps_per_epoch=self.steps_per_epoch,
             total_steps=self.total_steps,
-            train_tokens=len(self.corpus.train),
-            val_tokens=len(self.corpus.val),
+            **self._data_sizes(),
             peak_flops=self.peak,
             peak_source=self.peak_source,
         )
+
+    def _data_sizes(self) -> dict[str, Any]:
+        """The start record's sizes of the data: tokens, and a finetune's records."""
+        if self.task is not None:
+            return self.task.sizes()
+        return {"train_tokens": len(self.corpus.train), "val_tokens": len(self.corpus.val)}
 
     def _emit_train(self, window: _Window, loss: float, norm: float) -> None:
         tps = window.tokens_per_s()
@@ -1052,6 +1104,11 @@ def _init_from(
         )
     notify({"event": "init_from", "source": src})
     source = open_run(src, device="cpu", hub=True)
+    if source.config.model.num_classes:
+        raise GptlabError(
+            f"--init-from {src!r} is a classifier (gptlab finetune): it has no language-model "
+            "head to start from; use its base model"
+        )
     changes = {k: getattr(cfg.model, k) for k in model_keys}
     cfg = replace(cfg, model=replace(source.config.model, **changes))
     return cfg.validate(), source

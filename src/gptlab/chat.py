@@ -1,0 +1,373 @@
+"""Chat templates: conversations (`messages: [{role, content}, ...]`, the OpenAI and Hugging
+Face shape) to token ids, with a special token for each turn.
+
+A conversation renders as (here with the default template, `bos` on)
+
+    <|endoftext|><|system|>Be brief.<|end|><|user|>Hi!<|end|><|assistant|>Hello.<|end|>
+
+and a prompt for the model's next reply ends with `<|assistant|>` (`add_generation_prompt`);
+the reply ends when the model samples `<|end|>`. Every marker is one id that ordinary text
+never produces: content is encoded with `encode_ordinary`, so a user who types "<|user|>"
+gets the ids of that text, not the marker's. The mask `render` returns is True on the ids
+the model learns to produce: each assistant message's content and its `<|end|>`.
+
+A base model's tokenizer lacks these tokens; `ensure_special_tokens` grows the tokenizer
+(`tokenizer.WithSpecialTokens`) and the model's embedding and output head by as many rows,
+initialised to the mean of the existing rows. The template travels with the run
+(`save_template`: chat_template.json beside the checkpoints, or a checkpoint's meta.json key
+`chat_template`); `jinja` writes it for `transformers`' `apply_chat_template`, which gives
+the same ids (`gptlab convert to-hf` puts it in the exported folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gptlab.errors import GptlabError
+from gptlab.model import GPTModel
+from gptlab.tokenizer import ENDOFTEXT, Tokenizer, WithSpecialTokens, eot_id
+
+ROLES = ("system", "user", "assistant")
+TEMPLATE_FILE = "chat_template.json"  # in a run directory, beside checkpoints/
+META_KEY = "chat_template"  # in a checkpoint's meta.json
+FORMAT = "gptlab-chat-template"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How a conversation becomes ids: one special token opens each role's turn, one ends
+    every turn; with `bos`, the tokenizer's `<|endoftext|>` comes first (the token every
+    document of pretraining followed)."""
+
+    name: str = "gptlab-chat"
+    system: str = "<|system|>"
+    user: str = "<|user|>"
+    assistant: str = "<|assistant|>"
+    end: str = "<|end|>"
+    bos: bool = True
+
+    def __post_init__(self):
+        tokens = self.special_tokens
+        if not all(isinstance(t, str) and t.strip() == t and t for t in tokens):
+            raise GptlabError(
+                f"chat template {self.name!r}: its special tokens must be non-empty strings "
+                f"without surrounding spaces, got {list(tokens)!r}"
+            )
+        if len(set(tokens)) != len(tokens) or ENDOFTEXT in tokens:
+            raise GptlabError(
+                f"chat template {self.name!r}: its special tokens must differ from each other "
+                f"and from {ENDOFTEXT}, got {list(tokens)!r}"
+            )
+        if not isinstance(self.bos, bool):
+            raise GptlabError(f"chat template {self.name!r}: bos must be true or false")
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The template's tokens, in the order a tokenizer grows by them."""
+        return (self.system, self.user, self.assistant, self.end)
+
+    def opener(self, role: str) -> str:
+        return {"system": self.system, "user": self.user, "assistant": self.assistant}[role]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "chat template") -> ChatTemplate:
+        names = {f.name for f in fields(cls)}
+        if not isinstance(d, dict) or set(d) - names:
+            extra = sorted(set(d) - names) if isinstance(d, dict) else type(d).__name__
+            raise GptlabError(
+                f"{where} is malformed (unexpected {extra}); it takes {sorted(names)}"
+            )
+        if not all(isinstance(d[k], bool if k == "bos" else str) for k in d):
+            raise GptlabError(f"{where} is malformed: bos is true/false, the rest strings")
+        return cls(**d)
+
+    def jinja(self) -> str:
+        """The template as a Jinja string for `transformers`' `apply_chat_template`, which
+        renders it to text and tokenizes that: with the special tokens in the exported
+        tokenizer, the same ids as `render`. `{% generation %}` marks what `render`'s mask
+        marks (`return_assistant_tokens_mask`)."""
+        q = json.dumps  # a JSON string is a valid Jinja string literal
+        opener = {"system": self.system, "user": self.user, "assistant": self.assistant}
+        bad = "messages must have role system, user or assistant"
+        return (
+            "{%- set opener = "
+            + json.dumps(opener)
+            + " -%}"
+            + ("{{- bos_token -}}" if self.bos else "")
+            + "{%- for message in messages -%}"
+            "{%- if message['role'] not in opener -%}"
+            "{{- raise_exception(" + q(bad) + ") -}}"
+            "{%- endif -%}"
+            "{{- opener[message['role']] -}}"
+            "{%- if message['role'] == 'assistant' -%}"
+            "{%- generation -%}{{- message['content'] + "
+            + q(self.end)
+            + " -}}{%- endgeneration -%}"
+            "{%- else -%}"
+            "{{- message['content'] + " + q(self.end) + " -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- " + q(self.assistant) + " -}}{%- endif -%}"
+        )
+
+
+DEFAULT = ChatTemplate()
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def special_ids(tokenizer: Tokenizer, template: ChatTemplate) -> dict[str, int] | None:
+    """The template's tokens' ids in `tokenizer`, or None if it lacks any of them."""
+    lookup = getattr(tokenizer, "special_id", None)
+    if lookup is None:
+        return None
+    ids = {t: lookup(t) for t in template.special_tokens}
+    return None if any(i is None for i in ids.values()) else ids
+
+
+def missing_tokens(tokenizer: Tokenizer, template: ChatTemplate) -> list[str]:
+    """The template's special tokens `tokenizer` has no id for."""
+    lookup = getattr(tokenizer, "special_id", lambda t: None)
+    return [t for t in template.special_tokens if lookup(t) is None]
+
+
+def check_messages(messages: Any, where: str = "messages") -> list[dict[str, str]]:
+    """`messages` checked: a non-empty list of {role: system|user|assistant, content: str}
+    (other keys are ignored). A problem is a GptlabError naming `where` and the message."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise GptlabError(f"{where} must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise GptlabError(f"{where}[{i}] must be an object with role and content")
+        role = m.get("role")
+        if role not in ROLES:
+            raise GptlabError(f"{where}[{i}] has role {role!r}; use system, user or assistant")
+        if not isinstance(m.get("content"), str):
+            raise GptlabError(
+                f"{where}[{i}] ({role}) needs its content as a string, "
+                f"got {type(m.get('content')).__name__}"
+            )
+    return list(messages)
+
+
+def render(
+    template: ChatTemplate,
+    tokenizer: Tokenizer,
+    messages: Sequence[dict[str, str]],
+    add_generation_prompt: bool = False,
+    where: str = "messages",
+) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation, and a mask of the same length that is True where the
+    model should learn to produce the token (each assistant message's content and the
+    `end` token that closes it).
+
+    With `add_generation_prompt`, the ids end with the assistant's opener: a prompt for the
+    next reply (the opener is never a learned token). Content is encoded as plain text, so
+    text that spells a special token never becomes it. `where` names the messages in errors
+    (e.g. "train.jsonl:12 messages"). Raises GptlabError for bad messages or a tokenizer
+    without the template's tokens (grow it with `ensure_special_tokens`).
+    """
+    messages = check_messages(messages, where)
+    ids_of = special_ids(tokenizer, template)
+    if ids_of is None:
+        raise GptlabError(
+            f"the tokenizer lacks the chat template's special tokens "
+            f"{', '.join(missing_tokens(tokenizer, template))}; grow it first "
+            "(chat.ensure_special_tokens, which gptlab finetune does)"
+        )
+    ids: list[int] = []
+    mask: list[bool] = []
+    if template.bos:
+        bos = eot_id(tokenizer)
+        if bos is None:
+            raise GptlabError(
+                f"chat template {template.name!r} starts with {ENDOFTEXT}, which this "
+                "tokenizer lacks; use a template with bos off"
+            )
+        ids.append(bos)
+        mask.append(False)
+    for m in messages:
+        learn = m["role"] == "assistant"
+        content = tokenizer.encode_ordinary(m["content"])
+        ids.append(ids_of[template.opener(m["role"])])
+        ids.extend(content)
+        ids.append(ids_of[template.end])
+        mask.extend([False] + [learn] * (len(content) + 1))
+    if add_generation_prompt:
+        ids.append(ids_of[template.assistant])
+        mask.append(False)
+    return ids, mask
+
+
+def end_id(tokenizer: Tokenizer, template: ChatTemplate) -> int:
+    """The id that ends a turn: generation of a reply stops when it is sampled."""
+    ids_of = special_ids(tokenizer, template)
+    if ids_of is None:
+        raise GptlabError(
+            f"the tokenizer lacks the chat template's special tokens "
+            f"{', '.join(missing_tokens(tokenizer, template))}"
+        )
+    return ids_of[template.end]
+
+
+# --------------------------------------------------------------------------- growing a base
+
+
+def ensure_special_tokens(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    grow: bool = True,
+    fix: str = "allow growing the vocabulary",
+) -> tuple[nn.Module, Tokenizer]:
+    """(model, tokenizer) that hold the template's special tokens.
+
+    When the tokenizer lacks some, with `grow` the tokenizer gains them (ids after its own,
+    a `WithSpecialTokens` whose identity records them) and the model's embedding and output
+    head get rows for them, initialised to the mean of the rows of the tokenizer's existing
+    ids (a neutral start: every new token looks like the average token). Spare padded rows
+    are used first; `model.cfg.vocab_size` is raised in place, so save `model.cfg` with
+    the run. Without `grow`, a GptlabError names the missing tokens and `fix` (the option
+    that allows growth). Call it before wrapping the model (compile, DDP, adapters).
+    """
+    missing = missing_tokens(tokenizer, template)
+    if not missing:
+        _check_rows(model, tokenizer)
+        return model, tokenizer
+    if not grow:
+        raise GptlabError(
+            f"the base's tokenizer lacks the chat template's special tokens "
+            f"{', '.join(missing)}; {fix}, or start from a base whose tokenizer has them"
+        )
+    if not isinstance(model, GPTModel):
+        raise GptlabError(
+            f"cannot add the chat template's special tokens to a {type(model).__name__} "
+            "(only a bare GPTModel grows); add them before compiling or wrapping the model"
+        )
+    _check_rows(model, tokenizer)
+    if isinstance(tokenizer, WithSpecialTokens):  # grown before: keep its ids, add the rest
+        grown = WithSpecialTokens(tokenizer.base, [*tokenizer.added, *missing])
+    else:
+        grown = WithSpecialTokens(tokenizer, missing)
+    _grow_rows(model, old=tokenizer.n_vocab, new=grown.n_vocab)
+    return model, grown
+
+
+def _check_rows(model: nn.Module, tokenizer: Tokenizer) -> None:
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and cfg.vocab_size < tokenizer.n_vocab:
+        raise GptlabError(
+            f"the model has {cfg.vocab_size} vocabulary rows but its tokenizer "
+            f"{tokenizer.n_vocab} ids; check that the tokenizer belongs to the model"
+        )
+
+
+@torch.no_grad()
+def _grow_rows(model: GPTModel, old: int, new: int) -> None:
+    """Give ids old..new-1 rows equal to the mean of rows 0..old-1 (embedding and output
+    head), adding rows when the model has too few (padded to `vocab_multiple` as usual)."""
+    cfg = model.cfg
+    cfg.vocab_size = max(cfg.vocab_size, new)
+    rows = cfg.padded_vocab_size
+    emb, head = model.tok_emb.weight, model.out_head.weight
+    tied = head is emb
+    if rows > emb.shape[0]:
+        model.tok_emb = _more_rows(model.tok_emb, rows)
+        if tied:
+            model.out_head.weight = model.tok_emb.weight
+        else:
+            model.out_head = _more_rows(model.out_head, rows)
+    matrices = [model.tok_emb.weight] + ([] if tied else [model.out_head.weight])
+    for w in matrices:
+        w[old:new] = w[:old].mean(dim=0)
+
+
+def _more_rows(layer: nn.Embedding | nn.Linear, rows: int) -> nn.Embedding | nn.Linear:
+    """A copy of `layer` with `rows` rows: the old ones, then zeros."""
+    w = layer.weight
+    n, d = w.shape
+    grown = (
+        nn.Embedding(rows, d, device=w.device, dtype=w.dtype)
+        if isinstance(layer, nn.Embedding)
+        else nn.Linear(d, rows, bias=False, device=w.device, dtype=w.dtype)
+    )
+    grown.weight.zero_()
+    grown.weight[:n] = w
+    grown.weight.requires_grad_(w.requires_grad)
+    return grown
+
+
+# --------------------------------------------------------------------------- with the run
+
+
+def save_template(run_dir: str | Path, template: ChatTemplate) -> Path:
+    """Write `template` as RUN_DIR/chat_template.json (atomically: a temporary file renamed
+    into place). It is tokenizer_config-style: the `chat_template` Jinja string beside the
+    fields gptlab reads back. Returns the file's path."""
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    body = {
+        "format": FORMAT,
+        "template": template.to_dict(),
+        "special_tokens": list(template.special_tokens),
+        "bos_token": ENDOFTEXT if template.bos else None,
+        "chat_template": template.jinja(),
+    }
+    path = out / TEMPLATE_FILE
+    tmp = out / f".{TEMPLATE_FILE}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise GptlabError(f"could not write {str(path)!r} ({e.strerror or e})") from None
+    return path
+
+
+def load_template(path: str | Path) -> ChatTemplate | None:
+    """The chat template of a run directory or checkpoint directory, or None (a base
+    model). A checkpoint's meta.json key `chat_template` comes first, then
+    chat_template.json in the directory, then in the run directory above a checkpoint."""
+    p = Path(path)
+    meta = p / "meta.json"
+    if meta.is_file():
+        try:
+            found = json.loads(meta.read_text(encoding="utf-8")).get(META_KEY)
+        except (ValueError, OSError, AttributeError):
+            found = None  # an unreadable meta.json is the checkpoint loader's to report
+        if found is not None:
+            return ChatTemplate.from_dict(found, f"the chat_template in {str(meta)!r}")
+    places = [p]
+    if p.parent.name == "checkpoints":
+        places.append(p.parent.parent)
+    for place in places:
+        f = place / TEMPLATE_FILE
+        if f.is_file():
+            return _read_template_file(f)
+    return None
+
+
+def _read_template_file(f: Path) -> ChatTemplate:
+    try:
+        body = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise GptlabError(
+            f"chat template {str(f)!r} is unreadable ({e}); restore it or remove it"
+        ) from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise GptlabError(
+            f"{str(f)!r} is not a gptlab chat template (no format {FORMAT!r}); remove it"
+        )
+    return ChatTemplate.from_dict(body.get("template"), f"chat template {str(f)!r}")
