@@ -152,6 +152,31 @@ def _command(sub, name: str, func: Callable, **kwargs: Any) -> argparse.Argument
     return c
 
 
+def _threads_arg(p: argparse.ArgumentParser, serve: bool = False) -> None:
+    extra = "; the engine's threads and the HTTP loop never share a core" if serve else ""
+    p.add_argument(
+        "--threads",
+        type=_number(int, C.NON_NEGATIVE),
+        default=0,
+        metavar="N",
+        help="CPU threads for torch; 0 (default): the cores this process may use, fewer "
+        f"when the load average says others are running (gptlab.threads){extra}",
+    )
+
+
+def _apply_threads(args: argparse.Namespace, reserve: int = 0) -> int:
+    """Set torch's threads by the policy (gptlab.threads) and say why when it chose fewer."""
+    import torch
+
+    from gptlab.threads import choose_threads
+
+    n, note = choose_threads(args.threads or None, reserve=reserve)
+    torch.set_num_threads(n)
+    if note:
+        print(f"gptlab: note: {note}", file=sys.stderr)
+    return n
+
+
 def _train_parser(sub) -> None:
     t = _command(
         sub,
@@ -175,6 +200,7 @@ def _train_parser(sub) -> None:
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _threads_arg(t)
     t.add_argument(
         "--init-from",
         metavar="SRC",
@@ -239,13 +265,23 @@ def _run_config_args(p: argparse.ArgumentParser) -> None:
         "(`gptlab config` writes one)",
     )
     p.add_argument(
-        "--epochs", type=_number(int, AT_LEAST_ONE), metavar="N", help="passes over the data"
+        "--epochs",
+        type=_number(int, AT_LEAST_ONE),
+        metavar="N",
+        help="passes over the data (the schedule spans them: train.budget = steps)",
     )
     p.add_argument(
-        "--max-steps", type=_number(int, AT_LEAST_ONE), metavar="N", help="optimizer steps"
+        "--max-steps",
+        type=_number(int, AT_LEAST_ONE),
+        metavar="N",
+        help="optimizer steps (the schedule spans them: train.budget = steps)",
     )
     p.add_argument(
-        "--max-time", type=_number(float, C.POSITIVE), metavar="SECONDS", help="seconds of training"
+        "--max-time",
+        type=_number(float, C.POSITIVE),
+        metavar="SECONDS",
+        help="seconds of training steps: the time budget (the default preset's schedule "
+        "spans it), or a safety net beside --epochs/--max-steps",
     )
     train_fields = {f.name: f for f in dataclasses.fields(C.TrainConfig)}
     for flag, (key, metavar) in TRAIN_ALIASES.items():
@@ -365,6 +401,7 @@ def _generate_parser(sub) -> None:
         help="compile the cached step with a static cache (CUDA: CUDA graphs; slow first call)",
     )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    _threads_arg(g)
 
 
 def _convert_parser(sub) -> None:
@@ -522,6 +559,7 @@ def _eval_parser(sub) -> None:
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     ev.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    _threads_arg(ev)
 
 
 def _serve_parser(sub) -> None:
@@ -563,6 +601,7 @@ def _serve_parser(sub) -> None:
     s.add_argument(
         "--compile", action="store_true", help="torch.compile the model (slow first requests)"
     )
+    _threads_arg(s, serve=True)
 
 
 # --------------------------------------------------------------------------- train and config
@@ -584,6 +623,8 @@ def build_config(args: argparse.Namespace) -> tuple[C.RunConfig, str]:
         cfg.train.epochs = args.epochs or 0
         cfg.train.max_steps = args.max_steps or 0
         cfg.train.max_time = args.max_time or 0.0
+        if cfg.train.epochs or cfg.train.max_steps:  # a step count: the schedule spans it
+            cfg.train.budget = "steps"
     for key, value in config_overrides(args):
         C.set_field(cfg, key, value)
     return cfg.validate(), preset_name
@@ -624,6 +665,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gptlab.trainer import train
 
     cfg, preset_name = build_config(args)
+    _apply_threads(args)
     view = ConsoleView(quiet=args.quiet)
     try:
         result = train(
@@ -671,6 +713,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gptlab.runs import open_run
 
     prompts = args.prompt or ["Every effort moves you"]
+    _apply_threads(args)
     run = open_run(args.checkpoint, args.device)
     model, tokenizer = run.model, run.tokenizer
     for prompt in prompts:
@@ -852,6 +895,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gptlab.evaluate import evaluate_run
     from gptlab.runs import open_run
 
+    _apply_threads(args)
     run = open_run(args.checkpoint, args.device)
     r = evaluate_run(run, args.data, args.split, args.batch_size, args.max_batches, args.precision)
     r = {"data": r["data"], "checkpoint": args.checkpoint, **r}
@@ -877,6 +921,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gptlab.runs import open_run
     from gptlab.serve import serve
 
+    _apply_threads(args, reserve=1)  # a core for the HTTP loop beside the engine's thread
     run = open_run(args.checkpoint, args.device)
     if args.compile:
         # shapes change with the batch and the cache length at every step: compile dynamic
