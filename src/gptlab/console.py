@@ -70,6 +70,10 @@ class ConsoleView:
     def _on_start(self, r: dict[str, Any]) -> None:
         world = r.get("world_size", 1)
         procs = f" | {world} processes ({r['parallel']})" if world > 1 else ""
+        if r.get("budget_s"):
+            procs += f" | time budget {r['budget_s']:g} s"
+        if r.get("threads"):
+            procs += f" | {r['threads']} CPU threads"
         self._print(
             f"model: {r['params'] / 1e6:.2f}M parameters | device {r['device']} | precision {r['precision']}"
             f"{' | compiled' if r['compiled'] else ''}{procs} | {r['batch_tokens']} tokens/step ({r['accum']} micro-batches)"
@@ -102,7 +106,10 @@ class ConsoleView:
                 refresh=True,
             )
         elif not self.quiet:
-            self._print(f"step {r['step']}: loss {r['loss']:.3f}, {r['tokens_per_s']:,.0f} tok/s")
+            done = f" ({100 * r['progress']:.0f}% of the budget)" if "progress" in r else ""
+            self._print(
+                f"step {r['step']}{done}: loss {r['loss']:.3f}, {r['tokens_per_s']:,.0f} tok/s"
+            )
 
     def _on_end(self, r: dict[str, Any]) -> None:
         if self.bar is not None:
