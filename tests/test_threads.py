@@ -69,3 +69,23 @@ def test_threads_flag_refuses_nonsense(capsys):
     assert cli.main(["generate", "--threads", "-2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--threads" in err[0]
+
+
+def test_auto_threads_note_comes_once_training_starts(
+    tmp_path, keep_torch_threads, monkeypatch, capsys
+):
+    """A busy machine (injected load) gets one thread and a note; an error stays one line."""
+    from gptlab import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "load_average", lambda: 1.5)
+    text = write_corpus(tmp_path / "text.txt")
+    run = tmp_path / "run"
+    assert cli.main([*cli_flags(text, run, steps=2), "--quiet"]) == 0
+    (start,) = records(run, "start")
+    assert start["threads"] == 1
+    err = capsys.readouterr().err
+    assert "1 thread(s) on 2 cores" in err and "--threads 2" in err
+    assert cli.main([*cli_flags(text, tmp_path / "bad", steps=2), "--model.n_heads", "3"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

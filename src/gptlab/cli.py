@@ -164,17 +164,22 @@ def _threads_arg(p: argparse.ArgumentParser, serve: bool = False) -> None:
     )
 
 
-def _apply_threads(args: argparse.Namespace, reserve: int = 0) -> int:
-    """Set torch's threads by the policy (gptlab.threads) and say why when it chose fewer."""
+def _apply_threads(args: argparse.Namespace, reserve: int = 0) -> str | None:
+    """Set torch's threads by the policy (gptlab.threads); returns the note that says why
+    it chose fewer (printed once the command is under way, so that an error stays the one
+    line on stderr), or None."""
     import torch
 
     from gptlab.threads import choose_threads
 
     n, note = choose_threads(args.threads or None, reserve=reserve)
     torch.set_num_threads(n)
+    return f"gptlab: note: {note}" if note else None
+
+
+def _print_note(note: str | None) -> None:
     if note:
-        print(f"gptlab: note: {note}", file=sys.stderr)
-    return n
+        print(note, file=sys.stderr, flush=True)
 
 
 def _train_parser(sub) -> None:
@@ -665,8 +670,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gptlab.trainer import train
 
     cfg, preset_name = build_config(args)
-    _apply_threads(args)
-    view = ConsoleView(quiet=args.quiet)
+    view = ConsoleView(quiet=args.quiet, note=_apply_threads(args))
     try:
         result = train(
             cfg,
@@ -713,12 +717,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gptlab.runs import open_run
 
     prompts = args.prompt or ["Every effort moves you"]
-    _apply_threads(args)
+    note = _apply_threads(args)
     run = open_run(args.checkpoint, args.device)
     model, tokenizer = run.model, run.tokenizer
     for prompt in prompts:
         if not tokenizer.encode(prompt):
             raise GptlabError("--prompt is empty; give some text to continue")
+    _print_note(note)
     sampling = dict(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -895,10 +900,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gptlab.evaluate import evaluate_run
     from gptlab.runs import open_run
 
-    _apply_threads(args)
+    note = _apply_threads(args)
     run = open_run(args.checkpoint, args.device)
     r = evaluate_run(run, args.data, args.split, args.batch_size, args.max_batches, args.precision)
     r = {"data": r["data"], "checkpoint": args.checkpoint, **r}
+    _print_note(note)
     if args.json:
         print(json.dumps(r))
     else:
@@ -921,13 +927,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gptlab.runs import open_run
     from gptlab.serve import serve
 
-    _apply_threads(args, reserve=1)  # a core for the HTTP loop beside the engine's thread
+    note = _apply_threads(args, reserve=1)  # a core for the HTTP loop beside the engine's
     run = open_run(args.checkpoint, args.device)
     if args.compile:
         # shapes change with the batch and the cache length at every step: compile dynamic
         run.model = torch.compile(run.model, dynamic=True)
 
     def ready(url: str) -> None:
+        _print_note(note)
         key = " (API key required)" if args.api_key else ""
         print(f"serving {args.checkpoint} at {url}{key}: page at /, OpenAI API at /v1", flush=True)
 

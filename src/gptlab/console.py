@@ -46,11 +46,13 @@ LINES = {
 
 
 class ConsoleView:
-    """Renders trainer events: a tqdm progress bar, evaluation lines and samples."""
+    """Renders trainer events: a tqdm progress bar, evaluation lines and samples; `note`
+    (e.g. the thread policy's) goes to stderr when training starts."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, note: str | None = None):
         self.quiet = quiet
         self.bar = None
+        self.note = note
 
     def _print(self, text: str) -> None:
         if self.bar is not None:
@@ -68,6 +70,8 @@ class ConsoleView:
             handler(r)
 
     def _on_start(self, r: dict[str, Any]) -> None:
+        if self.note:
+            print(self.note, file=sys.stderr, flush=True)
         world = r.get("world_size", 1)
         procs = f" | {world} processes ({r['parallel']})" if world > 1 else ""
         if r.get("budget_s"):
