@@ -85,7 +85,7 @@ def test_auto_threads_note_comes_once_training_starts(
     assert cli.main([*cli_flags(text, run, steps=2), "--quiet"]) == 0
     (start,) = records(run, "start")
     assert start["threads"] == 1
-    err = capsys.readouterr().err
-    assert "1 thread(s) on 2 cores" in err and "--threads 2" in err
+    out = capsys.readouterr().out  # with the progress lines; stderr is for errors
+    assert "1 thread(s) on 2 cores" in out and "--threads 2" in out
     assert cli.main([*cli_flags(text, tmp_path / "bad", steps=2), "--model.n_heads", "3"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -47,7 +47,7 @@ LINES = {
 
 class ConsoleView:
     """Renders trainer events: a tqdm progress bar, evaluation lines and samples; `note`
-    (e.g. the thread policy's) goes to stderr when training starts."""
+    (e.g. the thread policy's) is printed when training starts."""
 
     def __init__(self, quiet: bool = False, note: str | None = None):
         self.quiet = quiet
@@ -70,8 +70,8 @@ class ConsoleView:
             handler(r)
 
     def _on_start(self, r: dict[str, Any]) -> None:
-        if self.note:
-            print(self.note, file=sys.stderr, flush=True)
+        if self.note:  # with the progress lines: stderr is kept for the one-line errors
+            self._print(self.note)
         world = r.get("world_size", 1)
         procs = f" | {world} processes ({r['parallel']})" if world > 1 else ""
         if r.get("budget_s"):
