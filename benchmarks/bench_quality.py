@@ -13,11 +13,25 @@ final checkpoint is evaluated as `gptlab eval` does (`gptlab.evaluate.evaluate_r
 over the whole validation split: non-overlapping windows of the model's context, every
 window whole (the tail shorter than one window, under 0.1% of the bytes here, is left out).
 
-Limits: `--budget S` (default 600) sets train.max_time = S, the seconds of training steps
-(periodic evaluations, samples and checkpoints are not counted, as in `gptlab train`); the
-recipe's own max_steps still applies. `--steps N` instead trains exactly N steps with no
-time limit: the way to compare recipes at equal steps, whose losses do not depend on the
-machine's load. train.epochs is set to 0 either way (the budget or the steps decide).
+Limits: `--budget S` runs every recipe under the same time budget (train.budget = time,
+train.max_time = S seconds of training steps; periodic evaluations, samples and
+checkpoints are not counted, as in `gptlab train`; gptlab.budget): each recipe's schedule
+spans S seconds on this machine, and a recipe written in steps keeps its warm-up as the
+same fraction of the run (warmup_frac = warmup_steps / max_steps). `--steps N` instead
+trains exactly N steps with no time limit: the way to compare recipes at equal steps,
+whose losses do not depend on the machine's load. With neither, each recipe keeps its own
+limits (the default's time budget, cpu-gpt2's 1,000 steps). train.epochs is set to 0 in
+every case (the budget or the steps decide).
+
+`--threads N` runs with N torch threads (default: gptlab's thread policy, gptlab.threads);
+`--threads 1` on a 2-core machine is a machine half as fast, to show that a time budget's
+schedule adapts (fewer steps, still decayed to its floor). `nanogpt-cpu` is nanoGPT's
+README CPU recipe written as a gptlab recipe (RECIPES): char-level, 4 layers x 128, 4
+heads, context 64, 12 sequences a step, no dropout, AdamW at 1e-3 (beta2 0.99, decay to
+1e-4 after 100 warm-up steps of 2,000), no biases, tied head, fp32, no compile. Its
+differences from nanoGPT itself: gptlab's AdamW decays only the blocks' matrices (nanoGPT
+also the embeddings) and its batches are drawn from a seeded shuffle of all windows
+(nanoGPT's at random offsets).
 
 Bits per byte are the held-out text's total loss in bits over its UTF-8 bytes
 (`evaluate.bits_per_byte`: loss x tokens / (ln 2 x bytes), each token's bytes from
@@ -59,6 +73,17 @@ from typing import Any
 from gptlab import config as C
 from gptlab.errors import GptlabError
 
+# Named recipes besides the presets: a base preset, then overrides.
+RECIPES = {
+    "nanogpt-cpu": (
+        "cpu-gpt2 data.tokenizer=char model.context_length=64 model.emb_dim=128 "
+        "model.n_heads=4 model.n_layers=4 model.drop_rate=0.0 model.bias=false "
+        "model.tie_weights=true model.vocab_multiple=1 train.batch_size=12 train.lr=1e-3 "
+        "train.beta2=0.99 train.min_lr_ratio=0.1 train.warmup_steps=100 train.max_steps=2000 "
+        "train.weight_decay=0.1 train.grad_clip=1.0 train.precision=fp32 train.compile=off"
+    ),
+}
+
 COLUMNS = (
     ("recipe", "recipe", "{}"),
     ("steps", "steps", "{:,}"),
@@ -71,18 +96,21 @@ COLUMNS = (
     ("bits/byte", "bits_per_byte", "{:.4f}"),
     ("val bytes", "val_bytes", "{:,}"),
     ("params", "params", "{:,}"),
+    ("threads", "threads", "{}"),
     ("load", "load_before", "{:.2f}"),
 )
 
 
 def parse_recipe(
-    recipe: str, budget: float, steps: int | None, data: str
+    recipe: str, budget: float | None, steps: int | None, data: str
 ) -> tuple[C.RunConfig, str]:
     """(the config a recipe describes, with this benchmark's data, split and limits, and
     the recipe's preset name). See the module docstring for the order of what applies."""
     words = shlex.split(recipe)
     if not words:
         raise GptlabError("an empty --recipe; give a preset, a TOML file or overrides")
+    if words[0] in RECIPES:
+        words = shlex.split(RECIPES[words[0]]) + words[1:]
     base, overrides = (words[0], words[1:]) if "=" not in words[0] else (None, words)
     if base is None or base in C.PRESETS:
         name = base or C.DEFAULT_PRESET
@@ -94,18 +122,25 @@ def parse_recipe(
         C.apply_nested(cfg, file_cfg, origin=f"config file {base}")
     cfg.data.source = data
     cfg.data.split = "chars"  # the same held-out characters for every tokenizer
-    tc = cfg.train
-    tc.epochs = 0
-    if steps is None:
-        tc.max_time = float(budget)
-    else:
-        tc.max_steps, tc.max_time = steps, 0.0
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq:
             raise GptlabError(f"recipe {recipe!r}: {item!r} is not section.field=value")
         C.set_field(cfg, key.strip(), value.strip())
+    _set_limits(cfg.train, budget, steps)
     return cfg.validate(), name
+
+
+def _set_limits(tc: C.TrainConfig, budget: float | None, steps: int | None) -> None:
+    """This benchmark's limits over the recipe's: a time budget, a step count, or (neither)
+    the recipe's own; never an epoch limit."""
+    tc.epochs = 0
+    if steps is not None:
+        tc.budget, tc.max_steps, tc.max_time = "steps", steps, 0.0
+    elif budget is not None:
+        if tc.budget == "steps" and tc.max_steps and tc.warmup_steps and not tc.warmup_frac:
+            tc.warmup_frac = min(tc.warmup_steps / tc.max_steps, 0.5)
+        tc.budget, tc.max_time, tc.max_steps = "time", float(budget), 0
 
 
 def run_recipe(recipe: str, cfg: C.RunConfig, name: str, out: Path) -> dict[str, Any]:
@@ -119,6 +154,8 @@ def run_recipe(recipe: str, cfg: C.RunConfig, name: str, out: Path) -> dict[str,
 
     def keep(record: dict[str, Any]) -> None:
         records[record["event"]] = record  # the last of each kind: start, end, ...
+
+    import torch
 
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -149,6 +186,8 @@ def run_recipe(recipe: str, cfg: C.RunConfig, name: str, out: Path) -> dict[str,
         "device": start["device"],
         "precision": start["precision"],
         "end_reason": end["reason"],
+        "threads": torch.get_num_threads(),
+        "budget": cfg.train.budget,
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
         "run_dir": str(result.run_dir),
@@ -190,20 +229,43 @@ def main(argv: list[str] | None = None) -> int:
         help='a preset or TOML path, then section.field=value overrides (e.g. "cpu model.n_layers=6")',
     )
     p.add_argument(
-        "--budget", type=float, default=600.0, help="seconds of training (train.max_time)"
+        "--budget",
+        type=float,
+        default=None,
+        help="run every recipe under a time budget of this many seconds of training",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (1: a machine half as fast on 2 cores); 0 = gptlab's policy",
     )
     p.add_argument("--steps", type=int, default=None, help="train exactly N steps, no time limit")
     p.add_argument("--data", default="shakespeare", help="the text (default: built-in Shakespeare)")
     p.add_argument("--out", default=None, help="keep the runs under DIR (default: a temp dir)")
     p.add_argument("--json", default=None, help="append one JSON line per recipe to this file")
     args = p.parse_args(argv)
-    if (args.steps is not None and args.steps < 1) or args.budget <= 0:
+    if (args.steps is not None and args.steps < 1) or (
+        args.budget is not None and args.budget <= 0
+    ):
         p.error("--steps and --budget must be positive")
+    if args.steps is not None and args.budget is not None:
+        p.error("--steps and --budget are two ways to limit a run; give one")
+    if args.threads < 0:
+        p.error("--threads must be 0 (auto) or more")
     try:
         plans = [(r, *parse_recipe(r, args.budget, args.steps, args.data)) for r in args.recipe]
     except GptlabError as e:  # every recipe is checked before the first one trains
         print(f"bench_quality: error: {e}", file=sys.stderr)
         return 2
+    import torch
+
+    from gptlab.threads import choose_threads
+
+    threads, note = choose_threads(args.threads or None)
+    torch.set_num_threads(threads)
+    if note:
+        print(f"bench_quality: {note}", file=sys.stderr)
     with contextlib.ExitStack() as stack:
         root = (
             Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))

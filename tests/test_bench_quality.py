@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from conftest import make_corpus_text
 
-from gptlab import config as C
 from gptlab.errors import GptlabError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
@@ -31,7 +30,7 @@ def test_recipes_parse_presets_files_and_overrides(bench, tmp_path):
     cfg, name = bench.parse_recipe("cpu model.n_layers=6 train.lr=3e-3", 600, None, "shakespeare")
     assert name == "cpu" and cfg.model.n_layers == 6 and cfg.train.lr == 3e-3
     assert cfg.train.max_time == 600 and cfg.train.epochs == 0
-    assert cfg.train.max_steps == C.PRESETS["cpu"]["train"]["max_steps"]
+    assert cfg.train.budget == "time" and cfg.train.max_steps == 0
     assert cfg.data.split == "chars"  # the same held-out characters for every tokenizer
     cfg, _ = bench.parse_recipe("cpu", 600, 300, "shakespeare")
     assert cfg.train.max_steps == 300 and cfg.train.max_time == 0
@@ -134,3 +133,37 @@ def test_a_stopped_run_ends_the_benchmark(bench, tmp_path, capsys, monkeypatch):
     assert bench.main(argv) == 130
     assert len(calls) == 1  # the second recipe never started
     assert "stopped" in capsys.readouterr().err
+
+
+def test_budget_puts_every_recipe_on_the_same_time_budget(bench):
+    cfg, name = bench.parse_recipe("nanogpt-cpu", 300, None, "shakespeare")
+    tc, mc = cfg.train, cfg.model
+    assert name == "cpu-gpt2" and cfg.data.tokenizer == "char"
+    assert (mc.n_layers, mc.n_heads, mc.emb_dim, mc.context_length) == (4, 4, 128, 64)
+    assert (mc.drop_rate, mc.bias, mc.tie_weights, tc.batch_size) == (0.0, False, True, 12)
+    assert (tc.budget, tc.max_time, tc.max_steps) == ("time", 300.0, 0)
+    assert tc.warmup_frac == pytest.approx(100 / 2000)  # its warm-up, as a fraction
+    cfg, _ = bench.parse_recipe("nanogpt-cpu", None, None, "shakespeare")
+    assert (cfg.train.budget, cfg.train.max_steps) == ("steps", 2000)  # its own limits
+    cfg, _ = bench.parse_recipe("cpu", None, 50, "shakespeare")
+    assert (cfg.train.budget, cfg.train.max_steps, cfg.train.max_time) == ("steps", 50, 0)
+
+
+def test_main_with_a_time_budget_and_one_thread(bench, tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text(make_corpus_text(), encoding="utf-8")
+    jsonl = tmp_path / "q.jsonl"
+    argv = ["--data", str(text), "--budget", "1", "--threads", "1", "--json", str(jsonl)]
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert bench.main([*argv, "--recipe", f"{TINY} data.tokenizer=char"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    (row,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert (row["end_reason"], row["budget"], row["threads"]) == ("budget", "time", 1)
+    assert row["steps"] > 1 and row["train_s"] <= 1.0 + row["train_s"] / row["steps"]
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--steps", "2", "--budget", "3", "--recipe", TINY])
+    assert e.value.code == 2 and "give one" in capsys.readouterr().err

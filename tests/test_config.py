@@ -45,6 +45,7 @@ def test_every_field_has_one_line_of_help_and_a_valid_default(section, f):
 def test_validate_reads_choices_from_metadata(section, f):
     for choice in C.field_choices(f):
         cfg = C.RunConfig()
+        cfg.train.max_time = 60.0  # train.budget = time needs its budget
         setattr(getattr(cfg, section), f.name, choice)
         cfg.validate()
     cfg = C.RunConfig()

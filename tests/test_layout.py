@@ -28,6 +28,8 @@ LAYERS = (
     "finetune",  # finetuning records -> rendered examples -> padded or packed batches; losses
     "prepare",  # gptlab prepare: parallel, resumable sharding
     "optim",  # parameter groups, optimizers, lr schedule
+    "budget",  # a time budget: progress, when it is spent, the recorded schedule
+    "threads",  # how many CPU threads torch uses: cores, load, a server's reserve
     "runtime",  # device, precision, compile and host-memory policy; speed facts
     "dist",  # torchrun environment, DDP / FSDP2, rank helpers
     "loss",  # the loss paths (full logits, chunked)

@@ -150,8 +150,9 @@ def test_train_model_simple_records_and_prints(corpus_text, capsys, tokenizer):
 
 
 def test_the_default_preset_runs_its_whole_schedule(tmp_path):
-    """The cpu preset's cosine is sized by max_steps; an epoch limit would cut the run (and
-    its schedule) short on a small corpus such as the built-in plays (673 steps an epoch)."""
+    """The cpu preset's cosine spans its time budget; an epoch or step limit would cut the
+    run (and its schedule) short on a small corpus such as the built-in plays (673 steps an
+    epoch)."""
     import numpy as np
 
     from gptlab.config import PRESETS, preset
@@ -165,5 +166,6 @@ def test_the_default_preset_runs_its_whole_schedule(tmp_path):
     cfg = preset("cpu")
     cfg.train.device = "cpu"
     trainer = Trainer(cfg, Corpus(ids[:18000], ids[18000:], tok, "test"), tmp_path / "run")
-    assert trainer.steps_per_epoch < cfg.train.max_steps  # several passes over this text
-    assert trainer.total_steps == cfg.train.max_steps == PRESETS["cpu"]["train"]["max_steps"]
+    assert cfg.train.budget == "time" and trainer.total_steps == 0  # no step or epoch limit
+    assert trainer.budget.seconds == cfg.train.max_time == PRESETS["cpu"]["train"]["max_time"]
+    assert trainer.budget.progress(0.0, 0, 0) == 0.0

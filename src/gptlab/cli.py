@@ -153,6 +153,36 @@ def _command(sub, name: str, func: Callable, **kwargs: Any) -> argparse.Argument
     return c
 
 
+def _threads_arg(p: argparse.ArgumentParser, serve: bool = False) -> None:
+    extra = "; the engine's threads and the HTTP loop never share a core" if serve else ""
+    p.add_argument(
+        "--threads",
+        type=_number(int, C.NON_NEGATIVE),
+        default=0,
+        metavar="N",
+        help="CPU threads for torch; 0 (default): the cores this process may use, fewer "
+        f"when the load average says others are running (gptlab.threads){extra}",
+    )
+
+
+def _apply_threads(args: argparse.Namespace, reserve: int = 0) -> str | None:
+    """Set torch's threads by the policy (gptlab.threads); returns the note that says why
+    it chose fewer (printed once the command is under way, so that an error stays the one
+    line on stderr), or None."""
+    import torch
+
+    from gptlab.threads import choose_threads
+
+    n, note = choose_threads(args.threads or None, reserve=reserve)
+    torch.set_num_threads(n)
+    return f"gptlab: note: {note}" if note else None
+
+
+def _print_note(note: str | None) -> None:
+    if note:
+        print(note, file=sys.stderr, flush=True)
+
+
 def _train_parser(sub) -> None:
     t = _command(
         sub,
@@ -176,6 +206,7 @@ def _train_parser(sub) -> None:
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _threads_arg(t)
     t.add_argument(
         "--init-from",
         metavar="SRC",
@@ -183,6 +214,11 @@ def _train_parser(sub) -> None:
         "(gpt2, gpt2-medium, ...); the model config comes from SRC (only --model.drop_rate and "
         "--model.attention may change)",
     )
+    _tracker_args(t)
+    _config_field_args(t)
+
+
+def _tracker_args(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--tracker",
         action="append",
@@ -197,7 +233,6 @@ def _train_parser(sub) -> None:
         action="store_true",
         help="the same as --tracker tensorboard",
     )
-    _config_field_args(t)
 
 
 def _finetune_parser(sub) -> None:
@@ -229,11 +264,8 @@ def _finetune_parser(sub) -> None:
         help="the base model: a gptlab run or a Hugging Face GPT-2 or Llama directory (or hub id); "
         "only --model.drop_rate and --model.attention may change",
     )
-    t.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="also write TensorBoard events to RUN_DIR/tensorboard (needs `tensorboard`)",
-    )
+    _threads_arg(t)
+    _tracker_args(t)
     _config_field_args(t)
 
 
@@ -286,13 +318,23 @@ def _run_config_args(p: argparse.ArgumentParser) -> None:
         "(`gptlab config` writes one)",
     )
     p.add_argument(
-        "--epochs", type=_number(int, AT_LEAST_ONE), metavar="N", help="passes over the data"
+        "--epochs",
+        type=_number(int, AT_LEAST_ONE),
+        metavar="N",
+        help="passes over the data (the schedule spans them: train.budget = steps)",
     )
     p.add_argument(
-        "--max-steps", type=_number(int, AT_LEAST_ONE), metavar="N", help="optimizer steps"
+        "--max-steps",
+        type=_number(int, AT_LEAST_ONE),
+        metavar="N",
+        help="optimizer steps (the schedule spans them: train.budget = steps)",
     )
     p.add_argument(
-        "--max-time", type=_number(float, C.POSITIVE), metavar="SECONDS", help="seconds of training"
+        "--max-time",
+        type=_number(float, C.POSITIVE),
+        metavar="SECONDS",
+        help="seconds of training steps: the time budget (the default preset's schedule "
+        "spans it), or a safety net beside --epochs/--max-steps",
     )
     train_fields = {f.name: f for f in dataclasses.fields(C.TrainConfig)}
     for flag, (key, metavar) in TRAIN_ALIASES.items():
@@ -412,6 +454,7 @@ def _generate_parser(sub) -> None:
         help="compile the cached step with a static cache (CUDA: CUDA graphs; slow first call)",
     )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    _threads_arg(g)
 
 
 def _convert_parser(sub) -> None:
@@ -592,6 +635,7 @@ def _eval_parser(sub) -> None:
         help="score only the first N items of each task",
     )  # fmt: skip
     tk.add_argument("--out", metavar="REPORT.json", help="write the report here when complete")
+    _threads_arg(ev)
 
 
 def _serve_parser(sub) -> None:
@@ -633,6 +677,7 @@ def _serve_parser(sub) -> None:
     s.add_argument(
         "--compile", action="store_true", help="torch.compile the model (slow first requests)"
     )
+    _threads_arg(s, serve=True)
 
 
 # --------------------------------------------------------------------------- train and config
@@ -654,15 +699,22 @@ def build_config(args: argparse.Namespace) -> tuple[C.RunConfig, str]:
         cfg.train.epochs = args.epochs or 0
         cfg.train.max_steps = args.max_steps or 0
         cfg.train.max_time = args.max_time or 0.0
+        if cfg.train.epochs or cfg.train.max_steps:  # a step count: the schedule spans it
+            cfg.train.budget = "steps"
     for key, value in config_overrides(args):
         C.set_field(cfg, key, value)
+    _add_trackers(cfg, args)
+    return cfg.validate(), preset_name
+
+
+def _add_trackers(cfg: C.RunConfig, args: argparse.Namespace) -> None:
+    """--tracker NAME (and --tensorboard) join train.trackers, so a resume logs there too."""
     added = (getattr(args, "tracker", None) or []) + (
         ["tensorboard"] if getattr(args, "tensorboard", False) else []
     )
     if added:
         names = [*C.tracker_names(cfg.train.trackers), *added]
         cfg.train.trackers = ",".join(dict.fromkeys(names))
-    return cfg.validate(), preset_name
 
 
 def _preset_and_file(preset: str | None, config_file: str | None) -> tuple[C.RunConfig, str]:
@@ -707,6 +759,7 @@ def build_finetune_config(args: argparse.Namespace) -> C.RunConfig:
         cfg.train.max_time = args.max_time or 0.0
     for key, value in config_overrides(args):
         C.set_field(cfg, key, value)
+    _add_trackers(cfg, args)
     # The model comes from --init-from: the checks across sections wait for it (finetune()).
     for section in ("train", "data", "finetune"):
         getattr(cfg, section).validate()
@@ -718,7 +771,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from gptlab.finetune_run import finetune
 
     cfg = build_finetune_config(args)
-    view = ConsoleView(quiet=args.quiet)
+    view = ConsoleView(quiet=args.quiet, note=_apply_threads(args))
     try:
         result = finetune(
             cfg,
@@ -727,7 +780,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             init_from=args.init_from,
             model_keys=_model_keys(args) if args.init_from else (),
             on_event=view,
-            tensorboard=args.tensorboard,
         )
     finally:
         view.close()
@@ -777,7 +829,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gptlab.trainer import train
 
     cfg, preset_name = build_config(args)
-    view = ConsoleView(quiet=args.quiet)
+    view = ConsoleView(quiet=args.quiet, note=_apply_threads(args))
     try:
         result = train(
             cfg,
@@ -833,11 +885,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gptlab.runs import open_run
 
     prompts = args.prompt or ["Every effort moves you"]
+    note = _apply_threads(args)
     run = _text_model(open_run(args.checkpoint, args.device), "generate")
     model, tokenizer = run.model, run.tokenizer
     for prompt in prompts:
         if not tokenizer.encode(prompt):
             raise GptlabError("--prompt is empty; give some text to continue")
+    _print_note(note)
     sampling = dict(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -1015,6 +1069,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gptlab.finetune_run import evaluate_finetuned, is_finetuned
     from gptlab.runs import open_run
 
+    note = _apply_threads(args)
     if args.task or args.suite:
         return _eval_tasks(args)
     if args.task_data or args.out:
@@ -1034,6 +1089,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     r = evaluate_run(run, args.data, args.split, args.batch_size, args.max_batches, args.precision)
     r = {"data": r["data"], "checkpoint": args.checkpoint, **r}
+    _print_note(note)
     if args.json:
         print(json.dumps(r))
     else:
@@ -1099,12 +1155,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gptlab.runs import open_run
     from gptlab.serve import serve
 
+    note = _apply_threads(args, reserve=1)  # a core for the HTTP loop beside the engine's
     run = _text_model(open_run(args.checkpoint, args.device), "serve")
     if args.compile:
         # shapes change with the batch and the cache length at every step: compile dynamic
         run.model = torch.compile(run.model, dynamic=True)
 
     def ready(url: str) -> None:
+        _print_note(note)
         key = " (API key required)" if args.api_key else ""
         print(f"serving {args.checkpoint} at {url}{key}: page at /, OpenAI API at /v1", flush=True)
 

@@ -249,6 +249,8 @@ class ModelConfig:
 
 
 _ON_OFF = ("auto", "on", "off")
+# The shortest time budget: below it a run could not hold a step and its evaluation.
+MIN_BUDGET_S = 1.0
 
 
 @dataclass
@@ -280,7 +282,36 @@ class TrainConfig:
         choices=("original", "match_rms_adamw"),
     )
     min_lr_ratio: float = _field(0.1, "the schedule decays to lr * min_lr_ratio", bounds=FRACTION)
-    warmup_steps: int = _field(0, "steps of linear warm-up to lr", bounds=NON_NEGATIVE)
+    warmup_steps: int = _field(
+        0, "steps of linear warm-up to lr (budget = steps)", bounds=NON_NEGATIVE
+    )
+    budget: str = _field(
+        "steps",
+        "what the schedule spans. steps: max_steps (or epochs) steps, max_time a safety net; "
+        "time: max_time seconds of training steps, warm-up and decay as fractions of it, so "
+        "the last steps reach the floor on any machine (gptlab.budget)",
+        choices=("steps", "time"),
+    )
+    warmup_frac: float = _field(
+        0.0, "budget = time: the fraction of the budget spent warming up", bounds=BELOW_ONE
+    )
+    decay_frac: float = _field(
+        1.0,
+        "budget = time: the last fraction of the budget over which lr decays to the floor "
+        "(1: all of it after warm-up; less: stable at lr until then)",
+        bounds=Range(0, 1, low_open=True),
+    )
+    eval_every_frac: float = _field(
+        0.0,
+        "budget = time: evaluate each time this fraction of the budget has passed, whatever "
+        "the machine's speed; 0 = every eval_freq steps",
+        bounds=FRACTION,
+    )
+    replay_schedule: str = _field(
+        "",
+        "budget = time: a run's schedule.json; replay its steps' progress instead of reading "
+        "the clock (the same steps and learning rates, bit for bit)",
+    )
     schedule: str = _field(
         "cosine",
         "decay from lr to lr * min_lr_ratio after warm-up (constant: none)",
@@ -311,7 +342,12 @@ class TrainConfig:
     )
     epochs: int = _field(1, "passes over the training windows; 0 = no limit", bounds=NON_NEGATIVE)
     max_steps: int = _field(0, "optimizer steps; 0 = no limit (epochs decide)", bounds=NON_NEGATIVE)
-    max_time: float = _field(0.0, "seconds of training; 0 = no limit", bounds=NON_NEGATIVE)
+    max_time: float = _field(
+        0.0,
+        "seconds of training steps (evaluations not counted); 0 = no limit; the budget when "
+        "budget = time",
+        bounds=NON_NEGATIVE,
+    )
     eval_freq: int = _field(
         100, "evaluate train and val loss every eval_freq steps", bounds=POSITIVE
     )
@@ -405,6 +441,15 @@ class TrainConfig:
         if self.epochs == 0 and self.max_steps == 0 and self.max_time == 0:
             raise GptlabError(
                 "no training limit: set train.epochs, train.max_steps or train.max_time above 0"
+            )
+        if self.budget == "time" and not self.replay_schedule and self.max_time < MIN_BUDGET_S:
+            raise GptlabError(
+                f"train.budget = time needs train.max_time, the budget in seconds, of at least "
+                f"{MIN_BUDGET_S:g} (got {self.max_time:g}); set --train.max_time SECONDS"
+            )
+        if self.replay_schedule and self.budget != "time":
+            raise GptlabError(
+                "train.replay_schedule replays a time budget's schedule; add --train.budget time"
             )
         return self
 
@@ -629,9 +674,9 @@ MODERN_BLOCKS: dict[str, Any] = {
     "logit_softcap": 15.0,
 }
 
-# The small run both CPU recipes share: 4 layers x 256 at context 128, 16 sequences a step,
-# and a fixed step count (set by each), so the schedule reaches its floor; max_time is a
-# safety net for slower machines.
+# The small run both CPU recipes share: 4 layers x 256 at context 128, 16 sequences a step.
+# cpu-gpt2 keeps a fixed step count (its schedule reaches its floor; max_time is a safety
+# net for slower machines); cpu spans a time budget instead.
 _CPU_MODEL: dict[str, Any] = {
     "context_length": 128,
     "emb_dim": 256,
@@ -690,11 +735,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # the blocks' matrices.
     "cpu": {
         "model": {**_CPU_MODEL, "tie_weights": False, **MODERN_BLOCKS},
+        # A time budget (gptlab.budget): 530 s of training steps, warm-up over its first
+        # 4% and cosine decay to the floor at its end, whatever the machine's speed (1,200
+        # steps took 401-532 s on 2-core machines), with an evaluation each tenth; start-up,
+        # the BPE's training, evaluations and samples fit the rest of `make demo`'s 10 minutes.
         "train": {
             **_CPU_TRAIN,
             "optimizer": "muon",
             "muon_lr": 0.02,
-            "max_steps": 1200,  # ~2.5M tokens: 7-8.5 minutes here, within max_time
+            "budget": "time",
+            "max_time": 530.0,
+            "warmup_frac": 0.04,
+            "eval_every_frac": 0.1,
         },
         "data": {"tokenizer": "bpe:4096", "split": "chars"},
     },

@@ -57,11 +57,13 @@ def _records_note(r: dict[str, Any]) -> str:
 
 
 class ConsoleView:
-    """Renders trainer events: a tqdm progress bar, evaluation lines and samples."""
+    """Renders trainer events: a tqdm progress bar, evaluation lines and samples; `note`
+    (e.g. the thread policy's) is printed when training starts."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, note: str | None = None):
         self.quiet = quiet
         self.bar = None
+        self.note = note
 
     def _print(self, text: str) -> None:
         if self.bar is not None:
@@ -79,8 +81,14 @@ class ConsoleView:
             handler(r)
 
     def _on_start(self, r: dict[str, Any]) -> None:
+        if self.note:  # with the progress lines: stderr is kept for the one-line errors
+            self._print(self.note)
         world = r.get("world_size", 1)
         procs = f" | {world} processes ({r['parallel']})" if world > 1 else ""
+        if r.get("budget_s"):
+            procs += f" | time budget {r['budget_s']:g} s"
+        if r.get("threads"):
+            procs += f" | {r['threads']} CPU threads"
         self._print(
             f"model: {r['params'] / 1e6:.2f}M parameters | device {r['device']} | precision {r['precision']}"
             f"{' | compiled' if r['compiled'] else ''}{procs} | {r['batch_tokens']} tokens/step ({r['accum']} micro-batches)"
@@ -113,7 +121,10 @@ class ConsoleView:
                 refresh=True,
             )
         elif not self.quiet:
-            self._print(f"step {r['step']}: loss {r['loss']:.3f}, {r['tokens_per_s']:,.0f} tok/s")
+            done = f" ({100 * r['progress']:.0f}% of the budget)" if "progress" in r else ""
+            self._print(
+                f"step {r['step']}{done}: loss {r['loss']:.3f}, {r['tokens_per_s']:,.0f} tok/s"
+            )
 
     def _on_end(self, r: dict[str, Any]) -> None:
         if self.bar is not None:

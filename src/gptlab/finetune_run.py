@@ -102,7 +102,6 @@ def finetune(
     init_from: str | None = None,
     model_keys: tuple[str, ...] = (),
     on_event: Callable[[dict[str, Any]], None] | None = None,
-    tensorboard: bool = False,
     name: str = "finetune",
 ) -> TrainResult:
     """What `gptlab finetune` does: finetune the model of `init_from` on the records in
@@ -155,7 +154,7 @@ def finetune(
         _point_latest(run_dir)
         if template is not None:  # generate --chat, serve and convert to-hf read it there
             chat.save_template(run_dir, template)
-    end = _run_with_signals(trainer, run_dir, tensorboard)
+    end = _run_with_signals(trainer, run_dir)
     if data.is_classifier and end["reason"] not in ("SIGINT", "SIGTERM", "nonfinite"):
         end = {**end, "accuracy": _final_accuracy(trainer, data)}
     dist_lib.shutdown()

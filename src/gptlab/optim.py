@@ -159,14 +159,26 @@ def _groups(model: nn.Module, cfg: TrainConfig, exclude: frozenset[int]) -> list
 
 
 def set_lr(
-    optimizer: Optimizer, step: int, cfg: TrainConfig, total_steps: int | None, scale: float = 1.0
+    optimizer: Optimizer,
+    step: int,
+    cfg: TrainConfig,
+    total_steps: int | None,
+    scale: float = 1.0,
+    progress: float | None = None,
 ) -> float:
     """Set every group's learning rate for optimizer step `step`: the schedule's shape from
     each optimizer's own peak (AdamW's `cfg.lr`, Muon's `cfg.muon_lr`), times `scale` (the
-    trainer's rollback factor). Returns AdamW's."""
-    lr = lr_at(step, cfg, total_steps) * scale
+    trainer's rollback factor). With `progress` (a time budget's, in [0, 1]) the shape is
+    `lr_at_progress`'s instead of `lr_at`'s. Returns AdamW's."""
+
+    def at(peak: float | None) -> float:
+        if progress is not None:
+            return lr_at_progress(progress, cfg, peak)
+        return lr_at(step, cfg, total_steps, peak)
+
+    lr = at(None) * scale
     muon = optimizer.muon.param_groups if isinstance(optimizer, MuonAdamW) else []
-    muon_lr = lr_at(step, cfg, total_steps, peak=cfg.muon_lr) * scale if muon else lr
+    muon_lr = at(cfg.muon_lr) * scale if muon else lr
     for group in optimizer.param_groups:
         group["lr"] = lr
     for group in muon:
@@ -194,3 +206,26 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int | None, peak: float | No
     if cfg.schedule == "linear":
         return lr - (lr - floor) * progress
     return floor + 0.5 * (lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at_progress(progress: float, cfg: TrainConfig, peak: float | None = None) -> float:
+    """Learning rate at `progress`, the fraction of a time budget passed when the step ends
+    (gptlab.budget), peaking at `peak` (default `cfg.lr`).
+
+    Linear warm-up from 0 over the first `warmup_frac` of the budget; then `lr` until the
+    decay starts at progress max(warmup_frac, 1 - decay_frac); then cosine or linear decay
+    to the floor `lr * min_lr_ratio` at progress 1 (constant: no decay). With decay_frac
+    below 1 this is a warmup-stable-decay schedule.
+    """
+    lr = cfg.lr if peak is None else peak
+    p = min(max(progress, 0.0), 1.0)
+    if cfg.warmup_frac and p < cfg.warmup_frac:
+        return lr * p / cfg.warmup_frac
+    start = max(cfg.warmup_frac, 1.0 - cfg.decay_frac)
+    if cfg.schedule == "constant" or p <= start:
+        return lr
+    floor = lr * cfg.min_lr_ratio
+    x = (p - start) / (1.0 - start)
+    if cfg.schedule == "linear":
+        return lr - (lr - floor) * x
+    return floor + 0.5 * (lr - floor) * (1.0 + math.cos(math.pi * x))

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gptlab import budget as budget_lib
 from gptlab import checkpoint as ckpt_lib
 from gptlab import dist as dist_lib
 from gptlab.config import RunConfig, corpus_bpe_size, tracker_names
@@ -123,6 +124,11 @@ class TrainState:
     step: int = 0  # optimizer steps done (a skipped non-finite step counts: its data was used)
     tokens_seen: int = 0
     train_time: float = 0.0  # seconds spent training, summed over resumes
+    # train.budget = "time": the step seconds counted against the budget (a compiling first
+    # step is not), how many steps they are, and the progress each step ran at (its schedule)
+    budget_time: float = 0.0
+    budget_steps: int = 0
+    progress: list[float] = field(default_factory=list)
     bad_steps: int = 0  # consecutive non-finite steps
     skipped_steps: int = 0
     lr_scale: float = 1.0  # halved by each non-finite rollback (train.on_nonfinite = "rollback")
@@ -150,7 +156,7 @@ class TrainState:
 
 
 # Why a run stops, in the order ranks settle on one when they differ (the last wins).
-STOP_REASONS = ("epochs", "max_steps", "max_time", "nonfinite", "SIGTERM", "SIGINT")
+STOP_REASONS = ("epochs", "max_steps", "max_time", "budget", "nonfinite", "SIGTERM", "SIGINT")
 MAX_ROLLBACKS = 3  # train.on_nonfinite = "rollback" gives up (and stops) after this many
 
 
@@ -186,6 +192,8 @@ class Trainer:
     `corpus` may be `FinetuneData` instead (`gptlab finetune`): its examples make the
     batches, its loss (masked, or the classifier's) is the step's and the evaluations',
     and `finetune.train_blocks` chooses the trainable parameters. The loop is the same.
+
+    `clock()` (seconds) times the steps; tests give a fake one to drive a time budget.
     """
 
     def __init__(
@@ -196,8 +204,10 @@ class Trainer:
         resume: bool = False,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         init_weights: Callable[[nn.Module], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.cfg = cfg.validate()
+        self.clock = clock
         self.corpus = corpus
         self.run_dir = Path(run_dir)
         self.on_event = on_event or (lambda record: None)
@@ -218,6 +228,7 @@ class Trainer:
                 "fp16 needs a gradient scaler that FSDP2 shards do not support here; "
                 "use --precision bf16 (or fp32) with --parallel fsdp"
             )
+        self.budget = _time_budget(tc)
         self._build_loaders()
         self._build_model(None if resume else init_weights)
         self._check_start_context()
@@ -534,6 +545,8 @@ class Trainer:
             self._training_state(optimizer_state),
             self.cfg.train.keep_last,
         )
+        if self.budget is not None:  # what train.replay_schedule replays
+            budget_lib.write_schedule(self.run_dir, self.budget.seconds, self.state.progress)
         self.emit("checkpoint", path=str(path), reason=reason)
         return path
 
@@ -592,6 +605,9 @@ class Trainer:
             return self.stop_reason
         if self.total_steps and self.state.step >= self.total_steps:
             return "max_steps" if tc.max_steps and self.state.step >= tc.max_steps else "epochs"
+        if self.budget is not None:
+            st = self.state
+            return "budget" if self.budget.spent(st.budget_time, st.budget_steps, st.step) else None
         if tc.max_time and self.state.train_time >= tc.max_time:
             return "max_time"
         return None
@@ -602,7 +618,11 @@ class Trainer:
 
     def _eval_due(self) -> bool:
         # After the first step and every eval_freq steps: the walk-through's global_step
-        # (0-based) % eval_freq == 0.
+        # (0-based) % eval_freq == 0. A time budget with eval_every_frac: after the first
+        # step and each time progress passes a multiple of it, the same count on any machine.
+        every, progress = self.cfg.train.eval_every_frac, self.state.progress
+        if self.budget is not None and every:
+            return len(progress) == 1 or budget_lib.crossed(progress[-2], progress[-1], every)
         return (self.state.step - 1) % self.cfg.train.eval_freq == 0
 
     def _task_eval_due(self) -> bool:
@@ -629,7 +649,8 @@ class Trainer:
         tc = self.cfg.train
         epoch, in_epoch = divmod(self.state.step, self.steps_per_epoch)
         # every group follows the schedule from its own peak; a rollback's scale lowers all
-        set_lr(self.optimizer, self.state.step, tc, self.total_steps, self.state.lr_scale)
+        progress = self._progress()
+        set_lr(self.optimizer, self.state.step, tc, self.total_steps, self.state.lr_scale, progress)
         loss_sum = torch.zeros((), device=self.device)
         # This rank's share of the step's micro-batches (all of them in a single process).
         mine = dist_lib.micro_batch_indices(
@@ -652,8 +673,17 @@ class Trainer:
         loss_val, norm_val = self._update(loss_sum, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
+        if progress is not None:
+            self.state.progress.append(progress)
         self.state.tokens_seen += self.accum * x.numel()
         return loss_val, norm_val
+
+    def _progress(self) -> float | None:
+        """The time budget's progress the next step runs at (None: budget = steps)."""
+        if self.budget is None:
+            return None
+        st = self.state
+        return self.budget.progress(st.budget_time, st.budget_steps, st.step)
 
     def _update(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
         """Apply the optimizer step unless the loss or gradient is non-finite (then count
@@ -754,19 +784,29 @@ class Trainer:
         """One step, its time added to the run's; the first step of a compiled run is
         reported on its own (it compiles) and kept out of the throughput window."""
         st = self.state
-        t0 = time.perf_counter()
+        t0 = self.clock()
         tokens_before = st.tokens_seen
         compiling = first and self.rt.compiled
         loss, norm = self._first_compiled_step() if compiling else self.train_step()
         dist_lib.maybe_fail_for_test(self.dist, st.step)
-        dt = time.perf_counter() - t0  # the step's one host read has synchronised the device
+        dt = self.clock() - t0  # the step's one host read has synchronised the device
         st.train_time += dt
+        if self.budget is not None and not compiling:
+            st.budget_time += self._agreed_seconds(dt)
+            st.budget_steps += 1
         if compiling:
             self.emit("compile", seconds=round(dt, 2))
             window.reset()
         else:
             window.add(st.tokens_seen - tokens_before, loss)
         return loss, norm
+
+    def _agreed_seconds(self, dt: float) -> float:
+        """A step's seconds, the same on every rank (their mean) so that all follow one
+        schedule; in a single process, `dt` itself."""
+        if self.dist.world_size == 1:
+            return dt
+        return float(self.dist.mean(torch.tensor(dt, device=self.device, dtype=torch.float64)))
 
     def _guard(self, loss: float, norm: float) -> bool:
         """Report a skipped, overflowing or spiking step; after `max_bad_steps` non-finite
@@ -806,6 +846,10 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch,
             total_steps=self.total_steps,
             **self._data_sizes(),
+            budget=tc.budget,
+            budget_s=tc.max_time if tc.budget == "time" else None,
+            replay_steps=len(self.budget.replay) if self.budget and self.budget.replay else None,
+            threads=torch.get_num_threads(),
             peak_flops=self.peak,
             peak_source=self.peak_source,
         )
@@ -835,6 +879,7 @@ class Trainer:
             mfu=tps * self.flops_per_token / (self.peak * self.dist.world_size),
             peak_mem_mib=peak_memory_mib(self.device),
             elapsed=self.state.train_time,
+            **({"progress": self.state.progress[-1]} if self.state.progress else {}),
         )
         window.reset()
 
@@ -872,6 +917,17 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
         return end
+
+
+def _time_budget(tc) -> budget_lib.TimeBudget | None:
+    """The run's time budget (train.budget = "time"), replaying a recorded schedule when
+    train.replay_schedule names one; None for a step budget."""
+    if tc.budget != "time":
+        return None
+    if not tc.replay_schedule:
+        return budget_lib.TimeBudget(tc.max_time)
+    seconds, replay = budget_lib.read_schedule(tc.replay_schedule)
+    return budget_lib.TimeBudget(seconds or tc.max_time, replay)
 
 
 def _check_vocab(cfg: RunConfig, corpus: Corpus) -> None:

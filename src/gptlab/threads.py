@@ -1,0 +1,77 @@
+"""How many CPU threads torch uses: the cores this process may run on, fewer when others
+are busy on them.
+
+PyTorch starts one OpenMP thread per core. When another program keeps a core busy, the
+threads of every parallel region wait for the slowest one, which shares its core: a
+2-thread decode on a 2-core machine with one other busy process runs ~10x slower than a
+1-thread one. So the default (`choose_threads(None)`):
+
+    cores = the CPUs this process may use (its affinity mask, e.g. a container's cpuset)
+    busy  = floor(the 1-minute load average), at most cores - 1
+    threads = cores - busy
+
+The load average counts runnable processes over the last minute, so a command started
+right after another heavy one (a training run) may take one thread fewer than it could;
+`--threads N` says how many to use. OMP_NUM_THREADS, when set, is the request. A server
+(`reserve=1`) keeps a core for its HTTP loop beside the engine's threads, whatever asked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from gptlab.errors import GptlabError
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):  # macOS, Windows
+        return max(os.cpu_count() or 1, 1)
+
+
+def load_average() -> float:
+    """The 1-minute load average (0 where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def choose_threads(
+    requested: int | None,
+    *,
+    reserve: int = 0,
+    cores: int | None = None,
+    load: float | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[int, str | None]:
+    """(torch threads to use, a note saying why when it is fewer than asked or than the
+    cores, else None). `requested` None or 0: the policy above; `reserve` cores are kept for
+    other threads of this process (a server's HTTP loop). `cores`, `load` and `env` default to
+    the machine's (tests pass them)."""
+    if requested is not None and requested < 0:
+        raise GptlabError(f"--threads {requested}: give 0 (automatic) or a number of threads")
+    cores = usable_cores() if cores is None else cores
+    env = os.environ if env is None else env
+    if not requested and env.get("OMP_NUM_THREADS", "").strip().isdigit():
+        requested = int(env["OMP_NUM_THREADS"]) or None
+    room = max(cores - reserve, 1)
+    if requested:
+        if requested > room and reserve:
+            return room, (
+                f"{room} thread(s) instead of {requested}: {reserve} of the {cores} cores "
+                "is kept for the HTTP loop"
+            )
+        return requested, None
+    load = load_average() if load is None else load
+    busy = min(max(math.floor(load), 0), cores - 1)
+    n = max(min(cores - busy, room), 1)
+    if busy and n < room:
+        return n, (
+            f"{n} thread(s) on {cores} cores: the load average ({load:.1f}) says others are "
+            f"running; --threads {room} uses all"
+        )
+    return n, None

@@ -1,0 +1,91 @@
+"""The thread policy (gptlab.threads) with injected cores, load and environment, and that
+`--threads` really sets torch's threads in a command."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from run_helpers import cli_flags, records, write_corpus
+
+from gptlab import cli
+from gptlab.errors import GptlabError
+from gptlab.threads import choose_threads, usable_cores
+
+
+@pytest.fixture
+def keep_torch_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize(
+    "cores, load, want, noted",
+    [
+        (2, 0.0, 2, False),  # a quiet machine: every core
+        (2, 0.7, 2, False),  # a blip of load is not a busy core
+        (2, 1.2, 1, True),  # one other busy process: leave it its core
+        (2, 7.0, 1, True),  # never fewer than one
+        (16, 3.5, 13, True),
+        (1, 5.0, 1, False),  # one core: nothing to give up
+    ],
+)
+def test_auto_threads_leave_the_busy_cores(cores, load, want, noted):
+    n, note = choose_threads(None, cores=cores, load=load, env={})
+    assert n == want
+    assert (note is not None) == noted
+    if noted:
+        assert f"--threads {cores}" in note and f"{load:.1f}" in note
+
+
+def test_asked_threads_are_used_and_omp_num_threads_is_a_request():
+    assert choose_threads(3, cores=2, load=9.0, env={}) == (3, None)
+    assert choose_threads(None, cores=8, load=0.0, env={"OMP_NUM_THREADS": "2"}) == (2, None)
+    assert choose_threads(0, cores=8, load=0.0, env={"OMP_NUM_THREADS": "junk"})[0] == 8
+    with pytest.raises(GptlabError, match="--threads"):
+        choose_threads(-1, cores=2, load=0.0, env={})
+
+
+def test_a_server_keeps_a_core_for_its_http_loop():
+    assert choose_threads(None, reserve=1, cores=2, load=0.0, env={}) == (1, None)
+    n, note = choose_threads(2, reserve=1, cores=2, load=0.0, env={})
+    assert n == 1 and "HTTP loop" in note
+    assert choose_threads(None, reserve=1, cores=8, load=2.0, env={})[0] == 6
+    assert choose_threads(None, reserve=1, cores=1, load=0.0, env={})[0] == 1
+    assert 1 <= usable_cores()
+
+
+def test_train_threads_flag_sets_torchs_threads(tmp_path, keep_torch_threads, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    text = write_corpus(tmp_path / "text.txt")
+    for n in (1, 2):
+        run = tmp_path / f"run{n}"
+        assert cli.main([*cli_flags(text, run, steps=2), "--quiet", "--threads", str(n)]) == 0
+        (start,) = records(run, "start")
+        assert start["threads"] == n == torch.get_num_threads()
+
+
+def test_threads_flag_refuses_nonsense(capsys):
+    assert cli.main(["generate", "--threads", "-2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threads" in err[0]
+
+
+def test_auto_threads_note_comes_once_training_starts(
+    tmp_path, keep_torch_threads, monkeypatch, capsys
+):
+    """A busy machine (injected load) gets one thread and a note; an error stays one line."""
+    from gptlab import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "load_average", lambda: 1.5)
+    text = write_corpus(tmp_path / "text.txt")
+    run = tmp_path / "run"
+    assert cli.main([*cli_flags(text, run, steps=2), "--quiet"]) == 0
+    (start,) = records(run, "start")
+    assert start["threads"] == 1
+    out = capsys.readouterr().out  # with the progress lines; stderr is for errors
+    assert "1 thread(s) on 2 cores" in out and "--threads 2" in out
+    assert cli.main([*cli_flags(text, tmp_path / "bad", steps=2), "--model.n_heads", "3"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
