@@ -9,7 +9,7 @@
 #           train.py (bf16, compile; as given and with its 12x40 batching) against gptlab's
 #           defaults, on this GPU (~4 min); needs a nanoGPT clone in .refs/nanoGPT
 #   dist    benchmarks/check_dist_gpu.sh (DDP/FSDP2 through torchrun; ~2 min on 1 GPU)
-#   budget  a time budget on CUDA (issue 20): the gpu preset for 60 s of steps on the plays,
+#   budget  a time budget on CUDA (issue 20): the gpu preset for 30 s of steps on the plays,
 #           then the run's end record, schedule.json's last progress and lr, eval (~2 min)
 #   tasks   benchmarks/bench_tasks.py --device cuda --no-lm-eval: task items/s on the GPU
 # Output goes to stdout and, per part, to $OUT (default /tmp/gptlab-gpu) as <part>.log.
@@ -44,9 +44,9 @@ for p in $PARTS; do
     ladder) part ladder python3 benchmarks/bench_train.py --workload gpt2-124m --ladder --json ;;
     dist) part dist bash benchmarks/check_dist_gpu.sh ;;
     refs) part refs python3 benchmarks/bench_references.py --workload gpt2-124m --device cuda \
-            --nanogpt .refs/nanoGPT --json ;;
-    budget) part budget bash -c 'python3 -m gptlab train --preset gpu --train.budget time \
-              --max-time 60 --train.batch_tokens 65536 --train.eval_every_frac 0.25 \
+            --nanogpt "$PWD/.refs/nanoGPT" --json ;;
+    budget) rm -rf /tmp/gb; part budget bash -c 'python3 -m gptlab train --preset gpu --train.budget time \
+              --max-time 30 --train.batch_tokens 65536 --train.eval_every_frac 0.25 \
               --train.checkpoint_every 0 --out /tmp/gb --quiet \
             && python3 benchmarks/budget_report.py /tmp/gb \
             && python3 -m gptlab eval --checkpoint /tmp/gb --json' ;;
