@@ -56,6 +56,14 @@ def _records_note(r: dict[str, Any]) -> str:
     )
 
 
+def _trainable_note(r: dict[str, Any]) -> str:
+    """The trainable share when not every parameter trains (LoRA, finetune.train_blocks)."""
+    n, total = r.get("trainable", r["params"]), r["params"]
+    if n == total:
+        return ""
+    return f" ({n:,} trainable / {total:,} = {100 * n / total:.2f}%)"
+
+
 class ConsoleView:
     """Renders trainer events: a tqdm progress bar, evaluation lines and samples."""
 
@@ -82,7 +90,7 @@ class ConsoleView:
         world = r.get("world_size", 1)
         procs = f" | {world} processes ({r['parallel']})" if world > 1 else ""
         self._print(
-            f"model: {r['params'] / 1e6:.2f}M parameters | device {r['device']} | precision {r['precision']}"
+            f"model: {r['params'] / 1e6:.2f}M parameters{_trainable_note(r)} | device {r['device']} | precision {r['precision']}"
             f"{' | compiled' if r['compiled'] else ''}{procs} | {r['batch_tokens']} tokens/step ({r['accum']} micro-batches)"
             f" | {r['train_tokens']:,} train / {r['val_tokens']:,} val tokens" + _records_note(r)
         )

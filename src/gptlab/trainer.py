@@ -40,6 +40,7 @@ from torch import nn
 
 from gptlab import checkpoint as ckpt_lib
 from gptlab import dist as dist_lib
+from gptlab import lora
 from gptlab.config import RunConfig, corpus_bpe_size
 from gptlab.data import Corpus, make_loaders, open_corpus, prepared_manifest
 from gptlab.errors import GptlabError
@@ -202,6 +203,7 @@ class Trainer:
         self.on_event = on_event or (lambda record: None)
         self.stop_reason: str | None = None  # set by signal handlers or guards
         self.task = corpus if isinstance(corpus, FinetuneData) else None
+        self.lora = self.task is not None and cfg.finetune.lora_rank > 0
         tc = cfg.train
         identity = corpus.tokenizer.identity()
         resume_from = (
@@ -218,7 +220,8 @@ class Trainer:
                 "use --precision bf16 (or fp32) with --parallel fsdp"
             )
         self._build_loaders()
-        self._build_model(None if resume else init_weights)
+        # A LoRA run's checkpoints hold only its adapters: the base's weights load on resume too.
+        self._build_model(None if resume and not self.lora else init_weights)
         self._check_start_context()
         self.state = TrainState()
         self.sample_gen_seed = tc.seed
@@ -282,11 +285,13 @@ class Trainer:
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         self.model = GPTModel(self.cfg.model).to(self.device)
-        use_fast_dropout(self.model, rt.fast_dropout)  # only CPU tensors take the fast path
         if init_weights is not None:
             init_weights(self.model)  # e.g. GPT-2's (train --init-from); a resume loads its own
         if self.task is not None:
             set_trainable(self.model, self.cfg.finetune.train_blocks)
+        if self.lora:  # frozen base, trainable adapters (and a classifier's head)
+            lora.prepare(self.model, self.cfg.finetune)
+        use_fast_dropout(self.model, rt.fast_dropout)  # only CPU tensors take the fast path
         # DDP wrapper or FSDP2 shards (in place, so the optimizer comes after); a single
         # process gets self.model back.
         self.parallel_model = dist_lib.parallelize(self.model, tc.parallel, self.dist)
@@ -343,7 +348,8 @@ class Trainer:
     def _load_training_state(self, ckpt: Path) -> None:
         """Weights, optimizer, scaler, counters and RNG states from `ckpt` (config already checked)."""
         if not self.dist.sharded:
-            ckpt_lib.load_weights(self.model, ckpt, self.device)
+            keys = set(lora.trained_state_dict(self.model)) if self.lora else None
+            ckpt_lib.load_weights(self.model, ckpt, self.device, keys)
         st = ckpt_lib.load_state(ckpt)
         try:
             data = st.get("data")
@@ -502,6 +508,8 @@ class Trainer:
             model.load_state_dict(weights)
         else:
             model, optimizer_state = self.model, self.optimizer.state_dict()
+        if self.lora:  # what trains; the base is named in the config
+            model = lora.trained_state_dict(model)
         path = ckpt_lib.save_checkpoint(
             self.run_dir,
             self.state.step,
@@ -763,6 +771,7 @@ class Trainer:
         self.emit(
             "start",
             params=count_parameters(self.model),
+            trainable=lora.count_trainable(self.model)[0],
             device=str(self.device),
             precision=rt.precision,
             compiled=rt.compiled,
