@@ -380,3 +380,52 @@ def test_a_lora_run_on_a_changed_or_missing_base_is_refused(base, tmp_path, caps
     new_base = str(ckpt_lib.latest_checkpoint(moved))
     assert cli.main([*resume, "--finetune.base", new_base]) == 0
     assert max(losses_by_step(run)) == 5
+
+
+def test_a_chat_lora_on_a_base_without_the_turn_tokens_is_refused(base, tmp_path, capsys):
+    out = tmp_path / "chat"
+    flags = _finetune(base, "chat.jsonl", out, "--lora-rank", "2")
+    _one_line_error(capsys, flags, r"LoRA keeps the embedding frozen.*finetune fully")
+    assert not out.exists()
+
+
+def test_a_lora_run_is_a_base_like_any_other(lora_run, tmp_path):
+    """--init-from a LoRA run starts from its merged weights (full finetuning or more LoRA)."""
+    out = tmp_path / "again"
+    flags = ("--max-steps", "1", "--train.lr", "1e-9", "--train.log_every", "1")
+    assert cli.main(_finetune(lora_run, "instructions.jsonl", out, *flags)) == 0
+    merged = lora.merge_lora(open_run(lora_run, "cpu").model)
+    started = ckpt_lib.load_trained_model(out)[0]
+    for k, v in merged.state_dict().items():  # one step at lr 1e-9 barely moves a weight
+        torch.testing.assert_close(started.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def test_two_process_ddp_lora_is_the_one_process_run(base, tmp_path):
+    flags = ("--lora-rank", "4", "--max-steps", "4", "--train.lr", "1e-2",
+             "--train.eval_freq", "2", "--train.eval_iter", "3", "--train.log_every", "1",
+             "--train.batch_size", "4", "--train.batch_tokens", str(2 * 4 * 256))  # fmt: skip
+    ref = tmp_path / "ref"
+    assert cli.main(_finetune(base, "instructions.jsonl", ref, *flags)) == 0
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    res = subprocess.run(
+        [*cmd, "-m", "gptlab", *_finetune(base, "instructions.jsonl", out, *flags, "--parallel", "ddp")],
+        env=CHILD_ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    got, want = losses_by_step(out), losses_by_step(ref)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for s in want:
+        assert got[s] == pytest.approx(want[s], abs=1e-5)
+    for a, b in zip(records(out, "eval"), records(ref, "eval"), strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+    from safetensors.torch import load_file
+
+    a = load_file(str(ckpt_lib.latest_checkpoint(out) / ckpt_lib.WEIGHTS))
+    b = load_file(str(ckpt_lib.latest_checkpoint(ref) / ckpt_lib.WEIGHTS))
+    assert a.keys() == b.keys() and all(".lora_" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)

@@ -136,8 +136,6 @@ def finetune(
         cfg, source = _init_from(cfg, init_from, model_keys, notify)
         tokenizer = source.tokenizer
         if use_lora:  # the adapters' base, named so that every later load finds it again
-            if lora.has_lora(source.model):
-                lora.merge_lora(source.model)
             fc = replace(
                 cfg.finetune,
                 base=base_pointer(init_from, source),

@@ -53,7 +53,7 @@ from gptlab.model import GPTModel, count_parameters, flops_per_token, use_fast_d
 from gptlab.optim import MuonAdamW, build_optimizer, set_lr
 from gptlab.plot import plot_run
 from gptlab.resume import check_data_layout, check_resume, rng_state, set_rng_state
-from gptlab.runs import Run, open_run
+from gptlab.runs import Run, open_base
 from gptlab.runtime import peak_flops, peak_memory_mib, resolve_device, resolve_runtime, to_device
 from gptlab.tb import TensorBoardWriter
 from gptlab.tokenizer import BPETokenizer, from_identity
@@ -1070,7 +1070,7 @@ def _init_from(
             f"(only {', '.join('model.' + k for k in INIT_FROM_FREE)})"
         )
     notify({"event": "init_from", "source": src})
-    source = open_run(src, device="cpu", hub=True)
+    source = open_base(src)  # a LoRA run's adapters merged in
     if source.config.model.num_classes:
         raise GptlabError(
             f"--init-from {src!r} is a classifier (gptlab finetune): it has no language-model "
