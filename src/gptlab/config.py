@@ -533,7 +533,9 @@ class FinetuneConfig:
     lora_dropout: float = _field(
         0.0, "LoRA: dropout on the adapters' input (the base path has none)", bounds=BELOW_ONE
     )
-    base: str = _field("", "LoRA: the base model the adapters apply to (set from --init-from)")
+    base: str = _field(
+        "", "LoRA: the base model the adapters apply to (set by gptlab finetune from init-from)"
+    )
     base_sha256: str = _field(
         "", "LoRA: the sha256 of the base's weights, checked whenever the run is loaded (set)"
     )
