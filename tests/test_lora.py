@@ -147,8 +147,16 @@ def test_a_classifier_head_trains_whole_beside_the_adapters():
 def test_bad_settings_are_one_line_errors():
     with pytest.raises(GptlabError, match="rank must be 1 or more"):
         lora.add_adapters(_model("gpt2"), rank=0, alpha=1.0)
+    model, x = _model("gpt2"), _ids()
+    with torch.no_grad():
+        want = model(x)
     with pytest.raises(GptlabError, match="exceeds trf_blocks.0.att.W_query's smallest side"):
-        lora.add_adapters(_model("gpt2"), rank=33, alpha=1.0)
+        lora.add_adapters(model, rank=33, alpha=1.0)
+    with pytest.raises(GptlabError, match="alpha must be above 0"):
+        lora.add_adapters(model, rank=2, alpha=0.0)
+    assert not lora.has_lora(model) and all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(x), want)  # a refusal leaves the model as it was
     with pytest.raises(GptlabError, match="'fc1' names no linear layer of this model"):
         lora.add_adapters(_model("gpt2"), rank=2, alpha=1.0, targets="fc1")
     with pytest.raises(GptlabError, match="unknown target 'wq'"):

@@ -9,7 +9,7 @@ the backward pass skips the base weights' gradient matmuls: that is where its sp
 
 `LoRALinear` is an `nn.Linear` (same `weight` and `bias` parameters, same state-dict keys)
 plus `lora_A` and `lora_B`, so the base loads into an adapted model with its own keys and
-an adapter state dict is just the `*.lora_A` / `*.lora_B` entries. `merge_lora` folds
+the adapters are the `*.lora_A` / `*.lora_B` entries of its state dict. `merge_lora` folds
 W + alpha / r * B A back into plain `nn.Linear`s: a plain GPTModel with plain keys.
 
 Targets name the linear layers by the model's own names (`gptlab.model`): the attention's
@@ -150,19 +150,24 @@ def add_adapters(
         )
     if has_lora(model):
         raise GptlabError("this model already has LoRA adapters; merge them first (merge_lora)")
+    if not alpha > 0:
+        raise GptlabError(
+            f"LoRA alpha must be above 0, got {alpha}; pass --lora-alpha A with A > 0"
+        )
     names = target_layers(model, targets)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, attr)
+    layers = {name: model.get_submodule(name) for name in names}
+    for name, linear in layers.items():  # all checked before anything changes
         smallest = min(linear.in_features, linear.out_features)
         if rank > smallest:
             raise GptlabError(
                 f"LoRA rank {rank} exceeds {name}'s smallest side ({smallest}); "
                 f"use --lora-rank {smallest} or less"
             )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, linear in layers.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, LoRALinear(linear, rank, alpha, dropout))
     for module in model.modules():
         # The fused path reads the three weights directly and would skip their adapters.
@@ -179,36 +184,10 @@ def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters alone: {"<layer>.lora_A": (r, I), "<layer>.lora_B": (O, r)}, detached."""
-    return {
-        f"{name}.{part}": getattr(layer, part).detach()
-        for name, layer in lora_layers(model).items()
-        for part in ("lora_A", "lora_B")
-    }
-
-
 def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a LoRA run's checkpoint holds: every parameter that trains (the adapters, and a
     classifier's head), by its state-dict key, detached. The frozen rest is the base's."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy adapters (from `lora_state_dict`) into an adapted model; the keys and shapes
-    must be exactly the model's (ValueError naming the first difference otherwise)."""
-    mine = lora_state_dict(model)
-    if mine.keys() != state.keys():
-        missing = sorted(mine.keys() - state.keys())
-        extra = sorted(state.keys() - mine.keys())
-        raise ValueError(f"adapter keys differ (missing {missing[:2]}, unexpected {extra[:2]})")
-    with torch.no_grad():
-        for key, t in state.items():
-            if t.shape != mine[key].shape:
-                raise ValueError(
-                    f"adapter {key} has shape {tuple(t.shape)}, this model's {tuple(mine[key].shape)}"
-                )
-            mine[key].copy_(t)
 
 
 def merge_lora(model: GPTModel) -> GPTModel:
