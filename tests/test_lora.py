@@ -437,3 +437,18 @@ def test_two_process_ddp_lora_is_the_one_process_run(base, tmp_path):
     assert a.keys() == b.keys() and all(".lora_" in k for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+def test_a_chat_lora_on_a_chat_base_keeps_the_template_and_reloads(base, tmp_path, capsys):
+    chat_base = tmp_path / "chat-base"
+    flags = ("--max-steps", "2", "--train.lr", "1e-3")
+    assert cli.main(_finetune(base, "chat.jsonl", chat_base, *flags)) == 0
+    out = tmp_path / "chat-lora"
+    more = ("--lora-rank", "2", "--max-steps", "3", "--train.lr", "1e-2", "--train.eval_freq", "3")
+    assert cli.main(_finetune(chat_base, "chat.jsonl", out, *more)) == 0
+    run = open_run(out, "cpu")
+    assert run.chat_template is not None and lora.has_lora(run.model)
+    assert run.config.model.vocab_size == open_run(chat_base, "cpu").config.model.vocab_size
+    r = _eval(out, capsys)
+    assert r["format"] == "chat"
+    assert r["loss"] == pytest.approx(records(out, "eval")[-1]["val_loss"], abs=1e-6)
