@@ -26,6 +26,7 @@ LAYERS = (
     "sources",  # reading documents from files, directories, globs, jsonl, parquet, hf:
     "data",  # documents -> tokens -> corpora, prepared shards, loaders
     "finetune",  # finetuning records -> rendered examples -> padded or packed batches; losses
+    "lora",  # LoRA adapters on a frozen GPTModel: add, save what trains, merge; base hash
     "prepare",  # gptlab prepare: parallel, resumable sharding
     "optim",  # parameter groups, optimizers, lr schedule
     "budget",  # a time budget: progress, when it is spent, the recorded schedule

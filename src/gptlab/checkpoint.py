@@ -1,7 +1,9 @@
 """Complete, versioned, atomic checkpoints.
 
 A checkpoint is a directory `RUN_DIR/checkpoints/step-NNNNNNNN/` holding
-  model.safetensors   the weights (no wrapper prefixes; a tied matrix stored once)
+  model.safetensors   the weights (no wrapper prefixes; a tied matrix stored once); a LoRA
+                      run's: only what trains (adapters, a classifier's head), its base
+                      named in the config
   state.pt            optimizer, scaler, trainer counters, RNG states, loss history
                       (plain tensors and containers: loaded with weights_only=True)
   meta.json           format version, step, resolved config, tokenizer identity, data
@@ -17,16 +19,18 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from gptlab.config import RunConfig
 from gptlab.errors import GptlabError
+from gptlab.lora import trained_state_dict
 from gptlab.model import GPTModel
 
 FORMAT = "gptlab-checkpoint"
@@ -53,15 +57,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
-    model: nn.Module,
+    model: nn.Module | dict[str, torch.Tensor],
     meta: dict[str, Any],
     state: dict[str, Any] | None = None,
     keep_last: int = 2,
 ) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, prune old ones.
 
-    `meta` is JSON-able (config, tokenizer, val_loss, ...); `state` holds tensors and plain
-    containers. Keeps the newest `keep_last` checkpoints and the one with the best val_loss.
+    `model` is the module whose weights are saved, or the tensors themselves by key (a LoRA
+    run's adapters). `meta` is JSON-able (config, tokenizer, val_loss, ...); `state` holds
+    tensors and plain containers. Keeps the newest `keep_last` checkpoints and the one with the best val_loss.
     Raises GptlabError if the disk refuses the write; earlier checkpoints are untouched.
     """
     ckpt_root = Path(run_dir) / "checkpoints"
@@ -72,7 +77,10 @@ def save_checkpoint(
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_model(unwrap(model), str(tmp / WEIGHTS))
+        if isinstance(model, dict):
+            save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / WEIGHTS))
+        else:
+            save_model(unwrap(model), str(tmp / WEIGHTS))
         if state is not None:
             torch.save(state, tmp / STATE)
         full_meta = {
@@ -275,8 +283,15 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
-def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu") -> None:
-    """Load a checkpoint's safetensors weights into `model` (shapes and keys must match)."""
+def load_weights(
+    model: nn.Module,
+    ckpt: Path,
+    device: str | torch.device = "cpu",
+    keys: set[str] | None = None,
+) -> None:
+    """Load a checkpoint's safetensors weights into `model` (shapes and keys must match).
+    With `keys`, the file holds exactly those of the model's keys (a LoRA run's adapters)
+    and the model's other weights stay as they are."""
     path = ckpt / WEIGHTS
     if not path.is_file():
         raise GptlabError(
@@ -293,6 +308,10 @@ def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu
             f"checkpoint weights {str(path)!r} do not fit this model ({_mismatch(e)}); "
             "use the model config the checkpoint was trained with"
         ) from None
+    if keys is not None:
+        mine = set(unwrap(model).state_dict())
+        unexpected = [k for k in unexpected if k not in keys]
+        missing = [k for k in keys if k not in mine or k in missing]
     if missing or unexpected:
         raise GptlabError(
             f"checkpoint weights {str(path)!r} do not fit this model "
@@ -306,10 +325,15 @@ def is_run_dir(path: str | Path) -> bool:
     return (p / META).is_file() or (p / "checkpoints").is_dir()
 
 
-def load_trained_model(path: str | Path) -> tuple[GPTModel, RunConfig, dict[str, Any]]:
+def load_trained_model(
+    path: str | Path, lora_base: Callable[[RunConfig], GPTModel] | None = None
+) -> tuple[GPTModel, RunConfig, dict[str, Any]]:
     """(model in eval mode on the CPU, its run config, the checkpoint's meta) from a run
     directory (its latest checkpoint) or a checkpoint directory. The meta's "tokenizer"
-    is checked to be there; `meta["path"]` is the checkpoint directory used."""
+    is checked to be there; `meta["path"]` is the checkpoint directory used.
+
+    A LoRA run's checkpoint holds only its adapters: `lora_base(cfg)` gives the adapted
+    model with its base's weights (gptlab.runs.open_run passes one), the file the rest."""
     ckpt = latest_checkpoint(path)
     meta = read_meta(ckpt)
     try:
@@ -320,8 +344,17 @@ def load_trained_model(path: str | Path) -> tuple[GPTModel, RunConfig, dict[str,
         raise GptlabError(
             f"checkpoint {str(ckpt)!r} has incomplete or malformed metadata ({e}); use another checkpoint"
         ) from None
-    model = GPTModel(cfg.model)
-    load_weights(model, ckpt)
+    if cfg.finetune.lora_rank:
+        if lora_base is None:
+            raise GptlabError(
+                f"{str(ckpt)!r} is a LoRA run (adapters on a base); merge it into a plain "
+                "run first: gptlab convert merge-lora RUN OUT_DIR"
+            )
+        model = lora_base(cfg)
+        load_weights(model, ckpt, keys=set(trained_state_dict(model)))
+    else:
+        model = GPTModel(cfg.model)
+        load_weights(model, ckpt)
     return model.eval(), cfg, {**meta, "path": str(ckpt)}
 
 

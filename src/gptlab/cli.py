@@ -266,7 +266,37 @@ def _finetune_parser(sub) -> None:
     )
     _threads_arg(t)
     _tracker_args(t)
+    _lora_args(t)
     _config_field_args(t)
+
+
+# LoRA's flags: flag -> (dotted key, metavar, bounds); --lora-rank asks for adapters, so
+# 0 (the field's "no LoRA") is refused there.
+LORA_FLAGS = {
+    "--lora-rank": ("finetune.lora_rank", "R", AT_LEAST_ONE),
+    "--lora-alpha": ("finetune.lora_alpha", "A", C.POSITIVE),
+    "--lora-targets": ("finetune.lora_targets", "attn|mlp|all|NAMES", None),
+    "--lora-dropout": ("finetune.lora_dropout", "P", C.BELOW_ONE),
+}
+
+
+def _lora_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "LoRA (low-rank adapters on the frozen base; see also --finetune.lora_*)"
+    )
+    fields = {f.name: f for f in dataclasses.fields(C.FinetuneConfig)}
+    for flag, (key, metavar, bounds) in LORA_FLAGS.items():
+        f = fields[key.split(".")[1]]
+        g.add_argument(
+            flag,
+            action=_Override,
+            key=key,
+            dest=key,
+            default=argparse.SUPPRESS,
+            metavar=metavar,
+            type=_number(type(f.default), bounds, keep_text=True) if bounds else None,
+            help=_escape(f"{C.field_help(f)} (same as --{key})"),
+        )
 
 
 def _config_parser(sub) -> None:
@@ -482,6 +512,14 @@ def _convert_parser(sub) -> None:
     )
     th.add_argument("run_dir", help="gptlab run or checkpoint directory")
     th.add_argument("out_dir", help="new directory for config.json, model.safetensors, ...")
+    ml = _command(
+        csub,
+        "merge-lora",
+        cmd_convert_merge_lora,
+        help="a LoRA finetune -> a plain gptlab run whose weights are base + adapters",
+    )
+    ml.add_argument("run_dir", help="a LoRA run (gptlab finetune --lora-rank R) or checkpoint")
+    ml.add_argument("out_dir", help="new gptlab run directory")
 
 
 def _plot_parser(sub) -> None:
@@ -946,6 +984,15 @@ def cmd_convert_to_hf(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(args.out_dir)!r})")
+    return 0
+
+
+def cmd_convert_merge_lora(args: argparse.Namespace) -> int:
+    from gptlab.runs import merge_lora_run
+
+    ckpt, n = merge_lora_run(args.run_dir, args.out_dir)
+    print(f"wrote {ckpt} ({n} adapted layers merged into their weights; no base needed)")
+    print(f"use it: gptlab generate --checkpoint {args.out_dir}  (or gptlab eval, serve)")
     return 0
 
 

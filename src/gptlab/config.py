@@ -545,6 +545,14 @@ class DataConfig:
         return self
 
 
+# What finetune.lora_targets may name (gptlab.lora maps them to the model's layers): the
+# groups, the attention's four matrices, the MLP's (GPT-2's and SwiGLU's).
+LORA_TARGET_NAMES = (
+    "attn", "mlp", "all", "W_query", "W_key", "W_value", "out_proj",
+    "ff.layers.0", "ff.layers.2", "fc1", "fc2", "fc3",
+)  # fmt: skip
+
+
 @dataclass
 class FinetuneConfig:
     """How `gptlab finetune` reads, renders and masks its records (unused by train)."""
@@ -589,9 +597,45 @@ class FinetuneConfig:
     labels: str = _field(
         "", "classification: the class names in head order, a JSON list (set from the data)"
     )
+    lora_rank: int = _field(
+        0,
+        "LoRA: the rank r of the adapters on a frozen base (gptlab.lora); 0: train the "
+        "weights themselves (full finetuning)",
+        bounds=NON_NEGATIVE,
+    )
+    lora_alpha: float = _field(
+        16.0, "LoRA: the adapters' scale is lora_alpha / lora_rank", bounds=POSITIVE
+    )
+    lora_targets: str = _field(
+        "attn",
+        "LoRA: the linear layers adapted, comma-separated: attn, mlp, all, or layer names "
+        "(W_query, W_key, W_value, out_proj, fc1, fc2, fc3, ff.layers.0, ff.layers.2)",
+    )
+    lora_dropout: float = _field(
+        0.0, "LoRA: dropout on the adapters' input (the base path has none)", bounds=BELOW_ONE
+    )
+    base: str = _field(
+        "", "LoRA: the base model the adapters apply to (set by gptlab finetune from init-from)"
+    )
+    base_sha256: str = _field(
+        "", "LoRA: the sha256 of the base's weights, checked whenever the run is loaded (set)"
+    )
 
     def validate(self) -> FinetuneConfig:
         _check_fields(self, "finetune")
+        names = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        bad = [t for t in names if t not in LORA_TARGET_NAMES]
+        if bad or not names:
+            raise GptlabError(
+                f"finetune.lora_targets {self.lora_targets!r}: unknown target "
+                f"{bad[0] if bad else '(none)'!r}; use a comma-separated list of "
+                f"{', '.join(LORA_TARGET_NAMES)}"
+            )
+        if self.lora_rank and self.train_blocks >= 0:
+            raise GptlabError(
+                "finetune.train_blocks and LoRA (finetune.lora_rank) both choose what trains; "
+                "use one of them (LoRA trains its adapters and a classifier's head)"
+            )
         if self.val_ratio + self.test_ratio >= 1:
             raise GptlabError(
                 f"finetune.val_ratio + finetune.test_ratio ({self.val_ratio + self.test_ratio}) "

@@ -56,6 +56,14 @@ def _records_note(r: dict[str, Any]) -> str:
     )
 
 
+def _trainable_note(r: dict[str, Any]) -> str:
+    """The trainable share when not every parameter trains (LoRA, finetune.train_blocks)."""
+    n, total = r.get("trainable", r["params"]), r["params"]
+    if n == total:
+        return ""
+    return f" ({n:,} trainable / {total:,} = {100 * n / total:.2f}%)"
+
+
 class ConsoleView:
     """Renders trainer events: a tqdm progress bar, evaluation lines and samples; `note`
     (e.g. the thread policy's) is printed when training starts."""
@@ -90,7 +98,7 @@ class ConsoleView:
         if r.get("threads"):
             procs += f" | {r['threads']} CPU threads"
         self._print(
-            f"model: {r['params'] / 1e6:.2f}M parameters | device {r['device']} | precision {r['precision']}"
+            f"model: {r['params'] / 1e6:.2f}M parameters{_trainable_note(r)} | device {r['device']} | precision {r['precision']}"
             f"{' | compiled' if r['compiled'] else ''}{procs} | {r['batch_tokens']} tokens/step ({r['accum']} micro-batches)"
             f" | {r['train_tokens']:,} train / {r['val_tokens']:,} val tokens" + _records_note(r)
         )

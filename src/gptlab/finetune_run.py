@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gptlab import chat
+from gptlab import chat, lora
 from gptlab import dist as dist_lib
 from gptlab.config import RunConfig
 from gptlab.errors import GptlabError
@@ -37,7 +37,7 @@ from gptlab.finetune import (
 )
 from gptlab.metrics import MetricsLog
 from gptlab.plot import plot_run
-from gptlab.runs import Run
+from gptlab.runs import Run, base_pointer, load_base_weights, lora_base_weights
 from gptlab.tokenizer import from_identity
 from gptlab.trainer import (
     Trainer,
@@ -125,9 +125,29 @@ def finetune(
         fmt = detect_format(read_records(cfg.data.source))
     template = chat_template(cfg.finetune.template) if fmt == "chat" else None
     source = None
+    use_lora = cfg.finetune.lora_rank > 0
+    if use_lora and cfg.train.parallel == "fsdp":
+        raise GptlabError(
+            "LoRA runs train with one process or --parallel ddp (their checkpoints keep only "
+            "the adapters, which FSDP2 shards here do not); use --parallel ddp"
+        )
     if init_from is not None:
         cfg, source = _init_from(cfg, init_from, model_keys, notify)
         tokenizer = source.tokenizer
+        if use_lora:  # the adapters' base, named so that every later load finds it again
+            fc = replace(
+                cfg.finetune,
+                base=base_pointer(init_from, source),
+                base_sha256=lora.weights_fingerprint(source.model),
+            )
+            cfg = replace(cfg, finetune=fc)
+        if template is not None and use_lora and chat.missing_tokens(tokenizer, template):
+            raise GptlabError(
+                f"the base's tokenizer lacks the chat template's tokens "
+                f"{', '.join(chat.missing_tokens(tokenizer, template))}, and LoRA keeps the "
+                "embedding frozen, so they would stay alike; finetune fully (no --lora-rank), "
+                "or start from a base that has them (a chat finetune)"
+            )
         if template is not None:  # the turn tokens: a base lacks them, its vocabulary grows
             source.model, tokenizer = chat.ensure_special_tokens(source.model, tokenizer, template)
         vocab = source.model.cfg.vocab_size  # grown, or the base's
@@ -144,7 +164,12 @@ def finetune(
     )
     model = replace(cfg.model, num_classes=len(data.labels))
     cfg = replace(cfg, finetune=fc, model=model).validate()
-    init_weights = _init_weights(source) if source is not None else None
+    if source is not None:
+        init_weights = _init_weights(source.model.state_dict())
+    elif use_lora:  # a resumed LoRA run: its checkpoints hold the adapters, the base the rest
+        init_weights = _init_weights(lora_base_weights(cfg))
+    else:
+        init_weights = None
     source = None
     trainer = Trainer(
         cfg, data, run_dir, resume=resume, on_event=on_event, init_weights=init_weights
@@ -175,20 +200,11 @@ def _run_tokenizer(run_dir: Path):
     return from_identity(identity)
 
 
-def _init_weights(source: Run) -> Callable[[nn.Module], None]:
+def _init_weights(weights: dict[str, torch.Tensor]) -> Callable[[nn.Module], None]:
     """Load the base model's weights; a classifier keeps its own fresh head."""
-    weights = source.model.state_dict()
 
     def init_weights(model: nn.Module) -> None:
-        if model.cfg.num_classes:
-            mine = {k: v for k, v in weights.items() if not k.startswith("out_head.")}
-            missing, unexpected = model.load_state_dict(mine, strict=False)
-            if unexpected or any(not k.startswith("out_head.") for k in missing):
-                raise GptlabError(
-                    "the base model's weights do not fit the classifier; use another base"
-                )
-        else:
-            model.load_state_dict(weights)
+        load_base_weights(model, weights)
 
     return init_weights
 

@@ -36,6 +36,11 @@ FROZEN_ON_RESUME = (
     "train.batch_tokens",
     "train.seed",
     "train.optimizer",
+    "finetune.lora_rank",
+    "finetune.lora_alpha",
+    "finetune.lora_targets",
+    "finetune.lora_dropout",
+    "finetune.base_sha256",
 )
 # Why a frozen field may not change, where "it defines the model or data" is not the reason.
 FROZEN_BECAUSE = {

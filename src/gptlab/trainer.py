@@ -41,6 +41,7 @@ from torch import nn
 from gptlab import budget as budget_lib
 from gptlab import checkpoint as ckpt_lib
 from gptlab import dist as dist_lib
+from gptlab import lora
 from gptlab.config import RunConfig, corpus_bpe_size, tracker_names
 from gptlab.data import Corpus, make_loaders, open_corpus, prepared_manifest
 from gptlab.errors import GptlabError
@@ -53,7 +54,7 @@ from gptlab.model import GPTModel, count_parameters, flops_per_token, use_fast_d
 from gptlab.optim import MuonAdamW, build_optimizer, set_lr
 from gptlab.plot import plot_run
 from gptlab.resume import check_data_layout, check_resume, rng_state, set_rng_state
-from gptlab.runs import Run, open_run
+from gptlab.runs import Run, open_base
 from gptlab.runtime import peak_flops, peak_memory_mib, resolve_device, resolve_runtime, to_device
 from gptlab.tasks import load_suite, run_suite
 from gptlab.tokenizer import BPETokenizer, from_identity
@@ -213,6 +214,7 @@ class Trainer:
         self.on_event = on_event or (lambda record: None)
         self.stop_reason: str | None = None  # set by signal handlers or guards
         self.task = corpus if isinstance(corpus, FinetuneData) else None
+        self.lora = self.task is not None and cfg.finetune.lora_rank > 0
         tc = cfg.train
         identity = corpus.tokenizer.identity()
         resume_from = (
@@ -230,7 +232,8 @@ class Trainer:
             )
         self.budget = _time_budget(tc)
         self._build_loaders()
-        self._build_model(None if resume else init_weights)
+        # A LoRA run's checkpoints hold only its adapters: the base's weights load on resume too.
+        self._build_model(None if resume and not self.lora else init_weights)
         self._check_start_context()
         # read and checked now: a missing suite file fails here, not at the first evaluation
         self.suite = load_suite(tc.eval_tasks) if tc.eval_tasks else None
@@ -297,11 +300,13 @@ class Trainer:
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         self.model = GPTModel(self.cfg.model).to(self.device)
-        use_fast_dropout(self.model, rt.fast_dropout)  # only CPU tensors take the fast path
         if init_weights is not None:
             init_weights(self.model)  # e.g. GPT-2's (train --init-from); a resume loads its own
         if self.task is not None:
             set_trainable(self.model, self.cfg.finetune.train_blocks)
+        if self.lora:  # frozen base, trainable adapters (and a classifier's head)
+            lora.prepare(self.model, self.cfg.finetune)
+        use_fast_dropout(self.model, rt.fast_dropout)  # only CPU tensors take the fast path
         # DDP wrapper or FSDP2 shards (in place, so the optimizer comes after); a single
         # process gets self.model back.
         self.parallel_model = dist_lib.parallelize(self.model, tc.parallel, self.dist)
@@ -358,7 +363,8 @@ class Trainer:
     def _load_training_state(self, ckpt: Path) -> None:
         """Weights, optimizer, scaler, counters and RNG states from `ckpt` (config already checked)."""
         if not self.dist.sharded:
-            ckpt_lib.load_weights(self.model, ckpt, self.device)
+            keys = set(lora.trained_state_dict(self.model)) if self.lora else None
+            ckpt_lib.load_weights(self.model, ckpt, self.device, keys)
         st = ckpt_lib.load_state(ckpt)
         try:
             data = st.get("data")
@@ -537,6 +543,8 @@ class Trainer:
             model.load_state_dict(weights)
         else:
             model, optimizer_state = self.model, self.optimizer.state_dict()
+        if self.lora:  # what trains; the base is named in the config
+            model = lora.trained_state_dict(model)
         path = ckpt_lib.save_checkpoint(
             self.run_dir,
             self.state.step,
@@ -833,6 +841,7 @@ class Trainer:
         self.emit(
             "start",
             params=count_parameters(self.model),
+            trainable=lora.count_trainable(self.model)[0],
             device=str(self.device),
             precision=rt.precision,
             compiled=rt.compiled,
@@ -1159,7 +1168,7 @@ def _init_from(
             f"(only {', '.join('model.' + k for k in INIT_FROM_FREE)})"
         )
     notify({"event": "init_from", "source": src})
-    source = open_run(src, device="cpu", hub=True)
+    source = open_base(src)  # a LoRA run's adapters merged in
     if source.config.model.num_classes:
         raise GptlabError(
             f"--init-from {src!r} is a classifier (gptlab finetune): it has no language-model "
