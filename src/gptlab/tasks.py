@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from gptlab.errors import GptlabError
+from gptlab.model import GPTModel, softcap
 from gptlab.runtime import PRECISION_DTYPES, autocast
 
 if TYPE_CHECKING:  # only a type: runs.open_run makes it, and runs sits above this module
@@ -128,23 +129,42 @@ def score_requests(
         x = torch.zeros((len(chunk), T), dtype=torch.long)  # (B, T), right-padded with 0
         for b, ids in enumerate(chunk):
             x[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        logits = model(x.to(device))  # (B, T, V)
+        todo = [(b, i) for b, ids in enumerate(chunk) for i in wanted[ids]]
+        rows, cols, targets, sizes = [], [], [], []
+        for b, i in todo:
+            cont, end = requests[i][1], len(chunk[b])
+            rows += [b] * len(cont)
+            cols += range(end - len(cont), end)  # the positions that predict cont
+            targets += cont
+            sizes.append(len(cont))
+        logits = _logits_at(model, x.to(device), rows, cols).float()  # (N, V), N = sum(sizes)
+        target = torch.tensor(targets, dtype=torch.long, device=logits.device)  # (N,)
+        logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]  # (N,)
+        hit = logits.argmax(dim=-1) == target  # (N,)
         n_forwards += 1
-        for b, ids in enumerate(chunk):
-            for i in wanted[ids]:
-                cont = requests[i][1]
-                n = len(cont)
-                row = logits[b, len(ids) - n : len(ids)].float()  # (n, V): predicts cont
-                logp = torch.log_softmax(row, dim=-1)  # (n, V)
-                target = torch.tensor(cont, dtype=torch.long, device=logp.device)  # (n,)
-                lp = logp.gather(1, target[:, None]).sum().item()
-                greedy = bool((row.argmax(dim=-1) == target).all().item())
-                out[i] = Score(lp, greedy, n, inputs[i][1])
+        for (_, i), lp, ok in zip(todo, logp.split(sizes), hit.split(sizes), strict=True):
+            out[i] = Score(lp.sum().item(), bool(ok.all().item()), len(lp), inputs[i][1])
     while n_forwards < min_forwards:
         model(torch.zeros((1, 1), dtype=torch.long, device=device))
         n_forwards += 1
     model.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def _logits_at(model: nn.Module, x: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
+    """Logits (N, V) at positions (rows[n], cols[n]) of the batch x (B, T).
+
+    A plain GPTModel runs its output head on those positions only (the head is most of a
+    small model's FLOPs, and only continuation positions are scored), as `forward` would
+    compute them; anything else (DDP, FSDP, compiled or foreign modules) runs its forward.
+    """
+    r = torch.tensor(rows, device=x.device)
+    c = torch.tensor(cols, device=x.device)
+    if type(model) is GPTModel:
+        h = model.hidden_states(x)[r, c]  # (N, D)
+        logits = model.out_head(h)[..., : model.cfg.vocab_size]  # (N, V)
+        return softcap(logits, model.cfg.logit_softcap)
+    return model(x)[r, c]  # (B, T, V) -> (N, V)
 
 
 def n_forwards_needed(
@@ -422,7 +442,7 @@ def load_items(source: str, format: str | None = None) -> tuple[str, list[Item]]
             items.append(parse(rec))
         except _Bad as e:
             raise GptlabError(
-                f"{source}: item {n} (line {line_no}): {e} (a {format} item has {FIELDS[format]})"
+                f"{source}: item {n} (line {line_no}): {e} ({format} items have {FIELDS[format]})"
             ) from None
     return format, items
 
