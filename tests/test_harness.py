@@ -29,7 +29,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from gptlab import checkpoint as ckpt_lib  # noqa: E402
 from gptlab import hf  # noqa: E402
-from gptlab.cli import main  # noqa: E402
+from gptlab.cli import lm_eval_main, main  # noqa: E402
 from gptlab.config import ModelConfig, RunConfig  # noqa: E402
 from gptlab.errors import GptlabError  # noqa: E402
 from gptlab.harness import GptlabLM  # noqa: E402
@@ -39,20 +39,17 @@ from gptlab.tokenizer import GPT2Tokenizer  # noqa: E402
 T = 32  # the model's context: the long items below are cut, the long text takes 3 windows
 MAX_GEN = 6
 
-MC_ITEMS = [
-    {"context": "The lighthouse keeper counted the ships", "choices": ["that passed before dawn.", "of melted cheese in the drawer."], "answer": 0},
-    {"context": "Rain fell on the slate roofs, and the gulls", "choices": ["sold their umbrellas.", "went quiet for an hour.", "sang"], "answer": 1},
-    {"context": "A clerk in the counting house wrote numbers", "choices": ["into a green ledger.", "onto the back of a whale."], "answer": 0},
-    {"context": "When the tide turned, the small boats", "choices": ["drifted back toward the pier.", "flew south", "ate the bread."], "answer": 0},
-    {"context": "Letters arrived on Thursdays, tied with string and smelling of salt; the postman, who had walked the coast road since before the war, left them by the door of the chapel and", "choices": ["went home.", "painted it red."], "answer": 0},
-    {"context": "Nobody remembered who had painted the door", "choices": ["of the chapel bright red.", "with jam"], "answer": 0},
-]  # fmt: skip
-ROLL_TEXTS = [
-    "The baker's apprentice hummed while the ovens warmed in the dark.",
-    "Every effort moves you a little closer to the harbour, she said. " * 5,  # 3 windows
-    "Ça va? Très bien, merci: 12 ships, 3 gulls.",
-]
-GEN_PROMPTS = ["The lighthouse keeper", "Rain fell on the", "A clerk in the counting house"]
+DATA = Path(__file__).parent / "data" / "lm_eval"  # the tasks' items, written for these tests
+
+
+def _jsonl(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / name).read_text(encoding="utf-8").splitlines()]
+
+
+# multiple choice in gptlab's `mc` format (one context too long for T: it is cut)
+MC_ITEMS = _jsonl("mc.jsonl")
+ROLL_TEXTS = [r["text"] for r in _jsonl("roll.jsonl")]  # the second takes 3 windows
+GEN_PROMPTS = [r["prompt"] for r in _jsonl("gen.jsonl")]
 
 
 def _yaml(name: str, data: Path, cache: Path, body: str) -> str:
@@ -69,8 +66,9 @@ def _yaml(name: str, data: Path, cache: Path, body: str) -> str:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """A gptlab run with random GPT-2-tokenizer weights, its Hugging Face export, and a
-    folder of three lm-eval tasks over jsonl files: multiple choice (the same file is
-    gptlab's `mc` format), rolling log-likelihood, and greedy generation."""
+    folder of three lm-eval task YAMLs over the jsonl files in tests/data/lm_eval: multiple
+    choice (the same file is gptlab's `mc` format), rolling log-likelihood, and greedy
+    generation."""
     root = tmp_path_factory.mktemp("harness")
     torch.manual_seed(0)
     cfg = ModelConfig(
@@ -83,8 +81,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
     tasks, cache = root / "tasks", root / "hf-datasets"
     tasks.mkdir()
-    mc = root / "mc.jsonl"
-    mc.write_text("".join(json.dumps(r) + "\n" for r in MC_ITEMS), encoding="utf-8")
+    mc = DATA / "mc.jsonl"
     (tasks / "gptlab_mc.yaml").write_text(
         _yaml(
             "gptlab_mc",
@@ -97,8 +94,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
             "metric_list:\n  - metric: acc\n  - metric: acc_norm\n",
         )
     )
-    roll = root / "roll.jsonl"
-    roll.write_text("".join(json.dumps({"text": t}) + "\n" for t in ROLL_TEXTS), encoding="utf-8")
+    roll = DATA / "roll.jsonl"
     (tasks / "gptlab_roll.yaml").write_text(
         _yaml(
             "gptlab_roll",
@@ -111,8 +107,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
             "  - metric: bits_per_byte\n",
         )
     )
-    gen = root / "gen.jsonl"
-    gen.write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in GEN_PROMPTS))
+    gen = DATA / "gen.jsonl"
     (tasks / "gptlab_gen.yaml").write_text(
         _yaml(
             "gptlab_gen",
@@ -273,6 +268,24 @@ def test_generate_until_batches_prompts_of_one_length_as_one_at_a_time(files):
     assert all(0 < len(tok.encode(t)) <= 5 for t in together)  # max_gen_toks, no stop string
 
 
+def test_generate_until_stops_before_the_first_stop_string(files):
+    """A stop string taken from the middle of the unstopped greedy text: the text comes back
+    cut just before its first occurrence, and the stop string is not in it."""
+    lm = GptlabLM(checkpoint=str(files["run"]), device="cpu", batch_size=2)
+
+    def gen(until: list[str]) -> str:
+        kw = {"until": until, "max_gen_toks": MAX_GEN, "do_sample": False}
+        return lm.generate_until([Instance("generate_until", {}, (GEN_PROMPTS[0], kw), 0)])[0]
+
+    full = gen(["\x00never"])
+    assert len(full) >= 4, full
+    stop = full[2:4]
+    cut = gen([stop])
+    assert cut == full[: full.find(stop)]
+    assert stop not in cut and len(cut) < len(full)
+    assert gen(["\x00never", full[-1]]) == full[: full.find(full[-1])]  # any of several
+
+
 # --------------------------------------------------------------------------- the console command
 
 
@@ -317,3 +330,30 @@ def test_bad_model_args_are_one_line_errors(files, tmp_path):
     req = Instance("generate_until", {}, ("hi", {"max_gen_toks": T, "until": []}), 0)
     with pytest.raises(GptlabError, match="leaves no room"):
         lm.generate_until([req])
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if "error" in x.lower()]
+    assert line.startswith("gptlab-lm-eval: error: ")
+    return line
+
+
+def test_console_command_bad_checkpoint_is_one_line_exit_2(monkeypatch, capsys, files):
+    missing = files["root"] / "no-such-run"
+    argv = ["gptlab-lm-eval", "--model", "gptlab", "--model_args", f"checkpoint={missing}"]
+    argv += ["--tasks", "gptlab_mc", "--include_path", str(files["tasks"]), "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", argv)
+    capsys.readouterr()
+    assert lm_eval_main() == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(missing) in line and "does not exist" in line
+
+
+def test_console_command_without_lm_eval_is_one_line_exit_2(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval.__main__", None)  # as if lm-eval were absent
+    capsys.readouterr()
+    assert lm_eval_main() == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "lm-evaluation-harness (lm_eval) is not installed" in line
+    assert "pip install 'gptlab[eval]'" in line

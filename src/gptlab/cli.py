@@ -968,8 +968,11 @@ def lm_eval_main() -> int:
 
         import gptlab.harness  # noqa: F401  registers --model gptlab
     except ModuleNotFoundError as e:
+        missing = (
+            "lm-evaluation-harness (lm_eval)" if (e.name or "").startswith("lm_eval") else e.name
+        )
         print(
-            f"gptlab-lm-eval: error: {e.name} is not installed; pip install 'gptlab[eval]'",
+            f"gptlab-lm-eval: error: {missing} is not installed; pip install 'gptlab[eval]'",
             file=sys.stderr,
         )
         return 2
