@@ -4,11 +4,14 @@ Hugging Face folder (what `gptlab generate --checkpoint` accepts).
     pip install 'gptlab[eval]'
     gptlab-lm-eval --model gptlab --model_args checkpoint=RUN --tasks hellaswag
 
-`gptlab-lm-eval` is lm-eval's own command line with this module imported first. lm-eval
-(0.4.13, the newest release) resolves `--model NAME` only among its built-in models and the
-classes registered in the running process; it loads no plugins, so `lm_eval --model gptlab`
-cannot find gptlab by itself. From Python, `import gptlab.harness` registers the name:
-`lm_eval.simple_evaluate(model="gptlab", model_args={"checkpoint": RUN}, ...)`.
+`gptlab-lm-eval` is lm-eval's own command line (the same arguments, `run` and all) with
+this module imported first. Plain `lm_eval --model gptlab` does not work, and cannot from
+gptlab's side: lm-eval (0.4.13, the newest release) resolves `--model NAME` only among its
+built-in models (`lm_eval.models.MODEL_MAPPING`) and classes registered in the running
+process; it reads no entry points, no environment variable names a module to import, and
+`--include_path` adds task YAMLs only. From Python, `import gptlab.harness` registers the
+name: `lm_eval.simple_evaluate(model="gptlab", model_args={"checkpoint": RUN}, ...)`, or
+pass `GptlabLM(checkpoint=RUN)` itself as `model`.
 
 The three request types run on gptlab's own code:
 - `loglikelihood`: lm-eval's `TemplateLM` tokenises each (context, continuation) exactly as
