@@ -49,6 +49,7 @@ LAYERS = (
     "finetune_run",  # gptlab finetune: a base model, records, the Trainer; eval of such runs
     "serve",  # the OpenAI-compatible HTTP server and its page
     "console",  # progress views for the terminal
+    "harness",  # lm-evaluation-harness's model `gptlab`
     "cli",  # argv -> library calls -> one-line errors and exit codes
 )
 ENTRY_POINTS = ("__init__", "__main__")  # the package itself and `python -m gptlab`

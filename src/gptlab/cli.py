@@ -1217,5 +1217,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def lm_eval_main() -> int:
+    """`gptlab-lm-eval`: lm-evaluation-harness's own command line (the same arguments as
+    `lm_eval`), with the model `gptlab` registered first. lm-eval 0.4.x resolves `--model`
+    only among its built-in models and classes registered in the running process (it loads
+    no plugins), so plain `lm_eval --model gptlab` cannot find it."""
+    try:
+        import lm_eval.__main__ as lm_eval_cli
+
+        import gptlab.harness  # noqa: F401  registers --model gptlab
+    except ModuleNotFoundError as e:
+        missing = (
+            "lm-evaluation-harness (lm_eval)" if (e.name or "").startswith("lm_eval") else e.name
+        )
+        print(
+            f"gptlab-lm-eval: error: {missing} is not installed; pip install 'gptlab[eval]'",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        lm_eval_cli.cli_evaluate()
+    except GptlabError as e:
+        print(f"gptlab-lm-eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
