@@ -7,7 +7,7 @@ import pytest
 import torch
 from run_helpers import cli_flags, records, write_corpus
 
-from gptlab import cli
+from gptlab import cli, threads
 from gptlab.errors import GptlabError
 from gptlab.threads import choose_threads, usable_cores
 
@@ -89,3 +89,23 @@ def test_auto_threads_note_comes_once_training_starts(
     assert "1 thread(s) on 2 cores" in out and "--threads 2" in out
     assert cli.main([*cli_flags(text, tmp_path / "bad", steps=2), "--model.n_heads", "3"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_runnable_others_reads_proc_loadavg(tmp_path):
+    """The processes runnable now, besides the asker, count as load: one spinning program
+    that the 1-minute average has not caught up with yet is a busy core."""
+    f = tmp_path / "loadavg"
+    f.write_text("0.05 0.20 0.30 2/345 6789\n")
+    assert threads.runnable_others(str(f)) == 1
+    f.write_text("0.05 0.20 0.30 1/345 6789\n")
+    assert threads.runnable_others(str(f)) == 0
+    f.write_text("garbage\n")
+    assert threads.runnable_others(str(f)) == 0
+    assert threads.runnable_others(str(tmp_path / "missing")) == 0
+
+
+def test_a_just_started_busy_program_takes_a_core(monkeypatch):
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.04, 0.1, 0.1))
+    monkeypatch.setattr(threads, "runnable_others", lambda: 1)
+    assert threads.load_average() == 1.0
+    assert choose_threads(None, cores=2, env={})[0] == 1

@@ -7,11 +7,16 @@ threads of every parallel region wait for the slowest one, which shares its core
 1-thread one. So the default (`choose_threads(None)`):
 
     cores = the CPUs this process may use (its affinity mask, e.g. a container's cpuset)
-    busy  = floor(the 1-minute load average), at most cores - 1
+    load  = the larger of the 1-minute load average and the processes runnable right now
+            besides this one (Linux's /proc/loadavg)
+    busy  = floor(load), at most cores - 1
     threads = cores - busy
 
 The load average counts runnable processes over the last minute, so a command started
-right after another heavy one (a training run) may take one thread fewer than it could;
+right after another heavy one (a training run) may take one thread fewer than it could.
+It also lags: one program that began spinning a few seconds ago has hardly moved it (and
+one spinning for ever only approaches 1.0), which is why the processes runnable at this
+moment count too;
 `--threads N` says how many to use. OMP_NUM_THREADS, when set, is the request. A server
 (`reserve=1`) keeps a core for its HTTP loop beside the engine's threads, whatever asked.
 """
@@ -33,11 +38,24 @@ def usable_cores() -> int:
 
 
 def load_average() -> float:
-    """The 1-minute load average (0 where the OS has none)."""
+    """How busy the machine is: the larger of the 1-minute load average and the number of
+    processes runnable right now other than this one (0 where the OS tells neither)."""
     try:
-        return os.getloadavg()[0]
+        average = os.getloadavg()[0]
     except (AttributeError, OSError):
-        return 0.0
+        average = 0.0
+    return max(average, float(runnable_others()))
+
+
+def runnable_others(path: str = "/proc/loadavg") -> int:
+    """Processes (threads) runnable at this moment besides the one asking, from the fourth
+    field of Linux's /proc/loadavg ("running/total"); 0 elsewhere."""
+    try:
+        with open(path, encoding="ascii") as f:
+            running = int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(running - 1, 0)
 
 
 def choose_threads(
@@ -71,7 +89,7 @@ def choose_threads(
     n = max(min(cores - busy, room), 1)
     if busy and n < room:
         return n, (
-            f"{n} thread(s) on {cores} cores: the load average ({load:.1f}) says others are "
+            f"{n} thread(s) on {cores} cores: the machine's load ({load:.1f}) says others are "
             f"running; --threads {room} uses all"
         )
     return n, None
