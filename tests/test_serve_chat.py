@@ -9,6 +9,8 @@ of the row of the token greedy picks a few steps in, so the reply reaches the en
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from conftest import jitter
@@ -17,10 +19,12 @@ pytest.importorskip("starlette")
 openai = pytest.importorskip("openai")
 
 from gptlab import chat  # noqa: E402
+from gptlab.cli import main  # noqa: E402
 from gptlab.config import ModelConfig, RunConfig  # noqa: E402
+from gptlab.generate import complete  # noqa: E402
 from gptlab.model import GPTModel  # noqa: E402
 from gptlab.runs import Run  # noqa: E402
-from gptlab.serve import ServerThread, build  # noqa: E402
+from gptlab.serve import ServerThread, build, render_chat  # noqa: E402
 from gptlab.tokenizer import GPT2Tokenizer  # noqa: E402
 
 MESSAGES = [
@@ -97,3 +101,50 @@ def test_a_bad_role_is_a_400_in_openais_shape(client):
     assert e.value.status_code == 400
     assert "wizard" in err["message"] and err["param"] == "messages"
     assert err["type"] == "invalid_request_error"
+
+
+def _generate_chat(monkeypatch, capsys, run, *flags: str) -> str:
+    monkeypatch.setattr("gptlab.runs.open_run", lambda *a, **k: run)
+    capsys.readouterr()
+    assert main(["generate", "--chat", "--temperature", "0", "--max-new-tokens", "40", *flags]) == 0
+    return capsys.readouterr().out
+
+
+def test_generate_chat_one_shot_is_the_servers_reply(client, run, monkeypatch, capsys):
+    r = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=40, temperature=0)
+    out = _generate_chat(
+        monkeypatch, capsys, run, "--system", "Be brief.", "--prompt", MESSAGES[1]["content"]
+    )
+    assert out == r.choices[0].message.content + "\n"
+
+
+def test_generate_chat_re_renders_the_history_each_turn(run, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi there\nAnd again?\n"))  # not a tty
+    first, second = _generate_chat(monkeypatch, capsys, run).splitlines()
+    tok, end = run.tokenizer, chat.end_id(run.tokenizer, chat.DEFAULT)
+    history = [{"role": "user", "content": "Hi there"}]
+    ids, _ = chat.render(chat.DEFAULT, tok, history, add_generation_prompt=True)
+    assert first == tok.decode(greedy(run.model, ids, 40, {end, 50256})[0])
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "And again?"}]
+    ids, _ = chat.render(chat.DEFAULT, tok, history, add_generation_prompt=True)
+    assert second == tok.decode(greedy(run.model, ids, 40, {end, 50256})[0])
+
+
+def test_generate_chat_on_a_base_model_uses_the_plays_template(monkeypatch, capsys):
+    torch.manual_seed(1)
+    cfg = ModelConfig(
+        vocab_size=50257, context_length=128, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0
+    )
+    model = jitter(GPTModel(cfg).double().eval(), 0.2)
+    base = Run(model, GPT2Tokenizer(), RunConfig(model=cfg), torch.device("cpu"), None)
+    out = _generate_chat(monkeypatch, capsys, base, "--prompt", "Who goes there?")
+    prompt = "USER:\nWho goes there?\n\nASSISTANT:\n"
+    assert prompt == render_chat([{"role": "user", "content": "Who goes there?"}])
+    assert (
+        out == complete(model, base.tokenizer, [prompt], 40, ("\n\n",), temperature=0.0)[0] + "\n"
+    )
+
+
+def test_system_without_chat_is_one_line(capsys):
+    assert main(["generate", "--system", "Be brief."]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0

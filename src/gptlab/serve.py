@@ -52,7 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gptlab.chat import end_id, render
+from gptlab.chat import PLAYS_SPEAKERS, PLAYS_STOP, end_id, render, render_plays
 from gptlab.engine import Engine, Event, Sampling
 from gptlab.errors import GptlabError
 from gptlab.metrics import read_metrics
@@ -64,8 +64,8 @@ MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # choices per request, all prompts together
 MAX_STOP = 4  # stop strings, as OpenAI allows
 MAX_STOP_CHARS = 256
-SPEAKERS = {"user": "USER", "assistant": "ASSISTANT"}
-CHAT_STOP = "\n\n"  # a speech ends at a blank line, before the next speaker's name
+SPEAKERS = PLAYS_SPEAKERS
+CHAT_STOP = PLAYS_STOP  # a speech ends at a blank line, before the next speaker's name
 CHAT_TEMPLATE = "{system}\n\nUSER:\n{user}\n\nASSISTANT:\n{assistant}\n\nUSER:\n...\n\nASSISTANT:\n"
 RUN_EVENTS = {"start", "train", "eval", "sample", "checkpoint", "end"}  # for the run view
 PAGE_FILES = {  # the page's files: a fixed list, no request names a path
@@ -423,23 +423,20 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def render_chat(messages: Any) -> str:
-    """Chat messages -> the prompt text of the chat template (see the module docstring)."""
+    """Chat messages -> the prompt text of the base models' template (`chat.render_plays`;
+    the module docstring)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError("messages must be a non-empty list", param="messages")
-    parts = []
+    clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", *SPEAKERS):
             raise ApiError(
                 f"messages[{i}] must be an object with role system, user or assistant",
                 param="messages",
             )
-        content = _message_text(m.get("content"), i)
-        role = m["role"]
-        parts.append(
-            content if role in ("system", "developer") else f"{SPEAKERS[role]}:\n{content}"
-        )
-    parts.append("ASSISTANT:\n")
-    return "\n\n".join(parts)
+        role = "system" if m["role"] == "developer" else m["role"]
+        clean.append({"role": role, "content": _message_text(m.get("content"), i)})
+    return render_plays(clean)
 
 
 def chat_messages(messages: Any) -> list[dict[str, str]]:
