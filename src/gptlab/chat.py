@@ -211,6 +211,49 @@ def render(
     return ids, mask
 
 
+PLAYS_STOP = "\n\n"  # a speech ends at a blank line, before the next speaker's name
+PLAYS_SPEAKERS = {"user": "USER", "assistant": "ASSISTANT"}
+
+
+def render_plays(messages: Sequence[dict[str, str]], where: str = "messages") -> str:
+    """The prompt text for a base model (no chat template): each message a speech, its
+    speaker's name in capitals on a line of its own (`USER:`, `ASSISTANT:`), speeches apart
+    by a blank line, system messages as plain paragraphs, contents stripped; it ends with
+    `ASSISTANT:` and a newline, and the reply ends at PLAYS_STOP (the next blank line)."""
+    parts = []
+    for m in check_messages(messages, where):
+        content = m["content"].strip()
+        role = m["role"]
+        parts.append(content if role == "system" else f"{PLAYS_SPEAKERS[role]}:\n{content}")
+    parts.append("ASSISTANT:\n")
+    return "\n\n".join(parts)
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A prompt for the next reply: its ids, and what ends the reply (stop strings, ids)."""
+
+    ids: list[int]
+    stop: tuple[str, ...]
+    stop_ids: tuple[int, ...]
+
+
+def chat_prompt(
+    template: ChatTemplate | None,
+    tokenizer: Tokenizer,
+    messages: Sequence[dict[str, str]],
+    where: str = "messages",
+) -> ChatPrompt:
+    """`messages` as a prompt for the assistant's next reply: with a run's template (a chat
+    finetune), `render` and its end-of-turn id; with None (a base model), `render_plays`
+    and its blank-line stop. Raises GptlabError for bad messages."""
+    if template is None:
+        text = render_plays(messages, where)
+        return ChatPrompt(tokenizer.encode(text, allowed_special={ENDOFTEXT}), (PLAYS_STOP,), ())
+    ids, _ = render(template, tokenizer, messages, add_generation_prompt=True, where=where)
+    return ChatPrompt(ids, (), (end_id(tokenizer, template),))
+
+
 def end_id(tokenizer: Tokenizer, template: ChatTemplate) -> int:
     """The id that ends a turn: generation of a reply stops when it is sampled."""
     ids_of = special_ids(tokenizer, template)

@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -476,6 +476,14 @@ def _generate_parser(sub) -> None:
     g.add_argument("--seed", type=_number(int, SEED), default=None)
     g.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
     g.add_argument(
+        "--chat",
+        action="store_true",
+        help="chat: each --prompt (or each line of stdin; typed at a terminal) is a user turn, "
+        "the history re-rendered each turn by the run's chat template (a base model: the "
+        "plays-style USER:/ASSISTANT: template)",
+    )
+    g.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message")
+    g.add_argument(
         "--no-cache", action="store_true", help="recompute the whole window at every step"
     )
     g.add_argument(
@@ -922,10 +930,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gptlab.generate import complete, stream_text
     from gptlab.runs import open_run
 
+    if args.system is not None and not args.chat:
+        raise GptlabError("--system needs --chat")
     prompts = args.prompt or ["Every effort moves you"]
     note = _apply_threads(args)
     run = _text_model(open_run(args.checkpoint, args.device), "generate")
     model, tokenizer = run.model, run.tokenizer
+    if args.chat:
+        return _chat(args, run)
     for prompt in prompts:
         if not tokenizer.encode(prompt):
             raise GptlabError("--prompt is empty; give some text to continue")
@@ -951,6 +963,77 @@ def cmd_generate(args: argparse.Namespace) -> int:
     texts = complete(model, tokenizer, prompts, args.max_new_tokens, args.stop, **sampling)
     for n, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
         print(("\n" if n else "") + f"[{n + 1}] {prompt}{text}")
+    return 0
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        use_cache=not args.no_cache,
+        compile=args.compile,
+    )
+
+
+def _user_turns(args: argparse.Namespace) -> Iterator[str]:
+    """The user's turns: the --prompt texts, else stdin's lines (with a prompt at a terminal)."""
+    if args.prompt:
+        yield from args.prompt
+    elif sys.stdin.isatty():
+        while True:
+            try:
+                yield input("> ")
+            except (EOFError, KeyboardInterrupt):
+                sys.stdout.write("\n")
+                return
+    else:
+        for line in sys.stdin:
+            yield line.rstrip("\n")
+
+
+def _chat(args: argparse.Namespace, run) -> int:
+    """`generate --chat`: each reply streamed on its own line; the oldest turns are dropped
+    when the history outgrows the context window."""
+    from gptlab.chat import chat_prompt
+    from gptlab.generate import stream_ids
+
+    context = run.config.model.context_length
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    for user in _user_turns(args):
+        if not user.strip():
+            if args.prompt:
+                raise GptlabError("--prompt is empty; give some text to say")
+            continue
+        history.append({"role": "user", "content": user})
+        prompt = chat_prompt(run.chat_template, run.tokenizer, system + history)
+        while len(prompt.ids) > context and len(history) > 1:
+            history = history[2:]  # the oldest user turn and its reply
+            prompt = chat_prompt(run.chat_template, run.tokenizer, system + history)
+        if len(prompt.ids) > context:
+            raise GptlabError(
+                f"the chat prompt is {len(prompt.ids)} tokens, longer than the context window "
+                f"of {context}; shorten the message or the --system text"
+            )
+        room = context - len(prompt.ids) + 1  # the last token sampled is never fed back
+        pieces = []
+        for piece in stream_ids(
+            run.model,
+            run.tokenizer,
+            prompt.ids,
+            min(args.max_new_tokens, room),
+            (*prompt.stop, *args.stop),
+            prompt.stop_ids,
+            **_sampling(args),
+        ):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(pieces)})
     return 0
 
 

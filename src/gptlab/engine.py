@@ -46,6 +46,7 @@ class Sampling:
     top_k: int | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    stop_ids: tuple[int, ...] = ()  # ids that end it besides <|endoftext|> (a chat turn's end)
 
 
 @dataclass(frozen=True)
@@ -252,8 +253,9 @@ class Engine:
             gen.tokens += 1
             reason = None
             piece = ""
-            if token == self.eos:
+            if token == self.eos or token in gen.sampling.stop_ids:
                 reason = "stop"
+                piece = gen.text.flush()
             else:
                 piece = gen.text.push(token)
                 if gen.text.stopped:

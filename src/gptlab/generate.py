@@ -240,6 +240,40 @@ def stream_text(
         yield text[sent:]
 
 
+def stream_ids(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    ids: Sequence[int],
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    stop_ids: Sequence[int] = (),
+    **sampling,
+) -> Iterator[str]:
+    """`stream_text` for a prompt given as token ids (a rendered chat): the continuation
+    piece by piece, ending at `<|endoftext|>`, at any of `stop_ids` (a chat turn's end; the
+    id itself is never decoded), after `max_new_tokens`, or before the first stop string."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([list(ids)], device=device)  # (1, T)
+    ends = set(stop_ids)
+    eos = eot_id(tokenizer)
+    if eos is not None:
+        ends.add(eos)
+    sampling.setdefault("vocab_limit", tokenizer.n_vocab)
+    text = TextStream(tokenizer, stop)
+    for idx_next in generate_stream(model, idx, max_new_tokens, **sampling):
+        token = int(idx_next[0, 0])
+        if token in ends:
+            break
+        piece = text.push(token)
+        if piece:
+            yield piece
+        if text.stopped:
+            return
+    rest = text.flush()
+    if rest:
+        yield rest
+
+
 def complete(
     model: nn.Module,
     tokenizer: Tokenizer,

@@ -6,12 +6,14 @@ Endpoints (shapes as OpenAI's, so the official `openai` client and curl work unc
 - `POST /v1/completions`: prompt (text, a list of texts, or token ids), max_tokens,
   temperature, top_p, top_k (an extension), stop, seed, n, stream (server-sent events
   ending in `data: [DONE]`), usage counts.
-- `POST /v1/chat/completions`: the messages rendered by CHAT_TEMPLATE (below), streaming too.
+- `POST /v1/chat/completions`: the messages rendered by the run's chat template (a model
+  from `gptlab finetune`: `gptlab.chat`, the reply ends at its end-of-turn token), or for a
+  base model by CHAT_TEMPLATE (below); streaming too.
 - `GET /v1/run`: the run's config and its metrics.jsonl records (the page's run view).
 - `GET /health`: liveness and load, the one endpoint that needs no key.
 - `GET /`: the page (playground and run view), shipped in gptlab/static, no network needed.
 
-The chat template suits a base model trained on plays: each message is a speech, its
+The base models' chat template suits a model trained on plays: each message is a speech, its
 speaker's name in capitals on a line of its own (`USER:`, `ASSISTANT:`), speeches apart by
 a blank line, system messages as plain paragraphs; the prompt ends with `ASSISTANT:` and a
 newline, and the reply ends at the first blank line (where the next speaker would begin).
@@ -50,7 +52,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from gptlab.chat import PLAYS_SPEAKERS, PLAYS_STOP, end_id, render, render_plays
 from gptlab.engine import Engine, Event, Sampling
+from gptlab.errors import GptlabError
 from gptlab.metrics import read_metrics
 from gptlab.runs import Run
 from gptlab.tokenizer import ENDOFTEXT, eot_id
@@ -60,8 +64,8 @@ MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # choices per request, all prompts together
 MAX_STOP = 4  # stop strings, as OpenAI allows
 MAX_STOP_CHARS = 256
-SPEAKERS = {"user": "USER", "assistant": "ASSISTANT"}
-CHAT_STOP = "\n\n"  # a speech ends at a blank line, before the next speaker's name
+SPEAKERS = PLAYS_SPEAKERS
+CHAT_STOP = PLAYS_STOP  # a speech ends at a blank line, before the next speaker's name
 CHAT_TEMPLATE = "{system}\n\nUSER:\n{user}\n\nASSISTANT:\n{assistant}\n\nUSER:\n...\n\nASSISTANT:\n"
 RUN_EVENTS = {"start", "train", "eval", "tasks", "sample", "checkpoint", "end"}  # for the run view
 PAGE_FILES = {  # the page's files: a fixed list, no request names a path
@@ -233,7 +237,12 @@ class Server:
         return ids
 
     def parse(
-        self, body: dict, prompts: list[list[int]], stop: tuple[str, ...], default_max: int
+        self,
+        body: dict,
+        prompts: list[list[int]],
+        stop: tuple[str, ...],
+        default_max: int,
+        stop_ids: tuple[int, ...] = (),
     ) -> Parsed:
         """The sampling fields common to completions and chat -> the jobs to run."""
         _refuse_unsupported(body)
@@ -261,6 +270,7 @@ class Server:
             top_p=float(top_p) if top_p < 1 else None,
             top_k=top_k or None,
             stop=stop,
+            stop_ids=stop_ids,
         )
         jobs = []
         for p, ids in enumerate(prompts):
@@ -284,9 +294,19 @@ class Server:
 
     async def chat_completions(self, request: Request) -> Response:
         body = await _json_body(request)
-        text = render_chat(body.get("messages"))
-        stop = (CHAT_STOP, *_stop(body))
-        parsed = self.parse(body, [self._ids(text)], stop, default_max=self.context)
+        template = self.run.chat_template
+        if template is None:  # a base model: the plays-style text template
+            text = render_chat(body.get("messages"))
+            stop = (CHAT_STOP, *_stop(body))
+            parsed = self.parse(body, [self._ids(text)], stop, default_max=self.context)
+            return await self._respond(parsed, chat=True)
+        messages = chat_messages(body.get("messages"))
+        try:
+            ids, _ = render(template, self.tokenizer, messages, add_generation_prompt=True)
+        except GptlabError as e:
+            raise ApiError(str(e), param="messages") from None
+        end = (end_id(self.tokenizer, template),)
+        parsed = self.parse(body, [self._ids(ids)], _stop(body), self.context, stop_ids=end)
         return await self._respond(parsed, chat=True)
 
     async def models(self, request: Request) -> Response:
@@ -403,34 +423,47 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def render_chat(messages: Any) -> str:
-    """Chat messages -> the prompt text of the chat template (see the module docstring)."""
+    """Chat messages -> the prompt text of the base models' template (`chat.render_plays`;
+    the module docstring)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError("messages must be a non-empty list", param="messages")
-    parts = []
+    clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", *SPEAKERS):
             raise ApiError(
                 f"messages[{i}] must be an object with role system, user or assistant",
                 param="messages",
             )
-        content = _message_text(m.get("content"), i)
-        role = m["role"]
-        parts.append(
-            content if role in ("system", "developer") else f"{SPEAKERS[role]}:\n{content}"
-        )
-    parts.append("ASSISTANT:\n")
-    return "\n\n".join(parts)
+        role = "system" if m["role"] == "developer" else m["role"]
+        clean.append({"role": role, "content": _message_text(m.get("content"), i)})
+    return render_plays(clean)
 
 
-def _message_text(content: Any, i: int) -> str:
+def chat_messages(messages: Any) -> list[dict[str, str]]:
+    """Chat messages for a run's chat template: content parts joined into one string (kept
+    as sent: the template saw training text unstripped), OpenAI's "developer" role taken
+    as "system"; other roles are refused by the template."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("messages must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(f"messages[{i}] must be an object with role and content", "messages")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        out.append({"role": role, "content": _message_text(m.get("content"), i, strip=False)})
+    return out
+
+
+def _message_text(content: Any, i: int, strip: bool = True) -> str:
     """A message's content: a string, or a list of text parts (as OpenAI allows)."""
     if isinstance(content, str):
-        return content.strip()
+        return content.strip() if strip else content
     if isinstance(content, list) and all(
         isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
         for p in content
     ):
-        return "".join(p["text"] for p in content).strip()
+        text = "".join(p["text"] for p in content)
+        return text.strip() if strip else text
     raise ApiError(
         f"messages[{i}].content must be a string or a list of text parts", param="messages"
     )
