@@ -937,6 +937,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run = _text_model(open_run(args.checkpoint, args.device), "generate")
     model, tokenizer = run.model, run.tokenizer
     if args.chat:
+        _print_note(note)
         return _chat(args, run)
     for prompt in prompts:
         if not tokenizer.encode(prompt):
