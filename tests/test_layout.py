@@ -23,6 +23,7 @@ LAYERS = (
     "tokenizer",  # GPT-2 BPE, char-level, trained BPE
     "bpe",  # training byte-level BPEs
     "sources",  # reading documents from files, directories, globs, jsonl, parquet, hf:
+    "sizing",  # the cpu default's shape, tokenizer and dropout from the corpus and budget
     "data",  # documents -> tokens -> corpora, prepared shards, loaders
     "prepare",  # gptlab prepare: parallel, resumable sharding
     "optim",  # parameter groups, optimizers, lr schedule

@@ -286,6 +286,13 @@ class TrainConfig:
         "the last steps reach the floor on any machine (gptlab.budget)",
         choices=("steps", "time"),
     )
+    sizing: str = _field(
+        "preset",
+        "preset: the preset's shape, tokenizer, context and dropout as they are; corpus: "
+        "those the user did not set are chosen from the training text's size and the time "
+        "budget (gptlab.sizing; budget = time only)",
+        choices=("preset", "corpus"),
+    )
     warmup_frac: float = _field(
         0.0, "budget = time: the fraction of the budget spent warming up", bounds=BELOW_ONE
     )
@@ -622,6 +629,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "optimizer": "muon",
             "muon_lr": 0.02,
             "budget": "time",
+            "sizing": "corpus",
             "max_time": 530.0,
             "warmup_frac": 0.04,
             "eval_every_frac": 0.1,
