@@ -659,7 +659,7 @@ def _given_keys(args: argparse.Namespace) -> set[str]:
     return keys
 
 
-def _size_from_corpus(cfg: C.RunConfig, args: argparse.Namespace) -> str:
+def _size_from_corpus(cfg: C.RunConfig, args: argparse.Namespace) -> str | None:
     from gptlab import sizing
 
     total = sizing.corpus_bytes(cfg.data.source)
@@ -669,6 +669,8 @@ def _size_from_corpus(cfg: C.RunConfig, args: argparse.Namespace) -> str:
             "the preset's shape and tokenizer are kept"
         )
     given = _given_keys(args)
+    if given.issuperset(sizing.CHOSEN):  # a saved config, say: nothing left to choose
+        return None
     choice = sizing.size_run(cfg, total * cfg.data.train_ratio, given)
     return choice.line(tuple(k for k in sizing.CHOSEN if k in given))
 
@@ -690,9 +692,7 @@ def _preset_and_file(preset: str | None, config_file: str | None) -> tuple[C.Run
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg, preset_name, sizing_line = resolve_config(args)
-    if sizing_line:  # a TOML comment: the file still reads back
-        sys.stdout.write(f"# {sizing_line}\n")
+    cfg, preset_name = build_config(args)  # what the sizing chose is in it (a fixed point)
     sys.stdout.write(C.to_toml(cfg, preset_name))
     return 0
 
