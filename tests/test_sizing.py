@@ -105,6 +105,8 @@ def test_fields_the_user_set_win_over_the_rule(tmp_path):
     assert line is None and _shape(off) == _shape(C.preset("cpu"))
     steps, _, line = _resolve("config", "--data", data, "--max-steps", "5")
     assert line is None and steps.model.emb_dim == 256  # a step budget is not sized
+    init, _, line = _resolve("train", "--data", data, "--init-from", tmp_path / "w")
+    assert line is None and _shape(init) == _shape(C.preset("cpu"))  # the weights' shape
 
 
 def test_the_choice_replays_from_flags_and_from_the_printed_config(tmp_path, capsys):

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -642,7 +643,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[C.RunConfig, str, str | No
         C.set_field(cfg, key, value)
     cfg.validate()
     line = None
-    if cfg.train.sizing == "corpus" and cfg.train.budget == "time" and not args.resume:
+    fresh = not (args.resume or getattr(args, "init_from", None))  # weights bring a shape
+    if cfg.train.sizing == "corpus" and cfg.train.budget == "time" and fresh:
         line = _size_from_corpus(cfg, args)
     return cfg.validate(), preset_name, line
 
@@ -710,8 +712,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gptlab.trainer import train
 
     cfg, preset_name, sizing_line = resolve_config(args)
-    if sizing_line:  # the first line of the run (stdout: stderr is kept for the errors)
-        print(sizing_line, flush=True)
+    if sizing_line and os.environ.get("RANK", "0") == "0":  # the run's first line, once
+        print(sizing_line, flush=True)  # stdout: stderr is kept for the one-line errors
     view = ConsoleView(quiet=args.quiet, note=_apply_threads(args))
     try:
         result = train(
