@@ -143,3 +143,8 @@ def test_a_run_saves_the_choice_prints_it_first_and_a_resume_keeps_it(tmp_path, 
     (out / "config.json").write_text(json.dumps(saved))
     cfg, name, line = _resolve("train", "--out", out, "--resume", "--max-time", "400")
     assert name == "resumed" and line is None and cfg.model.n_layers == 5
+
+
+def test_a_source_of_unknown_size_keeps_the_preset_and_says_so(tmp_path):
+    cfg, _, line = _resolve("config", "--data", tmp_path / "not-yet.txt")
+    assert "not known before it is read" in line and _shape(cfg) == _shape(C.preset("cpu"))

@@ -664,7 +664,10 @@ def _given_keys(args: argparse.Namespace) -> set[str]:
 def _size_from_corpus(cfg: C.RunConfig, args: argparse.Namespace) -> str | None:
     from gptlab import sizing
 
-    total = sizing.corpus_bytes(cfg.data.source)
+    try:
+        total = sizing.corpus_bytes(cfg.data.source)
+    except GptlabError:  # unreadable now: `gptlab config` still prints, training says why
+        total = None
     if total is None:
         return (
             f"gptlab: sizing: the size of {cfg.data.source!r} is not known before it is read; "

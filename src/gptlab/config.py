@@ -624,6 +624,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # 4% and cosine decay to the floor at its end, whatever the machine's speed (1,200
         # steps took 401-532 s on 2-core machines), with an evaluation each tenth; start-up,
         # the BPE's training, evaluations and samples fit the rest of `make demo`'s 10 minutes.
+        # sizing = corpus: on another corpus, gptlab.sizing chooses the shape, BPE size,
+        # context and dropout the user left unset (on the plays: exactly these).
         "train": {
             **_CPU_TRAIN,
             "optimizer": "muon",

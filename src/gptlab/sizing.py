@@ -9,8 +9,9 @@ disk, or of the built-in plays), with tokens estimated as bytes / bytes-per-toke
 The anchor is the one shape that was measured (BENCHMARKS.md, "Time to quality"): the
 plays, 4.49 MB of training text, ~1.45M tokens at bpe:4096 (3.1 bytes a token), a 530 s
 budget, 4 layers x 256 (3.15M block parameters), context 128, no dropout: 1.995 bits per
-byte. Deeper (8 x 256) and wider (6 x 384) models lost there at equal time and at equal
-steps, and the model overfit in its second pass (train 3.57, val 4.22). The other rows
+byte. Deeper and wider models lost there: 8 x 256 at equal time (with GPT-2's recipe),
+6 x 256 and 6 x 384 at equal steps (300-step runs, stopped early); and the model overfit
+in its second pass (train 3.57, val 4.22). The other rows
 follow two ceilings on the block parameters N (12 x layers x width^2), each equal to the
 anchor's at the anchor:
 
@@ -38,7 +39,7 @@ Passes E = budget x estimated tokens/s / training tokens, the speed being the an
 slowest measured 4,800 tokens/s on the 2-core CPU scaled by FLOPs per token (at most 2x
 for the smaller rungs, which are overhead-bound). Dropout by E, after the data-constrained
 scaling results (Muennighoff et al. 2023: up to ~4 passes, repeated text is worth nearly
-fresh text; past ~16 it is worth almost nothing more): E <= 4: **0** (the plays: ~1.7);
+fresh text; past ~16 it is worth almost nothing more): E <= 4: **0** (the plays: ~1.8);
 4 < E <= 16: 0.1; above: 0.2. And above 16 passes the budget itself is shortened to the
 time of 16 passes: more would only memorise the text.
 
@@ -60,8 +61,8 @@ a budget ~7x longer (about an hour) reaches 6 x 384 on a corpus large enough.
 Measured: rung 2 at bpe:4096, context 128, dropout 0 on the plays. Everything else in the
 table is the rule's extrapolation, to be measured (the kjv and fortunes corpora of
 benchmarks/corpora.py fall in rungs 2 and 1). The speed estimate is this CPU's: on a
-faster machine the passes are underestimated, so the dropout and the shortening are
-conservative there.
+faster machine the real passes are more than the estimate, so there the rule errs toward
+less dropout and no cut of the budget.
 """
 
 from __future__ import annotations
