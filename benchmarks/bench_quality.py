@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab import config as C
+from gptlab import sizing
 from gptlab.errors import GptlabError
 
 # Named recipes besides the presets: a base preset, then overrides.
@@ -128,6 +129,20 @@ def parse_recipe(
             raise GptlabError(f"recipe {recipe!r}: {item!r} is not section.field=value")
         C.set_field(cfg, key.strip(), value.strip())
     _set_limits(cfg.train, budget, steps)
+    cfg.validate()
+    if cfg.train.sizing == "corpus" and cfg.train.budget == "time":
+        # as `gptlab train` sizes it (gptlab.sizing); the recipe's own fields and this
+        # benchmark's budget (equal time for every recipe) are the user's
+        given = {k.partition("=")[0].strip() for k in overrides}
+        if base is not None and base not in C.PRESETS:
+            given |= {
+                f"{s}.{k}" for s, t in C.load_toml(base).items() if isinstance(t, dict) for k in t
+            }
+        if budget is not None:
+            given.add("train.max_time")
+        total = sizing.corpus_bytes(cfg.data.source)
+        if total is not None:
+            sizing.size_run(cfg, total * cfg.data.train_ratio, given)
     return cfg.validate(), name
 
 

@@ -24,6 +24,7 @@ LAYERS = (
     "bpe",  # training byte-level BPEs
     "chat",  # chat templates: messages -> ids and mask; growing a base by their tokens
     "sources",  # reading documents from files, directories, globs, jsonl, parquet, hf:
+    "sizing",  # the cpu default's shape, tokenizer and dropout from the corpus and budget
     "data",  # documents -> tokens -> corpora, prepared shards, loaders
     "finetune",  # finetuning records -> rendered examples -> padded or packed batches; losses
     "lora",  # LoRA adapters on a frozen GPTModel: add, save what trains, merge; base hash

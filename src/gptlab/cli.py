@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -733,6 +734,14 @@ def build_config(args: argparse.Namespace) -> tuple[C.RunConfig, str]:
     """(validated RunConfig, preset name) from `train`/`config` arguments: the preset, then the
     --config file, then --data, the limit flags and the config overrides in the order given.
     A resumed run without --preset/--config starts from its saved config ("resumed")."""
+    cfg, preset_name, _ = resolve_config(args)
+    return cfg, preset_name
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[C.RunConfig, str, str | None]:
+    """build_config's (config, preset name), and the sizing line when `train.sizing = corpus`
+    chose fields from the corpus (gptlab.sizing): only in a new run, and never a field the
+    user set with a flag or in the --config file. A resume keeps its saved choice."""
     saved = Path(args.out) / "config.json" if args.out else None
     if args.resume and saved and saved.is_file() and not (args.preset or args.config):
         cfg = C.RunConfig.from_dict(json.loads(saved.read_text()))
@@ -750,7 +759,43 @@ def build_config(args: argparse.Namespace) -> tuple[C.RunConfig, str]:
     for key, value in config_overrides(args):
         C.set_field(cfg, key, value)
     _add_trackers(cfg, args)
-    return cfg.validate(), preset_name
+    cfg.validate()
+    line = None
+    fresh = not (args.resume or getattr(args, "init_from", None))  # weights bring a shape
+    if cfg.train.sizing == "corpus" and cfg.train.budget == "time" and fresh:
+        line = _size_from_corpus(cfg, args)
+    return cfg.validate(), preset_name, line
+
+
+def _given_keys(args: argparse.Namespace) -> set[str]:
+    """The dotted config keys the user set: flags, the limit flags and the --config file."""
+    keys = {k for k, _ in config_overrides(args)}
+    if any(getattr(args, f) is not None for f in LIMIT_FLAGS):
+        keys |= {f"train.{f}" for f in LIMIT_FLAGS}
+    if args.config:
+        for section, values in C.load_toml(args.config).items():
+            if isinstance(values, dict):
+                keys |= {f"{section}.{k}" for k in values}
+    return keys
+
+
+def _size_from_corpus(cfg: C.RunConfig, args: argparse.Namespace) -> str | None:
+    from gptlab import sizing
+
+    try:
+        total = sizing.corpus_bytes(cfg.data.source)
+    except GptlabError:  # unreadable now: `gptlab config` still prints, training says why
+        total = None
+    if total is None:
+        return (
+            f"gptlab: sizing: the size of {cfg.data.source!r} is not known before it is read; "
+            "the preset's shape and tokenizer are kept"
+        )
+    given = _given_keys(args)
+    if given.issuperset(sizing.CHOSEN):  # a saved config, say: nothing left to choose
+        return None
+    choice = sizing.size_run(cfg, total * cfg.data.train_ratio, given)
+    return choice.line(tuple(k for k in sizing.CHOSEN if k in given))
 
 
 def _add_trackers(cfg: C.RunConfig, args: argparse.Namespace) -> None:
@@ -857,7 +902,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg, preset_name = build_config(args)
+    cfg, preset_name = build_config(args)  # what the sizing chose is in it (a fixed point)
     sys.stdout.write(C.to_toml(cfg, preset_name))
     return 0
 
@@ -874,7 +919,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gptlab.console import ConsoleView
     from gptlab.trainer import train
 
-    cfg, preset_name = build_config(args)
+    cfg, preset_name, sizing_line = resolve_config(args)
+    if sizing_line and os.environ.get("RANK", "0") == "0":  # the run's first line, once
+        print(sizing_line, flush=True)  # stdout: stderr is kept for the one-line errors
     view = ConsoleView(quiet=args.quiet, note=_apply_threads(args))
     try:
         result = train(

@@ -292,6 +292,13 @@ class TrainConfig:
         "the last steps reach the floor on any machine (gptlab.budget)",
         choices=("steps", "time"),
     )
+    sizing: str = _field(
+        "preset",
+        "preset: the preset's shape, tokenizer, context and dropout as they are; corpus: "
+        "those the user did not set are chosen from the training text's size and the time "
+        "budget (gptlab.sizing; budget = time only)",
+        choices=("preset", "corpus"),
+    )
     warmup_frac: float = _field(
         0.0, "budget = time: the fraction of the budget spent warming up", bounds=BELOW_ONE
     )
@@ -783,11 +790,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # 4% and cosine decay to the floor at its end, whatever the machine's speed (1,200
         # steps took 401-532 s on 2-core machines), with an evaluation each tenth; start-up,
         # the BPE's training, evaluations and samples fit the rest of `make demo`'s 10 minutes.
+        # sizing = corpus: on another corpus, gptlab.sizing chooses the shape, BPE size,
+        # context and dropout the user left unset (on the plays: exactly these).
         "train": {
             **_CPU_TRAIN,
             "optimizer": "muon",
             "muon_lr": 0.02,
             "budget": "time",
+            "sizing": "corpus",
             "max_time": 530.0,
             "warmup_frac": 0.04,
             "eval_every_frac": 0.1,
