@@ -874,24 +874,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
     finally:
         view.close()
+    status = _report_end(
+        result,
+        "finetune",
+        "finetuning stopped on non-finite steps; resume with a lower --train.lr",
+    )
+    if status is not None:
+        return status
     end = result.end
-    if not result.is_main:
-        return {"SIGINT": 130, "SIGTERM": 143, "nonfinite": 1}.get(end["reason"], 0)
-    if result.plot is not None:
-        print(f"loss plot: {result.plot} (and .pdf)")
-    print(f"checkpoint: {end['checkpoint']}")
-    if end["reason"] in ("SIGINT", "SIGTERM"):
-        print(
-            f"stopped by {end['reason']} at step {end['step']}; resume with: "
-            f"gptlab finetune --out {result.run_dir} --resume"
-        )
-        return 130 if end["reason"] == "SIGINT" else 143
-    if end["reason"] == "nonfinite":
-        print(
-            "gptlab: error: finetuning stopped on non-finite steps; resume with a lower --train.lr",
-            file=sys.stderr,
-        )
-        return 1
     if "accuracy" in end:
         print(
             "accuracy: "
@@ -935,6 +925,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     finally:
         view.close()
+    status = _report_end(
+        result,
+        "train",
+        f"training stopped after {result.config.train.max_bad_steps} consecutive "
+        "non-finite steps; the last good weights are saved; resume with a lower --train.lr "
+        "(or train with --train.on_nonfinite rollback)",
+    )
+    if status is not None:
+        return status
+    start = result.config.train.start_context
+    print(f'try it: gptlab generate --checkpoint {result.run_dir} --prompt "{start}"')
+    return 0
+
+
+def _report_end(result, command: str, nonfinite: str) -> int | None:
+    """What train and finetune print when the run ends (rank 0 only), and the exit status
+    when it did not end well (a signal, non-finite steps; other ranks exit alike, silently);
+    None when it finished."""
     end = result.end
     if not result.is_main:  # the same exit status as rank 0, without its messages
         return {"SIGINT": 130, "SIGTERM": 143, "nonfinite": 1}.get(end["reason"], 0)
@@ -944,20 +952,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if end["reason"] in ("SIGINT", "SIGTERM"):
         print(
             f"stopped by {end['reason']} at step {end['step']}; resume with: "
-            f"gptlab train --out {result.run_dir} --resume"
+            f"gptlab {command} --out {result.run_dir} --resume"
         )
         return 130 if end["reason"] == "SIGINT" else 143
     if end["reason"] == "nonfinite":
-        print(
-            f"gptlab: error: training stopped after {result.config.train.max_bad_steps} consecutive "
-            "non-finite steps; the last good weights are saved; resume with a lower --train.lr "
-            "(or train with --train.on_nonfinite rollback)",
-            file=sys.stderr,
-        )
+        print(f"gptlab: error: {nonfinite}", file=sys.stderr)
         return 1
-    start = result.config.train.start_context
-    print(f'try it: gptlab generate --checkpoint {result.run_dir} --prompt "{start}"')
-    return 0
+    return None
 
 
 # --------------------------------------------------------------------------- generate and plot
