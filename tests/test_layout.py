@@ -18,6 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gptlab"
 # Bottom (imports nothing of gptlab) to top (the command line).
 LAYERS = (
     "errors",  # the one exception type users see
+    "atomic",  # writing a small file whole or not at all (temporary file, fsync, rename)
     "config",  # typed dataclasses, presets, TOML, overrides, validation
     "model",  # GPTModel: token ids -> logits; parameter and FLOP counts
     "tokenizer",  # GPT-2 BPE, char-level, trained BPE

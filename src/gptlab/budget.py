@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
+from gptlab.atomic import write_json
 from gptlab.errors import GptlabError
 
 SCHEDULE_FILE = "schedule.json"
@@ -70,15 +70,8 @@ def crossed(before: float, after: float, every: float) -> bool:
 def write_schedule(run_dir: Path, seconds: float, progress: list[float]) -> Path:
     """Write the run's schedule (the budget and each step's progress) atomically to
     run_dir/schedule.json; returns its path."""
-    path = Path(run_dir) / SCHEDULE_FILE
-    tmp = path.with_suffix(".json.tmp")
     body = {"format": SCHEDULE_FORMAT, "budget_s": seconds, "progress": progress}
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(body, f)  # floats as repr: they read back exactly
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_json(Path(run_dir) / SCHEDULE_FILE, body)
 
 
 def read_schedule(path: str | Path) -> tuple[float, list[float]]:

@@ -22,7 +22,6 @@ the same ids (`gptlab convert to-hf` puts it in the exported folder).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gptlab.atomic import write_json
 from gptlab.errors import GptlabError
 from gptlab.model import GPTModel
 from gptlab.tokenizer import ENDOFTEXT, Tokenizer, WithSpecialTokens, eot_id
@@ -369,12 +369,9 @@ def save_template(run_dir: str | Path, template: ChatTemplate) -> Path:
         "chat_template": template.jinja(),
     }
     path = out / TEMPLATE_FILE
-    tmp = out / f".{TEMPLATE_FILE}.{os.getpid()}.tmp"
     try:
-        tmp.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json(path, body, indent=1)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise GptlabError(f"could not write {str(path)!r} ({e.strerror or e})") from None
     return path
 

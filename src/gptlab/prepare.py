@@ -45,7 +45,6 @@ import json
 import math
 import multiprocessing
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -55,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from gptlab import __version__
+from gptlab.atomic import write_json
 from gptlab.data import MANIFEST, PREPARED_FORMAT, read_manifest
 from gptlab.errors import GptlabError
 from gptlab.sources import (
@@ -350,15 +350,6 @@ class _SplitWriter:
         }
 
 
-def _atomic_json(path: Path, obj: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- prepare
 
 
@@ -549,7 +540,7 @@ class _Job:
             "splits": {s: w.state() for s, w in self.writers.items()},
             "skipped": self.skipped,
         }
-        _atomic_json(self.out / PROGRESS, state)
+        write_json(self.out / PROGRESS, state, indent=1)
 
     def start_record(self, workers: int) -> dict[str, Any]:
         return {
@@ -607,7 +598,7 @@ class _Job:
             "splits": {name: w.summary() for name, w in self.writers.items()},
             "skipped": self.skipped,
         }
-        _atomic_json(self.out / MANIFEST, manifest)
+        write_json(self.out / MANIFEST, manifest, indent=1)
         (self.out / PROGRESS).unlink(missing_ok=True)
         return manifest
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from gptlab.atomic import write_json
 from gptlab.errors import GptlabError
 from gptlab.model import GPTModel, softcap
 from gptlab.runtime import PRECISION_DTYPES, autocast
@@ -811,12 +811,4 @@ def check_report_path(path: str | Path) -> Path:
 def write_report(path: str | Path, report: dict) -> Path:
     """Write the report as JSON atomically (a temporary file beside it, fsynced, renamed):
     a reader sees the old file or the whole new one, never a part."""
-    path = check_report_path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_json(check_report_path(path), report, indent=2)
