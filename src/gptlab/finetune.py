@@ -39,6 +39,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,13 @@ def pack(
     return inputs, targets
 
 
+def _stack_rows(
+    rows: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows (input, target), each (T,) -> a batch (B, T), (B, T)."""
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
 def collate_classes(
     examples: Sequence[ClassExample], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,35 +439,16 @@ class FinetuneData:
     def loader(self, split: str, batch_size: int, seed: int, train: bool = False) -> ExampleLoader:
         """The loader over one split; training ones shuffle by (seed, epoch) and drop the
         last partial batch, the others keep both."""
-        examples = getattr(self, split)
+        items: list[Any] = getattr(self, split)
         if self.is_classifier:
-            return ExampleLoader(
-                examples,
-                batch_size,
-                lambda exs: collate_classes(exs, self.pad_id),
-                shuffle=train,
-                seed=seed,
-                drop_last=train,
-            )
-        if self.pack:
-            inputs, targets = pack(examples, self.context_length, self.pad_id)
-            rows = [(inputs[i], targets[i]) for i in range(len(inputs))]
-            return ExampleLoader(
-                rows,
-                batch_size,
-                lambda rs: (torch.stack([r[0] for r in rs]), torch.stack([r[1] for r in rs])),
-                shuffle=train,
-                seed=seed,
-                drop_last=train,
-            )
-        return ExampleLoader(
-            examples,
-            batch_size,
-            lambda exs: collate(exs, self.pad_id),
-            shuffle=train,
-            seed=seed,
-            drop_last=train,
-        )
+            batch: Callable = partial(collate_classes, pad_id=self.pad_id)
+        elif self.pack:
+            inputs, targets = pack(items, self.context_length, self.pad_id)
+            items = list(zip(inputs, targets, strict=True))
+            batch = _stack_rows
+        else:
+            batch = partial(collate, pad_id=self.pad_id)
+        return ExampleLoader(items, batch_size, batch, shuffle=train, seed=seed, drop_last=train)
 
     def loaders(self, batch_size: int, seed: int) -> tuple[ExampleLoader, ExampleLoader]:
         """(train, val) loaders for the Trainer."""
