@@ -96,12 +96,19 @@ def test_runnable_others_reads_proc_loadavg(tmp_path):
     that the 1-minute average has not caught up with yet is a busy core."""
     f = tmp_path / "loadavg"
     f.write_text("0.05 0.20 0.30 2/345 6789\n")
-    assert threads.runnable_others(str(f)) == 1
+    assert threads.runnable_others(str(f), own=1) == 1
+    f.write_text("0.05 0.20 0.30 3/345 6789\n")  # this process runs 3 threads: none else
+    assert threads.runnable_others(str(f), own=3) == 0
     f.write_text("0.05 0.20 0.30 1/345 6789\n")
-    assert threads.runnable_others(str(f)) == 0
+    assert threads.runnable_others(str(f), own=1) == 0
     f.write_text("garbage\n")
     assert threads.runnable_others(str(f)) == 0
     assert threads.runnable_others(str(tmp_path / "missing")) == 0
+
+
+def test_own_running_threads_counts_the_caller():
+    """Read from /proc on Linux: the thread asking is running, so at least one."""
+    assert threads._own_running_threads() >= 1
 
 
 def test_a_just_started_busy_program_takes_a_core(monkeypatch):

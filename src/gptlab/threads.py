@@ -47,15 +47,34 @@ def load_average() -> float:
     return max(average, float(runnable_others()))
 
 
-def runnable_others(path: str = "/proc/loadavg") -> int:
-    """Processes (threads) runnable at this moment besides the one asking, from the fourth
-    field of Linux's /proc/loadavg ("running/total"); 0 elsewhere."""
+def runnable_others(path: str = "/proc/loadavg", own: int | None = None) -> int:
+    """Threads runnable at this moment outside this process, from the fourth field of
+    Linux's /proc/loadavg ("running/total") less this process's own running threads (the
+    asking one, and torch's OpenMP threads, which spin a while after each parallel region);
+    0 elsewhere."""
     try:
         with open(path, encoding="ascii") as f:
             running = int(f.read().split()[3].split("/")[0])
     except (OSError, ValueError, IndexError):
         return 0
-    return max(running - 1, 0)
+    return max(running - (_own_running_threads() if own is None else own), 0)
+
+
+def _own_running_threads() -> int:
+    """This process's threads in state R (running), at least 1 (the caller)."""
+    n = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/stat", encoding="ascii") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        n += state == "R"
+    return max(n, 1)
 
 
 def choose_threads(
