@@ -32,7 +32,6 @@ LAYERS = (
     "prepare",  # gptlab prepare: parallel, resumable sharding
     "optim",  # parameter groups, optimizers, lr schedule
     "budget",  # a time budget: progress, when it is spent, the recorded schedule
-    "threads",  # how many CPU threads torch uses: cores, load, a server's reserve
     "runtime",  # device, precision, compile and host-memory policy; speed facts
     "dist",  # torchrun environment, DDP / FSDP2, rank helpers
     "loss",  # the loss paths (full logits, chunked)
@@ -43,6 +42,7 @@ LAYERS = (
     "checkpoint",  # atomic, versioned checkpoints
     "resume",  # what may change on resume; RNG state
     "metrics",  # metrics.jsonl
+    "threads",  # how many CPU threads torch uses: cores, load, a server's reserve, a resume's
     "plot",  # figures from metrics.jsonl
     "trackers",  # optional trackers fed the metrics records: TensorBoard, wandb, trackio
     "hf",  # Hugging Face GPT-2 and Llama weights, both ways

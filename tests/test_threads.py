@@ -116,3 +116,46 @@ def test_a_just_started_busy_program_takes_a_core(monkeypatch):
     monkeypatch.setattr(threads, "runnable_others", lambda: 1)
     assert threads.load_average() == 1.0
     assert choose_threads(None, cores=2, env={})[0] == 1
+
+
+def test_a_resume_asks_for_the_threads_its_run_had():
+    """Bit-exact CPU resume needs the same threads: nothing asked -> the run's count."""
+    n, note = choose_threads(None, resumed=1, cores=2, load=0.0, env={})
+    assert n == 1 and "as the run had" in note and "--threads 2" in note
+    assert choose_threads(None, resumed=2, cores=2, load=0.0, env={}) == (2, None)
+    assert choose_threads(None, resumed=2, cores=2, load=1.5, env={})[0] == 2
+    assert choose_threads(3, resumed=1, cores=4, load=0.0, env={}) == (3, None)  # asked
+    assert choose_threads(None, resumed=1, cores=4, load=0.0, env={"OMP_NUM_THREADS": "4"})[0] == 4
+    assert choose_threads(None, resumed=None, cores=4, load=0.0, env={})[0] == 4
+
+
+def test_run_threads_reads_the_last_start_record(tmp_path):
+    assert threads.run_threads(tmp_path) is None  # no metrics.jsonl
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"event": "start", "step": 0, "threads": 2}\n'
+        '{"event": "train", "step": 1, "loss": 3.0}\n'
+        '{"event": "start", "step": 1, "threads": 1}\n'
+        '{"event": "train", "step": 2, "lo'  # a line cut short by a kill
+    )
+    assert threads.run_threads(tmp_path) == 1
+    (tmp_path / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n')
+    assert threads.run_threads(tmp_path) is None
+
+
+def test_train_resume_keeps_the_runs_threads_under_load(
+    tmp_path, keep_torch_threads, monkeypatch, capsys
+):
+    """A run started on 2 threads, resumed while the load says 1: it resumes on 2."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    text = write_corpus(tmp_path / "text.txt")
+    run = tmp_path / "run"
+    monkeypatch.setattr(threads, "load_average", lambda: 0.0)
+    assert cli.main([*cli_flags(text, run, steps=2), "--quiet"]) == 0
+    monkeypatch.setattr(threads, "load_average", lambda: 1.5)
+    capsys.readouterr()
+    assert cli.main([*cli_flags(text, run, steps=4), "--quiet", "--resume"]) == 0
+    assert [r["threads"] for r in records(run, "start")] == [2, 2]
+    assert "as the run had" in capsys.readouterr().out
+    assert cli.main([*cli_flags(text, run, steps=6), "--quiet", "--resume", "--threads", "1"]) == 0
+    assert [r["threads"] for r in records(run, "start")] == [2, 2, 1]

@@ -172,9 +172,10 @@ def _apply_threads(args: argparse.Namespace, reserve: int = 0) -> str | None:
     line on stderr), or None."""
     import torch
 
-    from gptlab.threads import choose_threads
+    from gptlab.threads import choose_threads, run_threads
 
-    n, note = choose_threads(args.threads or None, reserve=reserve)
+    resumed = run_threads(args.out) if getattr(args, "resume", False) and args.out else None
+    n, note = choose_threads(args.threads or None, resumed=resumed, reserve=reserve)
     torch.set_num_threads(n)
     return f"gptlab: note: {note}" if note else None
 

@@ -19,14 +19,20 @@ one spinning for ever only approaches 1.0), which is why the processes runnable 
 moment count too;
 `--threads N` says how many to use. OMP_NUM_THREADS, when set, is the request. A server
 (`reserve=1`) keeps a core for its HTTP loop beside the engine's threads, whatever asked.
+
+A resumed run with neither asks for the threads its run last started with (its metrics
+start record): a CPU sum split over another number of threads rounds differently, so a
+resume on other threads would not be bit-exact with the uninterrupted run.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 from gptlab.errors import GptlabError
+from gptlab.metrics import read_metrics
 
 
 def usable_cores() -> int:
@@ -77,9 +83,24 @@ def _own_running_threads() -> int:
     return max(n, 1)
 
 
+def run_threads(run_dir: str | Path) -> int | None:
+    """The torch threads the run in `run_dir` last started with (the last start record of
+    its metrics.jsonl), or None where no record says."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    starts = [
+        r["threads"]
+        for r in read_metrics(path)
+        if r.get("event") == "start" and isinstance(r.get("threads"), int) and r["threads"] > 0
+    ]
+    return starts[-1] if starts else None
+
+
 def choose_threads(
     requested: int | None,
     *,
+    resumed: int | None = None,
     reserve: int = 0,
     cores: int | None = None,
     load: float | None = None,
@@ -87,7 +108,8 @@ def choose_threads(
 ) -> tuple[int, str | None]:
     """(torch threads to use, a note saying why when it is fewer than asked or than the
     cores, else None). `requested` None or 0: the policy above; `reserve` cores are kept for
-    other threads of this process (a server's HTTP loop). `cores`, `load` and `env` default to
+    other threads of this process (a server's HTTP loop); `resumed`: the threads of the run
+    being resumed, used when nothing asks (see above). `cores`, `load` and `env` default to
     the machine's (tests pass them)."""
     if requested is not None and requested < 0:
         raise GptlabError(f"--threads {requested}: give 0 (automatic) or a number of threads")
@@ -106,6 +128,13 @@ def choose_threads(
     load = load_average() if load is None else load
     busy = min(max(math.floor(load), 0), cores - 1)
     n = max(min(cores - busy, room), 1)
+    if resumed and not reserve:
+        if resumed == n:
+            return n, None
+        return resumed, (
+            f"{resumed} thread(s), as the run had, so that the resume is bit-exact; "
+            f"--threads {n} to use what the load allows now"
+        )
     if busy and n < room:
         return n, (
             f"{n} thread(s) on {cores} cores: the machine's load ({load:.1f}) says others are "
