@@ -167,8 +167,12 @@ def run_recipe(recipe: str, cfg: C.RunConfig, name: str, out: Path) -> dict[str,
 
     records: dict[str, dict[str, Any]] = {}
 
+    task_eval_s = 0.0  # train.eval_tasks' evaluations, when the recipe has them
+
     def keep(record: dict[str, Any]) -> None:
+        nonlocal task_eval_s
         records[record["event"]] = record  # the last of each kind: start, end, ...
+        task_eval_s += record.get("seconds", 0.0) if record["event"] == "tasks" else 0.0
 
     import torch
 
@@ -192,6 +196,7 @@ def run_recipe(recipe: str, cfg: C.RunConfig, name: str, out: Path) -> dict[str,
         "wall_s": wall,
         "tokens_per_s": end["tokens"] / end["train_time"] if end["train_time"] else 0.0,
         "eval_s": eval_s,
+        "task_eval_s": task_eval_s,
         "val_loss": ev["loss"],
         "bits_per_byte": ev["bits_per_byte"],
         "val_tokens": ev["tokens"],

@@ -13,6 +13,11 @@ run, the default preset's), so no item was trained on and none is copied from a 
   decoding gives the word, and its perplexity.
 The random-init model is the run's config built afresh (seed 0), with the run's tokenizer.
 Prints a markdown table (task, items, random init, trained, centred of each) and "core".
+
+    python benchmarks/task_scores.py --write-suite DIR   # the same suite, before any run
+
+writes the suite for the default preset's held-out text into DIR (for train.eval_tasks:
+the in-training evaluation's cost in BENCHMARKS.md) and prints its path.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from gptlab.config import DEFAULT_PRESET, preset
 from gptlab.model import GPTModel
 from gptlab.runs import open_run
 from gptlab.sources import read_documents
@@ -33,9 +39,9 @@ from gptlab.tasks import load_suite, run_suite
 from gptlab.tokenizer import ENDOFTEXT
 
 
-def held_out_lines(run) -> list[str]:
-    """The non-empty lines of the run's held-out text (see the module docstring)."""
-    dc = run.config.data
+def held_out_lines(dc) -> list[str]:
+    """The lines of four or more words of a data config's held-out text (see the module
+    docstring)."""
     text = ENDOFTEXT.join(read_documents(dc.source, text_field=dc.text_field))
     val = text[int(dc.train_ratio * len(text)) :].replace(ENDOFTEXT, "\n")
     return [line.strip() for line in val.splitlines() if len(line.strip().split()) >= 4]
@@ -81,11 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--write-suite", metavar="DIR", help="write the default preset's suite; exit")
     args = p.parse_args(argv)
+    if args.write_suite:
+        out = Path(args.write_suite)
+        out.mkdir(parents=True, exist_ok=True)
+        print(make_suite(held_out_lines(preset(DEFAULT_PRESET).data), out, args.items))
+        return 0
 
     run = open_run(args.checkpoint, args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.suite or make_suite(held_out_lines(run), Path(tmp), args.items)
+        path = args.suite or make_suite(held_out_lines(run.config.data), Path(tmp), args.items)
         suite = load_suite(path)
     torch.manual_seed(0)
     fresh = GPTModel(run.config.model).to(run.device).eval()

@@ -78,6 +78,7 @@ def test_task_scores_are_recorded_and_training_is_unchanged(runs):
         assert r["tasks"]["words"]["n_items"] == len(ITEMS)
         centred = [t["centred"] for t in r["tasks"].values()]
         assert r["core"] == pytest.approx(sum(centred) / len(centred))
+        assert r["seconds"] > 0  # what the evaluation cost, for the benchmarks' share
     assert _losses(with_tasks) == _losses(without)  # bit for bit: same RNG stream
 
 

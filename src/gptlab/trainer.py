@@ -467,9 +467,10 @@ class Trainer:
 
     def evaluate_tasks(self) -> dict[str, Any]:
         """Score train.eval_tasks' suite on the model as it is (eval mode, no gradients; its
-        mode restored) and emit the "tasks" record. The random state is put back as it
+        mode restored) and emit the "tasks" record, with the seconds it took. The random state is put back as it
         was, so a run with task evaluations trains exactly as one without."""
         rng = rng_state()
+        t0 = time.perf_counter()
         with self.rt.autocast():
             report = run_suite(
                 self.model,
@@ -483,7 +484,14 @@ class Trainer:
             )
         set_rng_state(rng)
         self._tasks_step = self.state.step
-        return self.emit("tasks", suite=report["suite"], tasks=report["tasks"], core=report["core"])
+        seconds = round(time.perf_counter() - t0, 3)  # what the evaluation adds to the run
+        return self.emit(
+            "tasks",
+            suite=report["suite"],
+            tasks=report["tasks"],
+            core=report["core"],
+            seconds=seconds,
+        )
 
     def _eval_accuracy(self) -> dict[str, float]:
         """A classifier's train and validation accuracy on eval_iter batches (else nothing)."""
