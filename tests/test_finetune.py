@@ -221,6 +221,33 @@ def _alone(model, exs) -> tuple[float, int]:
     return total, count
 
 
+def test_the_head_on_learned_rows_only_gives_the_full_logits_loss_and_gradients():
+    """lm_loss runs a bare model's head on the learned positions only: the same loss and
+    the same gradients as the full (B, T, V) logits with ignore_index (a wrapped model's
+    path), padded vocabulary and soft cap included."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=50, context_length=24, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0,
+        vocab_multiple=64, logit_softcap=5.0,
+    )  # fmt: skip
+    model = jitter(GPTModel(cfg), 0.3)
+    x, y = collate(_random_examples(6, cfg.vocab_size, cfg.context_length), pad_id=0)
+    assert (y == IGNORE_INDEX).any()
+    losses, grads = [], []
+    for full in (False, True):
+        model.zero_grad()
+        if full:
+            logits = model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+        else:
+            loss = lm_loss(model, x, y)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6, rel=0)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "options",
     [

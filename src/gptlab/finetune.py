@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.errors import GptlabError
+from gptlab.model import GPTModel
 
 IGNORE_INDEX = -100  # cross-entropy skips these targets (the book's ignore_index)
 FORMATS = ("instructions", "chat", "classification")
@@ -304,12 +305,20 @@ def collate_classes(
 
 def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the learned target tokens of a padded batch (targets (B, T))
-    or a packed one (targets (B, 2, T), the example numbers in [:, 1]): a scalar."""
+    or a packed one (targets (B, 2, T), the example numbers in [:, 1]): a scalar.
+
+    A bare GPTModel runs its output head on the learned positions only: the prompts'
+    and the padding's logits, most of a finetuning batch's (B, T, V), are never formed. A
+    wrapped model (DDP; FSDP2, which makes the model's class a subclass of its own) goes
+    through its forward, which its hooks need."""
+    doc_ids = None
     if targets.dim() == 3:
-        logits = model(inputs, doc_ids=targets[:, 1])  # (B, T, V)
-        targets = targets[:, 0]
-    else:
-        logits = model(inputs)  # (B, T, V)
+        doc_ids, targets = targets[:, 1], targets[:, 0]
+    if type(model) is GPTModel:
+        learned = targets != IGNORE_INDEX  # (B, T)
+        hidden = model.hidden_states(inputs, doc_ids=doc_ids)[learned]  # (N, D)
+        return F.cross_entropy(model.head_logits(hidden), targets[learned])
+    logits = model(inputs, doc_ids=doc_ids)  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 

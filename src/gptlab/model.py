@@ -512,14 +512,17 @@ class GPTModel(nn.Module):
         positions after the cached ones, attend over those too, and are added to the cache.
         `doc_ids` (B, T): see `hidden_states`.
         """
-        x = self.hidden_states(in_idx, cache, doc_ids)  # (B, T, D)
-        logits = self.out_head(x)  # (B, T, Vp) or (B, T, num_classes)
+        return self.head_logits(self.hidden_states(in_idx, cache, doc_ids))
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., D) from `hidden_states` -> logits (..., V) (a classifier's:
+        (..., num_classes)): the output head, cut to vocab_size and soft-capped. A loss
+        over some positions only runs it on their rows."""
+        logits = self.out_head(hidden)  # (..., Vp) or (..., num_classes)
         if self.cfg.num_classes:
             return logits
         if logits.shape[-1] != self.cfg.vocab_size:
-            logits = logits[
-                ..., : self.cfg.vocab_size
-            ]  # (B, T, V): padded ids never reach a loss or sampler
+            logits = logits[..., : self.cfg.vocab_size]  # padded ids never reach a loss or sampler
         return softcap(logits, self.cfg.logit_softcap)
 
     def hidden_states(
