@@ -54,6 +54,9 @@ def make_corpus_text(n_paragraphs: int = 30) -> str:
 def gptlab_cache(tmp_path_factory) -> Path:
     """Point GPTLAB_CACHE at a session temp dir so tests never write to ~/.cache, and run
     torch on one thread (the models are tiny; more threads only contend on a shared machine).
+    OMP_NUM_THREADS=1 says so to the commands the tests run in-process too: without it their
+    thread policy follows the machine's load, so two runs a test compares bit for bit (an
+    uninterrupted one and a resumed one) could differ in threads, and so in rounding.
 
     Session-wide (not per test) so the CPU matmul peak that the trainer measures once per
     machine, thread count and dtype is measured once per test session, not once per test.
@@ -61,10 +64,16 @@ def gptlab_cache(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("gptlab-cache")
     old = os.environ.get("GPTLAB_CACHE")
     old_threads = torch.get_num_threads()
+    old_omp = os.environ.get("OMP_NUM_THREADS")
     os.environ["GPTLAB_CACHE"] = str(path)
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     yield path
     torch.set_num_threads(old_threads)
+    if old_omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old_omp
     if old is None:
         os.environ.pop("GPTLAB_CACHE", None)
     else:
