@@ -2,12 +2,21 @@
 
     python benchmarks/bench_finetune.py [--shape gpt2-small] [--batch 8] [--seq 256]
         [--steps 10] [--warmup 2] [--rank 8] [--targets attn] [--threads N] [--preset-head]
+        [--checkpointing] [--allocator finetune|exact]
 
 Each mode runs in a fresh process (`--mode full|lora` is the child's own flag), so its peak
 memory is its own: the process's resident-set high-water mark (getrusage ru_maxrss), read
 after the timed steps, and the RSS just before the first step (model, optimizer and batch
-built; the optimizer's moments are allocated at the first step). On CPU this is what the
-machine pays, allocator caching included; torch's CPU profiler would count tensors only.
+built; the optimizer's moments are allocated at the first step). What that high-water mark
+holds besides live tensors depends on the C library's allocator, so `--allocator` picks it:
+
+- `finetune` (the default): `gptlab finetune`'s own on CPU (train.host_memory = keep:
+  glibc keeps every freed block for reuse, the speed the run has). Its peak is what the
+  machine pays for the run, holes between reused blocks included.
+- `exact`: every block of 64 KiB or more is its own mapping, returned to the OS when freed
+  (MALLOC_MMAP_THRESHOLD_=65536), so the high-water mark follows the live tensors: the
+  figure `torch.cuda.max_memory_allocated` gives on a GPU, plus the fixed runtime. Slower
+  (each large block is page-faulted afresh); its speed is not the run's.
 
 The model has the preset's shape with random weights (`gpt2-small` with GPT-2's tied head
 and q/k/v biases: GPT-2 124M; the speed and memory depend on the shape, not the values). One step is what `gptlab finetune` runs:
@@ -15,13 +24,16 @@ the masked loss (gptlab.finetune.lm_loss) on a batch of `--batch` examples of `-
 (the last quarter of each example learned, the rest masked as a prompt), backward, gradient
 clipping and AdamW (gptlab's parameter groups, fused where available) over what trains:
 every parameter, or the adapters alone. Examples per second = batch x steps / seconds of the
-timed steps (after `--warmup` untimed ones). Figures go in BENCHMARKS.md, not in this file.
+timed steps (after `--warmup` untimed ones). `--checkpointing` turns on activation
+checkpointing (train.activation_checkpointing) in both modes, so the two are still compared
+at the same settings. Figures go in BENCHMARKS.md, not in this file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -45,9 +57,12 @@ def child(args: argparse.Namespace) -> dict:
     from gptlab import lora
     from gptlab.config import TrainConfig, preset
     from gptlab.finetune import IGNORE_INDEX, lm_loss
-    from gptlab.model import GPTModel
+    from gptlab.model import GPTModel, use_activation_checkpointing
     from gptlab.optim import build_optimizer
+    from gptlab.runtime import keep_freed_host_memory
 
+    if args.allocator == "finetune":
+        keep_freed_host_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -58,6 +73,7 @@ def child(args: argparse.Namespace) -> dict:
     model = GPTModel(cfg).train()
     if args.mode == "lora":
         lora.add_adapters(model, args.rank, 2.0 * args.rank, args.targets)
+    use_activation_checkpointing(model, args.checkpointing)
     trainable, total = lora.count_trainable(model)
     device = torch.device("cpu")
     opt = build_optimizer(model, TrainConfig(lr=5e-5, weight_decay=0.1), device)
@@ -110,12 +126,27 @@ def main() -> None:
         "default: GPT-2's own tied head and q/k/v biases (124M)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="activation checkpointing in both modes (train.activation_checkpointing)",
+    )
+    p.add_argument(
+        "--allocator",
+        choices=("finetune", "exact"),
+        default="finetune",
+        help="finetune: keep freed memory as gptlab finetune does on CPU; exact: return "
+        "large blocks when freed, so the peak follows the live tensors",
+    )
     p.add_argument("--mode", choices=("full", "lora"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.mode:  # the child: one mode, one JSON line
         print(json.dumps(child(args)))
         return
     rows = []
+    env = dict(os.environ)
+    if args.allocator == "exact":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc at start-up
     for mode in ("full", "lora"):
         flags = list(sys.argv[1:])
         out = subprocess.run(
@@ -123,13 +154,15 @@ def main() -> None:
             capture_output=True,
             text=True,
             check=True,
+            env=env,
         ).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     full, lo = rows
     print(
         f"{args.shape}, batch {args.batch} x {args.seq} tokens, {args.steps} timed steps after "
-        f"{args.warmup}, LoRA rank {args.rank} on {args.targets}, {full['threads']} threads; "
-        "memory: RSS high-water of a fresh process per mode"
+        f"{args.warmup}, LoRA rank {args.rank} on {args.targets}, {full['threads']} threads, "
+        f"activation checkpointing {'on' if args.checkpointing else 'off'}; "
+        f"memory: RSS high-water of a fresh process per mode, {args.allocator} allocator"
     )
     print(
         f"| {'mode':<5} | {'trainable':>26} | {'examples/s':>10} | {'RSS before step 1 MiB':>21} "

@@ -101,6 +101,7 @@ SWITCHES = [
     ("fused adamw", {"train.fused_optimizer": True}, 1e-5),
     ("padded vocab", {"model.vocab_multiple": 64}, 1e-5),
     ("chunked loss", {"train.chunked_loss": "on"}, 1e-5),
+    ("activation checkpointing", {"train.activation_checkpointing": True}, 1e-5),
     (
         "all fp32 switches",
         {

@@ -388,6 +388,11 @@ class TrainConfig:
         "than PyTorch's); auto: on when training on CPU",
         choices=_ON_OFF,
     )
+    activation_checkpointing: bool = _field(
+        False,
+        "keep only each block's input for backward and recompute the rest there: the same "
+        "loss and gradients, a fraction of the activations' memory, ~1/4 more compute",
+    )
     host_memory: str = _field(
         "auto",
         "keep: glibc's malloc keeps freed memory for reuse instead of returning it to the OS, "

@@ -22,6 +22,10 @@ different underneath, and why:
   may switch on `use_fast_dropout` for CPU training, which draws the masks from random
   integers, faster (same distribution up to 1.5e-5 in p, another random stream; the
   speed is in BENCHMARKS.md).
+- `use_activation_checkpointing` (off by default) has training keep only each block's input
+  and recompute the block's activations in backward: the same loss, gradients and random
+  stream, for about one more forward pass of compute and a fraction of the activations'
+  memory (what lets LoRA's frozen base cost less than full finetuning; BENCHMARKS.md).
 - Options from later models, each off by default (so the walk-through's presets build
   exactly its model): rotary positions, RMSNorm, QK-norm, SwiGLU and ReLU^2 MLPs, no biases,
   grouped-query attention, soft-capped logits and zero-initialised output projections
@@ -44,6 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from gptlab.config import ModelConfig
 
@@ -146,6 +151,19 @@ def use_fast_dropout(model: nn.Module, on: bool = True) -> None:
     for module in model.modules():
         if isinstance(module, Dropout):
             module.fast = on
+
+
+def use_activation_checkpointing(model: nn.Module, on: bool = True) -> None:
+    """Have every GPTModel in `model` recompute its blocks' activations in backward (or not).
+
+    Each block then keeps only its input for backward, and runs its forward a second time
+    there to rebuild the rest (torch.utils.checkpoint, non-reentrant). The random state is
+    stashed and replayed, so dropout draws the same masks and the generators end where they
+    would have: loss, gradients and the random stream stay those of a run without it.
+    """
+    for module in model.modules():
+        if isinstance(module, GPTModel):
+            module.checkpoint_blocks = on
 
 
 class FeedForward(nn.Module):
@@ -470,6 +488,8 @@ class GPTModel(nn.Module):
     architecture options (rotary positions, RMSNorm, SwiGLU, ...) default to GPT-2's.
     """
 
+    checkpoint_blocks: bool = False  # see use_activation_checkpointing
+
     def __init__(self, cfg: ModelConfig | dict[str, Any]):
         super().__init__()
         cfg = as_model_config(cfg)
@@ -569,8 +589,14 @@ class GPTModel(nn.Module):
         else:
             rope = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.drop_emb(x)  # (B, T, D)
+        recompute = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for layer, block in enumerate(self.trf_blocks):
-            x = block(x, cache, layer, rope, attn_mask)  # (B, T, D)
+            if recompute:  # keep x only; backward reruns the block
+                x = recompute_in_backward(
+                    block, x, None, layer, rope, attn_mask, use_reentrant=False
+                )
+            else:
+                x = block(x, cache, layer, rope, attn_mask)  # (B, T, D)
         return self.final_norm(x)  # (B, T, D)
 
 

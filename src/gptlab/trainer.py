@@ -50,7 +50,13 @@ from gptlab.finetune import FinetuneData, classification_accuracy, set_trainable
 from gptlab.generate import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
 from gptlab.loss import make_loss_fn
 from gptlab.metrics import MetricsLog, truncate_metrics
-from gptlab.model import GPTModel, count_parameters, flops_per_token, use_fast_dropout
+from gptlab.model import (
+    GPTModel,
+    count_parameters,
+    flops_per_token,
+    use_activation_checkpointing,
+    use_fast_dropout,
+)
 from gptlab.optim import MuonAdamW, build_optimizer, set_lr
 from gptlab.plot import plot_run
 from gptlab.resume import check_data_layout, check_resume, rng_state, set_rng_state
@@ -307,6 +313,7 @@ class Trainer:
         if self.lora:  # frozen base, trainable adapters (and a classifier's head)
             lora.prepare(self.model, self.cfg.finetune)
         use_fast_dropout(self.model, rt.fast_dropout)  # only CPU tensors take the fast path
+        use_activation_checkpointing(self.model, tc.activation_checkpointing)
         # DDP wrapper or FSDP2 shards (in place, so the optimizer comes after); a single
         # process gets self.model back.
         self.parallel_model = dist_lib.parallelize(self.model, tc.parallel, self.dist)
