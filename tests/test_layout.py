@@ -21,6 +21,7 @@ LAYERS = (
     "atomic",  # writing a small file whole or not at all (temporary file, fsync, rename)
     "config",  # typed dataclasses, presets, TOML, overrides, validation
     "model",  # GPTModel: token ids -> logits; parameter and FLOP counts
+    "loss",  # the loss paths (full logits, chunked); no gptlab imports, finetune's too)
     "tokenizer",  # GPT-2 BPE, char-level, trained BPE
     "bpe",  # training byte-level BPEs
     "chat",  # chat templates: messages -> ids and mask; growing a base by their tokens
@@ -34,7 +35,6 @@ LAYERS = (
     "budget",  # a time budget: progress, when it is spent, the recorded schedule
     "runtime",  # device, precision, compile and host-memory policy; speed facts
     "dist",  # torchrun environment, DDP / FSDP2, rank helpers
-    "loss",  # the loss paths (full logits, chunked)
     "generate",  # sampling, KV cache, streaming
     "engine",  # continuous batching: many generations share the model's forward passes
     "evaluate",  # calc_loss_*, evaluate_model (rank-aware), perplexity, bits per byte

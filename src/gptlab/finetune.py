@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.errors import GptlabError
+from gptlab.loss import chunked_cross_entropy
 from gptlab.model import GPTModel
 
 IGNORE_INDEX = -100  # cross-entropy skips these targets (the book's ignore_index)
@@ -317,6 +318,16 @@ def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> to
     if type(model) is GPTModel:
         learned = targets != IGNORE_INDEX  # (B, T)
         hidden = model.hidden_states(inputs, doc_ids=doc_ids)[learned]  # (N, D)
+        head = model.out_head
+        if type(head) is nn.Linear and head.bias is None and not model.cfg.num_classes:
+            # the head and its loss a chunk of rows at a time: no (N, V) logits kept
+            return chunked_cross_entropy(
+                hidden,
+                head.weight,
+                targets[learned],
+                model.cfg.vocab_size,
+                softcap=model.cfg.logit_softcap,
+            )
         return F.cross_entropy(model.head_logits(hidden), targets[learned])
     logits = model(inputs, doc_ids=doc_ids)  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)

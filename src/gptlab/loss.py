@@ -19,6 +19,8 @@ The trainer uses it where it measured faster (on CPU; see BENCHMARKS.md and
 `runtime.resolve_chunked_loss`); on a GPU the compiled full-logits loss was faster, and this
 one only saves memory.
 
+A frozen head (`weight.requires_grad` false: LoRA's base) gets no (V, D) gradient buffer.
+
 Padded vocabulary rows (`weight` has more rows than `vocab_size`) are left out: their
 logits are never formed and their gradient is zero.
 
@@ -58,6 +60,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         compute_dtype: torch.dtype,
         need_grad: bool,
         cap: float,
+        need_grad_w: bool = True,
     ) -> torch.Tensor:
         N = hidden.shape[0]
         # Every matmul below runs in compute_dtype by our own casts; autocast would add its own.
@@ -68,8 +71,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
             if need_grad:
                 grad_h = torch.empty(N, hidden.shape[1], dtype=acc, device=hidden.device)
-                # (Vp, D): rows of padded ids keep a zero gradient
-                grad_w_padded = torch.zeros(weight.shape, dtype=acc, device=hidden.device)
+                # (Vp, D): rows of padded ids keep a zero gradient; none for a frozen head
+                grad_w_padded = (
+                    torch.zeros(weight.shape, dtype=acc, device=hidden.device)
+                    if need_grad_w
+                    else torch.empty(0, dtype=acc, device=hidden.device)
+                )
                 grad_w = grad_w_padded[:vocab_size]  # (V, D) view
             for start in range(0, N, chunk_rows):
                 hc = h[start : start + chunk_rows]  # (n, D)
@@ -91,7 +98,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                         probs.mul_(1.0 - squash.square_())
                     dlogits = probs.to(compute_dtype)  # (n, V)
                     grad_h[start : start + chunk_rows] = dlogits @ w  # (n, D)
-                    if compute_dtype == acc:
+                    if not need_grad_w:
+                        pass
+                    elif compute_dtype == acc:
                         grad_w.addmm_(dlogits.t(), hc)  # (V, D)
                     else:  # bf16/fp16 products, summed over chunks in fp32
                         grad_w += dlogits.t() @ hc
@@ -108,8 +117,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         scale = grad_out / ctx.rows  # the loss is a mean over rows
         gh = (grad_h * scale).to(h_dtype)  # (N, D)
-        gw = (grad_w * scale).to(w_dtype)  # (Vp, D)
-        return gh, gw, None, None, None, None, None, None
+        gw = (grad_w * scale).to(w_dtype) if grad_w.numel() else None  # (Vp, D)
+        return gh, gw, None, None, None, None, None, None, None
 
 
 def _minus_ones(targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -143,8 +152,17 @@ def chunked_cross_entropy(
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    need_grad_w = need_grad and weight.requires_grad  # a frozen head (LoRA) gets none
     return _ChunkedCrossEntropy.apply(
-        hidden, weight, targets, vocab_size, chunk_rows, compute_dtype, need_grad, softcap
+        hidden,
+        weight,
+        targets,
+        vocab_size,
+        chunk_rows,
+        compute_dtype,
+        need_grad,
+        softcap,
+        need_grad_w,
     )
 
 
