@@ -114,3 +114,17 @@ def test_hidden_states_feed_the_head():
     hidden = model.hidden_states(x)
     assert hidden.shape == (2, 8, 16)
     torch.testing.assert_close(model.out_head(hidden)[..., :30], model(x))
+
+
+def test_chunked_ce_with_a_frozen_head_gives_the_hiddens_gradient_and_none_for_the_head():
+    """LoRA's base: the head is frozen, so no (V, D) gradient is formed or returned."""
+    torch.manual_seed(3)
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(70, 16, dtype=torch.float64)  # requires_grad False
+    targets = torch.randint(0, 64, (37,))
+    chunked_cross_entropy(hidden, weight, targets, vocab_size=64, chunk_rows=10).backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    F.cross_entropy(hidden @ weight[:64].t(), targets).backward()
+    torch.testing.assert_close(got, hidden.grad, rtol=0, atol=1e-12)
+    assert weight.grad is None
