@@ -391,7 +391,8 @@ class TrainConfig:
     activation_checkpointing: bool = _field(
         False,
         "keep only each block's input for backward and recompute the rest there: the same "
-        "loss and gradients, a fraction of the activations' memory, ~1/4 more compute",
+        "loss and gradients, a fraction of the activations' memory, one more forward pass "
+        "(GPT-2 124M on CPU: full finetuning 10%, LoRA 24% slower a step; BENCHMARKS.md)",
     )
     host_memory: str = _field(
         "auto",
