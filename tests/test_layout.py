@@ -112,3 +112,16 @@ def test_the_checker_sees_function_level_imports(tmp_path):
         "from gptlab import __version__\n"
     )
     assert _gptlab_imports(f) == [(5, "trainer"), (6, "hf")]
+
+
+def test_the_readme_layout_lists_the_layers_in_their_order():
+    """A newcomer reads the layering in the README's Layout section; it names every
+    module, in LAYERS' order, so the two cannot drift apart."""
+    readme = (SRC.parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = [
+        line.split()[0].removesuffix(".py")
+        for line in block.splitlines()
+        if line.startswith("  ") and not line.startswith("   ") and line.split()[0].endswith(".py")
+    ]
+    assert listed == list(LAYERS)
