@@ -1,5 +1,5 @@
-"""How many CPU threads torch uses: the cores this process may run on, fewer when others
-are busy on them.
+"""How many CPU threads torch uses: the cores this process may run on, fewer when other
+programs are running on them now.
 
 PyTorch starts one OpenMP thread per core. When another program keeps a core busy, the
 threads of every parallel region wait for the slowest one, which shares its core: a
@@ -7,16 +7,16 @@ threads of every parallel region wait for the slowest one, which shares its core
 1-thread one. So the default (`choose_threads(None)`):
 
     cores = the CPUs this process may use (its affinity mask, e.g. a container's cpuset)
-    load  = the larger of the 1-minute load average and the processes runnable right now
-            besides this one (Linux's /proc/loadavg)
-    busy  = floor(load), at most cores - 1
+    busy  = the programs running at this moment besides this one, at most cores - 1:
+            the median of a few readings of Linux's /proc/loadavg running count over
+            ~0.2 s (`running_now`), less this process's own running threads
     threads = cores - busy
 
-The load average counts runnable processes over the last minute, so a command started
-right after another heavy one (a training run) may take one thread fewer than it could.
-It also lags: one program that began spinning a few seconds ago has hardly moved it (and
-one spinning for ever only approaches 1.0), which is why the processes runnable at this
-moment count too;
+Only what runs *now* counts. The 1-minute load average is the wrong input: it still holds
+a command that finished seconds ago (preparing a corpus, then training on it, is the most
+common sequence there is), so a run started after it took half the cores for its whole
+budget. A median of readings ignores a program that runs for a moment (a shell, a `git`)
+and sees one that spins (it is runnable in every reading).
 `--threads N` says how many to use. OMP_NUM_THREADS, when set, is the request. A server
 (`reserve=1`) keeps a core for its HTTP loop beside the engine's threads, whatever asked.
 
@@ -27,8 +27,9 @@ resume on other threads would not be bit-exact with the uninterrupted run.
 
 from __future__ import annotations
 
-import math
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gptlab.errors import GptlabError
@@ -43,27 +44,40 @@ def usable_cores() -> int:
         return max(os.cpu_count() or 1, 1)
 
 
-def load_average() -> float:
-    """How busy the machine is: the larger of the 1-minute load average and the number of
-    processes runnable right now other than this one (0 where the OS tells neither)."""
-    try:
-        average = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        average = 0.0
-    return max(average, float(runnable_others()))
+def running_now(
+    samples: int = 9, interval: float = 0.025, read: Callable[[], str] | None = None
+) -> int:
+    """The programs running at this moment besides this one: the median, over `samples`
+    readings `interval` seconds apart, of /proc/loadavg's running count less this process's
+    own running threads at that reading; 0 where the OS does not say. `read` returns one
+    /proc/loadavg line per call (tests pass a recorded sequence)."""
+    read = _read_loadavg if read is None else read
+    counts = []
+    for i in range(samples):
+        if i:
+            time.sleep(interval)  # spread the readings: one instant may catch a blip
+        running = _running_count(read())
+        if running is None:
+            return 0
+        counts.append(max(running - _own_running_threads(), 0))
+    return sorted(counts)[len(counts) // 2]
 
 
-def runnable_others(path: str = "/proc/loadavg", own: int | None = None) -> int:
-    """Threads runnable at this moment outside this process, from the fourth field of
-    Linux's /proc/loadavg ("running/total") less this process's own running threads (the
-    asking one, and torch's OpenMP threads, which spin a while after each parallel region);
-    0 elsewhere."""
+def _read_loadavg() -> str:
     try:
-        with open(path, encoding="ascii") as f:
-            running = int(f.read().split()[3].split("/")[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-    return max(running - (_own_running_threads() if own is None else own), 0)
+        with open("/proc/loadavg", encoding="ascii") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _running_count(line: str) -> int | None:
+    """The fourth field of a /proc/loadavg line ("running/total"): the threads runnable at
+    that instant, the reader among them; None for a line that is not one."""
+    try:
+        return int(line.split()[3].split("/")[0])
+    except (ValueError, IndexError):
+        return None
 
 
 def _own_running_threads() -> int:
@@ -103,14 +117,14 @@ def choose_threads(
     resumed: int | None = None,
     reserve: int = 0,
     cores: int | None = None,
-    load: float | None = None,
+    running: int | None = None,
     env: dict[str, str] | None = None,
 ) -> tuple[int, str | None]:
     """(torch threads to use, a note saying why when it is fewer than asked or than the
     cores, else None). `requested` None or 0: the policy above; `reserve` cores are kept for
     other threads of this process (a server's HTTP loop); `resumed`: the threads of the run
-    being resumed, used when nothing asks (see above). `cores`, `load` and `env` default to
-    the machine's (tests pass them)."""
+    being resumed, used when nothing asks (see above). `cores`, `running` (other programs
+    running now) and `env` default to the machine's (tests pass them)."""
     if requested is not None and requested < 0:
         raise GptlabError(f"--threads {requested}: give 0 (automatic) or a number of threads")
     cores = usable_cores() if cores is None else cores
@@ -125,19 +139,19 @@ def choose_threads(
                 "is kept for the HTTP loop"
             )
         return requested, None
-    load = load_average() if load is None else load
-    busy = min(max(math.floor(load), 0), cores - 1)
+    running = running_now() if running is None else running
+    busy = min(max(running, 0), cores - 1)
     n = max(min(cores - busy, room), 1)
     if resumed and not reserve:
         if resumed == n:
             return n, None
         return resumed, (
             f"{resumed} thread(s), as the run had, so that the resume is bit-exact; "
-            f"--threads {n} to use what the load allows now"
+            f"--threads {n} to use what is free now"
         )
     if busy and n < room:
         return n, (
-            f"{n} thread(s) on {cores} cores: the machine's load ({load:.1f}) says others are "
-            f"running; --threads {room} uses all"
+            f"{n} thread(s) on {cores} cores: {running} other program(s) running now; "
+            f"--threads {room} uses all"
         )
     return n, None
