@@ -9,9 +9,11 @@ Endpoints (shapes as OpenAI's, so the official `openai` client and curl work unc
 - `POST /v1/chat/completions`: the messages rendered by the run's chat template (a model
   from `gptlab finetune`: `gptlab.chat`, the reply ends at its end-of-turn token), or for a
   base model by CHAT_TEMPLATE (below); streaming too.
-- `GET /v1/run`: the run's config and its metrics.jsonl records (the page's run view).
+- `GET /v1/run`: the run's config, its chat template (null for a base model) and its
+  metrics.jsonl records: what the page needs to choose its views and draw the run view.
 - `GET /health`: liveness and load, the one endpoint that needs no key.
-- `GET /`: the page (playground and run view), shipped in gptlab/static, no network needed.
+- `GET /`: the page (a chat for a run with a chat template, a playground, a run view),
+  shipped in gptlab/static, no network needed.
 
 The base models' chat template suits a model trained on plays: each message is a speech, its
 speaker's name in capitals on a line of its own (`USER:`, `ASSISTANT:`), speeches apart by
@@ -316,18 +318,21 @@ class Server:
         return JSONResponse({"status": "ok", "model": self.model_name, **self.engine.load()})
 
     async def run_info(self, request: Request) -> Response:
-        """The run's config and metrics records, for the page's run view."""
+        """The run's config, chat template and metrics records: the page offers its chat
+        view only where `chat_template` is not null, and draws the run view from the rest."""
         records: list[dict] = []
         metrics = self.run_dir / "metrics.jsonl" if self.run_dir else None
         if metrics is not None and metrics.is_file():
             records = await asyncio.to_thread(read_metrics, metrics)
             records = [r for r in records if r.get("event") in RUN_EVENTS]
         last = next((r["event"] for r in reversed(records) if r["event"] in ("start", "end")), None)
+        template = self.run.chat_template
         return JSONResponse(
             {
                 "model": self.model_name,
                 "checkpoint": self.run.checkpoint.name if self.run.checkpoint else None,
                 "config": self.run.config.to_dict(),
+                "chat_template": template.to_dict() if template is not None else None,
                 "training": last == "start",
                 "records": records,
             }
