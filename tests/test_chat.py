@@ -1,6 +1,7 @@
-"""Chat templates: rendering and its mask, special-token safety, growing a base's tokenizer
-and model, the template travelling with the run, and parity with `transformers`'
-`apply_chat_template` on the folder `convert to-hf` writes (id for id, mask for mask)."""
+"""Chat templates: rendering and its mask, special-token safety, the instruction template
+(the book's Alpaca prompt, an instructions run's), growing a base's tokenizer and model, the
+template travelling with the run, and parity with `transformers`' `apply_chat_template` on
+the folder `convert to-hf` writes (id for id, mask for mask)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from gptlab import checkpoint as ckpt_lib
 from gptlab.bpe import train_bpe
 from gptlab.config import ModelConfig, RunConfig
 from gptlab.errors import GptlabError
+from gptlab.finetune import instruction_prompt, render_instruction
 from gptlab.model import GPTModel
 from gptlab.runs import open_run
 from gptlab.tokenizer import (
@@ -158,6 +160,123 @@ def test_a_tokenizer_without_the_tokens_cannot_render():
 def test_bad_templates_are_refused(fields, expect):
     with pytest.raises(GptlabError, match=expect):
         chat.ChatTemplate(**fields)
+
+
+# --------------------------------------------------------------------------- the Alpaca prompt
+
+A = chat.ALPACA
+EXCHANGES = [
+    [{"role": "user", "content": "Name the ship."}],
+    [
+        {"role": "system", "content": "You answer in one short line."},
+        {"role": "user", "content": "What is the tide doing?"},
+        {"role": "assistant", "content": "Turning, toward the pier."},
+    ],
+    [
+        {"role": "user", "content": "Count the ships."},
+        {"role": "assistant", "content": " Three, before dawn."},
+        {"role": "user", "content": "And now?\n\nTell me in words:  five  spaces."},
+        {"role": "assistant", "content": "Four; one left — ça va. 🚢"},
+    ],
+]
+
+
+def test_one_instruction_is_the_prompt_an_instructions_finetune_answers():
+    gpt2 = GPT2Tokenizer()
+    entry = {"instruction": "Name the ship."}
+    ids, mask = chat.render(A, gpt2, EXCHANGES[0], add_generation_prompt=True)
+    assert ids == gpt2.encode(instruction_prompt(entry)) and not any(mask)
+    assert gpt2.decode(ids) == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nName the ship.\n\n### Response:\n"
+    )
+    assert chat.end_id(gpt2, A) == 50256  # the end the finetune appends to every output
+    prompt = chat.chat_prompt(A, gpt2, EXCHANGES[0])
+    assert prompt.ids == ids and prompt.stop_ids == (50256,) and prompt.stop == ()
+
+
+def test_a_conversation_is_its_exchanges_rendered_as_the_finetune_renders_records():
+    """Earlier turns are earlier examples: the ids and the mask are the finetune's examples
+    of each (instruction, response) pair one after another (finetune.mask "response"), and
+    the prompt for the next reply is the earlier examples, then the book's prompt."""
+    gpt2 = GPT2Tokenizer()
+    messages = EXCHANGES[2]
+    examples = [
+        render_instruction(
+            {"instruction": user["content"], "input": "", "output": reply["content"]},
+            gpt2,
+            "response",
+        )
+        for user, reply in zip(messages[::2], messages[1::2], strict=True)
+    ]
+    ids, learn = chat.render(A, gpt2, messages)
+    assert ids == examples[0][0] + examples[1][0] and learn == examples[0][1] + examples[1][1]
+    assert gpt2.decode(ids).count(ENDOFTEXT) == 2  # each response ends as it was learned
+    prompt, _ = chat.render(A, gpt2, messages[:3], add_generation_prompt=True)
+    first = examples[0][0]
+    assert prompt[: len(first)] == first
+    assert prompt[len(first) :] == gpt2.encode(instruction_prompt({"instruction": "And now?\n\n"
+                                               "Tell me in words:  five  spaces."}))  # fmt: skip
+
+
+def test_a_system_message_replaces_the_preamble_in_every_exchange():
+    gpt2 = GPT2Tokenizer()
+    messages = [{"role": "system", "content": "Answer like a sailor."}, *EXCHANGES[2][:3]]
+    ids, _ = chat.render(A, gpt2, messages, add_generation_prompt=True)
+    text = gpt2.decode(ids)
+    assert text.startswith("Answer like a sailor.\n\n### Instruction:\nCount the ships.")
+    assert text.count("Answer like a sailor.") == 2 and "Below is" not in text
+    assert text.endswith(f"{ENDOFTEXT}Answer like a sailor.\n\n### Instruction:\nAnd now?"
+                         "\n\nTell me in words:  five  spaces.\n\n### Response:\n")  # fmt: skip
+
+
+BAD_ORDERS = [
+    (
+        [{"role": "assistant", "content": "a"}],
+        False,
+        "messages[0] has role 'assistant', but 'user' comes next",
+    ),
+    (
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        True,
+        "messages[1] has role 'user', but 'assistant' comes next: an instruction run's",
+    ),
+    (
+        [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+        False,
+        "messages[1] has role 'system', but 'assistant'",
+    ),
+    (
+        [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}],
+        False,
+        "messages[1] has role 'system', but 'user'",
+    ),
+    (EXCHANGES[1], True, "messages end with the assistant's message; end them with the user's"),
+    (EXCHANGES[1][:1], True, "messages end with the system's message"),
+]
+
+
+@pytest.mark.parametrize("messages, gen, expect", BAD_ORDERS)
+def test_messages_out_of_turn_are_one_line_errors(messages, gen, expect):
+    with pytest.raises(GptlabError, match=re.escape(expect)) as e:
+        chat.render(A, GPT2Tokenizer(), messages, add_generation_prompt=gen)
+    assert "\n" not in str(e.value)
+
+
+def test_the_template_kinds_round_trip_and_old_dicts_read_as_special_tokens():
+    for template in (A, T, chat.ChatTemplate(name="mine", bos=False)):
+        assert chat.template_from_dict(template.to_dict()) == template
+    assert A.to_dict()["kind"] == "instruction" and T.to_dict()["kind"] == "special-tokens"
+    old = {k: v for k, v in T.to_dict().items() if k != "kind"}  # written before kinds
+    assert chat.template_from_dict(old) == T
+    with pytest.raises(GptlabError, match="has kind 'jinja', which this gptlab does not know"):
+        chat.template_from_dict({**A.to_dict(), "kind": "jinja"})
+    with pytest.raises(GptlabError, match="is of kind 'instruction', not 'special-tokens'"):
+        chat.ChatTemplate.from_dict(A.to_dict())
+    with pytest.raises(GptlabError, match="malformed: its fields are strings"):
+        chat.template_from_dict({"kind": "instruction", "preamble": 3})
+    with pytest.raises(GptlabError, match="headers must be non-empty"):
+        chat.InstructionTemplate(response_header=" ")
 
 
 # --------------------------------------------------------------------------- growing a base
@@ -303,6 +422,29 @@ def test_a_run_whose_template_names_tokens_its_tokenizer_lacks_is_refused(tmp_pa
         open_run(tmp_path / "run", "cpu")
 
 
+@pytest.mark.parametrize("in_meta", [False, True])
+def test_an_instruction_template_travels_with_the_run_and_grows_nothing(tmp_path, in_meta):
+    make_run(tmp_path / "run", GPT2Tokenizer(), A, in_meta=in_meta)
+    run = open_run(tmp_path / "run", "cpu")
+    assert run.chat_template == A and run.model.cfg.vocab_size == 50257
+    if not in_meta:
+        saved = json.loads((tmp_path / "run" / chat.TEMPLATE_FILE).read_text())
+        assert saved["template"]["kind"] == "instruction" and saved["special_tokens"] == []
+        assert saved["chat_template"] == A.jinja()
+
+
+def test_an_instructions_run_that_saved_no_template_chats_in_the_alpaca_prompt(tmp_path):
+    """A run finetuned on instructions before runs kept their template: its checkpoint's
+    config names the format, and the prompt every such run learned is ALPACA."""
+    model = GPTModel(tiny_cfg(50257))
+    cfg = RunConfig(model=model.cfg)
+    cfg.finetune.format = "instructions"
+    meta = {"config": cfg.to_dict(), "tokenizer": {"type": "gpt2"}}
+    ckpt_lib.save_checkpoint(tmp_path / "run", 1, model, meta)
+    assert open_run(tmp_path / "run", "cpu").chat_template == A
+    assert chat.load_template(tmp_path / "run") is None  # the run directory has no meta.json
+
+
 # --------------------------------------------------------------------------- Hugging Face
 
 
@@ -345,3 +487,29 @@ def test_apply_chat_template_on_the_exported_folder_gives_our_ids(kind, tmp_path
         tok.special_id(t) for t in T.special_tokens
     ]
     assert hf_tok.decode(ids, skip_special_tokens=True) == "".join(m["content"] for m in messages)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_apply_chat_template_gives_the_instruction_templates_ids(kind, tmp_path, corpus_bpe):
+    pytest.importorskip("transformers")
+    from jinja2.exceptions import TemplateError
+
+    from gptlab.hf import convert_to_hf
+
+    base = GPT2Tokenizer() if kind == "gpt2" else corpus_bpe
+    _, tok = make_run(tmp_path / "run", base, A)
+    names = convert_to_hf(tmp_path / "run", tmp_path / "hf")
+    assert "chat_template.jinja" in names
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == A.jinja() and "additional_special_tokens" not in config
+    for messages in EXCHANGES:
+        for gen in (False, True):
+            if gen and messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
+            assert hf_ids(tmp_path / "hf", messages, gen) == chat.render(A, tok, messages, gen)
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for messages, gen, _ in BAD_ORDERS:  # refused there too
+        with pytest.raises(TemplateError, match="instruction run's chat|end the messages"):
+            hf_tok.apply_chat_template(messages, add_generation_prompt=gen)

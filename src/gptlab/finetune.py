@@ -3,7 +3,8 @@
 Three formats of records, one JSON object a line (.jsonl) or one JSON array (.json):
 
 - instructions: `instruction`, optional `input`, `output` (the book's chapter 7), rendered
-  with the book's Alpaca-style prompt (`format_input` + "\\n\\n### Response:\\n" + output);
+  with the book's Alpaca-style prompt (`format_input` + "\\n\\n### Response:\\n" + output),
+  whose text is `gptlab.chat.ALPACA`'s: the template such a run chats in;
 - chat: `messages: [{role, content}, ...]`, rendered by a chat template (gptlab.chat; the
   caller passes its `render`, so this module needs no template of its own);
 - classification: `text`, `label` (the book's chapter 6).
@@ -48,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptlab.chat import ALPACA
 from gptlab.errors import GptlabError
 from gptlab.loss import chunked_cross_entropy
 from gptlab.model import GPTModel
@@ -56,11 +58,9 @@ IGNORE_INDEX = -100  # cross-entropy skips these targets (the book's ignore_inde
 FORMATS = ("instructions", "chat", "classification")
 ROLES = ("system", "user", "assistant")
 
-ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
-)
-RESPONSE_HEADER = "\n\n### Response:\n"
+# The prompt's text lives in its chat template, so that training and chat read one copy.
+ALPACA_PREAMBLE = ALPACA.preamble
+RESPONSE_HEADER = ALPACA.response_prompt  # "\n\n### Response:\n"
 
 # A chat renderer: (messages, add_generation_prompt) -> (ids, learn), gptlab.chat's render
 # with its template and tokenizer bound.
@@ -72,10 +72,7 @@ ChatRender = Callable[[list[dict[str, str]], bool], tuple[list[int], list[bool]]
 
 def format_input(entry: dict[str, Any]) -> str:
     """The book's Alpaca-style prompt of an instructions record, without the response header."""
-    text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{entry['instruction']}"
-    if entry.get("input"):
-        text += f"\n\n### Input:\n{entry['input']}"
-    return text
+    return ALPACA.format_input(entry["instruction"], entry.get("input") or "")
 
 
 def instruction_prompt(entry: dict[str, Any]) -> str:
