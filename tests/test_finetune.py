@@ -749,6 +749,104 @@ def test_a_chat_finetune_grows_the_vocabulary_saves_its_template_and_resumes(
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+# --------------------------------------------------------------------------- instructions chat
+
+
+@pytest.fixture(scope="module")
+def alpaca_run(base, tmp_path_factory):
+    """An instructions finetune trained long enough (150 steps, ~2 s) that greedy replies
+    end at the <|endoftext|> it learned after each output."""
+    out = tmp_path_factory.mktemp("alpaca") / "run"
+    flags = ("--max-steps", "150", "--train.lr", "3e-3", "--train.eval_freq", "150")
+    assert cli.main(_finetune(base, "instructions.jsonl", out, *flags)) == 0
+    return out
+
+
+def _greedy(model, ids: list[int], n: int, end: int) -> tuple[list[int], bool]:
+    """Plain greedy decoding, no cache: the ids before `end`, and whether it came."""
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+            if nxt == end:
+                return out, True
+            out.append(nxt)
+    return out, False
+
+
+def test_an_instructions_run_chats_in_its_alpaca_prompt_everywhere(alpaca_run, tmp_path, capsys):
+    """generate --chat, serve's /v1/chat/completions and the exported folder's
+    apply_chat_template + generate all answer with the greedy tokens of the book's prompt
+    written out plainly, ending at <|endoftext|>; a second turn follows the first
+    exchange rendered whole (chat.InstructionTemplate's rule for earlier turns)."""
+    pytest.importorskip("starlette")
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptlab import chat
+    from gptlab.finetune import instruction_prompt
+    from gptlab.runs import open_run
+    from gptlab.serve import ServerThread, build
+
+    saved = json.loads((alpaca_run / "chat_template.json").read_text())
+    assert saved["template"]["kind"] == "instruction"
+    run = open_run(alpaca_run, "cpu")
+    assert run.chat_template == chat.ALPACA
+    tok, end = run.tokenizer, run.tokenizer.eot_token
+    first, second = "Write the word backwards.", "Add the two numbers: 34 and 17"
+    ids = tok.encode(instruction_prompt({"instruction": first}))
+    want, ended = _greedy(run.model, ids, 60, end)
+    assert ended and want  # the reply stops where the finetune taught it to
+    text = tok.decode(want)
+    history = [
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": second},
+    ]
+    ids2, _ = chat.render(chat.ALPACA, tok, history, add_generation_prompt=True)
+    room = run.config.model.context_length + 1 - len(ids2)  # as generate --chat caps it
+    assert room > 10
+    want2, _ = _greedy(run.model, ids2, min(60, room), end)
+
+    capsys.readouterr()
+    flags = ["--temperature", "0", "--max-new-tokens", "60", "--device", "cpu"]
+    chat_cmd = ["generate", "--chat", "--checkpoint", str(alpaca_run), *flags]
+    assert cli.main([*chat_cmd, "--prompt", first, "--prompt", second]) == 0
+    assert capsys.readouterr().out == f"{text}\n{tok.decode(want2)}\n"
+
+    app, engine = build(run, max_batch=2)
+    try:
+        with ServerThread(app) as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+            r = client.chat.completions.create(
+                model="m", messages=history[:1], max_tokens=60, temperature=0
+            )
+            with pytest.raises(openai.BadRequestError, match="but 'user' comes next"):
+                client.chat.completions.create(model="m", messages=history[1:2], max_tokens=4)
+            info = client.get("/run", cast_to=object)  # what the page reads: a chat is offered
+    finally:
+        engine.close()
+    assert info["chat_template"] == chat.ALPACA.to_dict()
+    assert r.choices[0].message.content == text and r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(want) + 1
+
+    assert cli.main(["convert", "to-hf", str(alpaca_run), str(tmp_path / "hf")]) == 0
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    for messages, prompt, reply in [(history[:1], ids, want), (history, ids2, want2)]:
+        n = min(60, run.config.model.context_length + 1 - len(prompt))
+        hf_ids = hf_tok.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        assert list(hf_ids) == prompt
+        got = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=end,
+            pad_token_id=end,
+        )[0, len(prompt) :].tolist()  # fmt: skip
+        assert got[: len(reply)] == reply and got[len(reply) :] in ([end], [])
+
+
 def test_a_classifier_is_refused_where_text_is_needed(base, tmp_path, capsys):
     out = tmp_path / "cls"
     assert cli.main(_finetune(base, "classification.jsonl", out, "--max-steps", "2")) == 0

@@ -55,7 +55,17 @@ def is_finetuned(cfg: RunConfig) -> bool:
     return cfg.finetune.format != "auto"
 
 
-def chat_template(name: str) -> chat.ChatTemplate:
+def run_template(fmt: str, name: str) -> chat.Template | None:
+    """The chat template a finetune of format `fmt` trains in and saves with the run, for
+    generate --chat, serve and convert to-hf: for chat records the one `name`
+    (finetune.template) names, for instructions the Alpaca prompt they are rendered in
+    (chat.ALPACA), for a classifier none."""
+    if fmt == "chat":
+        return chat_template(name)
+    return chat.ALPACA if fmt == "instructions" else None
+
+
+def chat_template(name: str) -> chat.Template:
     """The template finetune.template names: empty or gptlab-chat (the default), or a
     directory holding a chat_template.json (a finetuned chat run's)."""
     if name in ("", chat.DEFAULT.name):
@@ -73,7 +83,7 @@ def open_finetune_data(
     cfg: RunConfig,
     tokenizer: Any,
     labels: list[str] | None,
-    template: chat.ChatTemplate | None = None,
+    template: chat.Template | None = None,
 ) -> FinetuneData:
     """The run's records, rendered for its model (config fields as `finetune()` takes them);
     chat records by `template`."""
@@ -123,7 +133,7 @@ def finetune(
     fmt = cfg.finetune.format
     if fmt == "auto":
         fmt = detect_format(read_records(cfg.data.source))
-    template = chat_template(cfg.finetune.template) if fmt == "chat" else None
+    template = run_template(fmt, cfg.finetune.template)
     source = None
     use_lora = cfg.finetune.lora_rank > 0
     if use_lora and cfg.train.parallel == "fsdp":

@@ -755,10 +755,11 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
     (`architecture` says which, or refuses before anything is written): config.json,
     model.safetensors, generation_config.json and the tokenizer: for GPT-2's, vocab.json,
     merges.txt and tokenizer_config.json; for a trained BPE, tokenizer.json and
-    tokenizer_config.json. A run with a chat template also gets chat_template.jinja (and
-    the same Jinja string as tokenizer_config.json's `chat_template`, where older
-    transformers look), with the template's special tokens in the tokenizer at the run's
-    ids, so `apply_chat_template` gives gptlab's ids. Returns the names of the files written.
+    tokenizer_config.json. A run with a chat template (a chat finetune's, or an
+    instructions finetune's Alpaca prompt) also gets chat_template.jinja (and the same
+    Jinja string as tokenizer_config.json's `chat_template`, where older transformers look),
+    with the template's special tokens, if any, in the tokenizer at the run's ids, so
+    `apply_chat_template` gives gptlab's ids. Returns the names of the files written.
 
     A char-tokenizer run gets the weights and config only (transformers has no tokenizer
     for it); the caller should say so.
