@@ -64,6 +64,7 @@ def bare_row(
         resolve_device,
         resolve_fast_dropout,
         resolve_host_memory,
+        resolve_muon_dtype,
         resolve_precision,
         sync,
     )
@@ -82,7 +83,7 @@ def bare_row(
     model = GPTModel(mc).to(dev)
     use_fast_dropout(model, resolve_fast_dropout(tc.fast_dropout, dev))
     model.train()
-    optimizer = build_optimizer(model, tc, dev)
+    optimizer = build_optimizer(model, tc, dev, resolve_muon_dtype(dev))
     if compile_mode:
         from gptlab.loss import model_loss
 

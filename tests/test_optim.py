@@ -20,12 +20,12 @@ from run_helpers import (
 )
 
 from gptlab import checkpoint as ckpt_lib
-from gptlab import cli
+from gptlab import cli, runtime
 from gptlab import loss as loss_mod
 from gptlab.config import TrainConfig, preset
 from gptlab.errors import GptlabError
 from gptlab.model import GPTModel
-from gptlab.optim import MuonAdamW, build_optimizer, lr_at, muon_params, set_lr
+from gptlab.optim import Muon, MuonAdamW, build_optimizer, lr_at, muon_params, orthogonalise, set_lr
 from gptlab.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -119,6 +119,79 @@ def test_muon_settings_reach_torch_muon_and_adamw_keeps_its_own():
 def test_the_default_optimizer_is_plain_adamw():
     opt = build_optimizer(_model(True), TrainConfig(), CPU)
     assert type(opt) is torch.optim.AdamW
+
+
+# --------------------------------------------------------------------------- gptlab's Muon
+
+
+def _matrices(seed: int) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    # wide, tall and square, as the blocks have them (the MLP's up and down projections)
+    return [
+        torch.nn.Parameter(torch.randn(r, c, generator=g)) for r, c in ((8, 32), (32, 8), (16, 16))
+    ]
+
+
+def _step_both(a: torch.optim.Optimizer, b: torch.optim.Optimizer, pa, pb, steps: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for x, y in zip(pa, pb, strict=True):
+            x.grad = torch.randn(x.shape, generator=g)
+            y.grad = x.grad.clone()
+        a.step()
+        b.step()
+
+
+@pytest.mark.parametrize("adjust", [None, "match_rms_adamw"])
+def test_gptlab_muon_in_bf16_is_torch_muon_bit_for_bit(adjust):
+    """The reference is torch.optim.Muon itself: same weights, same momentum buffers, and
+    each loads the other's state dict."""
+    ours, theirs = _matrices(0), _matrices(0)
+    kw = dict(lr=0.05, weight_decay=0.1, momentum=0.9, adjust_lr_fn=adjust)
+    a = Muon(ours, ns_dtype=torch.bfloat16, **kw)
+    b = torch.optim.Muon(theirs, **kw)
+    _step_both(a, b, ours, theirs, 3)
+    assert_same_tensors(dict(enumerate(ours)), dict(enumerate(theirs)))
+    bufs = [a.state[p]["momentum_buffer"] for p in ours]
+    assert_same_tensors(
+        dict(enumerate(bufs)), dict(enumerate(b.state[p]["momentum_buffer"] for p in theirs))
+    )
+    c = Muon(_matrices(0), ns_dtype=torch.float32, **kw)
+    c.load_state_dict(b.state_dict())
+    assert torch.equal(c.state_dict()["state"][0]["momentum_buffer"], bufs[0])
+
+
+def test_fp32_orthogonalisation_is_the_bf16_one_more_precisely():
+    """Against the exact polar factor U V^T from an SVD: both dtypes land in Muon's band of
+    singular values, fp32 closer to bf16's own result than bf16 rounding, and far faster
+    on a CPU without bf16 instructions (measured in BENCHMARKS.md, not here)."""
+    coeffs, g = (
+        (3.4445, -4.775, 2.0315),
+        torch.randn(24, 64, generator=torch.Generator().manual_seed(2)),
+    )
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    polar = u @ vh
+    for m in (g, g.T):  # the wide and the tall orientation
+        o32 = orthogonalise(m, coeffs, 5, 1e-7, torch.float32)
+        o16 = orthogonalise(m, coeffs, 5, 1e-7, torch.bfloat16)
+        assert o32.dtype == torch.float32 and o16.dtype == torch.bfloat16 and o32.shape == m.shape
+        sv = torch.linalg.svdvals(o32)
+        assert sv.min() > 0.5 and sv.max() < 1.3
+        ref = polar if m is g else polar.T
+        cos = torch.nn.functional.cosine_similarity(o32.flatten(), ref.flatten(), dim=0)
+        assert cos > 0.95
+        assert (o32 - o16.float()).abs().max() < 0.05
+        assert not torch.equal(o32, o16.float())  # fp32 really did the arithmetic
+
+
+def test_muon_runs_its_iteration_in_fp32_only_on_cpus_without_bf16(monkeypatch):
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda native=native: native)
+        assert runtime.resolve_muon_dtype(CPU) == want
+        assert runtime.resolve_runtime(TrainConfig(host_memory="release"), CPU).muon_dtype == want
+    assert runtime.resolve_muon_dtype(torch.device("cuda")) == torch.bfloat16
+    opt = build_optimizer(_model(True), _muon_cfg(), CPU, muon_dtype=torch.float32)
+    assert isinstance(opt.muon, Muon) and opt.muon.ns_dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- the schedule

@@ -6,8 +6,11 @@
 matrix's momentum before stepping, and keeps AdamW, at `train.lr`, for everything else:
 embeddings, the output head (tied or not: it is an embedding), norms and biases. The two
 step together as one `MuonAdamW`; the schedule drives both from their own peaks.
-Muon's Newton-Schulz iteration runs in bf16, so runs that differ only in float summation
-order (DDP's all-reduce) drift apart more than AdamW runs do. Under FSDP2, torch.optim.Muon
+Muon's Newton-Schulz iteration runs in bf16 where the hardware multiplies bf16 (CUDA, CPUs
+with AVX512-BF16 or AMX), as torch's does, so runs that differ only in float summation order
+(DDP's all-reduce) drift apart more than AdamW runs do; on other CPUs, where bf16 matmuls
+are emulated (a 256 x 1024 orthogonalisation: 0.73 s against ~0.01 s in fp32, BENCHMARKS.md),
+gptlab's `Muon` runs it in fp32, the caller's choice through `build_optimizer(muon_dtype=)`. Under FSDP2, torch.optim.Muon
 steps the DTensor shards and each op of the iteration gathers what it needs: it
 orthogonalises the whole matrix (tests/test_dist.py), at the cost of collectives per
 iteration.
@@ -74,6 +77,73 @@ def muon_params(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz iteration in `ns_dtype` instead of always bf16.
+
+    The same update, hyper-parameters and state dict as torch's (a `momentum_buffer` per
+    matrix), so either loads the other's state; with `ns_dtype=torch.bfloat16` each step is
+    bit-for-bit torch's own (tests/test_optim.py). The dtype is not a parameter group key:
+    it describes the machine, not the run, and a checkpoint resumes on either.
+    """
+
+    def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalise(
+                    update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
+                )
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * _muon_lr_ratio(group["adjust_lr_fn"], p.shape))
+        return loss
+
+
+def orthogonalise(
+    g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype
+) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration in `dtype`: maps `g` to a matrix with the same
+    singular vectors and singular values pushed into roughly [0.5, 1.5]. Works on the wide
+    orientation (rows <= columns), where the Gram matrix is the smaller one."""
+    a, b, c = coefficients
+    tall = g.size(0) > g.size(1)
+    x = g.to(dtype)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def _muon_lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """How Muon scales its learning rate for a matrix of `shape` (torch's two rules)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn in (None, "original"):
+        return math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return 1.0
+
+
 class MuonAdamW:
     """torch.optim.Muon and torch.optim.AdamW over disjoint parameters, used as one optimizer.
 
@@ -116,11 +186,17 @@ class MuonAdamW:
 Optimizer = torch.optim.AdamW | MuonAdamW
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    cfg: TrainConfig,
+    device: torch.device,
+    muon_dtype: torch.dtype = torch.bfloat16,
+) -> Optimizer:
     """AdamW with gptlab's parameter groups, or with `weight_decay_on="all"` the
     walk-through's one group of every parameter; fused when asked for and available.
-    With `cfg.optimizer == "muon"`, a MuonAdamW: Muon for `muon_params(model)`, this AdamW
-    for the rest."""
+    With `cfg.optimizer == "muon"`, a MuonAdamW: Muon for `muon_params(model)`, its
+    Newton-Schulz iteration in `muon_dtype` (the trainer passes `Runtime.muon_dtype`), and
+    this AdamW for the rest."""
     if cfg.optimizer == "muon":
         if not hasattr(torch.optim, "Muon"):  # PyTorch ships it from 2.9
             raise GptlabError(
@@ -128,8 +204,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
                 f"{torch.__version__}): upgrade torch, or pass --train.optimizer adamw"
             )
         hidden = muon_params(model)
-        muon = torch.optim.Muon(
+        muon = Muon(
             hidden,
+            ns_dtype=muon_dtype,
             lr=cfg.muon_lr,
             weight_decay=cfg.muon_weight_decay,
             momentum=cfg.muon_momentum,

@@ -75,6 +75,15 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
+def resolve_muon_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of Muon's Newton-Schulz iteration: bf16, as torch.optim.Muon has it, except
+    on a CPU without bf16 matmul instructions, where emulated bf16 made the optimizer step
+    ten times the forward and backward pass together (BENCHMARKS.md): fp32 there."""
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        return torch.float32
+    return torch.bfloat16
+
+
 def autocast(device: torch.device, precision: str):
     """Mixed precision context: matmuls in bf16/fp16, master weights stay fp32."""
     if precision == "fp32":
@@ -140,6 +149,7 @@ class Runtime:
     chunked_loss: bool
     fast_dropout: bool
     host_memory: str  # "keep" | "release": what the allocator actually does
+    muon_dtype: torch.dtype = torch.bfloat16  # Muon's Newton-Schulz iteration
 
     @property
     def dtype(self) -> torch.dtype:
@@ -166,6 +176,7 @@ def resolve_runtime(tc: TrainConfig, device: torch.device, world_size: int = 1) 
         chunked_loss=world_size == 1 and resolve_chunked_loss(tc.chunked_loss, device),
         fast_dropout=resolve_fast_dropout(tc.fast_dropout, device),
         host_memory=host_memory,
+        muon_dtype=resolve_muon_dtype(device),
     )
 
 

@@ -317,7 +317,7 @@ class Trainer:
         # DDP wrapper or FSDP2 shards (in place, so the optimizer comes after); a single
         # process gets self.model back.
         self.parallel_model = dist_lib.parallelize(self.model, tc.parallel, self.dist)
-        self.optimizer = build_optimizer(self.model, tc, self.device)
+        self.optimizer = build_optimizer(self.model, tc, self.device, rt.muon_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=rt.precision == "fp16")
         if self.task is not None:
             self.loss_fn = self._task_loss_fn(rt.compiled)
