@@ -53,9 +53,11 @@ def make_corpus_text(n_paragraphs: int = 30) -> str:
 @pytest.fixture(scope="session", autouse=True)
 def gptlab_cache(tmp_path_factory) -> Path:
     """Point GPTLAB_CACHE at a session temp dir so tests never write to ~/.cache, and run
-    torch on one thread (the models are tiny; more threads only contend on a shared machine).
-    OMP_NUM_THREADS=1 says so to the commands the tests run in-process too: without it their
-    thread policy follows the machine's load, so two runs a test compares bit for bit (an
+    torch on one thread (the models are tiny; more threads only contend on a shared machine),
+    or on the count OMP_NUM_THREADS gives (`OMP_NUM_THREADS=2 make test` runs the suite on
+    two: sums split over threads round differently, and the tolerances must hold there too).
+    OMP_NUM_THREADS says so to the commands the tests run in-process too: without it their
+    thread policy follows what else is running, so two runs a test compares bit for bit (an
     uninterrupted one and a resumed one) could differ in threads, and so in rounding.
 
     Session-wide (not per test) so the CPU matmul peak that the trainer measures once per
@@ -65,9 +67,11 @@ def gptlab_cache(tmp_path_factory) -> Path:
     old = os.environ.get("GPTLAB_CACHE")
     old_threads = torch.get_num_threads()
     old_omp = os.environ.get("OMP_NUM_THREADS")
+    asked = old_omp.strip() if old_omp else ""
+    threads = int(asked) if asked.isdigit() and int(asked) > 0 else 1
     os.environ["GPTLAB_CACHE"] = str(path)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
     yield path
     torch.set_num_threads(old_threads)
     if old_omp is None:
@@ -78,6 +82,17 @@ def gptlab_cache(tmp_path_factory) -> Path:
         os.environ.pop("GPTLAB_CACHE", None)
     else:
         os.environ["GPTLAB_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def anchor_speed(monkeypatch):
+    """Corpus sizing measures this machine's training speed at start-up
+    (gptlab.sizing.measure_speed); tests get the anchor row's figure instead, so that what
+    the rule chooses does not depend on how fast, or how busy, the machine running the
+    tests is. tests/test_sizing.py measures for real."""
+    from gptlab import sizing
+
+    monkeypatch.setattr(sizing, "measure_speed", lambda cfg, steps=3: sizing.ANCHOR_TOKENS_PER_S)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,6 @@ LAYERS = (
     "bpe",  # training byte-level BPEs
     "chat",  # chat templates: messages -> ids and mask; growing a base by their tokens
     "sources",  # reading documents from files, directories, globs, jsonl, parquet, hf:
-    "sizing",  # the cpu default's shape, tokenizer and dropout from the corpus and budget
     "data",  # documents -> tokens -> corpora, prepared shards, loaders
     "finetune",  # finetuning records -> rendered examples -> padded or packed batches; losses
     "lora",  # LoRA adapters on a frozen GPTModel: add, save what trains, merge; base hash
@@ -34,6 +33,7 @@ LAYERS = (
     "optim",  # parameter groups, optimizers, lr schedule
     "budget",  # a time budget: progress, when it is spent, the recorded schedule
     "runtime",  # device, precision, compile and host-memory policy; speed facts
+    "sizing",  # the cpu default's shape, tokenizer and dropout from corpus, budget and speed
     "dist",  # torchrun environment, DDP / FSDP2, rank helpers
     "generate",  # sampling, KV cache, streaming
     "engine",  # continuous batching: many generations share the model's forward passes
@@ -42,7 +42,7 @@ LAYERS = (
     "checkpoint",  # atomic, versioned checkpoints
     "resume",  # what may change on resume; RNG state
     "metrics",  # metrics.jsonl
-    "threads",  # how many CPU threads torch uses: cores, load, a server's reserve, a resume's
+    "threads",  # how many CPU threads torch uses: cores, programs running, reserve, resume
     "plot",  # figures from metrics.jsonl
     "trackers",  # optional trackers fed the metrics records: TensorBoard, wandb, trackio
     "hf",  # Hugging Face GPT-2 and Llama weights, both ways

@@ -5,14 +5,17 @@ from flags, a resume never chooses again, and the start line names it."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
+import torch
 from test_cli import assert_user_error, run_cli
 
 from gptlab import cli, sizing
 from gptlab import config as C
 from gptlab.errors import GptlabError
+from gptlab.sizing import measure_speed as real_measure_speed  # conftest stands in for it
 
 PLAYS_TRAIN_BYTES = 4.49e6  # 0.9 of the plays' 4.99 MB (checked below against the corpus)
 
@@ -46,9 +49,44 @@ def test_the_plays_choose_exactly_todays_cpu_preset():
     total = sizing.corpus_bytes("shakespeare")
     assert total * 0.9 == pytest.approx(PLAYS_TRAIN_BYTES, rel=0.01)
     cfg, name, line = _resolve("config")
-    assert name == "cpu" and cfg.to_dict() == C.preset("cpu").to_dict()
+    want = C.preset("cpu")
+    want.train.sizing_speed = sizing.ANCHOR_TOKENS_PER_S  # what conftest's stand-in measures
+    assert name == "cpu" and cfg.to_dict() == want.to_dict()
     assert "4 x 256, bpe:4096, context 128, dropout 0," in line
-    assert "measured" in line and "extrapolated" not in line
+    assert "4,800 tokens/s (measured here)" in line
+    assert "the shape measured on the plays" in line and "extrapolated" not in line
+
+
+def test_the_machines_speed_moves_the_choice():
+    """Compute is budget x speed: a machine at a fifth of the anchor's speed gets a smaller
+    model for the plays, and the passes follow the speed."""
+    fast = sizing.choose(PLAYS_TRAIN_BYTES, 530, speed=sizing.ANCHOR_TOKENS_PER_S)
+    slow = sizing.choose(PLAYS_TRAIN_BYTES, 530, speed=1000.0)
+    assert (fast.n_layers, fast.emb_dim) == (4, 256) and (slow.n_layers, slow.emb_dim) == (3, 192)
+    same_shape = sizing.choose(PLAYS_TRAIN_BYTES, 530, {"model.n_layers": 4, "model.emb_dim": 256},
+                               speed=2400.0)  # fmt: skip
+    assert same_shape.passes == pytest.approx(fast.passes / 2)
+
+
+def test_a_given_speed_is_used_and_a_measured_one_is_saved(monkeypatch):
+    cfg, _, line = _resolve("config", "--train.sizing_speed", "2500")
+    assert "2,500 tokens/s (given)" in line and cfg.train.sizing_speed == 2500.0
+    monkeypatch.setattr(sizing, "measure_speed", lambda cfg, steps=3: 3210.4)
+    cfg, _, line = _resolve("config")
+    assert "3,210 tokens/s (measured here)" in line and cfg.train.sizing_speed == 3210.4
+
+
+def test_measure_speed_trains_the_anchor_shape_and_leaves_the_random_stream():
+    """The real measurement (a few steps of 4 x 256 at context 128; two rows to be quick):
+    a finite positive speed, and the global generator where it was, so the run after it
+    draws the same initial weights and batches."""
+    cfg = C.preset("cpu")
+    cfg.train.batch_size = 2
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    speed = real_measure_speed(cfg, steps=1)
+    assert math.isfinite(speed) and speed > 0
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.mark.parametrize(

@@ -162,7 +162,7 @@ def _threads_arg(p: argparse.ArgumentParser, serve: bool = False) -> None:
         default=0,
         metavar="N",
         help="CPU threads for torch; 0 (default): the cores this process may use, fewer "
-        f"when the load average says others are running (gptlab.threads){extra}",
+        f"when other programs are running now (gptlab.threads){extra}",
     )
 
 
@@ -910,10 +910,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gptlab.console import ConsoleView
     from gptlab.trainer import train
 
+    note = _apply_threads(args)  # first: the corpus sizing measures speed on these threads
     cfg, preset_name, sizing_line = resolve_config(args)
     if sizing_line and os.environ.get("RANK", "0") == "0":  # the run's first line, once
         print(sizing_line, flush=True)  # stdout: stderr is kept for the one-line errors
-    view = ConsoleView(quiet=args.quiet, note=_apply_threads(args))
+    view = ConsoleView(quiet=args.quiet, note=note)
     try:
         result = train(
             cfg,

@@ -299,6 +299,14 @@ class TrainConfig:
         "budget (gptlab.sizing; budget = time only)",
         choices=("preset", "corpus"),
     )
+    sizing_speed: float = _field(
+        0.0,
+        "sizing = corpus: this machine's training speed, in tokens/s, of the shape measured "
+        "on the plays (4 x 256, bpe:4096, context 128), from which the rule estimates the "
+        "compute and the passes of the budget; 0: measured at start-up with a few training "
+        "steps (the resolved config keeps the figure)",
+        bounds=NON_NEGATIVE,
+    )
     warmup_frac: float = _field(
         0.0, "budget = time: the fraction of the budget spent warming up", bounds=BELOW_ONE
     )

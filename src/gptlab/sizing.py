@@ -15,9 +15,10 @@ in its second pass (train 3.57, val 4.22). The other rows
 follow two ceilings on the block parameters N (12 x layers x width^2), each equal to the
 anchor's at the anchor:
 
-- compute: N <= N_anchor x sqrt(budget / 530 s) (Chinchilla: the best N grows as the
-  square root of compute; the ratio is the one measured here, not Chinchilla's 20 tokens a
-  parameter, which no 10-minute CPU run reaches);
+- compute: N <= N_anchor x sqrt(budget x speed / (530 s x 4,800 tokens/s)), where speed is
+  this machine's tokens/s on the anchor shape (below) and 4,800 the anchor row's (Chinchilla:
+  the best N grows as the square root of compute; the ratio is the one measured here, not
+  Chinchilla's 20 tokens a parameter, which no 10-minute CPU run reaches);
 - data: N <= N_anchor x (training tokens / 1.45M): no fewer unique tokens per parameter than
   the plays had, where the model already began to memorise them.
 
@@ -35,15 +36,20 @@ Tokenizer by training bytes (a small text cannot fill a large vocabulary with me
 recur): under 1 MB bpe:1024, under 2.5 MB bpe:2048, under 16 MB **bpe:4096** (measured),
 above bpe:8192.
 
-Passes E = budget x estimated tokens/s / training tokens, the speed being the anchor's
-slowest measured 4,800 tokens/s on the 2-core CPU scaled by FLOPs per token (at most 2x
-for the smaller rungs, which are overhead-bound). Dropout by E, after the data-constrained
+Passes E = budget x estimated tokens/s / training tokens. The speed is measured on the
+machine that will train (`measure_speed`: a few training steps of the anchor shape with the
+run's blocks, batch, precision and optimizer, ~2 s before the run; `train.sizing_speed`
+keeps the figure, or gives one), scaled by FLOPs per token for the other rungs (at most 2x
+for the smaller rungs, which are overhead-bound). A constant from one CPU would be right
+only there: the anchor ran at 4,800 tokens/s on the Intel (AMX) development machine and
+nearer 3,000-4,000 on an AMD one without AMX. Dropout by E, after the data-constrained
 scaling results (Muennighoff et al. 2023: up to ~4 passes, repeated text is worth nearly
 fresh text; past ~16 it is worth almost nothing more): E <= 4: **0** (the plays: ~1.8);
 4 < E <= 16: 0.1; above: 0.2. And above 16 passes the budget itself is shortened to the
 time of 16 passes: more would only memorise the text.
 
-So, at the 530 s budget (training bytes; `tests/test_sizing.py` checks these rows):
+So, at the 530 s budget and the anchor's 4,800 tokens/s (training bytes;
+`tests/test_sizing.py` checks these rows; a slower machine moves the boundaries down):
 
 | training text | shape | tokenizer | context | dropout | passes |
 | --- | --- | --- | ---: | ---: | --- |
@@ -60,21 +66,21 @@ a budget ~7x longer (about an hour) reaches 6 x 384 on a corpus large enough.
 
 Measured: rung 2 at bpe:4096, context 128, dropout 0 on the plays. Everything else in the
 table is the rule's extrapolation, to be measured (the kjv and fortunes corpora of
-benchmarks/corpora.py fall in rungs 2 and 1). The speed estimate is this CPU's: on a
-faster machine the real passes are more than the estimate, so there the rule errs toward
-less dropout and no cut of the budget.
+benchmarks/corpora.py fall in rungs 2 and 1).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import time
 from dataclasses import dataclass
 
 from gptlab.config import RunConfig, corpus_bpe_size
 from gptlab.errors import GptlabError
 
 ANCHOR_BUDGET_S = 530.0
-ANCHOR_TOKENS_PER_S = 4800.0  # the cpu preset's slowest measured speed (BENCHMARKS.md)
+ANCHOR_TOKENS_PER_S = 4800.0  # the anchor row's speed, on the development CPU (BENCHMARKS.md)
 ANCHOR_TRAIN_TOKENS = 1.45e6  # the plays' training tokens at bpe:4096
 ANCHOR_RUNG = 2
 # (layers, width, heads, context)
@@ -122,6 +128,8 @@ class Choice:
     max_time: float
     passes: float
     rung: int
+    speed: float = ANCHOR_TOKENS_PER_S  # this machine's tokens/s on the anchor shape
+    measured: bool = False  # the speed was measured now (not given)
 
     def line(self, explicit: tuple[str, ...] = ()) -> str:
         """The one line that says what was chosen and why."""
@@ -132,9 +140,11 @@ class Choice:
             else ""
         )
         measured = " (the shape measured on the plays)" if self._is_anchor() else " (extrapolated)"
+        speed = "measured here" if self.measured else "given"
         return (
             f"gptlab: sizing: {self.train_bytes / 1e6:.2f} MB of training text, "
-            f"{self.budget_s:g} s budget -> {self.n_layers} x {self.emb_dim}, "
+            f"{self.budget_s:g} s budget, {self.speed:,.0f} tokens/s ({speed}) -> "
+            f"{self.n_layers} x {self.emb_dim}, "
             f"{self.tokenizer}, context {self.context_length}, dropout {self.drop_rate:g}, "
             f"~{self.passes:.2g} passes{short}{measured}{kept}; "
             "gptlab.sizing has the rule, --train.sizing preset keeps the preset"
@@ -197,17 +207,22 @@ def choose(
     budget_s: float,
     given: dict[str, object] | None = None,
     val_bytes: float | None = None,
+    speed: float = ANCHOR_TOKENS_PER_S,
+    measured: bool = False,
 ) -> Choice:
     """The rule (module docstring): the choice for `train_bytes` of training text and a
-    budget of `budget_s` seconds. `given` holds the dotted keys the user set (they are kept
-    as given and the rest is chosen around them). A text too small for one window of the
-    chosen context, in training or validation, is a GptlabError naming the fix."""
+    budget of `budget_s` seconds on a machine that trains the anchor shape at `speed`
+    tokens/s (`measured` says it was measured now). `given` holds the dotted keys the user
+    set (they are kept as given and the rest is chosen around them). A text too small for
+    one window of the chosen context, in training or validation, is a GptlabError naming
+    the fix."""
     given = given or {}
     tokenizer = str(given.get("data.tokenizer") or f"bpe:{vocab_for(train_bytes)}")
     vocab, bpt = _tokenizer_facts(tokenizer)
     tokens = train_bytes / bpt
+    compute = budget_s * speed / (ANCHOR_BUDGET_S * ANCHOR_TOKENS_PER_S)
     ceiling = min(
-        block_params(*RUNGS[ANCHOR_RUNG][:2]) * math.sqrt(budget_s / ANCHOR_BUDGET_S),
+        block_params(*RUNGS[ANCHOR_RUNG][:2]) * math.sqrt(compute),
         block_params(*RUNGS[ANCHOR_RUNG][:2]) * tokens / ANCHOR_TRAIN_TOKENS,
     )
     rung = 0
@@ -230,7 +245,7 @@ def choose(
             )
     anchor_flops = _flops_per_token(4, 256, 4096, 128)
     speedup = min(anchor_flops / _flops_per_token(layers, width, vocab, context), MAX_SPEEDUP)
-    tokens_per_s = ANCHOR_TOKENS_PER_S * speedup
+    tokens_per_s = speed * speedup
     passes = budget_s * tokens_per_s / tokens
     drop = 0.0 if passes <= FRESH_PASSES else 0.1 if passes <= MAX_PASSES else 0.2
     drop = float(given.get("model.drop_rate", drop))
@@ -250,20 +265,70 @@ def choose(
         float(max_time),
         passes,
         rung,
+        speed,
+        measured,
     )
 
 
 def size_run(cfg: RunConfig, train_bytes: float, given_keys: set[str]) -> Choice:
     """Apply the rule to `cfg` in place: each CHOSEN field the user did not set (not in
-    `given_keys`, dotted) takes the rule's value; returns the choice."""
+    `given_keys`, dotted) takes the rule's value, and `train.sizing_speed` the speed it used
+    (measured now when it was 0); returns the choice."""
     given = {k: _get(cfg, k) for k in CHOSEN if k in given_keys}
     val_bytes = train_bytes * (1 - cfg.data.train_ratio) / cfg.data.train_ratio
-    choice = choose(train_bytes, cfg.train.max_time, given, val_bytes)
+    measured = not cfg.train.sizing_speed
+    if measured:
+        cfg.train.sizing_speed = round(measure_speed(cfg), 1)
+    choice = choose(
+        train_bytes, cfg.train.max_time, given, val_bytes, cfg.train.sizing_speed, measured
+    )
     for key, value in choice.fields().items():
         if key not in given:
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, value)
     return choice
+
+
+def measure_speed(cfg: RunConfig, steps: int = 3) -> float:
+    """Tokens/s of training steps of the anchor shape (4 x 256, bpe:4096's vocabulary,
+    context 128, no dropout) with `cfg`'s other blocks, batch rows, precision, loss path and
+    optimizer, on the device `cfg` trains on with torch's current threads: one untimed step,
+    then the mean of `steps`. Eager, as the CPU trains (compile is for CUDA). The global
+    random stream is left as it was, so the run that follows is the same run."""
+    import torch
+
+    from gptlab.loss import model_loss
+    from gptlab.model import GPTModel
+    from gptlab.optim import build_optimizer
+    from gptlab.runtime import resolve_device, resolve_runtime, sync
+
+    layers, width, heads, context = RUNGS[ANCHOR_RUNG]
+    probe = copy.deepcopy(cfg)
+    m = probe.model
+    m.n_layers, m.emb_dim, m.n_heads, m.context_length = layers, width, heads, context
+    m.vocab_size, m.drop_rate, m.n_kv_heads, m.num_classes = 4096, 0.0, 0, 0
+    device = resolve_device(probe.train.device)
+    rt = resolve_runtime(probe.train, device)
+    gen = torch.Generator().manual_seed(0)
+    rows = probe.train.batch_size
+    x = torch.randint(0, 4096, (rows, context + 1), generator=gen).to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        model = GPTModel(m.validate()).to(device).train()
+        optimizer = build_optimizer(model, probe.train, device, rt.muon_dtype)
+        elapsed = 0.0
+        for i in range(steps + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            with rt.autocast():
+                loss = model_loss(model, x[:, :-1], x[:, 1:], chunked=rt.chunked_loss)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync(device)
+            if i:  # the first step allocates and warms the kernels up
+                elapsed += time.perf_counter() - t0
+    return steps * rows * context / elapsed
 
 
 def _get(cfg: RunConfig, dotted: str) -> object:
