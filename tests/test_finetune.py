@@ -549,9 +549,12 @@ GOOD_CLS = [{"text": f"text {i}", "label": ["a", "b"][i % 2]} for i in range(20)
         ([{"prompt": "x"}], (), r"cannot tell the format from its fields \['prompt'\]"),
         (["not an object"], (), r"data.jsonl:1: a record must be a JSON object"),
         (GOOD_CLS, ("--finetune.pack", "true"), r"a classifier scores each text on its own"),
+        (GOOD_INSTR, ("--finetune.template", "gptlab-chat"),
+         r"finetune.template 'gptlab-chat' is for chat records, but these are instructions"),
     ],
     ids=["missing", "empty-response", "too-long", "role", "empty-assistant", "no-label",
-         "unseen-label", "bad-option", "unknown-format", "not-object", "pack-classes"],
+         "unseen-label", "bad-option", "unknown-format", "not-object", "pack-classes",
+         "template-for-instructions"],
 )  # fmt: skip
 def test_bad_input_is_one_line_exit_2_and_nothing_written(
     base, tmp_path, capsys, recs, extra, message

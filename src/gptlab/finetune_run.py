@@ -62,6 +62,11 @@ def run_template(fmt: str, name: str) -> chat.Template | None:
     (chat.ALPACA), for a classifier none."""
     if fmt == "chat":
         return chat_template(name)
+    if name:  # instructions have their prompt, a classifier none: a template would be unused
+        raise GptlabError(
+            f"finetune.template {name!r} is for chat records, but these are {fmt}; "
+            "drop --finetune.template"
+        )
     return chat.ALPACA if fmt == "instructions" else None
 
 

@@ -20,7 +20,7 @@ import torch
 
 from gptlab import chat, hf, lora
 from gptlab import checkpoint as ckpt_lib
-from gptlab.chat import ChatTemplate
+from gptlab.chat import Template
 from gptlab.config import FinetuneConfig, RunConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPTModel
@@ -37,7 +37,7 @@ class Run:
     config: RunConfig  # for a Hugging Face model: its model shape and default settings
     device: torch.device
     checkpoint: Path | None  # the checkpoint directory; None for a Hugging Face model
-    chat_template: ChatTemplate | None = None  # a fine-tuned chat model's; None: a base model
+    chat_template: Template | None = None  # a finetuned chat or instructions model's; None: a base
 
     @property
     def tokenizer_identity(self) -> dict:
