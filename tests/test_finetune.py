@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tolerances
 import torch
 import torch.nn.functional as F
 from conftest import jitter
@@ -691,10 +692,13 @@ def test_two_process_finetune_is_the_one_process_run(base, tmp_path, mode):
     assert res.returncode == 0, res.stdout + res.stderr
     got, want = losses_by_step(out), losses_by_step(ref)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    # the ranks' gradients are summed in another order: rounding that AdamW carries into
+    # the weights, 4 steps at lr 2e-3 (tolerances.py)
+    tol = tolerances.adamw_weights(2e-3, 4)
     for s in want:
-        assert got[s] == pytest.approx(want[s], abs=1e-5)
+        assert got[s] == pytest.approx(want[s], abs=tol)
     for a, b in zip(records(out, "eval"), records(ref, "eval"), strict=True):
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=tol)
     assert records(out, "start")[0]["world_size"] == 2
 
 

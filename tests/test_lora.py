@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tolerances
 import torch
 from conftest import jitter
 from run_helpers import CHILD_ENV, losses_by_step, records, release, run_cli, wait_for_gate
@@ -426,17 +427,20 @@ def test_two_process_ddp_lora_is_the_one_process_run(base, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     got, want = losses_by_step(out), losses_by_step(ref)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    # the all-reduce sums the gradients in another order: rounding that AdamW carries into
+    # the adapters, 4 steps at lr 1e-2 (tolerances.py; 1.2e-5 measured on an AMD EPYC)
+    tol = tolerances.adamw_weights(1e-2, 4)
     for s in want:
-        assert got[s] == pytest.approx(want[s], abs=1e-5)
+        assert got[s] == pytest.approx(want[s], abs=tol)
     for a, b in zip(records(out, "eval"), records(ref, "eval"), strict=True):
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=tol)
     from safetensors.torch import load_file
 
     a = load_file(str(ckpt_lib.latest_checkpoint(out) / ckpt_lib.WEIGHTS))
     b = load_file(str(ckpt_lib.latest_checkpoint(ref) / ckpt_lib.WEIGHTS))
     assert a.keys() == b.keys() and all(".lora_" in k for k in a)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=tol)
 
 
 def test_a_chat_lora_on_a_chat_base_keeps_the_template_and_reloads(base, tmp_path, capsys):

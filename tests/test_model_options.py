@@ -6,9 +6,11 @@ Their math against an independent implementation is in test_hf_llama.py (Llama, 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
+import tolerances
 import torch
 import torch.nn.functional as F
 from conftest import jitter
@@ -46,17 +48,8 @@ OPTIONS = {
 
 def tiny(attention: str = "sdpa", seed: int = 0, **options) -> GPTModel:
     torch.manual_seed(seed)
-    cfg = ModelConfig(
-        vocab_size=97,
-        context_length=16,
-        emb_dim=32,
-        n_heads=4,
-        n_layers=2,
-        drop_rate=0.0,
-        init="gpt2",
-        attention=attention,
-        **options,
-    )
+    shape = dict(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2)
+    cfg = ModelConfig(**{**shape, **options}, drop_rate=0.0, init="gpt2", attention=attention)
     return jitter(GPTModel(cfg).eval(), 0.3)
 
 
@@ -66,12 +59,15 @@ def ids(batch: int = 2, n: int = 16, seed: int = 1) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", OPTIONS)
 def test_sdpa_and_manual_attention_agree(name):
+    """The two kernels sum the scores in other orders; float64 measures how far fp32
+    rounding alone takes one of them on this CPU (tolerances.py)."""
     x = ids()
     with torch.no_grad():
         a = tiny("sdpa", **OPTIONS[name])(x)
         b = tiny("manual", **OPTIONS[name])(x)
+        exact = tiny("manual", **OPTIONS[name]).double()(x)
     assert a.shape == (2, 16, 97)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    tolerances.assert_close_to_rounding(a, b, exact)
 
 
 @pytest.mark.parametrize("name", OPTIONS)
@@ -83,7 +79,9 @@ def test_cached_forward_gives_the_full_forwards_logits(name):
         cache = KVCache(16)
         pieces = [model(x[:, :6], cache), model(x[:, 6:11], cache)]
         pieces += [model(x[:, t : t + 1], cache) for t in range(11, 16)]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+        exact = copy.deepcopy(model).double()(x)
+    # the cached pieces multiply shorter matrices: other blockings, other roundings
+    tolerances.assert_close_to_rounding(torch.cat(pieces, dim=1), full, exact)
 
 
 @pytest.mark.parametrize("name", OPTIONS)
@@ -132,20 +130,27 @@ def test_rows_at_different_positions_see_what_each_row_sees_alone(name):
         nxt = torch.stack([x[0, 3], x[1, 8]])[:, None]  # (2, 1): each row's next token
         got = model(nxt, RowCache(keys, values, past))[:, -1]  # (2, V)
         want = torch.stack([model(x[0:1, :4])[0, -1], model(x[1:2, :9])[0, -1]])
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        m64 = copy.deepcopy(model).double()
+        exact = torch.stack([m64(x[0:1, :4])[0, -1], m64(x[1:2, :9])[0, -1]])
+    tolerances.assert_close_to_rounding(got, want, exact)
 
 
 @pytest.mark.parametrize("name", ["softcap", "speedrun", "llama"])
 def test_chunked_loss_equals_the_full_logits_loss_with_gradients(name):
+    """Chunks sum the log-sum-exp and the head's gradient in pieces; the reference for how
+    much rounding that may move is the full loss in float64 (tolerances.py)."""
     x, y = ids(), ids(seed=2)
     full_model, chunk_model = tiny(**OPTIONS[name]), tiny(**OPTIONS[name])
+    exact_model = tiny(**OPTIONS[name]).double()
     full = model_loss(full_model, x, y, chunked=False)
     chunked = model_loss(chunk_model, x, y, chunked=True, chunk_rows=5)
-    full.backward()
-    chunked.backward()
-    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=0)
-    for (n, a), b in zip(full_model.named_parameters(), chunk_model.parameters(), strict=True):
-        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=n)
+    exact = model_loss(exact_model, x, y, chunked=False)
+    for loss in (full, chunked, exact):
+        loss.backward()
+    tolerances.assert_close_to_rounding(chunked, full, exact)
+    models = (full_model, chunk_model, exact_model)
+    for a, b, c in zip(*(m.parameters() for m in models), strict=True):
+        tolerances.assert_close_to_rounding(b.grad, a.grad, c.grad)
 
 
 def test_soft_capped_loss_is_the_cross_entropy_of_capped_logits():
@@ -220,12 +225,29 @@ def test_flops_per_token_of_gpt2_small_is_the_textbook_figure():
 
 
 def test_compiled_model_with_every_option_matches_eager():
-    model = tiny(**OPTIONS["speedrun"], n_kv_heads=2)
+    """Inductor fuses and reorders the sums (differently per CPU ISA), so the reference is
+    the same model in float64: compiled fp32 must be about as close to it as eager fp32.
+
+    Width 64 (head size 16), not the other tests' 32: at width 32 with 4 heads and 2 k/v
+    heads, torch 2.13's AVX512 code for the kernels that feed the flash attention (rotary,
+    QK-norm and the k/v expansion fused) corrupts the heap on two threads, so the process
+    dies later at random ("malloc(): unaligned tcache chunk"); one thread or no
+    vectorisation (torch._inductor.config.cpp.simdlen = 1) do not. With AVX2 code (a CPU
+    without AVX512, or ATEN_CPU_CAPABILITY=avx2) the same kernels give NaN at either width
+    while the manual attention, or any one option less, compiles right: torch's defect, an
+    expected failure there (BENCHMARKS.md, "torch.compile on CPU")."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if type(pick_vec_isa()).__name__ == "VecAVX2":
+        pytest.xfail("torch 2.13 inductor's AVX2 code gives NaN for this model (docstring)")
+    model = tiny(**OPTIONS["speedrun"], n_kv_heads=2, emb_dim=64)
     x = ids()
     with torch.no_grad():
         want = model(x)
         got = torch.compile(model)(x)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        exact = copy.deepcopy(model).double()(x)
+    assert got.dtype == torch.float32
+    tolerances.assert_as_accurate(got, want, exact)
 
 
 @pytest.mark.parametrize(
