@@ -74,6 +74,11 @@ def test_a_given_speed_is_used_and_a_measured_one_is_saved(monkeypatch):
     monkeypatch.setattr(sizing, "measure_speed", lambda cfg, steps=3: 3210.4)
     cfg, _, line = _resolve("config")
     assert "3,210 tokens/s (measured here)" in line and cfg.train.sizing_speed == 3210.4
+    # under torchrun each rank resolves alone: none measures, so all choose alike
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg, _, line = _resolve("config")
+    assert "4,800 tokens/s (the anchor's, under torchrun)" in line
+    assert cfg.train.sizing_speed == sizing.ANCHOR_TOKENS_PER_S
 
 
 def test_measure_speed_trains_the_anchor_shape_and_leaves_the_random_stream():

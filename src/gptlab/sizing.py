@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -129,7 +130,7 @@ class Choice:
     passes: float
     rung: int
     speed: float = ANCHOR_TOKENS_PER_S  # this machine's tokens/s on the anchor shape
-    measured: bool = False  # the speed was measured now (not given)
+    speed_from: str = "given"  # where the speed came from, for the line
 
     def line(self, explicit: tuple[str, ...] = ()) -> str:
         """The one line that says what was chosen and why."""
@@ -140,10 +141,9 @@ class Choice:
             else ""
         )
         measured = " (the shape measured on the plays)" if self._is_anchor() else " (extrapolated)"
-        speed = "measured here" if self.measured else "given"
         return (
             f"gptlab: sizing: {self.train_bytes / 1e6:.2f} MB of training text, "
-            f"{self.budget_s:g} s budget, {self.speed:,.0f} tokens/s ({speed}) -> "
+            f"{self.budget_s:g} s budget, {self.speed:,.0f} tokens/s ({self.speed_from}) -> "
             f"{self.n_layers} x {self.emb_dim}, "
             f"{self.tokenizer}, context {self.context_length}, dropout {self.drop_rate:g}, "
             f"~{self.passes:.2g} passes{short}{measured}{kept}; "
@@ -208,11 +208,11 @@ def choose(
     given: dict[str, object] | None = None,
     val_bytes: float | None = None,
     speed: float = ANCHOR_TOKENS_PER_S,
-    measured: bool = False,
+    speed_from: str = "given",
 ) -> Choice:
     """The rule (module docstring): the choice for `train_bytes` of training text and a
     budget of `budget_s` seconds on a machine that trains the anchor shape at `speed`
-    tokens/s (`measured` says it was measured now). `given` holds the dotted keys the user
+    tokens/s (`speed_from` says where that figure came from). `given` holds the dotted keys the user
     set (they are kept as given and the rest is chosen around them). A text too small for
     one window of the chosen context, in training or validation, is a GptlabError naming
     the fix."""
@@ -266,21 +266,26 @@ def choose(
         passes,
         rung,
         speed,
-        measured,
+        speed_from,
     )
 
 
 def size_run(cfg: RunConfig, train_bytes: float, given_keys: set[str]) -> Choice:
     """Apply the rule to `cfg` in place: each CHOSEN field the user did not set (not in
     `given_keys`, dotted) takes the rule's value, and `train.sizing_speed` the speed it used
-    (measured now when it was 0); returns the choice."""
+    (measured now when it was 0); returns the choice. Under torchrun nothing is measured:
+    every rank resolves its own config, and ranks that measured apart could choose other
+    shapes, so they all take the anchor's speed."""
     given = {k: _get(cfg, k) for k in CHOSEN if k in given_keys}
     val_bytes = train_bytes * (1 - cfg.data.train_ratio) / cfg.data.train_ratio
-    measured = not cfg.train.sizing_speed
-    if measured:
-        cfg.train.sizing_speed = round(measure_speed(cfg), 1)
+    speed_from = "given"
+    if not cfg.train.sizing_speed:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            cfg.train.sizing_speed, speed_from = ANCHOR_TOKENS_PER_S, "the anchor's, under torchrun"
+        else:
+            cfg.train.sizing_speed, speed_from = round(measure_speed(cfg), 1), "measured here"
     choice = choose(
-        train_bytes, cfg.train.max_time, given, val_bytes, cfg.train.sizing_speed, measured
+        train_bytes, cfg.train.max_time, given, val_bytes, cfg.train.sizing_speed, speed_from
     )
     for key, value in choice.fields().items():
         if key not in given:
