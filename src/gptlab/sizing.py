@@ -41,8 +41,9 @@ machine that will train (`measure_speed`: a few training steps of the anchor sha
 run's blocks, batch, precision and optimizer, ~2 s before the run; `train.sizing_speed`
 keeps the figure, or gives one), scaled by FLOPs per token for the other rungs (at most 2x
 for the smaller rungs, which are overhead-bound). A constant from one CPU would be right
-only there: the anchor ran at 4,800 tokens/s on the Intel (AMX) development machine and
-nearer 3,000-4,000 on an AMD one without AMX. Dropout by E, after the data-constrained
+only there: the anchor ran at 4,800 tokens/s on the Intel (AMX) development machine, the
+probe measured 4,905 on an AMD EPYC without AMX, and a laptop without AVX512-BF16 trains
+in fp32 (`precision = auto`), at a speed of its own. Dropout by E, after the data-constrained
 scaling results (Muennighoff et al. 2023: up to ~4 passes, repeated text is worth nearly
 fresh text; past ~16 it is worth almost nothing more): E <= 4: **0** (the plays: ~1.8);
 4 < E <= 16: 0.1; above: 0.2. And above 16 passes the budget itself is shortened to the
@@ -212,10 +213,10 @@ def choose(
 ) -> Choice:
     """The rule (module docstring): the choice for `train_bytes` of training text and a
     budget of `budget_s` seconds on a machine that trains the anchor shape at `speed`
-    tokens/s (`speed_from` says where that figure came from). `given` holds the dotted keys the user
-    set (they are kept as given and the rest is chosen around them). A text too small for
-    one window of the chosen context, in training or validation, is a GptlabError naming
-    the fix."""
+    tokens/s (`speed_from` says where that figure came from). `given` holds the dotted keys
+    the user set (they are kept as given and the rest is chosen around them). A text too
+    small for one window of the chosen context, in training or validation, is a GptlabError
+    naming the fix."""
     given = given or {}
     tokenizer = str(given.get("data.tokenizer") or f"bpe:{vocab_for(train_bytes)}")
     vocab, bpt = _tokenizer_facts(tokenizer)
