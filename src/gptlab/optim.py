@@ -9,8 +9,9 @@ step together as one `MuonAdamW`; the schedule drives both from their own peaks.
 Muon's Newton-Schulz iteration runs in bf16 where the hardware multiplies bf16 (CUDA, CPUs
 with AVX512-BF16 or AMX), as torch's does, so runs that differ only in float summation order
 (DDP's all-reduce) drift apart more than AdamW runs do; on other CPUs, where bf16 matmuls
-are emulated (a 256 x 1024 orthogonalisation: 0.70 s against 0.013 s in fp32, BENCHMARKS.md),
-gptlab's `Muon` runs it in fp32, the caller's choice through `build_optimizer(muon_dtype=)`. Under FSDP2, torch.optim.Muon
+are emulated (a 256 x 1024 orthogonalisation with AVX2 only: 0.70 s against 0.013 s in
+fp32, BENCHMARKS.md), gptlab's `Muon` runs it in fp32, the caller's choice through
+`build_optimizer(muon_dtype=)`. Under FSDP2, torch.optim.Muon
 steps the DTensor shards and each op of the iteration gathers what it needs: it
 orthogonalises the whole matrix (tests/test_dist.py), at the cost of collectives per
 iteration.

@@ -77,8 +77,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 def resolve_muon_dtype(device: torch.device) -> torch.dtype:
     """The dtype of Muon's Newton-Schulz iteration: bf16, as torch.optim.Muon has it, except
-    on a CPU without bf16 matmul instructions, where emulated bf16 made the optimizer step
-    ten times the forward and backward pass together (BENCHMARKS.md): fp32 there."""
+    on a CPU without bf16 matmul instructions, where bf16 is converted or emulated (1.9x
+    fp32's time with AVX512 but no bf16 instructions, 46x with AVX2 only; BENCHMARKS.md):
+    fp32 there."""
     if device.type == "cpu" and not cpu_has_native_bf16():
         return torch.float32
     return torch.bfloat16
