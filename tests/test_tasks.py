@@ -4,12 +4,14 @@ and the centred score, bad input, and a model overfit on a sentence choosing it.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
 from pathlib import Path
 
 import pytest
+import tolerances
 import torch
 from conftest import jitter
 
@@ -87,15 +89,21 @@ def capped_model() -> GPTModel:
     return jitter(GPTModel(cfg), 0.2).eval()
 
 
+def _logprobs(scores) -> torch.Tensor:
+    return torch.tensor([s.logprob for s in scores], dtype=torch.float64)
+
+
 @pytest.mark.parametrize("which", ["model", "capped_model"])
 def test_score_matches_the_plain_computation(which, request):
     model = request.getfixturevalue(which)
     reqs = _random_requests(12)
     got = score_requests(model, reqs, context_length=T, batch_size=4, eot_id=96)
-    for (ctx, cont), s in zip(reqs, got, strict=True):
-        ref = _plain_score(model, ctx, cont)
-        assert s.logprob == pytest.approx(ref.logprob, abs=1e-4)
+    refs = [_plain_score(model, ctx, cont) for ctx, cont in reqs]
+    for s, ref in zip(got, refs, strict=True):
         assert (s.greedy, s.n_tokens, s.truncated) == (ref.greedy, ref.n_tokens, ref.truncated)
+    # batched rows and a sum over the continuation: other orders than the plain forward's
+    exact = [_plain_score(copy.deepcopy(model).double(), ctx, cont) for ctx, cont in reqs]
+    tolerances.assert_close_to_rounding(*(_logprobs(r) for r in (got, refs, exact)))
     assert any(s.truncated for s in got) and not all(s.truncated for s in got)
 
 
@@ -105,8 +113,9 @@ def test_batched_equals_one_at_a_time(model, batch_size):
     alone = [score_requests(model, [r], context_length=T, eot_id=96)[0] for r in reqs]
     batched = score_requests(model, reqs, context_length=T, batch_size=batch_size, eot_id=96)
     for a, b in zip(alone, batched, strict=True):
-        assert b.logprob == pytest.approx(a.logprob, abs=1e-5)
         assert (a.greedy, a.n_tokens, a.truncated) == (b.greedy, b.n_tokens, b.truncated)
+    exact = score_requests(copy.deepcopy(model).double(), reqs, context_length=T, eot_id=96)
+    tolerances.assert_close_to_rounding(*(_logprobs(r) for r in (batched, alone, exact)))
 
 
 def test_greedy_is_true_when_the_continuation_is_the_argmax(model):
