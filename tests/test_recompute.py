@@ -47,10 +47,11 @@ def _step(model: GPTModel, checkpointed: bool, loss_of) -> tuple[float, dict, to
 def _assert_same(model: GPTModel, loss_of) -> None:
     plain = _step(model, False, loss_of)
     recomputed = _step(model, True, loss_of)
-    assert recomputed[0] == pytest.approx(plain[0], abs=1e-6)
+    # recomputing runs the same kernels on the same inputs in the same order: bit for bit
+    assert recomputed[0] == plain[0]
     assert recomputed[1].keys() == plain[1].keys() and plain[1]
     for name, g in plain[1].items():
-        torch.testing.assert_close(recomputed[1][name], g, rtol=0, atol=1e-6, msg=name)
+        assert torch.equal(recomputed[1][name], g), name
     assert torch.equal(recomputed[2], plain[2]), "the random stream moved differently"
 
 
