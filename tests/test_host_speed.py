@@ -147,4 +147,8 @@ def test_kept_memory_is_reused_without_page_faults():
     pages = 240 * 2**20 // 4096  # all four tensors, 4 KiB pages
     assert all(f > pages // 2 for f in faults["release"])  # mapped afresh every step
     assert faults["keep"][0] > pages // 2  # the first step maps its memory once
-    assert all(f < pages // 50 for f in faults["keep"][3:])  # then reuses it
+    # then reuses it. glibc's heap settles over a few steps (a freed block is split or
+    # merged in another place): up to 20,480 faults in one later step and 24,576 over the
+    # five (20 probes on an AMD EPYC; a fixed 1/50 of a step after step 3 failed there
+    # one run in two). Released memory maps five steps' worth; kept, under one.
+    assert sum(faults["keep"][1:]) < pages
