@@ -291,7 +291,8 @@ def serve_items(name: str, run_dir: Path, workdir: Path, env: dict[str, str]) ->
 
 
 def free_port() -> int:
-    """A loopback port nothing listens on now (serve takes 1-65535, not 0 for "any")."""
+    """A loopback port nothing listens on now (written before `gptlab serve --port 0`
+    existed; kept so that old and new trees record alike)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import re
+import subprocess
+import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -300,3 +305,19 @@ def test_a_client_that_vanishes_mid_stream_frees_its_slot(client, server, run):
         time.sleep(0.01)
     assert gen.cancelled and gen.slot == -1
     assert gen.tokens < CTX - 10  # it stopped early
+
+
+def test_serve_on_port_0_takes_a_free_port_and_names_it(tiny_run):
+    """`gptlab serve --port 0`: the OS picks the port and the first line says which, so a
+    script never races another program for a port it chose."""
+    cmd = [sys.executable, "-m", "gptlab", "serve", "--checkpoint", str(tiny_run), "--port", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) as proc:
+        try:
+            first = proc.stdout.readline()  # printed once the socket listens
+            url = re.search(r"at (http://127\.0\.0\.1:(\d+))", first)
+            assert url and int(url.group(2)) > 0, first
+            with urllib.request.urlopen(url.group(1) + "/health", timeout=30) as r:
+                assert r.status == 200
+        finally:
+            proc.terminate()

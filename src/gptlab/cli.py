@@ -707,7 +707,12 @@ def _serve_parser(sub) -> None:
         default="127.0.0.1",
         help="address to bind (default: 127.0.0.1, this machine only)",
     )
-    s.add_argument("--port", type=_number(int, C.Range(1, 65535)), default=8000)
+    s.add_argument(
+        "--port",
+        type=_number(int, C.Range(0, 65535)),
+        default=8000,
+        help="port to listen on (default: 8000; 0: any free port, which the first line names)",
+    )
     s.add_argument(
         "--api-key",
         metavar="KEY",
