@@ -165,20 +165,9 @@ def test_bad_templates_are_refused(fields, expect):
 # --------------------------------------------------------------------------- the Alpaca prompt
 
 A = chat.ALPACA
-EXCHANGES = [
-    [{"role": "user", "content": "Name the ship."}],
-    [
-        {"role": "system", "content": "You answer in one short line."},
-        {"role": "user", "content": "What is the tide doing?"},
-        {"role": "assistant", "content": "Turning, toward the pier."},
-    ],
-    [
-        {"role": "user", "content": "Count the ships."},
-        {"role": "assistant", "content": " Three, before dawn."},
-        {"role": "user", "content": "And now?\n\nTell me in words:  five  spaces."},
-        {"role": "assistant", "content": "Four; one left — ça va. 🚢"},
-    ],
-]
+# a first instruction of its own, then the two conversations above that follow the
+# instructions shape (an optional system message, user and assistant alternating)
+EXCHANGES = [[{"role": "user", "content": "Name the ship."}], *CONVERSATIONS[1:3]]
 
 
 def test_one_instruction_is_the_prompt_an_instructions_finetune_answers():
