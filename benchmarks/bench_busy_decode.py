@@ -1,4 +1,4 @@
-"""Decoding beside another busy program: the thread policy (gptlab.threads) against
+"""Decoding beside another busy program: the thread policy (gptlab.runtime.threads) against
 torch's default of one thread per core (issue 20's target: at least 10 tokens/s).
 
     python benchmarks/bench_busy_decode.py [--busy 1] [--new-tokens 200] [--json]
@@ -26,11 +26,11 @@ import time
 CHILD = r"""
 import json, sys, time
 import torch
-from gptlab.config import GPT_CONFIG_124M
-from gptlab.generate import generate, text_to_token_ids
-from gptlab.model import GPTModel
-from gptlab.threads import choose_threads, usable_cores
-from gptlab.tokenizer import GPT2Tokenizer
+from gptlab.config.schema import GPT_CONFIG_124M
+from gptlab.infer.sampling import generate, text_to_token_ids
+from gptlab.model.gpt import GPTModel
+from gptlab.runtime.threads import choose_threads, usable_cores
+from gptlab.data.tokenizer import GPT2Tokenizer
 
 mode, new = sys.argv[1], int(sys.argv[2])
 if mode == "policy":

@@ -47,10 +47,10 @@ def _local_bytes(t: torch.Tensor) -> int:
 
 
 def _measure(name: str, mode: str) -> dict:
-    from gptlab import dist as dist_lib
-    from gptlab.config import TrainConfig, preset
-    from gptlab.model import GPTModel, count_parameters
-    from gptlab.optim import build_optimizer
+    from gptlab.config.schema import TrainConfig, preset
+    from gptlab.model.gpt import GPTModel, count_parameters
+    from gptlab.runtime import dist as dist_lib
+    from gptlab.train.optim import build_optimizer
 
     d = dist_lib.setup(torch.device("cpu"))
     cfg = preset(name).model
@@ -83,7 +83,7 @@ def _measure(name: str, mode: str) -> dict:
 def _worker(args: argparse.Namespace) -> None:
     import torch.distributed as tdist
 
-    from gptlab import dist as dist_lib
+    from gptlab.runtime import dist as dist_lib
 
     rows = []
     for name in args.models:

@@ -2,7 +2,7 @@
 
 The gpt2-small shape with random weights (nothing is downloaded): batch 1, a 16-token
 prompt, 256 new tokens, greedy. transformers runs the same weights, converted with
-gptlab.hf, and every mode must produce the same tokens as the uncached path (the table
+gptlab.interop.hf, and every mode must produce the same tokens as the uncached path (the table
 says so). Each mode is warmed up once, then the modes are timed in turns, --repeats rounds,
 and each keeps its best run.
 
@@ -33,11 +33,11 @@ import time
 
 import torch
 
-from gptlab import hf
-from gptlab.config import GPT_CONFIG_124M, preset
-from gptlab.generate import generate, text_to_token_ids
-from gptlab.model import GPTModel
-from gptlab.tokenizer import GPT2Tokenizer
+from gptlab.config.schema import GPT_CONFIG_124M, preset
+from gptlab.data.tokenizer import GPT2Tokenizer
+from gptlab.infer.sampling import generate, text_to_token_ids
+from gptlab.interop import hf
+from gptlab.model.gpt import GPTModel
 
 MODES = ("uncached", "cached", "compiled", "hf", "hf-static", "floor")
 BOOK_PROMPT = "Every effort moves you"

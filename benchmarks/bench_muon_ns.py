@@ -1,4 +1,4 @@
-"""Muon's Newton-Schulz iteration in bf16 against fp32 on this CPU (gptlab.optim.orthogonalise),
+"""Muon's Newton-Schulz iteration in bf16 against fp32 on this CPU (gptlab.train.optim.orthogonalise),
 the figure behind `runtime.resolve_muon_dtype`: bf16 pays only where the CPU multiplies bf16.
 
     python benchmarks/bench_muon_ns.py [--rows 256 --cols 1024 --reps 5]
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gptlab.optim import orthogonalise
+from gptlab.train.optim import orthogonalise
 
 COEFFICIENTS = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's defaults
 

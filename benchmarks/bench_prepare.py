@@ -38,8 +38,8 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time, os
 import numpy as np
-import gptlab.prepare as P
-from gptlab.tokenizer import ENDOFTEXT, gpt2_encoding
+import gptlab.data.prepare as P
+from gptlab.data.tokenizer import ENDOFTEXT, gpt2_encoding
 
 def pss_kib():
     for line in open("/proc/self/smaps_rollup"):
@@ -83,7 +83,7 @@ print(json.dumps({"tokens": n_tokens, "seconds": seconds,
 
 def make_corpus(directory: Path, megabytes: int) -> int:
     """Copies of the 38 plays as separate .txt files (one document each) up to `megabytes`."""
-    from gptlab.data import shakespeare_plays
+    from gptlab.data.corpus import shakespeare_plays
 
     plays = shakespeare_plays()
     directory.mkdir(parents=True, exist_ok=True)

@@ -7,15 +7,15 @@
 A recipe is a preset name or the path of a TOML file (`gptlab train --config`'s format; it
 may name its preset), then any `section.field=value` overrides; a recipe that starts with
 an override starts from the default preset. Each recipe is trained by
-`gptlab.trainer.train`, the function behind `gptlab train`, on --data (the built-in
+`gptlab.train.loop.train`, the function behind `gptlab train`, on --data (the built-in
 Shakespeare by default), one after another in this process (never side by side). Then the
-final checkpoint is evaluated as `gptlab eval` does (`gptlab.evaluate.evaluate_run`, fp32)
+final checkpoint is evaluated as `gptlab eval` does (`gptlab.evals.loss.evaluate_run`, fp32)
 over the whole validation split: non-overlapping windows of the model's context, every
 window whole (the tail shorter than one window, under 0.1% of the bytes here, is left out).
 
 Limits: `--budget S` runs every recipe under the same time budget (train.budget = time,
 train.max_time = S seconds of training steps; periodic evaluations, samples and
-checkpoints are not counted, as in `gptlab train`; gptlab.budget): each recipe's schedule
+checkpoints are not counted, as in `gptlab train`; gptlab.train.budget): each recipe's schedule
 spans S seconds on this machine, and a recipe written in steps keeps its warm-up as the
 same fraction of the run (warmup_frac = warmup_steps / max_steps). `--steps N` instead
 trains exactly N steps with no time limit: the way to compare recipes at equal steps,
@@ -23,7 +23,7 @@ whose losses do not depend on the machine's load. With neither, each recipe keep
 limits (the default's time budget, cpu-gpt2's 1,000 steps). train.epochs is set to 0 in
 every case (the budget or the steps decide).
 
-`--threads N` runs with N torch threads (default: gptlab's thread policy, gptlab.threads);
+`--threads N` runs with N torch threads (default: gptlab's thread policy, gptlab.runtime.threads);
 `--threads 1` on a 2-core machine is a machine half as fast, to show that a time budget's
 schedule adapts (fewer steps, still decayed to its floor). `nanogpt-cpu` is nanoGPT's
 README CPU recipe written as a gptlab recipe (RECIPES): char-level, 4 layers x 128, 4
@@ -70,9 +70,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gptlab import config as C
-from gptlab import sizing
+from gptlab.config import schema as C
 from gptlab.errors import GptlabError
+from gptlab.recipes import sizing
 
 # Named recipes besides the presets: a base preset, then overrides.
 RECIPES = {
@@ -131,7 +131,7 @@ def parse_recipe(
     _set_limits(cfg.train, budget, steps)
     cfg.validate()
     if cfg.train.sizing == "corpus" and cfg.train.budget == "time":
-        # as `gptlab train` sizes it (gptlab.sizing); the recipe's own fields and this
+        # as `gptlab train` sizes it (gptlab.recipes.sizing); the recipe's own fields and this
         # benchmark's budget (equal time for every recipe) are the user's
         given = {k.partition("=")[0].strip() for k in overrides}
         if base is not None and base not in C.PRESETS:
@@ -161,9 +161,9 @@ def _set_limits(tc: C.TrainConfig, budget: float | None, steps: int | None) -> N
 def run_recipe(recipe: str, cfg: C.RunConfig, name: str, out: Path) -> dict[str, Any]:
     """Train `cfg` into `out`, evaluate its final checkpoint over the whole validation
     split, and return one row: every figure of the table, the end reason and the config."""
-    from gptlab.evaluate import evaluate_run
-    from gptlab.runs import open_run
-    from gptlab.trainer import train
+    from gptlab.evals.loss import evaluate_run
+    from gptlab.interop.runs import open_run
+    from gptlab.train.loop import train
 
     records: dict[str, dict[str, Any]] = {}
 
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from gptlab.threads import choose_threads
+    from gptlab.runtime.threads import choose_threads
 
     threads, note = choose_threads(args.threads or None)
     torch.set_num_threads(threads)

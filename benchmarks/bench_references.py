@@ -60,7 +60,7 @@ BOOK_CODE = Path("ch05") / "01_main-chapter-code"
 
 def shapes(workload: str) -> dict[str, Any]:
     """The workload's shapes, with the defaults of gptlab's ModelConfig filled in."""
-    from gptlab.config import ModelConfig
+    from gptlab.config.schema import ModelConfig
 
     m = ModelConfig(**{"drop_rate": 0.1, **WORKLOADS[workload]["model"]})
     return {

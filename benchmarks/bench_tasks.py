@@ -71,9 +71,9 @@ metric_list:
 
 def random_run(out: Path) -> Path:
     """A run directory holding random cpu-gpt2-shaped weights with GPT-2's tokenizer."""
-    from gptlab import checkpoint as ckpt_lib
-    from gptlab.config import RunConfig, preset
-    from gptlab.model import GPTModel
+    from gptlab.config.schema import RunConfig, preset
+    from gptlab.interop import checkpoint as ckpt_lib
+    from gptlab.model.gpt import GPTModel
 
     cfg = preset("cpu-gpt2")
     torch.manual_seed(0)
@@ -84,9 +84,9 @@ def random_run(out: Path) -> Path:
 
 
 def time_gptlab_in_process(run_dir: Path, data: Path, batch_size: int, device: str):
-    """(seconds of scoring alone, report) for the items through gptlab.tasks."""
-    from gptlab.runs import open_run
-    from gptlab.tasks import evaluate_run_tasks, task_suite
+    """(seconds of scoring alone, report) for the items through gptlab.evals.tasks."""
+    from gptlab.evals.tasks import evaluate_run_tasks, task_suite
+    from gptlab.interop.runs import open_run
 
     run = open_run(run_dir, device)
     suite = task_suite("mc", str(data))
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-tasks-"))
     try:
-        from gptlab import hf
+        from gptlab.interop import hf
 
         run_dir = Path(args.checkpoint) if args.checkpoint else random_run(work / "run")
         hf_dir = work / "hf"

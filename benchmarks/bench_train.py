@@ -12,7 +12,7 @@ compiles), and the device is synchronised before every timer read. Without --lad
 the last row (gptlab's defaults) runs.
 
 Columns: tokens/s, ms/step, MFU (model FLOPs per token, 6N + 12 L H Hd T, times tokens/s,
-over the device's bf16 matmul peak measured once by `gptlab.metrics`), peak memory
+over the device's bf16 matmul peak measured once by `gptlab.observe.metrics`), peak memory
 (CUDA: max allocated; CPU: the process's max RSS) and the first step's time (which
 includes compilation). With --json, one JSON line per row as well.
 """
@@ -153,10 +153,10 @@ def run_row(
     import numpy as np
     import torch
 
-    from gptlab.config import RunConfig, set_field
-    from gptlab.data import Corpus
-    from gptlab.runtime import measured_matmul_flops, peak_memory_mib, sync
-    from gptlab.trainer import Trainer
+    from gptlab.config.schema import RunConfig, set_field
+    from gptlab.data.corpus import Corpus
+    from gptlab.runtime.device import measured_matmul_flops, peak_memory_mib, sync
+    from gptlab.train.loop import Trainer
 
     cfg = RunConfig()
     for key, value in settings.items():

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from gptlab.budget import read_schedule
-from gptlab.metrics import read_metrics
+from gptlab.observe.metrics import read_metrics
+from gptlab.train.budget import read_schedule
 
 
 def main(argv: list[str]) -> int:

@@ -22,11 +22,11 @@ def evaluate_run(run_dir: str, device: str = "cpu", batch_size: int = 16) -> dic
     """{"val_loss", "bits_per_byte", "tokens", "bytes", "step"} for the run's latest checkpoint."""
     import torch.nn.functional as F
 
-    from gptlab import checkpoint as ckpt_lib
-    from gptlab.data import TokenWindowLoader, load_corpus
-    from gptlab.evaluate import bits_per_byte
-    from gptlab.runs import open_run
-    from gptlab.tokenizer import ENDOFTEXT
+    from gptlab.data.corpus import TokenWindowLoader, load_corpus
+    from gptlab.data.tokenizer import ENDOFTEXT
+    from gptlab.evals.loss import bits_per_byte
+    from gptlab.interop import checkpoint as ckpt_lib
+    from gptlab.interop.runs import open_run
 
     run = open_run(run_dir, device)
     model, tokenizer, dev = run.model, run.tokenizer, run.device

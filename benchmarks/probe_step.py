@@ -50,11 +50,10 @@ def bare_row(
     """Time `steps` bare training steps after `warmup` untimed ones; returns the figures."""
     import torch
 
-    from gptlab.config import RunConfig, set_field
-    from gptlab.loss import make_loss_fn
-    from gptlab.model import GPTModel, flops_per_token, use_fast_dropout
-    from gptlab.optim import build_optimizer
-    from gptlab.runtime import (
+    from gptlab.config.schema import RunConfig, set_field
+    from gptlab.model.gpt import GPTModel, flops_per_token, use_fast_dropout
+    from gptlab.model.loss import make_loss_fn
+    from gptlab.runtime.device import (
         autocast,
         keep_freed_host_memory,
         measured_matmul_flops,
@@ -68,6 +67,7 @@ def bare_row(
         resolve_precision,
         sync,
     )
+    from gptlab.train.optim import build_optimizer
 
     cfg = RunConfig()
     for key, value in settings.items():
@@ -85,7 +85,7 @@ def bare_row(
     model.train()
     optimizer = build_optimizer(model, tc, dev, resolve_muon_dtype(dev))
     if compile_mode:
-        from gptlab.loss import model_loss
+        from gptlab.model.loss import model_loss
 
         loss_fn = torch.compile(
             lambda x, y: model_loss(model, x, y, chunked=chunked), mode=compile_mode

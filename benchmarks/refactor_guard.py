@@ -171,7 +171,7 @@ def story_text(story: Path | None) -> str:
     built-in plays as long as the story (gptlab ships no copy of it)."""
     if story is not None:
         return story.read_text(encoding="utf-8")
-    from gptlab.sources import shakespeare_plays
+    from gptlab.data.sources import shakespeare_plays
 
     return "\n\n".join(shakespeare_plays())[:STORY_CHARS]
 

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from gptlab.config import DEFAULT_PRESET, preset
-from gptlab.model import GPTModel
-from gptlab.runs import open_run
-from gptlab.sources import read_documents
-from gptlab.tasks import load_suite, run_suite
-from gptlab.tokenizer import ENDOFTEXT
+from gptlab.config.schema import DEFAULT_PRESET, preset
+from gptlab.data.sources import read_documents
+from gptlab.data.tokenizer import ENDOFTEXT
+from gptlab.evals.tasks import load_suite, run_suite
+from gptlab.interop.runs import open_run
+from gptlab.model.gpt import GPTModel
 
 
 def held_out_lines(dc) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab.config import ModelConfig
+from gptlab.config.schema import ModelConfig
 
 # Written for these tests: varied enough that BPE and char vocabularies are non-trivial,
 # long enough (~2,400 GPT-2 tokens) for the `tiny` preset's 32-token windows in both splits.
@@ -87,10 +87,10 @@ def gptlab_cache(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def anchor_speed(monkeypatch):
     """Corpus sizing measures this machine's training speed at start-up
-    (gptlab.sizing.measure_speed); tests get the anchor row's figure instead, so that what
+    (gptlab.recipes.sizing.measure_speed); tests get the anchor row's figure instead, so that what
     the rule chooses does not depend on how fast, or how busy, the machine running the
     tests is. tests/test_sizing.py measures for real."""
-    from gptlab import sizing
+    from gptlab.recipes import sizing
 
     monkeypatch.setattr(sizing, "measure_speed", lambda cfg, steps=3: sizing.ANCHOR_TOKENS_PER_S)
 
@@ -135,7 +135,7 @@ def walkthrough_cfg() -> dict:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, gptlab_cache) -> Path:
     """A finished `gptlab train --preset tiny` run directory (do not modify: copy it)."""
-    from gptlab import cli
+    from gptlab.cli import main as cli
 
     root = tmp_path_factory.mktemp("tiny-run")
     data = root / "corpus.txt"

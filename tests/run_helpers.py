@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from gptlab import checkpoint as ckpt_lib
-from gptlab.config import RunConfig, preset
-from gptlab.data import Corpus, load_corpus
-from gptlab.metrics import read_metrics
+from gptlab.config.schema import RunConfig, preset
+from gptlab.data.corpus import Corpus, load_corpus
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.observe.metrics import read_metrics
 
 STEPS = 21  # crosses two epoch boundaries of the tiny corpus (8 steps per epoch)
 WORDS = "the king queen sword castle river night morning speaks walks brave old young gold".split()
@@ -130,7 +130,8 @@ def latest_step(run_dir: Path) -> int:
 GATED_CHILD = """
 import sys
 import torch
-from gptlab import cli, loss
+from gptlab.cli import main as cli
+from gptlab.model import loss
 
 kind, n = sys.argv[1].split(":")
 calls = [0]

@@ -1,4 +1,4 @@
-"""The time-to-quality script: recipes parsed through gptlab.config, trained by the real
+"""The time-to-quality script: recipes parsed through gptlab.config.schema, trained by the real
 trainer, evaluated over the whole validation split; the table's figures agree with each
 other. No timing is asserted: figures belong in BENCHMARKS.md, not in tests."""
 
@@ -114,7 +114,7 @@ def test_runs_go_to_a_temp_dir_that_is_removed(bench, tmp_path, capsys):
 
 
 def test_a_stopped_run_ends_the_benchmark(bench, tmp_path, capsys, monkeypatch):
-    import gptlab.trainer as trainer_lib
+    import gptlab.train.loop as trainer_lib
 
     text = tmp_path / "corpus.txt"
     text.write_text(make_corpus_text(), encoding="utf-8")

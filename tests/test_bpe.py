@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from gptlab.bpe import train_bpe
-from gptlab.cli import main
+from gptlab.cli.main import main
+from gptlab.data.bpe import train_bpe
+from gptlab.data.tokenizer import ENDOFTEXT, BPETokenizer, from_identity, get_tokenizer
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import ENDOFTEXT, BPETokenizer, from_identity, get_tokenizer
 
 TRAIN_TEXT = [
     "It was the best of times, it was the worst of times, it was the age of wisdom.",

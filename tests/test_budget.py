@@ -23,12 +23,12 @@ from run_helpers import (
 )
 from test_resume import poison_step
 
-from gptlab import checkpoint as ckpt_lib
-from gptlab import config as C
-from gptlab.budget import TimeBudget, crossed, read_schedule, write_schedule
+from gptlab.config import schema as C
 from gptlab.errors import GptlabError
-from gptlab.optim import lr_at_progress
-from gptlab.trainer import Trainer, stop_on_signals
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.train.budget import TimeBudget, crossed, read_schedule, write_schedule
+from gptlab.train.loop import Trainer, stop_on_signals
+from gptlab.train.optim import lr_at_progress
 
 
 class FakeClock:
@@ -228,7 +228,7 @@ def test_a_replayed_schedule_repeats_a_real_clock_run_across_a_resume(text, tmp_
 def test_limit_flags_choose_the_budget():
     """The default preset spans a time budget; --max-time sets it, a step or epoch count
     makes the schedule span the steps instead."""
-    from gptlab import cli
+    from gptlab.cli import main as cli
 
     def built(*flags: str) -> C.TrainConfig:
         return cli.build_config(cli._parser().parse_args(["config", *flags]))[0].train

@@ -12,15 +12,10 @@ import pytest
 import torch
 from conftest import jitter, make_corpus_text
 
-from gptlab import chat
-from gptlab import checkpoint as ckpt_lib
-from gptlab.bpe import train_bpe
-from gptlab.config import ModelConfig, RunConfig
-from gptlab.errors import GptlabError
-from gptlab.finetune import instruction_prompt, render_instruction
-from gptlab.model import GPTModel
-from gptlab.runs import open_run
-from gptlab.tokenizer import (
+from gptlab.config.schema import ModelConfig, RunConfig
+from gptlab.data import chat
+from gptlab.data.bpe import train_bpe
+from gptlab.data.tokenizer import (
     ENDOFTEXT,
     CharTokenizer,
     GPT2Tokenizer,
@@ -28,6 +23,11 @@ from gptlab.tokenizer import (
     from_identity,
     token_byte_lengths,
 )
+from gptlab.errors import GptlabError
+from gptlab.finetune.data import instruction_prompt, render_instruction
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.interop.runs import open_run
+from gptlab.model.gpt import GPTModel
 
 T = chat.DEFAULT
 CONVERSATIONS = [
@@ -454,7 +454,7 @@ def hf_ids(folder, messages, add_generation_prompt):
 @pytest.mark.parametrize("kind", ["gpt2", "bpe"])
 def test_apply_chat_template_on_the_exported_folder_gives_our_ids(kind, tmp_path, corpus_bpe):
     pytest.importorskip("transformers")
-    from gptlab.hf import convert_to_hf
+    from gptlab.interop.hf import convert_to_hf
 
     base = GPT2Tokenizer() if kind == "gpt2" else corpus_bpe
     _, tok = make_run(tmp_path / "run", base)
@@ -483,7 +483,7 @@ def test_apply_chat_template_gives_the_instruction_templates_ids(kind, tmp_path,
     pytest.importorskip("transformers")
     from jinja2.exceptions import TemplateError
 
-    from gptlab.hf import convert_to_hf
+    from gptlab.interop.hf import convert_to_hf
 
     base = GPT2Tokenizer() if kind == "gpt2" else corpus_bpe
     _, tok = make_run(tmp_path / "run", base, A)

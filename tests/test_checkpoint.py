@@ -26,13 +26,14 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from gptlab import GPTModel, ModelConfig, cli
-from gptlab import checkpoint as ckpt_lib
-from gptlab.config import RunConfig
+from gptlab import GPTModel, ModelConfig
+from gptlab.cli import main as cli
+from gptlab.config.schema import RunConfig
 from gptlab.errors import GptlabError
-from gptlab.resume import rng_state, set_rng_state
-from gptlab.runs import open_run
-from gptlab.trainer import Trainer
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.interop.runs import open_run
+from gptlab.train.loop import Trainer
+from gptlab.train.resume import rng_state, set_rng_state
 
 VARIANTS = {
     "plain": {},
@@ -210,7 +211,7 @@ def test_checkpoint_contents_are_complete(trained):
 
 
 def tiny_model_config(meta):
-    from gptlab.config import RunConfig
+    from gptlab.config.schema import RunConfig
 
     return RunConfig.from_dict(meta["config"]).model
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from test_plot import check_pdf, check_png
 
-from gptlab import cli
-from gptlab.checkpoint import WEIGHTS
+from gptlab.cli import main as cli
+from gptlab.interop.checkpoint import WEIGHTS
 
 TRAIN = ["train", "--preset", "tiny", "--device", "cpu", "--quiet"]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """gptlab.cli.main in-process; returns (exit code, stdout, stderr)."""
+    """gptlab.cli.main.main in-process; returns (exit code, stdout, stderr)."""
     try:
         rc = cli.main([str(a) for a in argv])
     except SystemExit as e:  # what the console script would exit with

@@ -1,4 +1,4 @@
-"""gptlab.config: field metadata as the one source of help, choices and ranges; value
+"""gptlab.config.schema: field metadata as the one source of help, choices and ranges; value
 conversion; TOML rendering that reads back identically."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from gptlab import config as C
+from gptlab.config import schema as C
 from gptlab.errors import GptlabError
 
 if sys.version_info >= (3, 11):

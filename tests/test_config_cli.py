@@ -12,8 +12,8 @@ import pytest
 from test_cli import assert_user_error, run_cli
 
 import gptlab
-from gptlab import cli
-from gptlab import config as C
+from gptlab.cli import main as cli
+from gptlab.config import schema as C
 
 
 def _help(capsys, monkeypatch, *argv: str) -> str:
@@ -271,7 +271,7 @@ def test_top_k_zero_means_no_cut_and_is_accepted():
 def test_help_and_config_do_not_import_torch():
     code = (
         "import sys\n"
-        "from gptlab import cli\n"
+        "from gptlab.cli import main as cli\n"
         "for argv in (['--help'], ['train', '--help'], ['eval', '--help'], ['--version']):\n"
         "    try:\n"
         "        cli.main(argv)\n"

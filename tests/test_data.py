@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from gptlab import TokenWindowLoader, create_dataloader, create_dataloader_v1, load_corpus
-from gptlab.config import RunConfig
-from gptlab.data import read_documents
+from gptlab.config.schema import RunConfig
+from gptlab.data.corpus import read_documents
+from gptlab.data.tokenizer import ENDOFTEXT, GPT2Tokenizer, gpt2_encoding
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import ENDOFTEXT, GPT2Tokenizer, gpt2_encoding
 
 WINDOW_CASES = [(4, 1), (4, 4), (8, 3), (5, 7), (16, 16)]  # (max_length, stride)
 

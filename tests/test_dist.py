@@ -26,13 +26,13 @@ from conftest import make_corpus_text
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from gptlab import cli
-from gptlab import dist as dist_lib
-from gptlab.config import TrainConfig, preset
-from gptlab.data import TokenWindowLoader
+from gptlab.cli import main as cli
+from gptlab.config.schema import TrainConfig, preset
+from gptlab.data.corpus import TokenWindowLoader
 from gptlab.errors import GptlabError
-from gptlab.model import GPTModel
-from gptlab.optim import build_optimizer
+from gptlab.model.gpt import GPTModel
+from gptlab.runtime import dist as dist_lib
+from gptlab.train.optim import build_optimizer
 
 STEPS = 8
 LR = 3e-3

@@ -3,7 +3,7 @@ bad input, and `gptlab finetune` runs (from a gptlab run and a Hugging Face fold
 after kill -9, under torchrun).
 
 The book's code is written out plainly below (the `book_*` functions), from its chapters 6
-and 7 and exercise 7.2, as the yardstick for gptlab.finetune.
+and 7 and exercise 7.2, as the yardstick for gptlab.finetune.data.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from conftest import jitter
 from reference_walkthrough import RefGPTModel
 
-from gptlab import checkpoint as ckpt_lib
-from gptlab import cli
-from gptlab.config import FinetuneConfig, ModelConfig
-from gptlab.finetune import (
+from gptlab.cli import main as cli
+from gptlab.config.schema import FinetuneConfig, ModelConfig
+from gptlab.data.tokenizer import GPT2Tokenizer
+from gptlab.finetune.data import (
     IGNORE_INDEX,
     ClassExample,
     Example,
@@ -43,8 +43,8 @@ from gptlab.finetune import (
     set_trainable,
     truncate,
 )
-from gptlab.model import GPTModel
-from gptlab.tokenizer import GPT2Tokenizer
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.model.gpt import GPTModel
 
 DATA = Path(__file__).parent / "data" / "finetune"
 
@@ -636,7 +636,8 @@ def test_a_finished_run_is_not_overwritten(instruct_run, base, capsys):
 # loss (training steps and evaluations alike), so the parent can kill it mid-run.
 GATED_FINETUNE = """
 import sys
-from gptlab import cli, finetune
+from gptlab.cli import main as cli
+from gptlab.finetune import data as finetune
 
 n, calls, real = int(sys.argv[1]), [0], finetune.lm_loss
 
@@ -715,8 +716,8 @@ def test_two_process_finetune_is_the_one_process_run(base, tmp_path, mode):
 
 
 def test_chat_records_learn_only_the_assistant_turns_and_their_end(gpt2):
-    from gptlab import chat
-    from gptlab.tokenizer import WithSpecialTokens
+    from gptlab.data import chat
+    from gptlab.data.tokenizer import WithSpecialTokens
 
     tok = WithSpecialTokens(gpt2, list(chat.DEFAULT.special_tokens))
 
@@ -800,10 +801,10 @@ def test_an_instructions_run_chats_in_its_alpaca_prompt_everywhere(alpaca_run, t
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gptlab import chat
-    from gptlab.finetune import instruction_prompt
-    from gptlab.runs import open_run
-    from gptlab.serve import ServerThread, build
+    from gptlab.data import chat
+    from gptlab.finetune.data import instruction_prompt
+    from gptlab.infer.serve import ServerThread, build
+    from gptlab.interop.runs import open_run
 
     saved = json.loads((alpaca_run / "chat_template.json").read_text())
     assert saved["template"]["kind"] == "instruction"

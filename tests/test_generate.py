@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptlab import GPTModel, generate, generate_text_simple
-from gptlab.generate import sample_next
+from gptlab import GPTModel, generate_text_simple
+from gptlab import generate
+from gptlab.infer.sampling import sample_next
 
 
 @pytest.fixture
@@ -105,8 +106,8 @@ def test_ids_beyond_the_tokenizers_vocabulary_are_never_sampled():
     generation never samples them, however likely the model makes them."""
     from types import SimpleNamespace
 
-    from gptlab.generate import eot_id, stream_text
-    from gptlab.tokenizer import CharTokenizer
+    from gptlab.data.tokenizer import CharTokenizer
+    from gptlab.infer.sampling import eot_id, stream_text
 
     tok = CharTokenizer.from_text("abcdefgh ")
     n = tok.n_vocab

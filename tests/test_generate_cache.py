@@ -9,10 +9,10 @@ import tolerances
 import torch
 from conftest import jitter
 
-from gptlab import checkpoint as ckpt_lib
-from gptlab.cli import main
-from gptlab.config import ModelConfig, RunConfig
-from gptlab.generate import (
+from gptlab.cli.main import main
+from gptlab.config.schema import ModelConfig, RunConfig
+from gptlab.data.tokenizer import CharTokenizer, GPT2Tokenizer
+from gptlab.infer.sampling import (
     _step,
     _undecided_tail,
     complete,
@@ -22,8 +22,8 @@ from gptlab.generate import (
     sample_next,
     stream_text,
 )
-from gptlab.model import GPTModel, KVCache
-from gptlab.tokenizer import CharTokenizer, GPT2Tokenizer
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.model.gpt import GPTModel, KVCache
 
 
 def tiny(attention: str = "sdpa", vocab: int = 97, ctx: int = 16, seed: int = 0) -> GPTModel:

@@ -20,11 +20,11 @@ from run_helpers import (
     write_corpus,
 )
 
-from gptlab import checkpoint as ckpt_lib
-from gptlab import cli
-from gptlab import loss as loss_mod
-from gptlab.optim import lr_at
-from gptlab.trainer import Trainer
+from gptlab.cli import main as cli
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.model import loss as loss_mod
+from gptlab.train.loop import Trainer
+from gptlab.train.optim import lr_at
 
 
 @pytest.fixture(scope="module")

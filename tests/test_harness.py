@@ -1,4 +1,4 @@
-"""lm-evaluation-harness's model `gptlab` (gptlab.harness), run by lm-eval itself on local
+"""lm-evaluation-harness's model `gptlab` (gptlab.evals.harness), run by lm-eval itself on local
 tasks (YAML files whose datasets are jsonl files written here; nothing is downloaded).
 
 The references: `gptlab eval --task` on the same items (accuracies), lm-eval's own `hf`
@@ -27,14 +27,14 @@ import lm_eval  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from gptlab import checkpoint as ckpt_lib  # noqa: E402
-from gptlab import hf  # noqa: E402
-from gptlab.cli import lm_eval_main, main  # noqa: E402
-from gptlab.config import ModelConfig, RunConfig  # noqa: E402
+from gptlab.cli.main import lm_eval_main, main  # noqa: E402
+from gptlab.config.schema import ModelConfig, RunConfig  # noqa: E402
+from gptlab.data.tokenizer import GPT2Tokenizer  # noqa: E402
 from gptlab.errors import GptlabError  # noqa: E402
-from gptlab.harness import GptlabLM  # noqa: E402
-from gptlab.model import GPTModel  # noqa: E402
-from gptlab.tokenizer import GPT2Tokenizer  # noqa: E402
+from gptlab.evals.harness import GptlabLM  # noqa: E402
+from gptlab.interop import checkpoint as ckpt_lib  # noqa: E402
+from gptlab.interop import hf  # noqa: E402
+from gptlab.model.gpt import GPTModel  # noqa: E402
 
 T = 32  # the model's context: the long items below are cut, the long text takes 3 windows
 MAX_GEN = 6

@@ -11,13 +11,13 @@ import tolerances
 import torch
 from conftest import jitter
 
-from gptlab import checkpoint as ckpt_lib
-from gptlab import hf
-from gptlab.cli import main
-from gptlab.config import PRESETS, ModelConfig, RunConfig, preset
+from gptlab.cli.main import main
+from gptlab.config.schema import PRESETS, ModelConfig, RunConfig, preset
 from gptlab.errors import GptlabError
-from gptlab.generate import generate
-from gptlab.model import GPTModel
+from gptlab.infer.sampling import generate
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.interop import hf
+from gptlab.model.gpt import GPTModel
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -190,7 +190,7 @@ def test_exported_tokenizer_is_gpt2s(tmp_path):
     hf.convert_to_hf(tmp_path / "run", tmp_path / "hf")
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tok("Hello, world")["input_ids"] == [15496, 11, 995]
-    from gptlab.tokenizer import GPT2Tokenizer
+    from gptlab.data.tokenizer import GPT2Tokenizer
 
     text = "The café's naïve résumé — 42 ünïcödé tokens!\n\tEnd"
     assert tok(text)["input_ids"] == GPT2Tokenizer().encode(text)
@@ -208,7 +208,7 @@ def test_char_tokenizer_run_exports_weights_only(tmp_path, capsys):
 
 
 def test_trained_bpe_run_exports_its_tokenizer(tmp_path):
-    from gptlab.bpe import train_bpe
+    from gptlab.data.bpe import train_bpe
 
     texts = ["It was the best of times, it was the worst of times.", "Ça va? Très bien!"] * 20
     tok = train_bpe(texts, 300)

@@ -12,13 +12,13 @@ import torch
 from conftest import jitter
 from test_hf import assert_same_logits
 
-from gptlab import checkpoint as ckpt_lib
-from gptlab import hf
-from gptlab.cli import main
-from gptlab.config import ModelConfig, RunConfig
+from gptlab.cli.main import main
+from gptlab.config.schema import ModelConfig, RunConfig
 from gptlab.errors import GptlabError
-from gptlab.generate import generate
-from gptlab.model import GPTModel
+from gptlab.infer.sampling import generate
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.interop import hf
+from gptlab.model.gpt import GPTModel
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -271,7 +271,7 @@ def test_llama_options_gptlab_lacks_are_refused_on_import(tmp_path, capsys, chan
 
 
 def test_cli_round_trip_with_a_trained_tokenizer_generates_the_same_text(tmp_path, capsys):
-    from gptlab.bpe import train_bpe
+    from gptlab.data.bpe import train_bpe
 
     texts = ["It was the best of times, it was the worst of times.", "Ça va? Très bien!"] * 20
     tok = train_bpe(texts, 300)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from reference_walkthrough import RefGPTModel
 
-from gptlab.model import Dropout, GPTModel, fast_dropout_mask, use_fast_dropout
+from gptlab.model.gpt import Dropout, GPTModel, fast_dropout_mask, use_fast_dropout
 
 # ----------------------------------------------------------------------------- fast dropout
 
@@ -119,7 +119,7 @@ _PROBE = textwrap.dedent(
     """
     import resource, sys
     import torch
-    from gptlab.runtime import keep_freed_host_memory
+    from gptlab.runtime.device import keep_freed_host_memory
     if sys.argv[1] == "keep":
         assert keep_freed_host_memory()
     sizes = [96, 40, 64, 40]  # MiB, all above glibc's largest mmap threshold (32 MiB)

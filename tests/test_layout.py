@@ -15,51 +15,54 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "gptlab"
 
-# Bottom (imports nothing of gptlab) to top (the command line).
-LAYERS = (
-    "errors",  # the one exception type users see
-    "atomic",  # writing a small file whole or not at all (temporary file, fsync, rename)
-    "config",  # typed dataclasses, presets, TOML, overrides, validation
-    "model",  # GPTModel: token ids -> logits; parameter and FLOP counts
-    "loss",  # the loss paths (full logits, chunked); no gptlab imports, finetune's too)
-    "tokenizer",  # GPT-2 BPE, char-level, trained BPE
-    "bpe",  # training byte-level BPEs
-    "chat",  # chat templates: messages -> ids and mask; growing a base by their tokens
-    "sources",  # reading documents from files, directories, globs, jsonl, parquet, hf:
-    "data",  # documents -> tokens -> corpora, prepared shards, loaders
-    "finetune",  # finetuning records -> rendered examples -> padded or packed batches; losses
-    "lora",  # LoRA adapters on a frozen GPTModel: add, save what trains, merge; base hash
-    "prepare",  # gptlab prepare: parallel, resumable sharding
-    "optim",  # parameter groups, optimizers, lr schedule
-    "budget",  # a time budget: progress, when it is spent, the recorded schedule
-    "runtime",  # device, precision, compile and host-memory policy; speed facts
-    "sizing",  # the cpu default's shape, tokenizer and dropout from corpus, budget and speed
-    "dist",  # torchrun environment, DDP / FSDP2, rank helpers
-    "generate",  # sampling, KV cache, streaming
-    "engine",  # continuous batching: many generations share the model's forward passes
-    "evaluate",  # calc_loss_*, evaluate_model (rank-aware), perplexity, bits per byte
-    "tasks",  # downstream tasks by log-likelihood: multiple choice, cloze, suites, CORE
-    "checkpoint",  # atomic, versioned checkpoints
-    "resume",  # what may change on resume; RNG state
-    "metrics",  # metrics.jsonl
-    "threads",  # how many CPU threads torch uses: cores, programs running, reserve, resume
-    "plot",  # figures from metrics.jsonl
-    "trackers",  # optional trackers fed the metrics records: TensorBoard, wandb, trackio
-    "hf",  # Hugging Face GPT-2 and Llama weights, both ways
-    "runs",  # open a gptlab run or a Hugging Face folder
-    "trainer",  # the loop, and train()
-    "finetune_run",  # gptlab finetune: a base model, records, the Trainer; eval of such runs
-    "serve",  # the OpenAI-compatible HTTP server and its page
-    "console",  # progress views for the terminal
-    "harness",  # lm-evaluation-harness's model `gptlab`
-    "cli",  # argv -> library calls -> one-line errors and exit codes
+# Bottom (imports nothing of gptlab) to top (the command line): the packages by stage, each
+# with its modules in their own order. A module may import any module of a package below
+# its own, and the modules before it in its own package.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("errors", ()),  # the one exception type users see
+    ("atomic", ()),  # writing a file whole or not at all (temporary file, fsync, rename)
+    ("config", ("schema",)),
+    ("observe", ("metrics", "console", "plot", "trackers")),
+    ("model", ("gpt", "loss", "lora")),
+    ("data", ("tokenizer", "bpe", "chat", "sources", "corpus", "prepare")),
+    ("runtime", ("device", "dist", "threads")),
+    ("recipes", ("sizing",)),
+    ("interop", ("checkpoint", "hf", "runs")),
+    ("infer", ("sampling", "engine", "serve")),
+    ("evals", ("loss", "tasks", "harness")),
+    ("train", ("optim", "budget", "resume", "walkthrough", "loop")),
+    ("finetune", ("data", "run")),
+    ("cli", ("main",)),
 )
 ENTRY_POINTS = ("__init__", "__main__")  # the package itself and `python -m gptlab`
 
+# every module as (package rank, module rank): "train.loop" -> (11, 4); "errors" -> (0, 0)
+RANK = {
+    (f"{pkg}.{mod}" if mod else pkg): (i, j)
+    for i, (pkg, mods) in enumerate(LAYERS)
+    for j, mod in enumerate(mods or ("",))
+}
 
-def _gptlab_imports(path: Path) -> list[tuple[int, str]]:
+
+def _module_name(path: Path) -> str:
+    """src/gptlab/train/loop.py -> "train.loop"; src/gptlab/errors.py -> "errors"."""
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _target(dotted: str) -> str | None:
+    """The listed module that importing gptlab.`dotted` runs, or None for the package itself."""
+    parts = dotted.split(".")
+    for n in (2, 1):
+        if ".".join(parts[:n]) in RANK:
+            return ".".join(parts[:n])
+    return parts[0] if parts[0] in {pkg for pkg, _ in LAYERS} else None
+
+
+def _gptlab_imports(path: Path, module: str = "") -> list[tuple[int, str]]:
     """(line, gptlab module) for every import of a gptlab module in the file, at any depth,
-    except under `if TYPE_CHECKING:`."""
+    absolute or relative (`from . import x`, `from ..model import gpt`), except under
+    `if TYPE_CHECKING:`. `module` is the file's own dotted name, for relative imports."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     skip: set[int] = set()
     for node in ast.walk(tree):
@@ -71,57 +74,107 @@ def _gptlab_imports(path: Path) -> list[tuple[int, str]]:
             continue
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "gptlab":  # `from gptlab import checkpoint` or `__version__`
-                names = [f"gptlab.{a.name}" for a in node.names]
-            else:
-                names = [node.module]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the file's package
+                package = ["gptlab", *module.split(".")[: -1 if path.stem != "__init__" else None]]
+                anchor = package[: len(package) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            if not (base == "gptlab" or base.startswith("gptlab.")):
+                continue
+            # `from gptlab.train import loop` imports the module gptlab.train.loop
+            names = [f"{base}.{a.name}" for a in node.names]
         else:
             continue
         for name in names:
             parts = name.split(".")
-            if parts[0] == "gptlab" and len(parts) > 1 and parts[1] in LAYERS:
-                found.append((node.lineno, parts[1]))
-    return found
+            if parts[0] != "gptlab" or len(parts) < 2:
+                continue
+            target = _target(".".join(parts[1:]))
+            if target is not None:
+                found.append((node.lineno, target))
+    return sorted(found)
+
+
+def _listed() -> set[str]:
+    return set(RANK)
 
 
 def test_every_module_has_a_place_in_the_layers():
-    modules = {p.stem for p in SRC.glob("*.py")} - set(ENTRY_POINTS)
-    assert modules - set(LAYERS) == set(), "add the new module to LAYERS, where it belongs"
-    assert set(LAYERS) - modules == set(), "a module in LAYERS no longer exists"
+    modules = {
+        _module_name(p) for p in SRC.rglob("*.py") if p.stem not in ENTRY_POINTS or p.parent != SRC
+    } - {pkg for pkg, mods in LAYERS if mods}  # a package's __init__ is its docstring
+    assert modules - _listed() == set(), "add the new module to LAYERS, where it belongs"
+    assert _listed() - modules == set(), "a module in LAYERS no longer exists"
 
 
-@pytest.mark.parametrize("module", LAYERS)
+def test_package_inits_hold_only_their_docstring():
+    """A package's name says its job in its docstring; importing it runs nothing (so
+    `gptlab --help` stays free of torch, and no import cycle hides in an __init__)."""
+    for pkg, mods in LAYERS:
+        if mods:
+            body = ast.parse((SRC / pkg / "__init__.py").read_text(encoding="utf-8")).body
+            assert len(body) == 1 and isinstance(body[0], ast.Expr), pkg
+
+
+@pytest.mark.parametrize("module", list(RANK))
 def test_imports_point_down(module):
-    rank = LAYERS.index(module)
+    path = SRC / (module.replace(".", "/") + ".py")
+    rank = RANK[module]
     upward = [
-        f"{module}.py:{line} imports {target}"
-        for line, target in _gptlab_imports(SRC / f"{module}.py")
-        if LAYERS.index(target) >= rank
+        f"{module}:{line} imports {target}"
+        for line, target in _gptlab_imports(path, module)
+        if target != module
+        and not (
+            RANK[target][0] < rank[0] or (RANK[target][0] == rank[0] and RANK[target][1] < rank[1])
+        )
     ]
     assert upward == []
 
 
-def test_the_checker_sees_function_level_imports(tmp_path):
-    """The rule would be toothless if imports inside functions went unseen."""
-    f = tmp_path / "m.py"
+def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
+    """The rule would be toothless if imports inside functions, or relative ones, went unseen."""
+    f = tmp_path / "loop.py"
     f.write_text(
         "from typing import TYPE_CHECKING\n"
-        "if TYPE_CHECKING:\n    from gptlab.cli import main\n"
-        "def g():\n    from gptlab import trainer\n    import gptlab.hf\n"
+        "if TYPE_CHECKING:\n    from gptlab.cli.main import main\n"
+        "def g():\n    from gptlab.train import loop\n    import gptlab.interop.hf\n"
         "from gptlab import __version__\n"
+        "from . import optim\n"
+        "from ..finetune.data import FinetuneData\n"
+        "from .. import errors\n"
     )
-    assert _gptlab_imports(f) == [(5, "trainer"), (6, "hf")]
+    assert _gptlab_imports(f, "train.loop") == [
+        (5, "train.loop"),
+        (6, "interop.hf"),
+        (8, "train.optim"),
+        (9, "finetune.data"),
+        (10, "errors"),
+    ]
 
 
 def test_the_readme_layout_lists_the_layers_in_their_order():
     """A newcomer reads the layering in the README's Layout section; it names every
-    module, in LAYERS' order, so the two cannot drift apart."""
+    package and module, in LAYERS' order, so the two cannot drift apart."""
     readme = (SRC.parents[1] / "README.md").read_text(encoding="utf-8")
     block = readme.split("## Layout", 1)[1].split("```", 2)[1]
-    listed = [
-        line.split()[0].removesuffix(".py")
-        for line in block.splitlines()
-        if line.startswith("  ") and not line.startswith("   ") and line.split()[0].endswith(".py")
-    ]
-    assert listed == list(LAYERS)
+    listed, package = [], None
+    for line in block.splitlines():
+        words = line.split()
+        if not words or not line.startswith("  "):
+            continue
+        if not line.startswith("   ") and words[0].endswith("/"):
+            package = words[0].removesuffix("/")
+            listed.append(package)
+        elif not line.startswith("   ") and words[0].endswith(".py"):
+            package = None
+            listed.append(words[0].removesuffix(".py"))
+        elif (
+            package
+            and line.startswith("    ")
+            and not line.startswith("     ")
+            and words[0].endswith(".py")
+        ):
+            listed.append(f"{package}.{words[0].removesuffix('.py')}")
+    want = [name for pkg, mods in LAYERS for name in (pkg, *(f"{pkg}.{m}" for m in mods))]
+    assert listed == want

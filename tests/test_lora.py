@@ -1,4 +1,4 @@
-"""LoRA (gptlab.lora): adapters that start as the identity, merge to the same outputs, train
+"""LoRA (gptlab.model.lora): adapters that start as the identity, merge to the same outputs, train
 alone, are all a checkpoint holds, resume bit for bit, and refuse a base that is not theirs.
 
 The reference for "before the first step" is the base model itself (B = 0 must add exact
@@ -24,13 +24,14 @@ from conftest import jitter
 from run_helpers import CHILD_ENV, losses_by_step, records, release, run_cli, wait_for_gate
 from test_finetune import COMMON, GATED_FINETUNE, _finetune, _records
 
-from gptlab import checkpoint as ckpt_lib
-from gptlab import cli, lora
-from gptlab.config import LORA_TARGET_NAMES, FinetuneConfig, ModelConfig, TrainConfig
+from gptlab.cli import main as cli
+from gptlab.config.schema import LORA_TARGET_NAMES, FinetuneConfig, ModelConfig, TrainConfig
 from gptlab.errors import GptlabError
-from gptlab.model import GPTModel
-from gptlab.optim import build_optimizer
-from gptlab.runs import open_run
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.interop.runs import open_run
+from gptlab.model import lora
+from gptlab.model.gpt import GPTModel
+from gptlab.train.optim import build_optimizer
 
 TINY = dict(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 SHAPES = {

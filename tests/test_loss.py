@@ -7,10 +7,10 @@ import tolerances
 import torch
 import torch.nn.functional as F
 
-from gptlab.config import ModelConfig
-from gptlab.evaluate import calc_loss_batch
-from gptlab.loss import chunked_cross_entropy, model_loss
-from gptlab.model import GPTModel
+from gptlab.config.schema import ModelConfig
+from gptlab.evals.loss import calc_loss_batch
+from gptlab.model.gpt import GPTModel
+from gptlab.model.loss import chunked_cross_entropy, model_loss
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from conftest import jitter
 
-from gptlab.cli import main
-from gptlab.config import ModelConfig, preset
+from gptlab.cli.main import main
+from gptlab.config.schema import ModelConfig, preset
 from gptlab.errors import GptlabError
-from gptlab.generate import generate
-from gptlab.loss import chunked_cross_entropy, model_loss
-from gptlab.model import GPTModel, KVCache, count_parameters, flops_per_token
+from gptlab.infer.sampling import generate
+from gptlab.model.gpt import GPTModel, KVCache, count_parameters, flops_per_token
+from gptlab.model.loss import chunked_cross_entropy, model_loss
 
 # One option at a time, then the combinations that the recipes use.
 OPTIONS = {

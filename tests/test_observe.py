@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from gptlab import prepare as P
-from gptlab.cli import main
-from gptlab.data import TokenWindowLoader, load_corpus
+from gptlab.cli.main import main
+from gptlab.data import prepare as P
+from gptlab.data.corpus import TokenWindowLoader, load_corpus
+from gptlab.data.tokenizer import ENDOFTEXT, GPT2Tokenizer, token_byte_lengths
 from gptlab.errors import GptlabError
-from gptlab.evaluate import calc_loss_loader
-from gptlab.metrics import read_metrics
-from gptlab.runs import open_run
-from gptlab.tokenizer import ENDOFTEXT, GPT2Tokenizer, token_byte_lengths
+from gptlab.evals.loss import calc_loss_loader
+from gptlab.interop.runs import open_run
+from gptlab.observe.metrics import read_metrics
 
 T = 32  # the tiny preset's context
 
@@ -146,7 +146,7 @@ def test_eval_in_half_precision_on_cpu_is_close_to_fp32(runs, capsys, precision)
 
 def test_tensorboard_missing_is_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
-    from gptlab.trackers import TensorBoardWriter
+    from gptlab.observe.trackers import TensorBoardWriter
 
     with pytest.raises(GptlabError, match=r"pip install 'gptlab\[tensorboard\]'"):
         TensorBoardWriter(tmp_path)
@@ -156,7 +156,7 @@ def test_tensorboard_events_follow_the_metrics(runs):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from gptlab.trackers import write_run
+    from gptlab.observe.trackers import write_run
 
     _, _, (a, _) = runs
     log_dir = write_run(a)

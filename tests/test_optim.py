@@ -19,14 +19,23 @@ from run_helpers import (
     write_corpus,
 )
 
-from gptlab import checkpoint as ckpt_lib
-from gptlab import cli, runtime
-from gptlab import loss as loss_mod
-from gptlab.config import TrainConfig, preset
+from gptlab.cli import main as cli
+from gptlab.config.schema import TrainConfig, preset
 from gptlab.errors import GptlabError
-from gptlab.model import GPTModel
-from gptlab.optim import Muon, MuonAdamW, build_optimizer, lr_at, muon_params, orthogonalise, set_lr
-from gptlab.trainer import Trainer
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.model import loss as loss_mod
+from gptlab.model.gpt import GPTModel
+from gptlab.runtime import device as runtime
+from gptlab.train.loop import Trainer
+from gptlab.train.optim import (
+    Muon,
+    MuonAdamW,
+    build_optimizer,
+    lr_at,
+    muon_params,
+    orthogonalise,
+    set_lr,
+)
 
 CPU = torch.device("cpu")
 

@@ -9,7 +9,7 @@ import pytest
 
 from gptlab import plot_losses
 from gptlab.errors import GptlabError
-from gptlab.plot import plot_run
+from gptlab.observe.plot import plot_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

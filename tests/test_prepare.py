@@ -10,12 +10,18 @@ import numpy as np
 import pytest
 from conftest import make_corpus_text
 
-from gptlab import prepare as P
-from gptlab import sources as S
-from gptlab.cli import main
-from gptlab.data import ShardedTokens, TokenWindowLoader, load_corpus, open_split, read_manifest
+from gptlab.cli.main import main
+from gptlab.data import prepare as P
+from gptlab.data import sources as S
+from gptlab.data.corpus import (
+    ShardedTokens,
+    TokenWindowLoader,
+    load_corpus,
+    open_split,
+    read_manifest,
+)
+from gptlab.data.tokenizer import ENDOFTEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import ENDOFTEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer
 
 WORDS = "the quick brown fox jumps over lazy dogs while café naïve 東京 🙂 1234 don't".split()
 
@@ -220,7 +226,7 @@ def test_sharded_tokens_index_like_one_array(tmp_path):
 def test_uint32_when_ids_exceed_uint16(tmp_path):
     from tokenizers import Tokenizer
 
-    from gptlab.bpe import train_bpe
+    from gptlab.data.bpe import train_bpe
 
     base = train_bpe(["a small text to learn a few merges from"] * 5, 300)
     hf = Tokenizer.from_str(base.to_json())

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptlab import lora
-from gptlab.config import ModelConfig
-from gptlab.finetune import IGNORE_INDEX, lm_loss
-from gptlab.loss import model_loss
-from gptlab.model import GPTModel, use_activation_checkpointing, use_fast_dropout
+from gptlab.config.schema import ModelConfig
+from gptlab.finetune.data import IGNORE_INDEX, lm_loss
+from gptlab.model import lora
+from gptlab.model.gpt import GPTModel, use_activation_checkpointing, use_fast_dropout
+from gptlab.model.loss import model_loss
 
 CFG = dict(vocab_size=97, context_length=32, emb_dim=48, n_heads=4, n_layers=3)
 

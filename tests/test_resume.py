@@ -30,12 +30,12 @@ from run_helpers import (
     write_corpus,
 )
 
-from gptlab import checkpoint as ckpt_lib
-from gptlab import cli
-from gptlab import loss as loss_mod
-from gptlab import trainer as trainer_mod
+from gptlab.cli import main as cli
 from gptlab.errors import GptlabError
-from gptlab.trainer import Trainer, stop_on_signals
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.model import loss as loss_mod
+from gptlab.train import loop as trainer_mod
+from gptlab.train.loop import Trainer, stop_on_signals
 
 
 @pytest.fixture(scope="module")
@@ -393,7 +393,7 @@ def test_measuring_the_peak_flops_leaves_the_random_stream_alone(tmp_path, monke
     """The trainer measures the matmul peak when its cache is cold, which happens after a
     resume restored the RNG states on another machine or thread count; it must not draw
     from the global generators."""
-    from gptlab.runtime import measured_matmul_flops
+    from gptlab.runtime.device import measured_matmul_flops
 
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
     before = torch.get_rng_state()

@@ -24,13 +24,13 @@ from conftest import jitter
 pytest.importorskip("starlette")
 openai = pytest.importorskip("openai")
 
-from gptlab.cli import main  # noqa: E402
-from gptlab.config import ModelConfig, RunConfig  # noqa: E402
-from gptlab.generate import complete  # noqa: E402
-from gptlab.model import GPTModel  # noqa: E402
-from gptlab.runs import Run, open_run  # noqa: E402
-from gptlab.serve import ServerThread, build  # noqa: E402
-from gptlab.tokenizer import GPT2Tokenizer  # noqa: E402
+from gptlab.cli.main import main  # noqa: E402
+from gptlab.config.schema import ModelConfig, RunConfig  # noqa: E402
+from gptlab.data.tokenizer import GPT2Tokenizer  # noqa: E402
+from gptlab.infer.sampling import complete  # noqa: E402
+from gptlab.infer.serve import ServerThread, build  # noqa: E402
+from gptlab.interop.runs import Run, open_run  # noqa: E402
+from gptlab.model.gpt import GPTModel  # noqa: E402
 
 CTX = 512
 

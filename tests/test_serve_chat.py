@@ -18,14 +18,14 @@ from conftest import jitter
 pytest.importorskip("starlette")
 openai = pytest.importorskip("openai")
 
-from gptlab import chat  # noqa: E402
-from gptlab.cli import main  # noqa: E402
-from gptlab.config import ModelConfig, RunConfig  # noqa: E402
-from gptlab.generate import complete  # noqa: E402
-from gptlab.model import GPTModel  # noqa: E402
-from gptlab.runs import Run  # noqa: E402
-from gptlab.serve import ServerThread, build, render_chat  # noqa: E402
-from gptlab.tokenizer import GPT2Tokenizer  # noqa: E402
+from gptlab.cli.main import main  # noqa: E402
+from gptlab.config.schema import ModelConfig, RunConfig  # noqa: E402
+from gptlab.data import chat  # noqa: E402
+from gptlab.data.tokenizer import GPT2Tokenizer  # noqa: E402
+from gptlab.infer.sampling import complete  # noqa: E402
+from gptlab.infer.serve import ServerThread, build, render_chat  # noqa: E402
+from gptlab.interop.runs import Run  # noqa: E402
+from gptlab.model.gpt import GPTModel  # noqa: E402
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -104,7 +104,7 @@ def test_a_bad_role_is_a_400_in_openais_shape(client):
 
 
 def _generate_chat(monkeypatch, capsys, run, *flags: str) -> str:
-    monkeypatch.setattr("gptlab.runs.open_run", lambda *a, **k: run)
+    monkeypatch.setattr("gptlab.interop.runs.open_run", lambda *a, **k: run)
     capsys.readouterr()
     assert main(["generate", "--chat", "--temperature", "0", "--max-new-tokens", "40", *flags]) == 0
     return capsys.readouterr().out

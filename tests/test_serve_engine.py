@@ -1,5 +1,5 @@
 """Continuous batching against one-at-a-time generation: the SlotCache and the Engine give
-the tokens `gptlab.generate` gives for each prompt alone, whatever else shares the batch.
+the tokens `gptlab.infer.sampling` gives for each prompt alone, whatever else shares the batch.
 
 The models run in float64, so a batch's different summation order cannot flip a greedy
 choice: every difference found here is a bug, not rounding."""
@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import jitter
 
-from gptlab.config import ModelConfig
-from gptlab.engine import Engine, Event, Sampling
-from gptlab.generate import SlotCache, TextStream, complete, generate, stream_text
-from gptlab.model import GPTModel
-from gptlab.tokenizer import CharTokenizer
+from gptlab.config.schema import ModelConfig
+from gptlab.data.tokenizer import CharTokenizer
+from gptlab.infer.engine import Engine, Event, Sampling
+from gptlab.infer.sampling import SlotCache, TextStream, complete, generate, stream_text
+from gptlab.model.gpt import GPTModel
 
 TEXT = "abcdefghijklmnopqrstuvwxyz .,!?\n"
 

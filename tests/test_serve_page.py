@@ -34,10 +34,10 @@ websockets_sync = pytest.importorskip("websockets.sync.client")
 import test_serve_chat  # noqa: E402
 from test_serve_chat import MESSAGES, greedy  # noqa: E402
 
-from gptlab import chat  # noqa: E402
-from gptlab.generate import complete  # noqa: E402
-from gptlab.runs import open_run  # noqa: E402
-from gptlab.serve import ServerThread, build  # noqa: E402
+from gptlab.data import chat  # noqa: E402
+from gptlab.infer.sampling import complete  # noqa: E402
+from gptlab.infer.serve import ServerThread, build  # noqa: E402
+from gptlab.interop.runs import open_run  # noqa: E402
 
 BROWSER = next(
     (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)),

@@ -1,4 +1,4 @@
-"""The default that reads the corpus (gptlab.sizing): the plays choose today's cpu preset,
+"""The default that reads the corpus (gptlab.recipes.sizing): the plays choose today's cpu preset,
 other sizes the documented rows, the user's fields win, the choice is saved and replays
 from flags, a resume never chooses again, and the start line names it."""
 
@@ -12,10 +12,11 @@ import pytest
 import torch
 from test_cli import assert_user_error, run_cli
 
-from gptlab import cli, sizing
-from gptlab import config as C
+from gptlab.cli import main as cli
+from gptlab.config import schema as C
 from gptlab.errors import GptlabError
-from gptlab.sizing import measure_speed as real_measure_speed  # conftest stands in for it
+from gptlab.recipes import sizing
+from gptlab.recipes.sizing import measure_speed as real_measure_speed  # conftest stands in for it
 
 PLAYS_TRAIN_BYTES = 4.49e6  # 0.9 of the plays' 4.99 MB (checked below against the corpus)
 

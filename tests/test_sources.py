@@ -11,12 +11,12 @@ import random
 import numpy as np
 import pytest
 
-from gptlab import prepare as P
-from gptlab import sources as S
-from gptlab.cli import main
-from gptlab.data import load_corpus, open_split
+from gptlab.cli.main import main
+from gptlab.data import prepare as P
+from gptlab.data import sources as S
+from gptlab.data.corpus import load_corpus, open_split
+from gptlab.data.tokenizer import ENDOFTEXT, GPT2Tokenizer
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import ENDOFTEXT, GPT2Tokenizer
 
 TRAIN = ["train", "--preset", "tiny", "--max-steps", "3", "--device", "cpu", "--quiet"]
 PIECES = ["The ", "lighthouse ", "keeper, ", "café ", "東京。", "🙂 ", "don't ", "12 ", "\t", "  "]

@@ -17,13 +17,13 @@ import pytest
 import tolerances
 import torch
 
-from gptlab.config import ModelConfig, RunConfig, TrainConfig, set_field
-from gptlab.data import Corpus
-from gptlab.generate import generate, generate_text_simple
-from gptlab.model import GPTModel, count_parameters
-from gptlab.optim import lr_at, param_groups
-from gptlab.tokenizer import CharTokenizer
-from gptlab.trainer import Trainer
+from gptlab.config.schema import ModelConfig, RunConfig, TrainConfig, set_field
+from gptlab.data.corpus import Corpus
+from gptlab.data.tokenizer import CharTokenizer
+from gptlab.infer.sampling import generate, generate_text_simple
+from gptlab.model.gpt import GPTModel, count_parameters
+from gptlab.train.loop import Trainer
+from gptlab.train.optim import lr_at, param_groups
 
 TEXT = (
     "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
@@ -178,8 +178,8 @@ def test_cuda_fast_path_keeps_the_losses(tmp_path, plain_run):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_loss_compiles_as_one_graph(chunked, precision):
     """torch.compile sees model and loss whole: no graph breaks (dynamo's trace only)."""
-    from gptlab.loss import make_loss_fn
-    from gptlab.runtime import autocast
+    from gptlab.model.loss import make_loss_fn
+    from gptlab.runtime.device import autocast
 
     cfg = ModelConfig(
         vocab_size=100, context_length=16, emb_dim=32, n_heads=2, n_layers=2, vocab_multiple=64
@@ -311,7 +311,7 @@ def test_padded_logits_never_appear_in_samples():
     assert int(greedy.max()) < 10 and int(sampled.max()) < 10
     # and they are never scored: the loss is that of 10 equal logits, whichever path
     y = torch.zeros(3, 2, dtype=torch.long)
-    from gptlab.loss import model_loss
+    from gptlab.model.loss import model_loss
 
     for chunked in (False, True):
         loss = model_loss(model, idx, y, chunked=chunked)

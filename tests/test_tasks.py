@@ -1,4 +1,4 @@
-"""Downstream tasks by log-likelihood (gptlab.tasks): the scoring core against a plain
+"""Downstream tasks by log-likelihood (gptlab.evals.tasks): the scoring core against a plain
 reference, batched against one at a time, lm-eval's tokenisation, the task formats, suites
 and the centred score, bad input, and a model overfit on a sentence choosing it."""
 
@@ -15,12 +15,11 @@ import tolerances
 import torch
 from conftest import jitter
 
-from gptlab.cli import main
-from gptlab.config import ModelConfig
+from gptlab.cli.main import main
+from gptlab.config.schema import ModelConfig
+from gptlab.data.tokenizer import GPT2Tokenizer
 from gptlab.errors import GptlabError
-from gptlab.model import GPTModel
-from gptlab.runs import open_run
-from gptlab.tasks import (
+from gptlab.evals.tasks import (
     DEFAULT_SEED,
     Score,
     Suite,
@@ -36,7 +35,8 @@ from gptlab.tasks import (
     run_task,
     score_requests,
 )
-from gptlab.tokenizer import GPT2Tokenizer
+from gptlab.interop.runs import open_run
+from gptlab.model.gpt import GPTModel
 
 T = 16
 
@@ -211,7 +211,7 @@ def test_the_tokens_scored_are_lm_evals():
 
 
 def _parse(fmt: str, rec: dict):
-    from gptlab.tasks import _PARSERS
+    from gptlab.evals.tasks import _PARSERS
 
     return _PARSERS[fmt](rec)
 
@@ -454,7 +454,7 @@ def test_cloze_is_right_when_greedy_decoding_gives_the_last_word(tmp_path):
 def test_a_model_overfit_on_a_sentence_picks_it(tmp_path):
     """The hand-checkable item: trained on one sentence, the model must prefer that
     sentence's ending to another, whichever place the right choice takes."""
-    from gptlab.tokenizer import CharTokenizer
+    from gptlab.data.tokenizer import CharTokenizer
 
     sentence = "The lighthouse keeper counted the ships that passed before dawn."
     wrong = "a green ledger full of numbers."

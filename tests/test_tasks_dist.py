@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as tdist
 
-from gptlab.cli import main
+from gptlab.cli.main import main
 
 DATA = Path(__file__).parent / "data" / "tasks"
 

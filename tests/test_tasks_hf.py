@@ -14,12 +14,12 @@ import tolerances
 import torch
 from conftest import jitter
 
-from gptlab import checkpoint as ckpt_lib
-from gptlab import hf
-from gptlab.config import ModelConfig, RunConfig
-from gptlab.model import GPTModel
-from gptlab.runs import open_run
-from gptlab.tasks import DEFAULT_SEED, _requests, encode_pair, make_task, score_requests
+from gptlab.config.schema import ModelConfig, RunConfig
+from gptlab.evals.tasks import DEFAULT_SEED, _requests, encode_pair, make_task, score_requests
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.interop import hf
+from gptlab.interop.runs import open_run
+from gptlab.model.gpt import GPTModel
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402

@@ -1,4 +1,4 @@
-"""The thread policy (gptlab.threads) with injected cores, load and environment, and that
+"""The thread policy (gptlab.runtime.threads) with injected cores, load and environment, and that
 `--threads` really sets torch's threads in a command."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ import pytest
 import torch
 from run_helpers import cli_flags, records, write_corpus
 
-from gptlab import cli, threads
+from gptlab.cli import main as cli
 from gptlab.errors import GptlabError
-from gptlab.threads import choose_threads, usable_cores
+from gptlab.runtime import threads
+from gptlab.runtime.threads import choose_threads, usable_cores
 
 
 @pytest.fixture
@@ -74,7 +75,7 @@ def test_auto_threads_note_comes_once_training_starts(
     tmp_path, keep_torch_threads, monkeypatch, capsys
 ):
     """A busy machine (injected load) gets one thread and a note; an error stays one line."""
-    from gptlab import threads
+    from gptlab.runtime import threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "usable_cores", lambda: 2)

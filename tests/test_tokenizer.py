@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from gptlab import CharTokenizer, GPT2Tokenizer, get_tokenizer, text_to_token_ids, token_ids_to_text
+from gptlab.data.tokenizer import ENDOFTEXT, eot_id, from_identity, gpt2_encoding
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import ENDOFTEXT, eot_id, from_identity, gpt2_encoding
 
 GPT2_IDS = [
     ("Hello, world", [15496, 11, 995]),

@@ -1,4 +1,4 @@
-"""The experiment trackers (gptlab.trackers): a tiny run logs to TensorBoard, wandb (offline)
+"""The experiment trackers (gptlab.observe.trackers): a tiny run logs to TensorBoard, wandb (offline)
 and trackio (local), and each one's own reader gives back metrics.jsonl's losses; a resume
 continues the same tracker runs; a missing extra is one line naming the install. Nothing
 here reaches the network: WANDB_MODE=offline, trackio without a Space, HF_HUB_OFFLINE."""
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from run_helpers import write_corpus
 
-from gptlab import trackers as T
-from gptlab.cli import main
-from gptlab.config import preset, set_field
+from gptlab.cli.main import main
+from gptlab.config.schema import preset, set_field
 from gptlab.errors import GptlabError
-from gptlab.metrics import read_metrics
+from gptlab.observe import trackers as T
+from gptlab.observe.metrics import read_metrics
 
 HAVE = {name: T.importlib.util.find_spec(mod) is not None for name, mod in T.MODULES.items()}
 

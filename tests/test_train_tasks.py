@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from run_helpers import write_corpus
 
-import gptlab.plot as plot_lib
-from gptlab.cli import main
-from gptlab.metrics import read_metrics
+import gptlab.observe.plot as plot_lib
+from gptlab.cli.main import main
+from gptlab.observe.metrics import read_metrics
 
 # Items written from the test corpus' own words (the char tokenizer knows their letters).
 ITEMS = [
@@ -126,8 +126,8 @@ def test_the_run_view_gets_the_task_records(runs):
     pytest.importorskip("starlette")
     from starlette.testclient import TestClient
 
-    from gptlab.runs import open_run
-    from gptlab.serve import build
+    from gptlab.infer.serve import build
+    from gptlab.interop.runs import open_run
 
     _, with_tasks, _, _ = runs
     app, engine = build(open_run(with_tasks, "cpu"), max_batch=1)

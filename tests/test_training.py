@@ -19,7 +19,7 @@ from gptlab import (
     evaluate_model,
     train_model_simple,
 )
-from gptlab.tokenizer import gpt2_encoding
+from gptlab.data.tokenizer import gpt2_encoding
 
 
 def bigram_conditional_entropy(loader) -> float:
@@ -155,10 +155,10 @@ def test_the_default_preset_runs_its_whole_schedule(tmp_path):
     epoch)."""
     import numpy as np
 
-    from gptlab.config import PRESETS, preset
-    from gptlab.data import Corpus
-    from gptlab.tokenizer import CharTokenizer
-    from gptlab.trainer import Trainer
+    from gptlab.config.schema import PRESETS, preset
+    from gptlab.data.corpus import Corpus
+    from gptlab.data.tokenizer import CharTokenizer
+    from gptlab.train.loop import Trainer
 
     text = "Every effort moves you to say more than you mean. " * 400
     tok = CharTokenizer.from_text(text)

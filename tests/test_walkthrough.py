@@ -24,15 +24,15 @@ from reference_walkthrough import RefGPTModel
 from run_helpers import assert_same_tensors, losses_by_step, records, weights
 from torch.utils.data import DataLoader, Dataset
 
-from gptlab import checkpoint as ckpt_lib
-from gptlab import cli
-from gptlab import loss as loss_mod
-from gptlab.config import GPT_CONFIG_124M, apply_nested, preset
-from gptlab.data import DataLoaderWindowLoader, TokenWindowLoader, load_corpus, make_loaders
+from gptlab.cli import main as cli
+from gptlab.config.schema import GPT_CONFIG_124M, apply_nested, preset
+from gptlab.data.corpus import DataLoaderWindowLoader, TokenWindowLoader, load_corpus, make_loaders
+from gptlab.data.tokenizer import GPT2Tokenizer
 from gptlab.errors import GptlabError
-from gptlab.model import GPTModel
-from gptlab.tokenizer import GPT2Tokenizer
-from gptlab.trainer import Trainer, stop_on_signals
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.model import loss as loss_mod
+from gptlab.model.gpt import GPTModel
+from gptlab.train.loop import Trainer, stop_on_signals
 
 SMALL = {"emb_dim": 32, "n_layers": 2, "n_heads": 2, "context_length": 16}
 EPOCHS = 3
@@ -312,7 +312,7 @@ def test_make_loaders_picks_the_kind_and_refuses_dataloader_order_under_torchrun
 
 
 def test_weight_decay_on_all_is_one_group_of_every_parameter():
-    from gptlab.optim import build_optimizer
+    from gptlab.train.optim import build_optimizer
 
     cfg = preset("walkthrough")
     apply_nested(cfg, {"model": {**SMALL, "vocab_size": 97}})

@@ -11,16 +11,14 @@ loads neither torch nor numpy nor matplotlib; `from gptlab import GPTModel` work
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
 
 # The module that defines each public name; to export a name, add it here.
 _HOMES: dict[str, tuple[str, ...]] = {
-    "config": ("GPT_CONFIG_124M", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig"),
-    "data": (
+    "config.schema": ("GPT_CONFIG_124M", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig"),
+    "data.corpus": (
         "GPTDatasetV1",
         "TokenWindowLoader",
         "create_dataloader",
@@ -28,12 +26,17 @@ _HOMES: dict[str, tuple[str, ...]] = {
         "load_corpus",
     ),
     "errors": ("GptlabError",),
-    "evaluate": ("calc_loss_batch", "calc_loss_loader", "evaluate_model"),
-    "generate": ("generate", "generate_text_simple", "text_to_token_ids", "token_ids_to_text"),
-    "model": ("GPTModel", "count_parameters", "flops_per_token"),
-    "plot": ("plot_losses",),
-    "tokenizer": ("CharTokenizer", "GPT2Tokenizer", "get_tokenizer"),
-    "trainer": ("generate_and_print_sample", "train_model_simple"),
+    "evals.loss": ("calc_loss_batch", "calc_loss_loader", "evaluate_model"),
+    "infer.sampling": (
+        "generate",
+        "generate_text_simple",
+        "text_to_token_ids",
+        "token_ids_to_text",
+    ),
+    "model.gpt": ("GPTModel", "count_parameters", "flops_per_token"),
+    "observe.plot": ("plot_losses",),
+    "data.tokenizer": ("CharTokenizer", "GPT2Tokenizer", "get_tokenizer"),
+    "train.walkthrough": ("generate_and_print_sample", "train_model_simple"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
@@ -51,17 +54,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-class _Package(types.ModuleType):
-    """`gptlab.generate` is the function, as when this file imported it eagerly. Importing
-    the submodule gptlab.generate (which cli and the trainer do) makes the import system set
-    the package attribute of that name to the submodule; this keeps the function there."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _HOME_OF.get(name) == name:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

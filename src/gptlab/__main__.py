@@ -1,5 +1,5 @@
 import sys
 
-from gptlab.cli import main
+from gptlab.cli.main import main
 
 sys.exit(main())

@@ -1,0 +1,1 @@
+"""Configuration: the typed sections of a run, TOML files, dotted overrides, validation."""

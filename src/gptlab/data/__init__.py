@@ -1,0 +1,1 @@
+"""Text to batches: tokenizers, chat templates, records and sources, corpora, prepared shards."""

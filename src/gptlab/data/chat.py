@@ -1,0 +1,709 @@
+"""Chat templates: conversations (`messages: [{role, content}, ...]`, the OpenAI and Hugging
+Face shape) to token ids, with a special token for each turn.
+
+A conversation renders as (here with the default template, `bos` on)
+
+    <|endoftext|><|system|>Be brief.<|end|><|user|>Hi!<|end|><|assistant|>Hello.<|end|>
+
+and a prompt for the model's next reply ends with `<|assistant|>` (`add_generation_prompt`);
+the reply ends when the model samples `<|end|>`. Every marker is one id that ordinary text
+never produces: content is encoded with `encode_ordinary`, so a user who types "<|user|>"
+gets the ids of that text, not the marker's. The mask `render` returns is True on the ids
+the model learns to produce: each assistant message's content and its `<|end|>`.
+
+A base model's tokenizer lacks these tokens; `ensure_special_tokens` grows the tokenizer
+(`tokenizer.WithSpecialTokens`) and the model's embedding and output head by as many rows,
+initialised to the mean of the existing rows. The template travels with the run
+(`save_template`: chat_template.json beside the checkpoints, or a checkpoint's meta.json key
+`chat_template`); `jinja` writes it for `transformers`' `apply_chat_template`, which gives
+the same ids (`gptlab convert to-hf` puts it in the exported folder).
+
+An instructions run (`gptlab finetune` on {instruction, input, output} records) learned the
+book's Alpaca prompt instead: `InstructionTemplate` (`ALPACA`) renders a conversation as
+that prompt, one exchange an example, and its reply ends at `<|endoftext|>`. It has no
+special tokens and grows nothing; it is saved, loaded, exported and used for chat the same
+way. Both kinds answer `render`, `end_id`, `jinja` and `to_dict`, and the saved template's
+`kind` says which it is (a file without one is the special-token kind).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from gptlab.atomic import write_json
+from gptlab.data.tokenizer import ENDOFTEXT, Tokenizer, WithSpecialTokens, eot_id
+from gptlab.errors import GptlabError
+from gptlab.model.gpt import GPTModel
+
+ROLES = ("system", "user", "assistant")
+TEMPLATE_FILE = "chat_template.json"  # in a run directory, beside checkpoints/
+META_KEY = "chat_template"  # in a checkpoint's meta.json
+FORMAT = "gptlab-chat-template"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How a conversation becomes ids: one special token opens each role's turn, one ends
+    every turn; with `bos`, the tokenizer's `<|endoftext|>` comes first (the token every
+    document of pretraining followed)."""
+
+    kind: ClassVar[str] = "special-tokens"  # in the saved template, beside the fields
+    name: str = "gptlab-chat"
+    system: str = "<|system|>"
+    user: str = "<|user|>"
+    assistant: str = "<|assistant|>"
+    end: str = "<|end|>"
+    bos: bool = True
+
+    def __post_init__(self):
+        tokens = self.special_tokens
+        if not all(isinstance(t, str) and t.strip() == t and t for t in tokens):
+            raise GptlabError(
+                f"chat template {self.name!r}: its special tokens must be non-empty strings "
+                f"without surrounding spaces, got {list(tokens)!r}"
+            )
+        if len(set(tokens)) != len(tokens) or ENDOFTEXT in tokens:
+            raise GptlabError(
+                f"chat template {self.name!r}: its special tokens must differ from each other "
+                f"and from {ENDOFTEXT}, got {list(tokens)!r}"
+            )
+        if not isinstance(self.bos, bool):
+            raise GptlabError(f"chat template {self.name!r}: bos must be true or false")
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The template's tokens, in the order a tokenizer grows by them."""
+        return (self.system, self.user, self.assistant, self.end)
+
+    @property
+    def bos_token(self) -> str | None:
+        """The token every rendering starts with, or None."""
+        return ENDOFTEXT if self.bos else None
+
+    def opener(self, role: str) -> str:
+        return {"system": self.system, "user": self.user, "assistant": self.assistant}[role]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields and the kind, as `template_from_dict` reads them back."""
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "chat template") -> ChatTemplate:
+        """The template `to_dict` wrote (a dict without `kind` too: the files written before
+        there were two kinds); a GptlabError naming `where` if it is malformed."""
+        return _from_dict(cls, d, where)
+
+    def render(
+        self,
+        tokenizer: Tokenizer,
+        messages: Sequence[dict[str, str]],
+        add_generation_prompt: bool = False,
+        where: str = "messages",
+    ) -> tuple[list[int], list[bool]]:
+        """Token ids of a conversation, and a mask of the same length that is True where
+        the model should learn to produce the token (each assistant message's content and
+        the `end` token that closes it).
+
+        With `add_generation_prompt`, the ids end with the assistant's opener: a prompt for
+        the next reply (the opener is never a learned token). Content is encoded as plain
+        text, so text that spells a special token never becomes it. `where` names the
+        messages in errors (e.g. "train.jsonl:12 messages"). Raises GptlabError for bad
+        messages or a tokenizer without the template's tokens (grow it with
+        `ensure_special_tokens`).
+        """
+        messages = check_messages(messages, where)
+        ids_of = special_ids(tokenizer, self)
+        if ids_of is None:
+            raise GptlabError(
+                f"the tokenizer lacks the chat template's special tokens "
+                f"{', '.join(missing_tokens(tokenizer, self))}; grow it first "
+                "(chat.ensure_special_tokens, which gptlab finetune does)"
+            )
+        ids: list[int] = []
+        mask: list[bool] = []
+        if self.bos:
+            bos = eot_id(tokenizer)
+            if bos is None:
+                raise GptlabError(
+                    f"chat template {self.name!r} starts with {ENDOFTEXT}, which this "
+                    "tokenizer lacks; use a template with bos off"
+                )
+            ids.append(bos)
+            mask.append(False)
+        for m in messages:
+            learn = m["role"] == "assistant"
+            content = tokenizer.encode_ordinary(m["content"])
+            ids.append(ids_of[self.opener(m["role"])])
+            ids.extend(content)
+            ids.append(ids_of[self.end])
+            mask.extend([False] + [learn] * (len(content) + 1))
+        if add_generation_prompt:
+            ids.append(ids_of[self.assistant])
+            mask.append(False)
+        return ids, mask
+
+    def end_id(self, tokenizer: Tokenizer) -> int:
+        """The id of `end`, which closes every turn: a reply ends when it is sampled."""
+        ids_of = special_ids(tokenizer, self)
+        if ids_of is None:
+            raise GptlabError(
+                f"the tokenizer lacks the chat template's special tokens "
+                f"{', '.join(missing_tokens(tokenizer, self))}"
+            )
+        return ids_of[self.end]
+
+    def jinja(self) -> str:
+        """The template as a Jinja string for `transformers`' `apply_chat_template`, which
+        renders it to text and tokenizes that: with the special tokens in the exported
+        tokenizer, the same ids as `render`. `{% generation %}` marks what `render`'s mask
+        marks (`return_assistant_tokens_mask`)."""
+        q = json.dumps  # a JSON string is a valid Jinja string literal
+        opener = {"system": self.system, "user": self.user, "assistant": self.assistant}
+        bad = "messages must have role system, user or assistant"
+        return (
+            "{%- set opener = "
+            + json.dumps(opener)
+            + " -%}"
+            + ("{{- bos_token -}}" if self.bos else "")
+            + "{%- for message in messages -%}"
+            "{%- if message['role'] not in opener -%}"
+            "{{- raise_exception(" + q(bad) + ") -}}"
+            "{%- endif -%}"
+            "{{- opener[message['role']] -}}"
+            "{%- if message['role'] == 'assistant' -%}"
+            "{%- generation -%}{{- message['content'] + "
+            + q(self.end)
+            + " -}}{%- endgeneration -%}"
+            "{%- else -%}"
+            "{{- message['content'] + " + q(self.end) + " -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- " + q(self.assistant) + " -}}{%- endif -%}"
+        )
+
+
+DEFAULT = ChatTemplate()
+
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+
+
+@dataclass(frozen=True)
+class InstructionTemplate:
+    """The book's Alpaca prompt (chapter 7) as a chat template: how a model finetuned on
+    instructions records (`format_input`, the response header, the output, `<|endoftext|>`)
+    is prompted. A conversation of one user message renders as
+
+        Below is an instruction that describes a task. Write a response that appropriately
+        completes the request.
+
+        ### Instruction:
+        What is the capital of Zembla?
+
+        ### Response:
+
+    and the reply ends when the model samples `<|endoftext|>`, as every output it learned
+    did. Messages map onto the prompt so that each exchange the model reads is the shape
+    of one of its training examples:
+
+    - a user message is an instruction. A record's `input` has no message of its own: a
+      user writes it into the instruction (the book's records without an input render
+      exactly so).
+    - an assistant message is the response to the instruction before it, then
+      `<|endoftext|>`.
+    - earlier turns are earlier examples: each exchange renders whole, from the preamble to
+      its `<|endoftext|>`, and the next follows it, as documents followed one another in
+      pretraining. Someone chatting with the book's model asks one instruction after
+      another; rendered so, the newest is prompted exactly as in training and nothing sent
+      is dropped. (One preamble with the pairs run together would be a text the model never
+      saw; keeping only the last message would hide what the user sent.)
+    - a system message, first, replaces the preamble in every exchange (the preamble is
+      the Alpaca prompt's system prompt); anywhere else it is refused.
+
+    After the optional system message, user and assistant messages alternate, and a prompt
+    for the next reply ends with a user message; anything else is a one-line GptlabError.
+    The template has no special tokens: a base needs no new rows for it.
+    """
+
+    kind: ClassVar[str] = "instruction"
+    name: str = "alpaca"
+    preamble: str = ALPACA_PREAMBLE
+    instruction_header: str = "### Instruction:"
+    input_header: str = "### Input:"
+    response_header: str = "### Response:"
+
+    def __post_init__(self):
+        headers = (self.instruction_header, self.input_header, self.response_header)
+        if not all(isinstance(h, str) and h.strip() for h in headers):
+            raise GptlabError(
+                f"instruction template {self.name!r}: its headers must be non-empty strings, "
+                f"got {list(headers)!r}"
+            )
+        if not isinstance(self.preamble, str):
+            raise GptlabError(f"instruction template {self.name!r}: the preamble must be text")
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """None: the prompt is plain text, and its end is the tokenizer's `<|endoftext|>`."""
+        return ()
+
+    @property
+    def bos_token(self) -> str | None:
+        """None: an example starts with its preamble, as the finetune renders it."""
+        return None
+
+    @property
+    def response_prompt(self) -> str:
+        """What comes between an instruction and its response: "\\n\\n### Response:\\n"."""
+        return f"\n\n{self.response_header}\n"
+
+    def format_input(
+        self, instruction: str, input_text: str = "", preamble: str | None = None
+    ) -> str:
+        """The prompt of one instruction (and its input, if any) without the response
+        header: the book's `format_input`, with `preamble` in place of the template's own
+        when given."""
+        head = self.preamble if preamble is None else preamble
+        text = f"{head}\n\n{self.instruction_header}\n{instruction}"
+        if input_text:
+            text += f"\n\n{self.input_header}\n{input_text}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields and the kind, as `template_from_dict` reads them back."""
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "chat template") -> InstructionTemplate:
+        """The template `to_dict` wrote; a GptlabError naming `where` if it is malformed."""
+        return _from_dict(cls, d, where)
+
+    def exchanges(
+        self,
+        messages: Sequence[dict[str, str]],
+        add_generation_prompt: bool = False,
+        where: str = "messages",
+    ) -> tuple[str, list[tuple[str, str | None]]]:
+        """A conversation checked against the rules above: (the preamble, [(instruction,
+        response or None for the last unanswered one), ...])."""
+        messages = check_messages(messages, where)
+        preamble, first = self.preamble, 0
+        if messages[0]["role"] == "system":
+            preamble, first = messages[0]["content"], 1
+        pairs: list[tuple[str, str | None]] = []
+        for i in range(first, len(messages)):
+            role, content = messages[i]["role"], messages[i]["content"]
+            want = "user" if (i - first) % 2 == 0 else "assistant"
+            if role != want:
+                raise GptlabError(
+                    f"{where}[{i}] has role {role!r}, but {want!r} comes next: an instruction "
+                    "run's chat is an optional system message (in place of the preamble), then "
+                    "user and assistant messages in turn"
+                )
+            if role == "user":
+                pairs.append((content, None))
+            else:
+                pairs[-1] = (pairs[-1][0], content)
+        if add_generation_prompt and (not pairs or pairs[-1][1] is not None):
+            raise GptlabError(
+                f"{where} end with the {messages[-1]['role']}'s message; end them with the "
+                "user's instruction for the model to answer"
+            )
+        return preamble, pairs
+
+    def render(
+        self,
+        tokenizer: Tokenizer,
+        messages: Sequence[dict[str, str]],
+        add_generation_prompt: bool = False,
+        where: str = "messages",
+    ) -> tuple[list[int], list[bool]]:
+        """Token ids of a conversation, and a mask of the same length that is True where
+        the model should learn to produce the token (each response and its `<|endoftext|>`,
+        as finetune.mask "response" marks them).
+
+        Each exchange's prompt (preamble, instruction and, when a response or the
+        generation prompt follows, the response header) is encoded as one text, so a prompt
+        of one user message has the ids of `finetune.instruction_prompt`'s text; a response
+        is encoded on its own, as the finetune encodes the output. Text is encoded as plain
+        text: a user who types "<|endoftext|>" gets the ids of that text. Raises
+        GptlabError for messages that break the rules (the class docstring).
+        """
+        preamble, pairs = self.exchanges(messages, add_generation_prompt, where)
+        end = self.end_id(tokenizer)
+        ids: list[int] = []
+        mask: list[bool] = []
+        for n, (instruction, response) in enumerate(pairs):
+            text = self.format_input(instruction, preamble=preamble)
+            if response is not None or (add_generation_prompt and n == len(pairs) - 1):
+                text += self.response_prompt
+            prompt = tokenizer.encode_ordinary(text)
+            ids.extend(prompt)
+            mask.extend([False] * len(prompt))
+            if response is not None:
+                reply = [*tokenizer.encode_ordinary(response), end]
+                ids.extend(reply)
+                mask.extend([True] * len(reply))
+        return ids, mask
+
+    def end_id(self, tokenizer: Tokenizer) -> int:
+        """The id of `<|endoftext|>`, which the finetune put after every output."""
+        end = eot_id(tokenizer)
+        if end is None:
+            raise GptlabError(
+                f"the tokenizer has no {ENDOFTEXT}, which ends an instruction run's "
+                "responses; use the run's own tokenizer"
+            )
+        return end
+
+    def jinja(self) -> str:
+        """The template as a Jinja string for `transformers`' `apply_chat_template`: the
+        same text as `render`, so the same ids where text tokenizes the same whole as in
+        its pieces (`{% generation %}` marks what `render`'s mask marks), and the same
+        refusals through `raise_exception`."""
+        q = json.dumps  # a JSON string is a valid Jinja string literal
+        turns = (
+            "an instruction run's chat is an optional system message (in place of the "
+            "preamble), then user and assistant messages in turn"
+        )
+        last = "end the messages with the user's instruction for the model to answer"
+        return (
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set preamble = messages[0]['content'] -%}"
+            "{%- set turns = messages[1:] -%}"
+            "{%- else -%}"
+            "{%- set preamble = " + q(self.preamble) + " -%}"
+            "{%- set turns = messages -%}"
+            "{%- endif -%}"
+            "{%- for message in turns -%}"
+            "{%- if loop.index0 is even and message['role'] == 'user' -%}"
+            "{{- preamble + " + q(f"\n\n{self.instruction_header}\n") + " + message['content'] -}}"
+            "{%- if not loop.last or add_generation_prompt -%}"
+            "{{- " + q(self.response_prompt) + " -}}"
+            "{%- endif -%}"
+            "{%- elif loop.index0 is odd and message['role'] == 'assistant' -%}"
+            "{%- generation -%}{{- message['content'] + "
+            + q(ENDOFTEXT)
+            + " -}}{%- endgeneration -%}"
+            "{%- else -%}"
+            "{{- raise_exception(" + q(turns) + ") -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt and (not turns or turns[-1]['role'] != 'user') -%}"
+            "{{- raise_exception(" + q(last) + ") -}}"
+            "{%- endif -%}"
+        )
+
+
+ALPACA = InstructionTemplate()
+
+Template = ChatTemplate | InstructionTemplate  # what a run's chat_template is
+KINDS: dict[str, type[ChatTemplate] | type[InstructionTemplate]] = {
+    t.kind: t for t in (ChatTemplate, InstructionTemplate)
+}
+
+
+def template_from_dict(d: Any, where: str = "chat template") -> Template:
+    """The template a `to_dict()` describes, of the class its `kind` names (a dict without
+    a kind is a ChatTemplate: files written before there were two kinds). A GptlabError
+    naming `where` for an unknown kind or malformed fields."""
+    kind = d.get("kind", ChatTemplate.kind) if isinstance(d, dict) else ChatTemplate.kind
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise GptlabError(
+            f"{where} has kind {kind!r}, which this gptlab does not know "
+            f"({', '.join(KINDS)}); upgrade gptlab or restore the run's template"
+        )
+    return KINDS[kind].from_dict(d, where)
+
+
+def _to_dict(template: Template) -> dict[str, Any]:
+    return {"kind": template.kind, **asdict(template)}
+
+
+def _from_dict(cls: type, d: Any, where: str) -> Any:
+    """A `cls` from its `to_dict()`: each key one of its fields or `kind` (its own), booleans
+    where the field is one and strings elsewhere; else a GptlabError naming `where`."""
+    types = {f.name: f.type for f in fields(cls)}  # names of types: annotations are strings
+    names = {"kind", *types}
+    if isinstance(d, dict) and d.get("kind", cls.kind) != cls.kind:
+        raise GptlabError(f"{where} is of kind {d['kind']!r}, not {cls.kind!r}")
+    if not isinstance(d, dict) or set(d) - names:
+        extra = sorted(set(d) - names) if isinstance(d, dict) else type(d).__name__
+        raise GptlabError(f"{where} is malformed (unexpected {extra}); it takes {sorted(names)}")
+    values = {k: v for k, v in d.items() if k != "kind"}
+    flags = [k for k, t in types.items() if t == "bool"]
+    if not all(isinstance(v, bool if k in flags else str) for k, v in values.items()):
+        rule = (
+            f"{', '.join(flags)} true/false, the rest strings"
+            if flags
+            else "its fields are strings"
+        )
+        raise GptlabError(f"{where} is malformed: {rule}")
+    return cls(**values)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def special_ids(tokenizer: Tokenizer, template: Template) -> dict[str, int] | None:
+    """The template's tokens' ids in `tokenizer`, or None if it lacks any of them."""
+    lookup = getattr(tokenizer, "special_id", None)
+    if lookup is None:
+        return None
+    ids = {t: lookup(t) for t in template.special_tokens}
+    return None if any(i is None for i in ids.values()) else ids
+
+
+def missing_tokens(tokenizer: Tokenizer, template: Template) -> list[str]:
+    """The template's special tokens `tokenizer` has no id for."""
+    lookup = getattr(tokenizer, "special_id", lambda t: None)
+    return [t for t in template.special_tokens if lookup(t) is None]
+
+
+def check_messages(messages: Any, where: str = "messages") -> list[dict[str, str]]:
+    """`messages` checked: a non-empty list of {role: system|user|assistant, content: str}
+    (other keys are ignored). A problem is a GptlabError naming `where` and the message."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise GptlabError(f"{where} must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise GptlabError(f"{where}[{i}] must be an object with role and content")
+        role = m.get("role")
+        if role not in ROLES:
+            raise GptlabError(f"{where}[{i}] has role {role!r}; use system, user or assistant")
+        if not isinstance(m.get("content"), str):
+            raise GptlabError(
+                f"{where}[{i}] ({role}) needs its content as a string, "
+                f"got {type(m.get('content')).__name__}"
+            )
+    return list(messages)
+
+
+def render(
+    template: Template,
+    tokenizer: Tokenizer,
+    messages: Sequence[dict[str, str]],
+    add_generation_prompt: bool = False,
+    where: str = "messages",
+) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation rendered by `template`, and a mask of the same length
+    that is True where the model should learn to produce the token (the assistant's
+    replies and the end token that closes each). With `add_generation_prompt`, the ids are
+    a prompt for the next reply. `where` names the messages in errors (e.g. "train.jsonl:12
+    messages"). Raises GptlabError for bad messages or a tokenizer the template does not
+    fit. (`ChatTemplate.render` and `InstructionTemplate.render` say how each lays it out.)
+    """
+    return template.render(tokenizer, messages, add_generation_prompt, where)
+
+
+PLAYS_STOP = "\n\n"  # a speech ends at a blank line, before the next speaker's name
+PLAYS_SPEAKERS = {"user": "USER", "assistant": "ASSISTANT"}
+
+
+def render_plays(messages: Sequence[dict[str, str]], where: str = "messages") -> str:
+    """The prompt text for a base model (no chat template): each message a speech, its
+    speaker's name in capitals on a line of its own (`USER:`, `ASSISTANT:`), speeches apart
+    by a blank line, system messages as plain paragraphs, contents stripped; it ends with
+    `ASSISTANT:` and a newline, and the reply ends at PLAYS_STOP (the next blank line)."""
+    parts = []
+    for m in check_messages(messages, where):
+        content = m["content"].strip()
+        role = m["role"]
+        parts.append(content if role == "system" else f"{PLAYS_SPEAKERS[role]}:\n{content}")
+    parts.append("ASSISTANT:\n")
+    return "\n\n".join(parts)
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A prompt for the next reply: its ids, and what ends the reply (stop strings, ids)."""
+
+    ids: list[int]
+    stop: tuple[str, ...]
+    stop_ids: tuple[int, ...]
+
+
+def chat_prompt(
+    template: Template | None,
+    tokenizer: Tokenizer,
+    messages: Sequence[dict[str, str]],
+    where: str = "messages",
+) -> ChatPrompt:
+    """`messages` as a prompt for the assistant's next reply: with a run's template (a chat
+    or instructions finetune), `render` and its end id; with None (a base model),
+    `render_plays` and its blank-line stop. Raises GptlabError for bad messages."""
+    if template is None:
+        text = render_plays(messages, where)
+        return ChatPrompt(tokenizer.encode(text, allowed_special={ENDOFTEXT}), (PLAYS_STOP,), ())
+    ids, _ = render(template, tokenizer, messages, add_generation_prompt=True, where=where)
+    return ChatPrompt(ids, (), (end_id(tokenizer, template),))
+
+
+def end_id(tokenizer: Tokenizer, template: Template) -> int:
+    """The id that ends a reply in `template`: generation stops when it is sampled."""
+    return template.end_id(tokenizer)
+
+
+# --------------------------------------------------------------------------- growing a base
+
+
+def ensure_special_tokens(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    grow: bool = True,
+    fix: str = "allow growing the vocabulary",
+) -> tuple[nn.Module, Tokenizer]:
+    """(model, tokenizer) that hold the template's special tokens.
+
+    When the tokenizer lacks some, with `grow` the tokenizer gains them (ids after its own,
+    a `WithSpecialTokens` whose identity records them) and the model's embedding and output
+    head get rows for them, initialised to the mean of the rows of the tokenizer's existing
+    ids (a neutral start: every new token looks like the average token). Spare padded rows
+    are used first; `model.cfg.vocab_size` is raised in place, so save `model.cfg` with
+    the run. Without `grow`, a GptlabError names the missing tokens and `fix` (the option
+    that allows growth). Call it before wrapping the model (compile, DDP, adapters).
+    """
+    missing = missing_tokens(tokenizer, template)
+    if not missing:
+        _check_rows(model, tokenizer)
+        return model, tokenizer
+    if not grow:
+        raise GptlabError(
+            f"the base's tokenizer lacks the chat template's special tokens "
+            f"{', '.join(missing)}; {fix}, or start from a base whose tokenizer has them"
+        )
+    if not isinstance(model, GPTModel):
+        raise GptlabError(
+            f"cannot add the chat template's special tokens to a {type(model).__name__} "
+            "(only a bare GPTModel grows); add them before compiling or wrapping the model"
+        )
+    _check_rows(model, tokenizer)
+    if isinstance(tokenizer, WithSpecialTokens):  # grown before: keep its ids, add the rest
+        grown = WithSpecialTokens(tokenizer.base, [*tokenizer.added, *missing])
+    else:
+        grown = WithSpecialTokens(tokenizer, missing)
+    _grow_rows(model, old=tokenizer.n_vocab, new=grown.n_vocab)
+    return model, grown
+
+
+def _check_rows(model: nn.Module, tokenizer: Tokenizer) -> None:
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and cfg.vocab_size < tokenizer.n_vocab:
+        raise GptlabError(
+            f"the model has {cfg.vocab_size} vocabulary rows but its tokenizer "
+            f"{tokenizer.n_vocab} ids; check that the tokenizer belongs to the model"
+        )
+
+
+@torch.no_grad()
+def _grow_rows(model: GPTModel, old: int, new: int) -> None:
+    """Give ids old..new-1 rows equal to the mean of rows 0..old-1 (embedding and output
+    head), adding rows when the model has too few (padded to `vocab_multiple` as usual)."""
+    cfg = model.cfg
+    cfg.vocab_size = max(cfg.vocab_size, new)
+    rows = cfg.padded_vocab_size
+    emb, head = model.tok_emb.weight, model.out_head.weight
+    tied = head is emb
+    if rows > emb.shape[0]:
+        model.tok_emb = _more_rows(model.tok_emb, rows)
+        if tied:
+            model.out_head.weight = model.tok_emb.weight
+        else:
+            model.out_head = _more_rows(model.out_head, rows)
+    matrices = [model.tok_emb.weight] + ([] if tied else [model.out_head.weight])
+    for w in matrices:
+        w[old:new] = w[:old].mean(dim=0)
+
+
+def _more_rows(layer: nn.Embedding | nn.Linear, rows: int) -> nn.Embedding | nn.Linear:
+    """A copy of `layer` with `rows` rows: the old ones, then zeros."""
+    w = layer.weight
+    n, d = w.shape
+    grown = (
+        nn.Embedding(rows, d, device=w.device, dtype=w.dtype)
+        if isinstance(layer, nn.Embedding)
+        else nn.Linear(d, rows, bias=False, device=w.device, dtype=w.dtype)
+    )
+    grown.weight.zero_()
+    grown.weight[:n] = w
+    grown.weight.requires_grad_(w.requires_grad)
+    return grown
+
+
+# --------------------------------------------------------------------------- with the run
+
+
+def save_template(run_dir: str | Path, template: Template) -> Path:
+    """Write `template` as RUN_DIR/chat_template.json (atomically: a temporary file renamed
+    into place). It is tokenizer_config-style: the `chat_template` Jinja string beside the
+    fields gptlab reads back (`template`, with its `kind`). Returns the file's path."""
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    body = {
+        "format": FORMAT,
+        "template": template.to_dict(),
+        "special_tokens": list(template.special_tokens),
+        "bos_token": template.bos_token,
+        "chat_template": template.jinja(),
+    }
+    path = out / TEMPLATE_FILE
+    try:
+        write_json(path, body, indent=1)
+    except OSError as e:
+        raise GptlabError(f"could not write {str(path)!r} ({e.strerror or e})") from None
+    return path
+
+
+def load_template(path: str | Path) -> Template | None:
+    """The chat template of a run directory or checkpoint directory, or None (a base
+    model). A checkpoint's meta.json key `chat_template` comes first, then
+    chat_template.json in the directory, then in the run directory above a checkpoint.
+    A checkpoint of an instructions finetune that saved none (one made before the runs
+    kept their template) gets ALPACA, the prompt every such run learned."""
+    p = Path(path)
+    meta = p / "meta.json"
+    body: Any = {}
+    if meta.is_file():
+        try:
+            body = json.loads(meta.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            pass  # an unreadable meta.json is the checkpoint loader's to report
+    body = body if isinstance(body, dict) else {}
+    if body.get(META_KEY) is not None:
+        return template_from_dict(body[META_KEY], f"the chat_template in {str(meta)!r}")
+    places = [p]
+    if p.parent.name == "checkpoints":
+        places.append(p.parent.parent)
+    for place in places:
+        f = place / TEMPLATE_FILE
+        if f.is_file():
+            return _read_template_file(f)
+    config = body.get("config")
+    finetune = config.get("finetune") if isinstance(config, dict) else None
+    if isinstance(finetune, dict) and finetune.get("format") == "instructions":
+        return ALPACA
+    return None
+
+
+def _read_template_file(f: Path) -> Template:
+    try:
+        body = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise GptlabError(
+            f"chat template {str(f)!r} is unreadable ({e}); restore it or remove it"
+        ) from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise GptlabError(
+            f"{str(f)!r} is not a gptlab chat template (no format {FORMAT!r}); remove it"
+        )
+    return template_from_dict(body.get("template"), f"chat template {str(f)!r}")

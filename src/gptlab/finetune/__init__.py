@@ -1,0 +1,1 @@
+"""Finetuning: records rendered into examples and batches, their objectives, `gptlab finetune`."""

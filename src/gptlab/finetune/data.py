@@ -1,0 +1,664 @@
+"""Finetuning data: records -> rendered examples -> batches, and the losses that score them.
+
+Three formats of records, one JSON object a line (.jsonl) or one JSON array (.json):
+
+- instructions: `instruction`, optional `input`, `output` (the book's chapter 7), rendered
+  with the book's Alpaca-style prompt (`format_input` + "\\n\\n### Response:\\n" + output),
+  whose text is `gptlab.data.chat.ALPACA`'s: the template such a run chats in;
+- chat: `messages: [{role, content}, ...]`, rendered by a chat template (gptlab.data.chat; the
+  caller passes its `render`, so this module needs no template of its own);
+- classification: `text`, `label` (the book's chapter 6).
+
+An instructions or chat record becomes an `Example`: its token ids, ending with one
+end-of-text token as the book's `custom_collate_fn` appends it, and per token whether the
+model should learn to produce it. `finetune.mask` picks which tokens those are:
+
+- response: only the response (the output, or the assistant turns) and its end-of-text;
+- instruction: the book's exercise 7.2: the instruction and input are masked, the
+  "### Response:" header and the output are learned;
+- padding: the book's chapter 7: every token but the padding is learned.
+
+Batches are (inputs, targets), targets -100 (cross-entropy's ignore_index) where nothing is
+learned. Examples are batched by padding each batch to its longest (`collate`, the book's
+`custom_collate_fn` with padding targets ignored), or packed into rows of context_length
+tokens (`pack`): then targets (B, 2, T) carry each position's example number beside its
+target, and the model (`GPTModel.forward(doc_ids=...)`) keeps attention inside each example
+and restarts its positions, so each loss equals the one-example-at-a-time loss.
+
+A classification record becomes a `ClassExample` (ids, label index); its batches are
+inputs (B, T) padded with end-of-text, and targets (B, 2): the label and the position of the
+last real token, whose logits the head scores (the book scores position -1 of a batch padded
+to the longest text: the same logits whenever no padding follows the text).
+
+`FinetuneData` holds the split examples and is what the Trainer is given in place of a
+Corpus: its loaders, its loss and, for classification, its accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.data.chat import ALPACA
+from gptlab.errors import GptlabError
+from gptlab.model.gpt import GPTModel
+from gptlab.model.loss import chunked_cross_entropy
+
+IGNORE_INDEX = -100  # cross-entropy skips these targets (the book's ignore_index)
+FORMATS = ("instructions", "chat", "classification")
+ROLES = ("system", "user", "assistant")
+
+# The prompt's text lives in its chat template, so that training and chat read one copy.
+ALPACA_PREAMBLE = ALPACA.preamble
+RESPONSE_HEADER = ALPACA.response_prompt  # "\n\n### Response:\n"
+
+# A chat renderer: (messages, add_generation_prompt) -> (ids, learn), gptlab.data.chat's render
+# with its template and tokenizer bound.
+ChatRender = Callable[[list[dict[str, str]], bool], tuple[list[int], list[bool]]]
+
+
+# --------------------------------------------------------------------------- records
+
+
+def format_input(entry: dict[str, Any]) -> str:
+    """The book's Alpaca-style prompt of an instructions record, without the response header."""
+    return ALPACA.format_input(entry["instruction"], entry.get("input") or "")
+
+
+def instruction_prompt(entry: dict[str, Any]) -> str:
+    """What the model sees before it answers: `format_input` and the response header."""
+    return format_input(entry) + RESPONSE_HEADER
+
+
+def read_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) for each record of a .jsonl file (one object a line, blank lines
+    skipped) or a .json file holding one array; `where` is "file:line" (or "file[i]")."""
+    p = Path(path)
+    if not p.is_file():
+        raise GptlabError(f"finetune data {str(p)!r} not found; pass --data FILE.jsonl")
+    text = p.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise GptlabError(
+                f"{p}: not valid JSON ({e}); write one record per line (.jsonl)"
+            ) from None
+        out = [(f"{p}[{i}]", r) for i, r in enumerate(items)]
+    else:
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append((f"{p}:{n}", json.loads(line)))
+            except ValueError as e:
+                raise GptlabError(
+                    f"{p}:{n}: not a JSON object ({e}); write one JSON record per line"
+                ) from None
+    for where, r in out:
+        if not isinstance(r, dict):
+            raise GptlabError(f"{where}: a record must be a JSON object, got {type(r).__name__}")
+    if not out:
+        raise GptlabError(f"finetune data {str(p)!r} holds no records; give one JSON record a line")
+    return out
+
+
+def detect_format(records: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """The format the first record's fields name (messages, text + label, instruction)."""
+    where, r = records[0]
+    if "messages" in r:
+        return "chat"
+    if "label" in r:
+        return "classification"
+    if "instruction" in r:
+        return "instructions"
+    raise GptlabError(
+        f"{where}: cannot tell the format from its fields {sorted(r)}; a record needs "
+        "instruction/output, messages, or text/label (or set --finetune.format)"
+    )
+
+
+def _text_field(where: str, r: dict[str, Any], key: str, fmt: str, optional: bool = False) -> str:
+    value = r.get(key, "" if optional else None)
+    if value is None:
+        needs = {
+            "instructions": "instruction and output (input optional)",
+            "classification": "text and label",
+            "chat": "messages",
+        }[fmt]
+        raise GptlabError(f"{where}: missing field {key!r}; each {fmt} record needs {needs}")
+    if not isinstance(value, str):
+        raise GptlabError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def check_messages(where: str, r: dict[str, Any]) -> list[dict[str, str]]:
+    """A chat record's messages, checked: a list of {role, content} with known roles and at
+    least one non-empty assistant turn."""
+    msgs = r.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise GptlabError(
+            f"{where}: 'messages' must be a non-empty list of {{role, content}} objects"
+        )
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise GptlabError(f"{where}: message {i} needs 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise GptlabError(
+                f"{where}: message {i} has role {m['role']!r}; roles are {', '.join(ROLES)}"
+            )
+        if not isinstance(m["content"], str):
+            raise GptlabError(f"{where}: message {i}'s content must be a string")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+        raise GptlabError(
+            f"{where}: no assistant turn with content: nothing to learn; add the reply"
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass
+class Example:
+    """A rendered instructions or chat record."""
+
+    ids: list[int]  # the tokens, ending with the end-of-text token
+    learn: list[bool]  # per token: the model should learn to produce it (a target)
+    where: str = ""  # "file:line", for messages
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class ClassExample:
+    """A rendered classification record."""
+
+    ids: list[int]
+    label: int  # index into FinetuneData.labels
+    where: str = ""
+
+
+def render_instruction(
+    entry: dict[str, Any], tokenizer: Any, mask: str
+) -> tuple[list[int], list[bool]]:
+    """(ids, learn) of an instructions record: the prompt, the response header and the
+    output, each encoded on its own (the prompt is encoded alone at inference too), then
+    end-of-text. `mask` is finetune.mask: response, instruction or padding."""
+    head = tokenizer.encode(format_input(entry))
+    header = tokenizer.encode(RESPONSE_HEADER)
+    out = tokenizer.encode(entry["output"]) + [tokenizer.eot_token]
+    ids = head + header + out
+    learned_header = mask != "response"
+    learned_head = mask == "padding"
+    learn = [learned_head] * len(head) + [learned_header] * len(header) + [True] * len(out)
+    return ids, learn
+
+
+def truncate(ids: list[int], learn: list[bool], context_length: int, where: str):
+    """(ids, learn, truncated?) cut to context_length + 1 tokens (inputs of context_length,
+    as the book's allowed_max_length cuts); an error when nothing learned remains."""
+    if len(ids) <= context_length + 1:
+        return ids, learn, False
+    ids, learn = ids[: context_length + 1], learn[: context_length + 1]
+    if not any(learn[1:]):
+        raise GptlabError(
+            f"{where}: the example is longer than the context ({context_length} tokens) and no "
+            "response token is left after cutting it; shorten the record or use a model with a "
+            "longer context"
+        )
+    return ids, learn, True
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def example_tensors(ex: Example) -> tuple[torch.Tensor, torch.Tensor]:
+    """One example as (inputs, targets), each (n - 1,): the ids shifted by one, targets
+    IGNORE_INDEX where nothing is learned."""
+    ids = torch.tensor(ex.ids, dtype=torch.long)
+    learn = torch.tensor(ex.learn, dtype=torch.bool)
+    targets = torch.where(learn[1:], ids[1:], IGNORE_INDEX)
+    return ids[:-1], targets
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a batch to its longest example: inputs (B, L) padded with pad_id, targets (B, L)
+    padded with IGNORE_INDEX (the book's custom_collate_fn; its one end-of-text kept as a
+    target is the Example's own last token)."""
+    pairs = [example_tensors(ex) for ex in examples]
+    L = max(len(x) for x, _ in pairs)
+    inputs = torch.full((len(pairs), L), pad_id, dtype=torch.long)  # (B, L)
+    targets = torch.full((len(pairs), L), IGNORE_INDEX, dtype=torch.long)  # (B, L)
+    for i, (x, y) in enumerate(pairs):
+        inputs[i, : len(x)] = x
+        targets[i, : len(y)] = y
+    return inputs, targets
+
+
+def pack(
+    examples: Sequence[Example], context_length: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples packed in order into rows of context_length positions, a new row when the
+    next does not fit: inputs (R, T) and targets (R, 2, T), [:, 0] the targets and [:, 1]
+    each position's example number in the row (the tail's padding is one more)."""
+    rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
+    used = 0
+    for ex in examples:
+        x, y = example_tensors(ex)
+        if used + len(x) > context_length and rows[-1]:
+            rows.append([])
+            used = 0
+        rows[-1].append((x, y))
+        used += len(x)
+    T = context_length
+    inputs = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (R, T)
+    targets = torch.full((len(rows), 2, T), IGNORE_INDEX, dtype=torch.long)  # (R, 2, T)
+    for r, row in enumerate(rows):
+        at = 0
+        for n, (x, y) in enumerate(row):
+            inputs[r, at : at + len(x)] = x
+            targets[r, 0, at : at + len(y)] = y
+            targets[r, 1, at : at + len(x)] = n
+            at += len(x)
+        targets[r, 1, at:] = len(row)  # the padding: its own example, never scored
+    return inputs, targets
+
+
+def _stack_rows(
+    rows: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows (input, target), each (T,) -> a batch (B, T), (B, T)."""
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
+def collate_classes(
+    examples: Sequence[ClassExample], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classification batch: inputs (B, L) padded with pad_id after each text, targets
+    (B, 2): the label and the last real token's position."""
+    L = max(len(ex.ids) for ex in examples)
+    inputs = torch.full((len(examples), L), pad_id, dtype=torch.long)  # (B, L)
+    targets = torch.zeros((len(examples), 2), dtype=torch.long)  # (B, 2)
+    for i, ex in enumerate(examples):
+        inputs[i, : len(ex.ids)] = torch.tensor(ex.ids, dtype=torch.long)
+        targets[i] = torch.tensor([ex.label, len(ex.ids) - 1])
+    return inputs, targets
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the learned target tokens of a padded batch (targets (B, T))
+    or a packed one (targets (B, 2, T), the example numbers in [:, 1]): a scalar.
+
+    A bare GPTModel runs its output head on the learned positions only: the prompts'
+    and the padding's logits, most of a finetuning batch's (B, T, V), are never formed. A
+    wrapped model (DDP; FSDP2, which makes the model's class a subclass of its own) goes
+    through its forward, which its hooks need."""
+    doc_ids = None
+    if targets.dim() == 3:
+        doc_ids, targets = targets[:, 1], targets[:, 0]
+    if type(model) is GPTModel:
+        learned = targets != IGNORE_INDEX  # (B, T)
+        hidden = model.hidden_states(inputs, doc_ids=doc_ids)[learned]  # (N, D)
+        head = model.out_head
+        if type(head) is nn.Linear and head.bias is None and not model.cfg.num_classes:
+            # the head and its loss a chunk of rows at a time: no (N, V) logits kept
+            return chunked_cross_entropy(
+                hidden,
+                head.weight,
+                targets[learned],
+                model.cfg.vocab_size,
+                softcap=model.cfg.logit_softcap,
+            )
+        return F.cross_entropy(model.head_logits(hidden), targets[learned])
+    logits = model(inputs, doc_ids=doc_ids)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def last_token_logits(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """The classifier's logits (B, C) at each text's last token (targets[:, 1])."""
+    logits = model(inputs)  # (B, T, C)
+    return logits[torch.arange(inputs.shape[0], device=inputs.device), targets[:, 1]]  # (B, C)
+
+
+def classification_loss(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of the last token's class logits against the labels (targets[:, 0])."""
+    return F.cross_entropy(last_token_logits(model, inputs, targets), targets[:, 0])
+
+
+@torch.no_grad()
+def classification_accuracy(
+    model: nn.Module, loader, device, num_batches: int | None = None
+) -> float:
+    """Share of examples whose last-token argmax is their label, over the loader's first
+    `num_batches` batches (all when None): the book's calc_accuracy_loader. Eval mode while
+    it runs; NaN for an empty loader."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    n = len(loader) if num_batches is None else min(num_batches, len(loader))
+    for i in range(n):
+        x, y = loader.batch(0, i)
+        x, y = x.to(device), y.to(device)
+        pred = last_token_logits(model, x, y).argmax(dim=-1)  # (B,)
+        correct += int((pred == y[:, 0]).sum())
+        total += len(pred)
+    model.train(was_training)
+    return correct / total if total else float("nan")
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+class ExampleLoader:
+    """Batches of examples (or packed rows) in an order fixed by (seed, epoch), with the
+    interface of data.TokenWindowLoader that the Trainer uses: `batch(epoch, index)` for
+    any batch (exact resume), iteration over epoch 0's batches (fixed evaluation batches)."""
+
+    def __init__(
+        self,
+        units: Sequence[Any],
+        batch_size: int,
+        make_batch: Callable[[list[Any]], tuple[torch.Tensor, torch.Tensor]],
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+    ):
+        self.units = list(units)
+        self.batch_size = batch_size
+        self.make_batch = make_batch
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.units)
+
+    def __len__(self) -> int:
+        n, b = len(self.units), self.batch_size
+        return n // b if self.drop_last else (n + b - 1) // b
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self.units)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sel = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+        return self.make_batch([self.units[i] for i in sel])
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.batch(0, i)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the order is a pure function of (seed, epoch)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- the data
+
+
+@dataclass
+class FinetuneData:
+    """Split, rendered finetuning examples: what the Trainer is given in place of a Corpus."""
+
+    format: str  # instructions, chat or classification
+    train: list[Any]  # Examples or ClassExamples
+    val: list[Any]
+    test: list[Any]
+    tokenizer: Any
+    fingerprint: str  # the records, the rendering and the tokenizer (a resume must match)
+    pad_id: int
+    context_length: int
+    pack: bool = False
+    labels: list[str] = field(default_factory=list)  # classification: names in head order
+    truncated: int = 0  # examples cut to the context
+    sample_ids: list[int] | None = None  # the first validation prompt (None: classification)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.format == "classification"
+
+    def sizes(self) -> dict[str, Any]:
+        """Tokens and records of each split, examples cut to the context, the format."""
+        out: dict[str, Any] = {"format": self.format}
+        for split in ("train", "val", "test"):
+            examples = getattr(self, split)
+            out[f"{split}_tokens"] = sum(len(ex.ids) for ex in examples)
+            out[f"{split}_examples"] = len(examples)
+        out["truncated"] = self.truncated
+        return out
+
+    def loader(self, split: str, batch_size: int, seed: int, train: bool = False) -> ExampleLoader:
+        """The loader over one split; training ones shuffle by (seed, epoch) and drop the
+        last partial batch, the others keep both."""
+        items: list[Any] = getattr(self, split)
+        if self.is_classifier:
+            batch: Callable = partial(collate_classes, pad_id=self.pad_id)
+        elif self.pack:
+            inputs, targets = pack(items, self.context_length, self.pad_id)
+            items = list(zip(inputs, targets, strict=True))
+            batch = _stack_rows
+        else:
+            batch = partial(collate, pad_id=self.pad_id)
+        return ExampleLoader(items, batch_size, batch, shuffle=train, seed=seed, drop_last=train)
+
+    def loaders(self, batch_size: int, seed: int) -> tuple[ExampleLoader, ExampleLoader]:
+        """(train, val) loaders for the Trainer."""
+        return self.loader("train", batch_size, seed, train=True), self.loader(
+            "val", batch_size, seed
+        )
+
+    def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training and evaluation loss of one batch (on the model's device)."""
+        if self.is_classifier:
+            return classification_loss(model, inputs, targets)
+        return lm_loss(model, inputs, targets)
+
+
+def set_trainable(model: nn.Module, train_blocks: int) -> None:
+    """Train only the top `train_blocks` transformer blocks, the final norm and the head
+    (the book's chapter 6 trains 1); -1 leaves every parameter trainable."""
+    if train_blocks < 0:
+        return
+    for p in model.parameters():
+        p.requires_grad_(False)
+    blocks = list(model.trf_blocks)
+    top = blocks[len(blocks) - train_blocks :] if train_blocks else []
+    for module in [*top, model.final_norm, model.out_head]:
+        for p in module.parameters():
+            p.requires_grad_(True)
+
+
+def _fingerprint(settings: list[Any], splits: list[list[Any]]) -> str:
+    """A hash of the settings and of every example's ids, mask and label, split by split."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for examples in splits:
+        h.update(b"|split|")
+        for ex in examples:
+            h.update(np.asarray(ex.ids, dtype=np.int64).tobytes())
+            extra = ex.learn if isinstance(ex, Example) else [ex.label]
+            h.update(b"/" + np.asarray(extra, dtype=np.int64).tobytes() + b";")
+    return h.hexdigest()[:16]
+
+
+def split_records(
+    records: list[tuple[str, dict[str, Any]]], val_ratio: float, test_ratio: float, seed: int
+) -> tuple[list, list, list]:
+    """(train, val, test) records: a permutation fixed by `seed`, cut by the two ratios
+    (each split at least one record when its ratio is above 0)."""
+    n = len(records)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, round(n * test_ratio)) if test_ratio > 0 else 0
+    n_val = max(1, round(n * val_ratio)) if val_ratio > 0 else 0
+    if n - n_test - n_val < 1:
+        raise GptlabError(
+            f"{n} records leave none for training after the validation and test splits; "
+            "give more records or lower --finetune.val_ratio / --finetune.test_ratio"
+        )
+    picked = [records[i] for i in perm]
+    return picked[n_test + n_val :], picked[n_test : n_test + n_val], picked[:n_test]
+
+
+def _labels_of(records) -> list[str]:
+    seen = {str(_label(w, r)) for w, r in records}
+    try:
+        return sorted(seen, key=lambda s: (0, int(s), s))
+    except ValueError:
+        return sorted(seen)
+
+
+def _label(where: str, r: dict[str, Any]) -> Any:
+    if "label" not in r:
+        raise GptlabError(
+            f"{where}: missing field 'label'; each classification record needs text and label"
+        )
+    v = r["label"]
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise GptlabError(f"{where}: 'label' must be a string or an integer, got {v!r}")
+    return v
+
+
+def load_finetune_data(
+    fc: Any,
+    train_source: str,
+    tokenizer: Any,
+    context_length: int,
+    seed: int,
+    chat_render: ChatRender | None = None,
+    labels: list[str] | None = None,
+) -> FinetuneData:
+    """The finetuning data a run trains on, checked record by record.
+
+    `fc` is the run's FinetuneConfig (format, mask, pack, val/test files or ratios);
+    `train_source` the records file; `chat_render` renders a chat record's messages to
+    (ids, learn) (gptlab.data.chat, with the run's template and tokenizer); `labels` fixes the
+    class names (a resumed run's), else they are the training records' labels, sorted.
+    Raises a GptlabError naming the record for a missing field, an unknown role, an empty
+    response, an example with no response left within the context, or a validation or
+    test label the training records do not have.
+    """
+    records = read_records(train_source)
+    fmt = detect_format(records) if fc.format == "auto" else fc.format
+    if fc.val or fc.test:
+        val = read_records(fc.val) if fc.val else []
+        test = read_records(fc.test) if fc.test else []
+        train = records
+        if not fc.val:
+            train, val, _ = split_records(records, fc.val_ratio, 0.0, seed)
+    else:
+        train, val, test = split_records(records, fc.val_ratio, fc.test_ratio, seed)
+    if not val:
+        raise GptlabError(
+            "no validation records; set --finetune.val FILE or a --finetune.val_ratio above 0"
+        )
+    if fmt == "classification" and fc.pack:
+        raise GptlabError(
+            "finetune.pack packs instructions and chat records; a classifier scores each text "
+            "on its own: drop --finetune.pack"
+        )
+    pad_id = tokenizer.eot_token
+    out: dict[str, list] = {}
+    truncated = 0
+    if fmt == "classification":
+        labels = labels or _labels_of(train)
+        index = {name: i for i, name in enumerate(labels)}
+        for split, recs in (("train", train), ("val", val), ("test", test)):
+            exs = []
+            for where, r in recs:
+                text = _text_field(where, r, "text", fmt)
+                name = str(_label(where, r))
+                if name not in index:
+                    raise GptlabError(
+                        f"{where}: label {name!r} is not among the training labels "
+                        f"({', '.join(labels)}); fix the label or add training records with it"
+                    )
+                ids = tokenizer.encode(text)
+                if not ids:
+                    raise GptlabError(f"{where}: empty text; give each record some text")
+                if len(ids) > context_length:
+                    ids, truncated = ids[:context_length], truncated + 1
+                exs.append(ClassExample(ids, index[name], where))
+            out[split] = exs
+        if len(labels) < 2:
+            raise GptlabError(
+                f"the training records have {len(labels)} label(s) ({', '.join(labels)}); "
+                "a classifier needs at least two"
+            )
+    else:
+        labels = []
+        for split, recs in (("train", train), ("val", val), ("test", test)):
+            exs = []
+            for where, r in recs:
+                if fmt == "chat":
+                    msgs = check_messages(where, r)
+                    if chat_render is None:
+                        raise GptlabError(
+                            "the chat format needs a chat template (gptlab.data.chat); set "
+                            "--finetune.template"
+                        )
+                    ids, learn = chat_render(msgs, False)
+                    if fc.mask == "padding":
+                        learn = [True] * len(ids)
+                else:
+                    _text_field(where, r, "instruction", fmt)
+                    _text_field(where, r, "input", fmt, optional=True)
+                    if not _text_field(where, r, "output", fmt).strip():
+                        raise GptlabError(
+                            f"{where}: empty 'output': nothing to learn; write the response "
+                            "or drop the record"
+                        )
+                    ids, learn = render_instruction(r, tokenizer, fc.mask)
+                ids, learn, cut = truncate(ids, learn, context_length, where)
+                truncated += cut
+                exs.append(Example(ids, learn, where))
+            out[split] = exs
+    sample = None  # the first validation prompt, which the run's samples answer
+    if fmt == "instructions":
+        sample = tokenizer.encode(instruction_prompt(val[0][1]))
+    elif fmt == "chat":
+        msgs = check_messages(*val[0])
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        sample = chat_render(msgs[:last], True)[0] if last else None
+    fingerprint = _fingerprint(
+        [fmt, fc.mask, fc.pack, fc.template, context_length, tokenizer.identity(), labels],
+        [out["train"], out["val"], out["test"]],
+    )
+    return FinetuneData(
+        fmt,
+        out["train"],
+        out["val"],
+        out["test"],
+        tokenizer,
+        fingerprint,
+        pad_id,
+        context_length,
+        fc.pack,
+        labels,
+        truncated,
+        sample,
+    )

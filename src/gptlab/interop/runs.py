@@ -1,0 +1,194 @@
+"""Open a trained model from wherever it lives: a gptlab run, a checkpoint, or a Hugging Face
+GPT-2 or Llama (a local folder, or a hub id where the network allows).
+
+A LoRA run (gptlab.model.lora) stores only its adapters: `open_run` opens its base again (the
+run's finetune.base), checks it is the one trained on (finetune.base_sha256), and puts the
+adapters on it (`lora_model`).
+
+`open_run` is what `gptlab generate`, `gptlab eval`, `train --init-from`, the tests and the
+benchmarks use, so every one of them accepts the same sources and reports the same errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from gptlab.config.schema import FinetuneConfig, RunConfig
+from gptlab.data import chat
+from gptlab.data.chat import Template
+from gptlab.data.tokenizer import Tokenizer, from_identity
+from gptlab.errors import GptlabError
+from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.interop import hf
+from gptlab.model import lora
+from gptlab.model.gpt import GPTModel
+from gptlab.runtime.device import resolve_device
+
+
+@dataclass
+class Run:
+    """A model ready to use, with the tokenizer and config it was trained with."""
+
+    model: GPTModel  # in eval mode, on `device`
+    tokenizer: Tokenizer
+    config: RunConfig  # for a Hugging Face model: its model shape and default settings
+    device: torch.device
+    checkpoint: Path | None  # the checkpoint directory; None for a Hugging Face model
+    chat_template: Template | None = None  # a finetuned chat or instructions model's; None: a base
+
+    @property
+    def tokenizer_identity(self) -> dict:
+        return self.tokenizer.identity()
+
+
+def is_hf_source(src: str | Path, hub: bool = False) -> bool:
+    """True for a Hugging Face model folder (config.json, no gptlab checkpoint), and with
+    `hub`, for a name that is no local path and so may be a hub id."""
+    p = Path(src).expanduser()
+    if ckpt_lib.is_run_dir(p):
+        return False
+    if p.is_dir():
+        return (p / "config.json").is_file()
+    return hub and not p.exists() and hf.looks_like_hub_id(str(src))
+
+
+def open_run(src: str | Path, device: str | torch.device = "auto", hub: bool = False) -> Run:
+    """The model of a gptlab run or checkpoint directory (its latest checkpoint), or of a
+    Hugging Face GPT-2 or Llama folder (with GPT-2's tokenizer, or the trained BPE in its
+    tokenizer.json), on `device`. With `hub`, a name
+    that is no local path is downloaded as a hub id (where the network allows).
+
+    Anything else is a GptlabError that says what the path holds and what to pass instead.
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if is_hf_source(src, hub):
+        model, tokenizer = hf.open_hf(src)
+        return Run(model.to(dev), tokenizer, RunConfig(model=model.cfg), dev, None)
+    model, cfg, meta = ckpt_lib.load_trained_model(src, lora_base=lora_model)
+    tokenizer = from_identity(meta["tokenizer"])
+    template = chat.load_template(meta["path"])
+    if template is not None and chat.missing_tokens(tokenizer, template):
+        raise GptlabError(
+            f"the chat template of {str(src)!r} uses "
+            f"{', '.join(chat.missing_tokens(tokenizer, template))}, which its tokenizer "
+            "lacks; the run is inconsistent: fine-tune it again"
+        )
+    return Run(model.to(dev).eval(), tokenizer, cfg, dev, Path(meta["path"]), template)
+
+
+# --------------------------------------------------------------------------- LoRA bases
+
+
+def open_base(src: str | Path) -> Run:
+    """The model `gptlab finetune --init-from SRC` starts from, on the CPU: `open_run`'s,
+    with a LoRA run's adapters merged in (a LoRA run on a LoRA run adapts the merged model)."""
+    run = open_run(src, device="cpu", hub=True)
+    if lora.has_lora(run.model):
+        lora.merge_lora(run.model)
+    return run
+
+
+def base_pointer(src: str | Path, run: Run) -> str:
+    """Where a LoRA run finds its base again: a gptlab base's checkpoint directory (not its
+    run's `latest`, which moves on), a folder's absolute path, or a hub id as given."""
+    if run.checkpoint is not None:
+        return str(run.checkpoint.resolve())
+    p = Path(src).expanduser()
+    return str(p.resolve()) if p.exists() else str(src)
+
+
+def lora_base_weights(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The weights of a LoRA run's base (`cfg.finetune.base`), once they are known to be
+    the ones it trained on: a missing or different base is a GptlabError naming it."""
+    fc = cfg.finetune
+    where = fc.base
+    if not where or not fc.base_sha256:
+        raise GptlabError(
+            "this LoRA run's config names no base model (finetune.base, finetune.base_sha256); "
+            "it cannot be loaded: finetune it again with --init-from"
+        )
+    if not Path(where).exists() and not hf.looks_like_hub_id(where):
+        raise GptlabError(
+            f"the base model {where!r} of this LoRA run is missing; put it back there (the "
+            "adapters only make sense on it), or resume with --finetune.base PATH of a copy"
+        )
+    model = open_base(where).model
+    found = lora.weights_fingerprint(model)
+    if found != fc.base_sha256:
+        raise GptlabError(
+            f"the base model {where!r} is not the one this LoRA run trained on (its weights' "
+            f"sha256 is {found[:12]}..., the run's {fc.base_sha256[:12]}...); restore that base, "
+            "or resume with --finetune.base PATH of a copy of it"
+        )
+    return model.state_dict()
+
+
+def load_base_weights(model: GPTModel, weights: dict[str, torch.Tensor]) -> None:
+    """Load a base's weights into `model`; a classifier keeps its own fresh head."""
+    if model.cfg.num_classes:
+        mine = {k: v for k, v in weights.items() if not k.startswith("out_head.")}
+        missing, unexpected = model.load_state_dict(mine, strict=False)
+        if unexpected or any(not k.startswith("out_head.") for k in missing):
+            raise GptlabError(
+                "the base model's weights do not fit the classifier; use another base"
+            )
+    else:
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise GptlabError(
+                f"the base model's weights do not fit this run's model ({ckpt_lib._mismatch(e)}); "
+                "use the base it was finetuned from"
+            ) from None
+
+
+def lora_model(cfg: RunConfig) -> GPTModel:
+    """A LoRA run's model without its adapters' values: the base's weights (checked by
+    `lora_base_weights`) with fresh adapters, on the CPU; its checkpoint fills in the rest."""
+    model = GPTModel(cfg.model)
+    load_base_weights(model, lora_base_weights(cfg))
+    return lora.prepare(model, cfg.finetune)
+
+
+def merge_lora_run(src: str | Path, out_dir: str | Path) -> tuple[Path, int]:
+    """Write the LoRA run `src` (its latest checkpoint) as a plain gptlab run in `out_dir`:
+    one checkpoint whose weights are W + alpha / r * B A for every adapted layer (fp32), with
+    the run's config (LoRA fields cleared), tokenizer and chat template. It needs no base:
+    generate, eval, serve, convert to-hf and --init-from take it like any run. Returns
+    (checkpoint path, adapted layers merged)."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise GptlabError(f"{str(out)!r} is not empty; choose a new output directory")
+    run = open_run(src, device="cpu")
+    n = len(lora.lora_layers(run.model))
+    if not n:
+        raise GptlabError(
+            f"{str(src)!r} is not a LoRA run (no adapters to merge); it is a plain run already"
+        )
+    model = lora.merge_lora(run.model).eval()
+    plain = {
+        f.name: f.default
+        for f in dataclasses.fields(FinetuneConfig)
+        if f.name.startswith("lora_") or f.name.startswith("base")
+    }
+    cfg = replace(run.config, finetune=replace(run.config.finetune, **plain))
+    meta_in = ckpt_lib.read_meta(run.checkpoint)
+    meta = {
+        "config": cfg.to_dict(),
+        "tokenizer": run.tokenizer_identity,
+        "val_loss": meta_in.get("val_loss"),
+        "tokens_seen": meta_in.get("tokens_seen"),
+        "merged_from": str(run.checkpoint.resolve()),
+        "lora_base": run.config.finetune.base,
+    }
+    path = ckpt_lib.save_checkpoint(out, int(meta_in.get("step", 0)), model, meta)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    (out / "tokenizer.json").write_text(json.dumps(run.tokenizer_identity))
+    if run.chat_template is not None:
+        chat.save_template(out, run.chat_template)
+    return path, n

@@ -1,0 +1,1 @@
+"""The model: GPTModel (token ids -> logits), its loss paths, LoRA adapters."""

@@ -1,0 +1,683 @@
+"""GPTModel: token ids in, logits out, and nothing else.
+
+The architecture and the module names are the walk-through's (GPT-2 shape, pre-LayerNorm
+blocks), so its readers find every piece where they expect it, and a model built from
+`GPT_CONFIG_124M` after `torch.manual_seed(123)` has the walk-through's initial weights:
+modules are created in the same order with PyTorch's default initialisation. What is
+different underneath, and why:
+
+- LayerNorm and GELU keep the walk-through's parameter names (`scale`, `shift`) but call
+  PyTorch's fused `F.layer_norm` and `F.gelu(approximate="tanh")`: the same math, faster.
+- Attention defaults to `F.scaled_dot_product_attention` (flash / memory-efficient
+  kernels); `attention="manual"` keeps the walk-through's explicit masked softmax.
+- No causal-mask buffer is stored; the walk-through's saved `...att.mask` entries are
+  ignored on load, so its checkpoints load unchanged.
+- `forward(new_ids, cache)` with a `KVCache` runs only the new tokens, attending over the
+  cached keys and values of the earlier ones (how `generate` samples quickly); without a
+  cache, forward is the walk-through's.
+- Optional: weight tying, a vocabulary padded to a multiple of 64 for faster matmuls
+  (logits are cut back to `vocab_size`, so padded ids are never sampled nor scored), and
+  GPT-2's initialisation.
+- Dropout layers are `Dropout` (an `nn.Dropout`): by default exactly PyTorch's. The trainer
+  may switch on `use_fast_dropout` for CPU training, which draws the masks from random
+  integers, faster (same distribution up to 1.5e-5 in p, another random stream; the
+  speed is in BENCHMARKS.md).
+- `use_activation_checkpointing` (off by default) has training keep only each block's input
+  and recompute the block's activations in backward: the same loss, gradients and random
+  stream, for about one more forward pass of compute and a fraction of the activations'
+  memory (what lets LoRA's frozen base cost less than full finetuning; BENCHMARKS.md).
+- Options from later models, each off by default (so the walk-through's presets build
+  exactly its model): rotary positions, RMSNorm, QK-norm, SwiGLU and ReLU^2 MLPs, no biases,
+  grouped-query attention, soft-capped logits and zero-initialised output projections
+  (`ModelConfig`; the README's table says what each is).
+
+Loss, sampling, precision, compilation and parallelism all live outside this file.
+
+Shape legend:
+    B   batch size              T   sequence length (<= context_length)
+    D   emb_dim                 H   n_heads
+    Hd  head_dim = D // H       V   vocab_size (Vp: padded to vocab_multiple)
+    Hkv key/value heads (n_kv_heads; H unless grouped-query attention)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
+
+from gptlab.config.schema import ModelConfig
+
+
+def as_model_config(cfg: ModelConfig | dict[str, Any]) -> ModelConfig:
+    """Accept the walk-through's plain dict or a ModelConfig."""
+    if isinstance(cfg, ModelConfig):
+        return cfg.validate()
+    return ModelConfig.from_dict(dict(cfg))
+
+
+class LayerNorm(nn.Module):
+    """Layer normalisation over the last dim, with the walk-through's `scale`/`shift` names
+    (`bias=False`: no shift)."""
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation (Llama's): x / rms(x) * scale, with no centring and no
+    shift. The statistics are taken in fp32 whatever the input's dtype, as Llama does."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), self.scale.shape, eps=self.eps).to(x.dtype)
+        return normed * self.scale
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The norm `cfg.norm` names, over `dim` features (default emb_dim)."""
+    dim = dim or cfg.emb_dim
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return LayerNorm(dim, cfg.norm_eps, bias=cfg.bias)
+
+
+class GELU(nn.Module):
+    """GELU with the tanh approximation that GPT-2 was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class ReLUSquared(nn.Module):
+    """relu(x)^2: sparse like ReLU, smooth at 0 in its gradient (the GPT-2 speedruns' MLP)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout; with `fast` set, CPU tensors get masks from `fast_dropout_mask`.
+
+    PyTorch's CPU dropout draws one Bernoulli sample per element, a visible share of a
+    small model's training step; 15 random bits per element, from one 63-bit draw per 4
+    elements, cost a fraction of that (BENCHMARKS.md). Off by default, so the
+    walk-through's model consumes the random stream exactly as its readers' does.
+    """
+
+    fast: bool = False
+
+    def uses_fast_mask(self, x: torch.Tensor) -> bool:
+        return self.fast and self.training and self.p > 0 and x.device.type == "cpu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.uses_fast_mask(x):
+            return super().forward(x)
+        if self.p == 1.0:
+            return x * 0.0
+        keep = fast_dropout_mask(x.shape, self.p, x.device)  # same shape as x, bool
+        return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0.0)
+
+
+def fast_dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device) -> torch.Tensor:
+    """Boolean keep-mask of `shape`: each element kept with probability 1 - p (to 2^-15).
+
+    One 63-bit draw of the global generator per 4 elements, 15 bits each: the top bit of
+    each 16-bit lane is masked off (`random_` leaves an int64's sign bit at 0), so every
+    lane is uniform over 0..32767 and drops when below round(p * 32768).
+    """
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()  # (n/4,)
+    lanes = bits.view(torch.int16)[:n].view(shape)  # 4 lanes per draw, 16 bits each
+    return (lanes & 0x7FFF) >= round(p * 32768)
+
+
+def use_fast_dropout(model: nn.Module, on: bool = True) -> None:
+    """Switch every `Dropout` in `model` to the fast CPU masks (or back)."""
+    for module in model.modules():
+        if isinstance(module, Dropout):
+            module.fast = on
+
+
+def use_activation_checkpointing(model: nn.Module, on: bool = True) -> None:
+    """Have every GPTModel in `model` recompute its blocks' activations in backward (or not).
+
+    Each block then keeps only its input for backward, and runs its forward a second time
+    there to rebuild the rest (torch.utils.checkpoint, non-reentrant). The random state is
+    stashed and replayed, so dropout draws the same masks and the generators end where they
+    would have: loss, gradients and the random stream stay those of a run without it.
+    """
+    for module in model.modules():
+        if isinstance(module, GPTModel):
+            module.checkpoint_blocks = on
+
+
+class FeedForward(nn.Module):
+    """Two-matrix MLP: D -> hidden -> D through GELU (GPT-2) or ReLU^2 (`cfg.mlp`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        act = ReLUSquared() if cfg.mlp == "relu2" else GELU()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, cfg.ff_hidden, bias=cfg.bias),
+            act,
+            nn.Linear(cfg.ff_hidden, cfg.emb_dim, bias=cfg.bias),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        """The matrix that writes back to the residual stream."""
+        return self.layers[2]
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP (Llama's): fc3(silu(fc1 x) * fc2 x), D -> hidden -> D with three matrices.
+
+    The names are those of the walk-through's Llama chapter: fc1 the gate, fc2 the up
+    projection, fc3 the down projection.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.emb_dim, cfg.ff_hidden, bias=cfg.bias)
+        self.fc2 = nn.Linear(cfg.emb_dim, cfg.ff_hidden, bias=cfg.bias)
+        self.fc3 = nn.Linear(cfg.ff_hidden, cfg.emb_dim, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))  # (B, T, D)
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.fc3
+
+
+def rope_angles(
+    positions: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles at `positions` (T,) or (B, T).
+
+    Returns two fp32 tensors (T, Hd), or (B, 1, T, Hd) for per-row positions, ready to
+    broadcast against queries and keys (B, H, T, Hd). Feature pair (i, i + Hd/2) turns by
+    position * theta^(-2i/Hd): Llama's layout as Hugging Face stores it, so its weights
+    need no permutation.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / theta**exponents  # (Hd/2,), rounded as Hugging Face's Llama rounds it
+    angles = positions.float()[..., None] * inv_freq  # (..., T, Hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (..., T, Hd)
+    if positions.dim() == 2:
+        angles = angles[:, None]  # (B, 1, T, Hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate queries or keys (B, H, T, Hd) by the angles of `rope_angles`; same shape and dtype."""
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, Hd)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the positions already seen, so generation computes each once.
+
+    `GPTModel.forward(new_ids, cache)` gives the new tokens the positions after the cached
+    ones (`advance`), and each attention layer stores their keys and values and attends over
+    all filled positions (`update`). Per layer the keys and values live in (B, H, max_len, Hd)
+    buffers allocated at the first write, in the keys' dtype and device (so autocast applies).
+
+    static=True keeps every shape fixed, for torch.compile with CUDA graphs: the position is
+    a device tensor, new keys are written with `index_copy_`, and attention runs over all
+    max_len slots with a mask hiding the empty ones. Eagerly it is slower, with the same
+    results. Its `pos` stays 0: the position is `pos_t`, which never leaves the device.
+    """
+
+    def __init__(self, max_len: int, static: bool = False):
+        self.max_len = max_len
+        self.static = static
+        self.keys: list[torch.Tensor] = []  # per layer (B, H, max_len, Hd)
+        self.values: list[torch.Tensor] = []  # per layer (B, H, max_len, Hd)
+        self.pos = 0  # positions filled (dynamic mode)
+        self.pos_t: torch.Tensor | None = None  # (1,) positions filled (static mode)
+        self._slots: torch.Tensor | None = None  # (T,) where the current forward writes
+        self._mask: torch.Tensor | None = None  # (T, Tk) which keys each new position sees
+
+    def reset(self) -> None:
+        """Forget every position (the buffers are kept and overwritten)."""
+        self.pos = 0
+        if self.pos_t is not None:
+            self.pos_t.zero_()
+
+    def advance(self, T: int, device: torch.device) -> torch.Tensor:
+        """Reserve the next T positions; returns them (T,). Called once per forward."""
+        if self.static:
+            if self.pos_t is None:
+                self.pos_t = torch.zeros(1, dtype=torch.long, device=device)
+                _mark_static(self.pos_t)
+            slots = self.pos_t + torch.arange(T, device=device)  # (T,)
+            self.pos_t += T
+            keys = torch.arange(self.max_len, device=device)  # (max_len,)
+            self._mask = keys[None, :] <= slots[:, None]  # (T, max_len)
+        else:
+            past = self.pos
+            if past + T > self.max_len:
+                raise ValueError(
+                    f"KV cache full: {past} + {T} positions exceed its max_len {self.max_len}"
+                )
+            slots = torch.arange(past, past + T, device=device)  # (T,)
+            self.pos += T
+            # one new token sees every cached key; a block of them sees the past and its own causal part
+            keys = torch.arange(past + T, device=device)  # (Tk,)
+            self._mask = None if T == 1 else keys[None, :] <= slots[:, None]  # (T, Tk)
+        self._slots = slots
+        return slots
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store layer `layer`'s new keys and values (B, H, T, Hd) at the reserved slots.
+
+        Returns all keys and values to attend over (B, H, Tk, Hd) and the boolean mask
+        (T, Tk) of keys each new position may see (None: all of them).
+        """
+        if layer == len(self.keys):
+            B, H, _, Hd = k.shape
+            for store in (self.keys, self.values):
+                buf = torch.zeros(B, H, self.max_len, Hd, dtype=k.dtype, device=k.device)
+                _mark_static(buf)
+                store.append(buf)
+        kb, vb = self.keys[layer], self.values[layer]
+        if kb.shape[0] != k.shape[0]:
+            raise ValueError(f"KV cache holds batch size {kb.shape[0]}, got {k.shape[0]}")
+        if self.static:
+            kb.index_copy_(2, self._slots, k.to(kb.dtype))
+            vb.index_copy_(2, self._slots, v.to(vb.dtype))
+            return kb, vb, self._mask
+        start, end = self.pos - k.shape[2], self.pos
+        kb[:, :, start:end] = k
+        vb[:, :, start:end] = v
+        return kb[:, :, :end], vb[:, :, :end], self._mask  # (B, H, Tk, Hd) x 2
+
+
+def _mark_static(t: torch.Tensor) -> None:
+    # CUDA graphs may then keep the buffer's address and let the graph update it in place.
+    if t.is_cuda:
+        torch._dynamo.mark_static_address(t)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention with separate query/key/value projections.
+
+    The walk-through's arguments come first. The options after them are off by default:
+    `num_kv_heads` < num_heads shares each key/value head among a group of query heads
+    (grouped-query attention; 1 is multi-query), `qk_norm` RMS-normalises each head's
+    queries and keys, and rotary angles passed to `forward` rotate them by position.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+        attention: str = "sdpa",
+        fused_qkv: bool = False,
+        num_kv_heads: int | None = None,
+        out_bias: bool = True,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        if d_out % num_heads:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = d_out // num_heads
+        self.context_length = context_length
+        self.attention = attention
+        self.fused_qkv = fused_qkv
+        d_kv = self.num_kv_heads * self.head_dim
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_kv, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_kv, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out, bias=out_bias)
+        self.dropout = Dropout(dropout)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        # The walk-through stores its causal mask as a buffer; its checkpoints carry it.
+        self._register_load_state_dict_pre_hook(_drop_walkthrough_mask)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). With a cache, x holds only the new positions.
+
+        `attn_mask` (B, 1, T, T) bool, without a cache: which keys each query may see (True:
+        seen), in place of the causal mask (packed examples: causal within each example).
+        """
+        B, T, _ = x.shape
+        H, Hkv, Hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.fused_qkv:
+            q, k, v = self._qkv_one_matmul(x)  # (B, T, D), (B, T, Hkv Hd) x 2
+        else:
+            q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
+        q = q.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
+        k = k.view(B, T, Hkv, Hd).transpose(1, 2)  # (B, Hkv, T, Hd)
+        v = v.view(B, T, Hkv, Hd).transpose(1, 2)  # (B, Hkv, T, Hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        mask = attn_mask  # None: causal over the T positions
+        if cache is not None:
+            # Attend over the cached past too: Tk = past + T keys; mask (T, Tk) or None (all).
+            k, v, mask = cache.update(layer, k, v)  # (B, Hkv, Tk, Hd) x 2
+        if Hkv != H:  # each key/value head serves H / Hkv query heads
+            k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, Hd)
+            v = v.repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, Hd)
+
+        # SDPA's CPU kernels have no dropout: with it they fall back to the same math as
+        # below, with PyTorch's slower masks; the fast ones need the explicit path.
+        if self.attention == "sdpa" and not self.dropout.uses_fast_mask(q):
+            p = self.dropout.p if self.training else 0.0
+            ctx = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=cache is None and mask is None
+            )  # (B, H, T, Hd)
+        else:
+            scores = q @ k.transpose(2, 3)  # (B, H, T, Tk)
+            if cache is None and mask is None:
+                future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # (T, T)
+                scores = scores.masked_fill(future, float("-inf"))
+            elif mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = torch.softmax(scores / math.sqrt(Hd), dim=-1)  # (B, H, T, Tk)
+            ctx = self.dropout(weights) @ v  # (B, H, T, Hd)
+
+        ctx = ctx.transpose(1, 2).reshape(B, T, self.d_out)  # (B, T, D)
+        return self.out_proj(ctx)
+
+    def _qkv_one_matmul(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # One (D, D + 2 Dkv) matmul instead of three: a larger GEMM keeps a GPU busier. The
+        # three weights stay separate parameters (names and checkpoints are the
+        # walk-through's); concatenating them each step costs a copy of their values.
+        w = torch.cat((self.W_query.weight, self.W_key.weight, self.W_value.weight))
+        b = None
+        if self.W_query.bias is not None:
+            b = torch.cat((self.W_query.bias, self.W_key.bias, self.W_value.bias))
+        d_kv = self.W_key.weight.shape[0]
+        return F.linear(x, w, b).split((self.d_out, d_kv, d_kv), dim=-1)
+
+
+def _drop_walkthrough_mask(state_dict, prefix, *args, **kwargs) -> None:
+    state_dict.pop(prefix + "mask", None)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + att(norm1(x)), then x + ff(norm2(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg.emb_dim,
+            d_out=cfg.emb_dim,
+            context_length=cfg.context_length,
+            dropout=cfg.drop_rate,
+            num_heads=cfg.n_heads,
+            qkv_bias=cfg.qkv_bias,
+            attention=cfg.attention,
+            fused_qkv=cfg.fused_qkv,
+            num_kv_heads=cfg.kv_heads,
+            out_bias=cfg.bias,
+            qk_norm=cfg.qk_norm,
+            norm_eps=cfg.norm_eps,
+        )
+        self.ff = SwiGLU(cfg) if cfg.mlp == "swiglu" else FeedForward(cfg)
+        self.norm1 = make_norm(cfg)
+        self.norm2 = make_norm(cfg)
+        self.drop_shortcut = Dropout(cfg.drop_rate)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        shortcut = x
+        x = self.drop_shortcut(self.att(self.norm1(x), cache, layer, rope, attn_mask))
+        x = x + shortcut
+
+        shortcut = x
+        x = self.drop_shortcut(self.ff(self.norm2(x)))
+        return x + shortcut
+
+
+class GPTModel(nn.Module):
+    """GPT-2-style decoder: token ids (B, T) -> logits (B, T, V).
+
+    `cfg` is the walk-through's dict (e.g. `GPT_CONFIG_124M`) or a `ModelConfig`, whose
+    architecture options (rotary positions, RMSNorm, SwiGLU, ...) default to GPT-2's.
+    """
+
+    checkpoint_blocks: bool = False  # see use_activation_checkpointing
+
+    def __init__(self, cfg: ModelConfig | dict[str, Any]):
+        super().__init__()
+        cfg = as_model_config(cfg)
+        self.cfg = cfg
+        vocab = cfg.padded_vocab_size
+        self.tok_emb = nn.Embedding(vocab, cfg.emb_dim)
+        # Rotary positions turn queries and keys inside attention instead: no table.
+        self.pos_emb = (
+            nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.positions == "learned" else None
+        )
+        self.drop_emb = Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = make_norm(cfg)
+        if cfg.num_classes:  # the book's classifier: a fresh Linear in place of the LM head
+            self.out_head = nn.Linear(cfg.emb_dim, cfg.num_classes)
+        else:
+            self.out_head = nn.Linear(cfg.emb_dim, vocab, bias=False)
+        if cfg.tie_weights and not cfg.num_classes:
+            # One matrix maps ids to vectors and vectors back to id scores (as in GPT-2).
+            self.out_head.weight = self.tok_emb.weight
+        if cfg.init == "gpt2":
+            init_gpt2_weights(self)
+        if cfg.zero_init_proj:
+            zero_output_projections(self)
+        if vocab != cfg.vocab_size:
+            with torch.no_grad():  # rows for padded ids are never looked up nor scored
+                self.tok_emb.weight[cfg.vocab_size :].zero_()
+                if not cfg.num_classes:
+                    self.out_head.weight[cfg.vocab_size :].zero_()
+
+    def forward(
+        self,
+        in_idx: torch.Tensor,
+        cache: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V) (a classifier's: (B, T, num_classes)).
+
+        With a `cache` (see KVCache), in_idx holds only the new tokens: they take the
+        positions after the cached ones, attend over those too, and are added to the cache.
+        `doc_ids` (B, T): see `hidden_states`.
+        """
+        return self.head_logits(self.hidden_states(in_idx, cache, doc_ids))
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., D) from `hidden_states` -> logits (..., V) (a classifier's:
+        (..., num_classes)): the output head, cut to vocab_size and soft-capped. A loss
+        over some positions only runs it on their rows."""
+        logits = self.out_head(hidden)  # (..., Vp) or (..., num_classes)
+        if self.cfg.num_classes:
+            return logits
+        if logits.shape[-1] != self.cfg.vocab_size:
+            logits = logits[..., : self.cfg.vocab_size]  # padded ids never reach a loss or sampler
+        return softcap(logits, self.cfg.logit_softcap)
+
+    def hidden_states(
+        self,
+        in_idx: torch.Tensor,
+        cache: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> final-normed hidden states (B, T, D), the output head's input.
+
+        `forward` is `out_head(hidden_states(idx))` cut to `vocab_size` (and soft-capped);
+        a loss that never builds the full (B, T, V) logits
+        (`gptlab.model.loss.chunked_cross_entropy`) starts here.
+
+        `doc_ids` (B, T), without a cache: several examples packed into one row, each a run
+        of equal ids. Each example attends only within itself and its positions start at 0,
+        so it is computed as if it were alone (finetuning's packing).
+        """
+        B, T = in_idx.shape
+        attn_mask = None
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids (packed examples) cannot be combined with a KV cache")
+            positions, attn_mask = _packed_positions_and_mask(doc_ids)  # (B, T), (B, 1, T, T)
+        if cache is None:
+            if T > self.cfg.context_length:
+                raise ValueError(
+                    f"sequence length {T} exceeds the model's context_length {self.cfg.context_length}; "
+                    "crop the input to the last context_length tokens"
+                )
+            if attn_mask is None:
+                positions = torch.arange(T, device=in_idx.device)  # (T,)
+        else:
+            if cache.max_len > self.cfg.context_length:
+                raise ValueError(
+                    f"KV cache max_len {cache.max_len} exceeds context_length {self.cfg.context_length}"
+                )
+            # (T,), or (B, T) for a cache whose rows stand at different positions
+            positions = cache.advance(T, in_idx.device)
+        x = self.tok_emb(in_idx)  # (B, T, D)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)  # (B, T, D) + (T, D) or (B, T, D)
+        else:
+            rope = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        x = self.drop_emb(x)  # (B, T, D)
+        recompute = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
+        for layer, block in enumerate(self.trf_blocks):
+            if recompute:  # keep x only; backward reruns the block
+                x = recompute_in_backward(
+                    block, x, None, layer, rope, attn_mask, use_reentrant=False
+                )
+            else:
+                x = block(x, cache, layer, rope, attn_mask)  # (B, T, D)
+        return self.final_norm(x)  # (B, T, D)
+
+
+def _packed_positions_and_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) restarting at 0 where doc_ids changes, and the attention mask
+    (B, 1, T, T): query i sees key j when j <= i and both belong to the same example."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)  # (B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)  # (B, T): an example begins here
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T)
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
+    return idx - first, (same & causal)[:, None]  # (B, T), (B, 1, T, T)
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap): logits squashed into (-cap, cap); unchanged when cap is 0."""
+    if not cap:
+        return logits
+    return cap * torch.tanh(logits / cap)
+
+
+def init_gpt2_weights(model: GPTModel) -> None:
+    """GPT-2's initialisation: N(0, 0.02) weights, zero biases, and residual projections
+    scaled by 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth."""
+    std = 0.02
+    resid_std = std / math.sqrt(2 * model.cfg.n_layers)
+    resid = {id(m) for m in _output_projections(model)}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            is_resid = id(module) in resid
+            nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_resid else std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+
+def _output_projections(model: GPTModel) -> list[nn.Linear]:
+    """The layers that write into the residual stream: attention's and the MLP's last."""
+    return [m for block in model.trf_blocks for m in (block.att.out_proj, block.ff.out_proj)]
+
+
+def zero_output_projections(model: GPTModel) -> None:
+    """Zero the residual-stream writers (weights and biases): each block starts as the
+    identity, and the first updates decide what it adds (as the GPT-2 speedruns do)."""
+    with torch.no_grad():
+        for proj in _output_projections(model):
+            proj.weight.zero_()
+            if proj.bias is not None:
+                proj.bias.zero_()
+
+
+def count_parameters(model: nn.Module, exclude_out_head: bool = False) -> int:
+    """Number of distinct parameters (a tied matrix counts once).
+
+    With `exclude_out_head`, the output head's matrix is left out, as the walk-through does
+    to compare with GPT-2's "124M" (which ties the head to the token embedding). A tied head
+    shares the embedding's matrix, so there is nothing extra to leave out.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    if exclude_out_head and model.out_head.weight is not model.tok_emb.weight:
+        total -= model.out_head.weight.numel()
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward): 6 N + 12 L H Hd T.
+
+    N counts the weights that take part in matmuls: every parameter except the position
+    embedding and (when untied) the token embedding, which are table look-ups. It is read
+    off the model itself (built on the meta device: no memory, no time), so every
+    architecture option is counted as built. The second term is attention's QK^T and AV
+    products at sequence length T (default: context_length).
+    """
+    T = seq_len or cfg.context_length
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    lookups = [model.pos_emb.weight] if model.pos_emb is not None else []
+    if model.out_head.weight is not model.tok_emb.weight:
+        lookups.append(model.tok_emb.weight)
+    n_matmul = count_parameters(model) - sum(p.numel() for p in lookups)
+    return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T

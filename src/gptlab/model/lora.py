@@ -1,0 +1,221 @@
+"""LoRA: low-rank adapters on a frozen GPTModel.
+
+Each chosen linear layer y = x W^T + b becomes y = x W^T + b + (dropout(x) A^T B^T) * alpha / r,
+with W and b frozen, A (r, in) drawn like nn.Linear's own weights (Kaiming-uniform) and
+B (out, r) zero: before the first step the adapted model computes exactly the base model's
+logits (a zero matrix adds exact zeros). Only A and B train, so there are no gradients
+and no optimizer state for the base weights: that is where LoRA's memory goes down, and
+the backward pass skips the base weights' gradient matmuls: that is where its speed goes up.
+
+`LoRALinear` is an `nn.Linear` (same `weight` and `bias` parameters, same state-dict keys)
+plus `lora_A` and `lora_B`, so the base loads into an adapted model with its own keys and
+the adapters are the `*.lora_A` / `*.lora_B` entries of its state dict. `merge_lora` folds
+W + alpha / r * B A back into plain `nn.Linear`s: a plain GPTModel with plain keys.
+
+Targets name the linear layers by the model's own names (`gptlab.model.gpt`): the attention's
+W_query, W_key, W_value and out_proj; the GPT-2 MLP's ff.layers.0 and ff.layers.2, the
+SwiGLU MLP's fc1, fc2 and fc3. Groups: attn (the four attention matrices, the usual LoRA
+recipe), mlp (the MLP's matrices), all (attn and mlp). A name matches every layer whose
+dotted name ends with it. The embedding and the output head are never adapted: GPT-2 ties
+the two, and a classifier's fresh head trains whole (`prepare`).
+
+A LoRA run's checkpoints hold only what trains (`trained_state_dict`: the adapters, and a
+classifier's head); the rest is the base's, named with its weights' sha256 in the run's
+config (finetune.base, finetune.base_sha256; `weights_fingerprint`).
+
+Shape legend as in gptlab.model.gpt; r = rank, I / O = a layer's in / out features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.config.schema import LORA_TARGET_NAMES
+from gptlab.errors import GptlabError
+from gptlab.model.gpt import Dropout, GPTModel
+
+ATTN = ("W_query", "W_key", "W_value", "out_proj")
+MLP_NAMES = ("ff.layers.0", "ff.layers.2", "fc1", "fc2", "fc3")
+GROUPS = {"attn": ATTN, "mlp": ("mlp",), "all": (*ATTN, "mlp")}
+# Every name a target list may hold (config.py checks these before a model exists).
+TARGET_NAMES = LORA_TARGET_NAMES
+
+
+class LoRALinear(nn.Linear):
+    """A frozen nn.Linear plus a trainable low-rank update: x (..., I) -> (..., O).
+
+    Built from an existing layer, `LoRALinear(linear, rank, alpha, dropout)`, whose weight and
+    bias it shares (does not copy).
+    """
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a second weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # (O, I), shared with `linear`, not copied
+        self.register_parameter("bias", linear.bias)  # (O,) or None
+        self.rank = rank
+        self.scale = alpha / rank
+        like = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))  # (r, I)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))  # (O, r)
+        # nn.Linear's own initialisation, applied to A: updates start on the scale of the
+        # layer's inputs; B = 0 makes the first forward exactly the base's.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.linear(x, self.weight, self.bias)  # (..., O)
+        low = F.linear(
+            F.linear(self.lora_dropout(x), self.lora_A), self.lora_B
+        )  # (..., r) -> (..., O)
+        return base + low * self.scale
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear computing this layer: W + scale * B A, the same bias."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        out.to(self.weight.device, self.weight.dtype)
+        with torch.no_grad():
+            delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (O, I)
+            out.weight.copy_(self.weight.float() + delta)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, scale={self.scale:g}"
+
+
+def parse_targets(targets: str) -> tuple[str, ...]:
+    """The comma-separated names of `finetune.lora_targets`, checked against TARGET_NAMES."""
+    names = tuple(t.strip() for t in targets.split(",") if t.strip())
+    bad = [t for t in names if t not in TARGET_NAMES]
+    if not names or bad:
+        raise GptlabError(
+            f"finetune.lora_targets {targets!r}: unknown target {bad[0] if bad else '(none)'!r}; "
+            f"use a comma-separated list of {', '.join(TARGET_NAMES)}"
+        )
+    return names
+
+
+def target_layers(model: GPTModel, targets: str) -> list[str]:
+    """The dotted names of the nn.Linear layers of `model` that `targets` selects, in
+    module order; an error naming the model's layers when a name selects none."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen: set[str] = set()
+    for name in parse_targets(targets):
+        for part in GROUPS.get(name, (name,)):
+            if part == "mlp":
+                hits = [n for n in linears if ".ff." in n]
+            else:
+                hits = [n for n in linears if n == part or n.endswith("." + part)]
+            if not hits:
+                kinds = sorted(
+                    {n.split(".", 2)[-1] if n.startswith("trf_blocks.") else n for n in linears}
+                )
+                raise GptlabError(
+                    f"finetune.lora_targets: {part!r} names no linear layer of this model; "
+                    f"its layers are {', '.join(kinds)} (or use attn, mlp, all)"
+                )
+            chosen.update(hits)
+    return [n for n in linears if n in chosen]
+
+
+def prepare(model: GPTModel, fc: Any) -> GPTModel:
+    """Freeze `model`, put adapters on the layers `fc.lora_targets` names (rank
+    `fc.lora_rank`, scale `fc.lora_alpha / fc.lora_rank`, dropout `fc.lora_dropout`; `fc`: a
+    FinetuneConfig) and, for a classifier, let its head train whole. In place; returns it.
+
+    A's initial values come from the global torch generator (seed it for reproducible runs).
+    """
+    add_adapters(model, fc.lora_rank, fc.lora_alpha, fc.lora_targets, fc.lora_dropout)
+    if model.cfg.num_classes:  # a fresh head: nothing of the base to adapt
+        for p in model.out_head.parameters():
+            p.requires_grad_(True)
+    return model
+
+
+def add_adapters(
+    model: GPTModel, rank: int, alpha: float, targets: str = "attn", dropout: float = 0.0
+) -> GPTModel:
+    """Freeze `model` and adapt the layers `targets` selects (in place; returns `model`)."""
+    if rank < 1:
+        raise GptlabError(
+            f"LoRA rank must be 1 or more, got {rank}; pass --lora-rank R with R >= 1"
+        )
+    if has_lora(model):
+        raise GptlabError("this model already has LoRA adapters; merge them first (merge_lora)")
+    if not alpha > 0:
+        raise GptlabError(
+            f"LoRA alpha must be above 0, got {alpha}; pass --lora-alpha A with A > 0"
+        )
+    names = target_layers(model, targets)
+    layers = {name: model.get_submodule(name) for name in names}
+    for name, linear in layers.items():  # all checked before anything changes
+        smallest = min(linear.in_features, linear.out_features)
+        if rank > smallest:
+            raise GptlabError(
+                f"LoRA rank {rank} exceeds {name}'s smallest side ({smallest}); "
+                f"use --lora-rank {smallest} or less"
+            )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, linear in layers.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, LoRALinear(linear, rank, alpha, dropout))
+    for module in model.modules():
+        # The fused path reads the three weights directly and would skip their adapters.
+        if getattr(module, "fused_qkv", False):
+            module.fused_qkv = False
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a LoRA run's checkpoint holds: every parameter that trains (the adapters, and a
+    classifier's head), by its state-dict key, detached. The frozen rest is the base's."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def merge_lora(model: GPTModel) -> GPTModel:
+    """Fold every adapter into its layer: a plain GPTModel (plain nn.Linear layers, plain
+    state-dict keys) whose outputs are the adapted model's to fp32 rounding. In place;
+    returns `model`, every parameter trainable again."""
+    for name, layer in lora_layers(model).items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, layer.merged())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) distinct parameters (a tied matrix counts once)."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, sum(p.numel() for p in seen.values())
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and bytes, in key order): the
+    same weights give the same hex digest wherever and however they were stored."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

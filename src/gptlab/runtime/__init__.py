@@ -1,0 +1,1 @@
+"""Where the work runs: device, precision, compile, CPU threads, torchrun (DDP, FSDP2)."""

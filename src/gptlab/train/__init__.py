@@ -1,0 +1,1 @@
+"""Training: the loop, its objective and components, optimizers, schedule and budget, resume."""
