@@ -47,8 +47,9 @@ def _local_bytes(t: torch.Tensor) -> int:
 
 
 def _measure(name: str, mode: str) -> dict:
-    from gptlab.config.schema import TrainConfig, preset
+    from gptlab.config.schema import TrainConfig
     from gptlab.model.gpt import GPTModel, count_parameters
+    from gptlab.recipes.presets import preset
     from gptlab.runtime import dist as dist_lib
     from gptlab.train.optim import build_optimizer
 

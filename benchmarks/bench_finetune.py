@@ -20,7 +20,7 @@ holds besides live tensors depends on the C library's allocator, so `--allocator
 
 The model has the preset's shape with random weights (`gpt2-small` with GPT-2's tied head
 and q/k/v biases: GPT-2 124M; the speed and memory depend on the shape, not the values). One step is what `gptlab finetune` runs:
-the masked loss (gptlab.finetune.data.lm_loss) on a batch of `--batch` examples of `--seq` tokens
+the masked loss (gptlab.finetune.objectives.lm_loss) on a batch of `--batch` examples of `--seq` tokens
 (the last quarter of each example learned, the rest masked as a prompt), backward, gradient
 clipping and AdamW (gptlab's parameter groups, fused where available) over what trains:
 every parameter, or the adapters alone. Examples per second = batch x steps / seconds of the
@@ -54,10 +54,12 @@ def _peak_mib() -> float:
 
 
 def child(args: argparse.Namespace) -> dict:
-    from gptlab.config.schema import TrainConfig, preset
-    from gptlab.finetune.data import IGNORE_INDEX, lm_loss
+    from gptlab.config.schema import TrainConfig
+    from gptlab.finetune.data import IGNORE_INDEX
+    from gptlab.finetune.objectives import lm_loss
     from gptlab.model import lora
     from gptlab.model.gpt import GPTModel, use_activation_checkpointing
+    from gptlab.recipes.presets import preset
     from gptlab.runtime.device import keep_freed_host_memory
     from gptlab.train.optim import build_optimizer
 

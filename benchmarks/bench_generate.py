@@ -2,8 +2,8 @@
 
 The gpt2-small shape with random weights (nothing is downloaded): batch 1, a 16-token
 prompt, 256 new tokens, greedy. transformers runs the same weights, converted with
-gptlab.interop.hf, and every mode must produce the same tokens as the uncached path (the table
-says so). Each mode is warmed up once, then the modes are timed in turns, --repeats rounds,
+gptlab.interop.hf_format, and every mode must produce the same tokens as the uncached path
+(the table says so). Each mode is warmed up once, then the modes are timed in turns, --repeats rounds,
 and each keeps its best run.
 
     python benchmarks/bench_generate.py                    # CPU: uncached, cached, hf
@@ -33,11 +33,12 @@ import time
 
 import torch
 
-from gptlab.config.schema import GPT_CONFIG_124M, preset
+from gptlab.config.schema import GPT_CONFIG_124M
 from gptlab.data.tokenizer import GPT2Tokenizer
 from gptlab.infer.sampling import generate, text_to_token_ids
-from gptlab.interop import hf
+from gptlab.interop import hf_format
 from gptlab.model.gpt import GPTModel
+from gptlab.recipes.presets import preset
 
 MODES = ("uncached", "cached", "compiled", "hf", "hf-static", "floor")
 BOOK_PROMPT = "Every effort moves you"
@@ -68,10 +69,10 @@ def with_hf_twin(ours: GPTModel, device: torch.device, dtype: torch.dtype):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = ours.cfg
-    config = hf.config_to_hf(cfg)
+    config = hf_format.config_to_hf(cfg)
     config.pop("architectures"), config.pop("model_type")
     theirs = GPT2LMHeadModel(GPT2Config(**config)).eval()
-    missing, unexpected = theirs.load_state_dict(hf.state_dict_to_hf(ours), strict=False)
+    missing, unexpected = theirs.load_state_dict(hf_format.state_dict_to_hf(ours), strict=False)
     assert not unexpected and missing in ([], ["lm_head.weight"]), (missing, unexpected)
     return ours.to(device, dtype), theirs.to(device, dtype)
 

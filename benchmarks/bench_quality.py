@@ -72,7 +72,8 @@ from typing import Any
 
 from gptlab.config import schema as C
 from gptlab.errors import GptlabError
-from gptlab.recipes import sizing
+from gptlab.recipes import presets as P
+from gptlab.train.resolve import size_to_corpus
 
 # Named recipes besides the presets: a base preset, then overrides.
 RECIPES = {
@@ -113,13 +114,13 @@ def parse_recipe(
     if words[0] in RECIPES:
         words = shlex.split(RECIPES[words[0]]) + words[1:]
     base, overrides = (words[0], words[1:]) if "=" not in words[0] else (None, words)
-    if base is None or base in C.PRESETS:
-        name = base or C.DEFAULT_PRESET
-        cfg = C.preset(name)
+    if base is None or base in P.PRESETS:
+        name = base or P.DEFAULT_PRESET
+        cfg = P.preset(name)
     else:
         file_cfg = C.load_toml(base)
-        name = file_cfg.pop("preset", C.DEFAULT_PRESET)
-        cfg = C.preset(name)
+        name = file_cfg.pop("preset", P.DEFAULT_PRESET)
+        cfg = P.preset(name)
         C.apply_nested(cfg, file_cfg, origin=f"config file {base}")
     cfg.data.source = data
     cfg.data.split = "chars"  # the same held-out characters for every tokenizer
@@ -134,15 +135,13 @@ def parse_recipe(
         # as `gptlab train` sizes it (gptlab.recipes.sizing); the recipe's own fields and this
         # benchmark's budget (equal time for every recipe) are the user's
         given = {k.partition("=")[0].strip() for k in overrides}
-        if base is not None and base not in C.PRESETS:
+        if base is not None and base not in P.PRESETS:
             given |= {
                 f"{s}.{k}" for s, t in C.load_toml(base).items() if isinstance(t, dict) for k in t
             }
         if budget is not None:
             given.add("train.max_time")
-        total = sizing.corpus_bytes(cfg.data.source)
-        if total is not None:
-            sizing.size_run(cfg, total * cfg.data.train_ratio, given)
+        size_to_corpus(cfg, given)
     return cfg.validate(), name
 
 
@@ -163,7 +162,7 @@ def run_recipe(recipe: str, cfg: C.RunConfig, name: str, out: Path) -> dict[str,
     split, and return one row: every figure of the table, the end reason and the config."""
     from gptlab.evals.loss import evaluate_run
     from gptlab.interop.runs import open_run
-    from gptlab.train.loop import train
+    from gptlab.train.run import train
 
     records: dict[str, dict[str, Any]] = {}
 

@@ -29,11 +29,11 @@ def serve_forever(args: argparse.Namespace) -> None:
     """The server process: load or build the model, then serve until killed."""
     import torch
 
-    from gptlab.config.schema import preset
     from gptlab.data.tokenizer import GPT2Tokenizer
     from gptlab.infer.serve import serve
     from gptlab.interop.runs import Run, open_run
     from gptlab.model.gpt import GPTModel
+    from gptlab.recipes.presets import preset
 
     if args.checkpoint:
         run = open_run(args.checkpoint, args.device)

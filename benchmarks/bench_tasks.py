@@ -71,9 +71,10 @@ metric_list:
 
 def random_run(out: Path) -> Path:
     """A run directory holding random cpu-gpt2-shaped weights with GPT-2's tokenizer."""
-    from gptlab.config.schema import RunConfig, preset
+    from gptlab.config.schema import RunConfig
     from gptlab.interop import checkpoint as ckpt_lib
     from gptlab.model.gpt import GPTModel
+    from gptlab.recipes.presets import preset
 
     cfg = preset("cpu-gpt2")
     torch.manual_seed(0)

@@ -83,7 +83,6 @@ def ladder(device_type: str) -> list[tuple[str, dict[str, Any]]]:
         ("+ compile", {"train.compile": "on"}),
         ("+ vocab padded to 64", {"model.vocab_multiple": 64}),
         ("+ chunked loss", {"train.chunked_loss": "on"}),
-        ("+ one qkv matmul", {"model.fused_qkv": True}),
         ("+ 2x batch", {"train.batch_size": "x2"}),
         # one optimizer step (and clip, and host sync) per 4 micro-batches (nanoGPT's
         # default GPT-2 config accumulates 40): per-step work is paid once per 4x the tokens
@@ -157,6 +156,7 @@ def run_row(
     from gptlab.data.corpus import Corpus
     from gptlab.runtime.device import measured_matmul_flops, peak_memory_mib, sync
     from gptlab.train.loop import Trainer
+    from gptlab.train.objectives import LanguageModeling
 
     cfg = RunConfig()
     for key, value in settings.items():
@@ -173,7 +173,7 @@ def run_row(
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, corpus, run_dir)
+        trainer = Trainer(cfg, LanguageModeling(corpus), run_dir)
         dev = trainer.device
         trainer.model.train()
         t0 = time.perf_counter()

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from gptlab.config.schema import DEFAULT_PRESET, preset
 from gptlab.data.sources import read_documents
 from gptlab.data.tokenizer import ENDOFTEXT
 from gptlab.evals.tasks import load_suite, run_suite
 from gptlab.interop.runs import open_run
 from gptlab.model.gpt import GPTModel
+from gptlab.recipes.presets import DEFAULT_PRESET, preset
 
 
 def held_out_lines(dc) -> list[str]:

@@ -87,12 +87,13 @@ def gptlab_cache(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def anchor_speed(monkeypatch):
     """Corpus sizing measures this machine's training speed at start-up
-    (gptlab.recipes.sizing.measure_speed); tests get the anchor row's figure instead, so that what
-    the rule chooses does not depend on how fast, or how busy, the machine running the
+    (gptlab.train.resolve.measure_speed); tests get the anchor row's figure instead, so that
+    what the rule chooses does not depend on how fast, or how busy, the machine running the
     tests is. tests/test_sizing.py measures for real."""
     from gptlab.recipes import sizing
+    from gptlab.train import resolve
 
-    monkeypatch.setattr(sizing, "measure_speed", lambda cfg, steps=3: sizing.ANCHOR_TOKENS_PER_S)
+    monkeypatch.setattr(resolve, "measure_speed", lambda cfg, steps=3: sizing.ANCHOR_TOKENS_PER_S)
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from gptlab.config.schema import RunConfig, preset
+from gptlab.config.schema import RunConfig
 from gptlab.data.corpus import Corpus, load_corpus
 from gptlab.interop import checkpoint as ckpt_lib
 from gptlab.observe.metrics import read_metrics
+from gptlab.recipes.presets import preset
 
 STEPS = 21  # crosses two epoch boundaries of the tiny corpus (8 steps per epoch)
 WORDS = "the king queen sword castle river night morning speaks walks brave old young gold".split()

@@ -114,7 +114,7 @@ def test_runs_go_to_a_temp_dir_that_is_removed(bench, tmp_path, capsys):
 
 
 def test_a_stopped_run_ends_the_benchmark(bench, tmp_path, capsys, monkeypatch):
-    import gptlab.train.loop as trainer_lib
+    import gptlab.train.run as trainer_lib
 
     text = tmp_path / "corpus.txt"
     text.write_text(make_corpus_text(), encoding="utf-8")

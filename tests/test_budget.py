@@ -26,9 +26,12 @@ from test_resume import poison_step
 from gptlab.config import schema as C
 from gptlab.errors import GptlabError
 from gptlab.interop import checkpoint as ckpt_lib
+from gptlab.recipes.presets import preset
 from gptlab.train.budget import TimeBudget, crossed, read_schedule, write_schedule
-from gptlab.train.loop import Trainer, stop_on_signals
+from gptlab.train.loop import Trainer
+from gptlab.train.objectives import LanguageModeling
 from gptlab.train.optim import lr_at_progress
+from gptlab.train.run import stop_on_signals
 
 
 class FakeClock:
@@ -121,7 +124,7 @@ def test_schedule_file_round_trips_exactly_and_bad_files_are_one_line(tmp_path):
     ],
 )
 def test_bad_budgets_are_one_line_errors_naming_the_fix(train, words):
-    cfg = C.preset("tiny")
+    cfg = preset("tiny")
     for key, value in train.items():
         setattr(cfg.train, key, value)
     with pytest.raises(GptlabError, match=words) as e:
@@ -139,7 +142,7 @@ def test_the_schedule_fits_the_budget_whatever_the_step_time(text, tmp_path, dt,
     cfg = time_config(10.0, eval_every_frac=0.25)
     corpus = tiny_corpus(text, cfg)
     run = tmp_path / "run"
-    end = Trainer(cfg, corpus, run, clock=FakeClock(dt)).run()
+    end = Trainer(cfg, LanguageModeling(corpus), run, clock=FakeClock(dt)).run()
     assert (end["reason"], end["step"]) == ("budget", steps)
     assert end["train_time"] == pytest.approx(10.0)
     lrs = [r["lr"] for r in records(run, "train")]
@@ -159,8 +162,12 @@ def test_a_step_budget_is_untouched_by_the_time_fields(text, tmp_path):
     """budget = steps ignores the clock for its schedule: the same run, fast or slow."""
     cfg = tiny_config(steps=6, warmup_steps=2)
     corpus = tiny_corpus(text, cfg)
-    a = Trainer(copy.deepcopy(cfg), corpus, tmp_path / "a", clock=FakeClock(1.0)).run()
-    b = Trainer(copy.deepcopy(cfg), corpus, tmp_path / "b", clock=FakeClock(7.0)).run()
+    a = Trainer(
+        copy.deepcopy(cfg), LanguageModeling(corpus), tmp_path / "a", clock=FakeClock(1.0)
+    ).run()
+    b = Trainer(
+        copy.deepcopy(cfg), LanguageModeling(corpus), tmp_path / "b", clock=FakeClock(7.0)
+    ).run()
     assert a["reason"] == b["reason"] == "max_steps"
     assert losses_by_step(tmp_path / "a", key="lr") == losses_by_step(tmp_path / "b", key="lr")
     assert not (tmp_path / "a" / "schedule.json").exists()
@@ -173,15 +180,19 @@ def test_resume_continues_the_budget_where_it_stopped(text, tmp_path, monkeypatc
     checkpoint, so the remaining budget is the rest of it."""
     cfg = time_config(12.0)
     corpus = tiny_corpus(text, cfg)
-    ref = Trainer(copy.deepcopy(cfg), corpus, tmp_path / "ref", clock=FakeClock(1.0)).run()
+    ref = Trainer(
+        copy.deepcopy(cfg), LanguageModeling(corpus), tmp_path / "ref", clock=FakeClock(1.0)
+    ).run()
 
     run = tmp_path / "run"
-    first = Trainer(copy.deepcopy(cfg), corpus, run, clock=FakeClock(1.0))
+    first = Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), run, clock=FakeClock(1.0))
     poison_step(monkeypatch, [first], k, lambda: os.kill(os.getpid(), signal.SIGTERM))
     with stop_on_signals(first):
         assert first.run()["step"] == k
     monkeypatch.undo()
-    second = Trainer(copy.deepcopy(cfg), corpus, run, resume=True, clock=FakeClock(1.0))
+    second = Trainer(
+        copy.deepcopy(cfg), LanguageModeling(corpus), run, resume=True, clock=FakeClock(1.0)
+    )
     assert second.state.budget_time == pytest.approx(k)
     end = second.run()
     assert (end["reason"], end["step"]) == ("budget", ref["step"])
@@ -200,7 +211,7 @@ def test_a_replayed_schedule_repeats_a_real_clock_run_across_a_resume(text, tmp_
     cfg = time_config(1.0)
     corpus = tiny_corpus(text, cfg)
     ref = tmp_path / "ref"
-    end = Trainer(copy.deepcopy(cfg), corpus, ref).run()
+    end = Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), ref).run()
     assert end["reason"] == "budget"
     _, progress = read_schedule(ref)
     assert len(progress) == end["step"] and end["step"] >= 2
@@ -209,12 +220,14 @@ def test_a_replayed_schedule_repeats_a_real_clock_run_across_a_resume(text, tmp_
     replay.train.replay_schedule = str(ref / "schedule.json")
     run = tmp_path / "run"
     k = max(1, end["step"] // 2)
-    first = Trainer(copy.deepcopy(replay), corpus, run, clock=FakeClock(100.0))
+    first = Trainer(copy.deepcopy(replay), LanguageModeling(corpus), run, clock=FakeClock(100.0))
     poison_step(monkeypatch, [first], k, lambda: os.kill(os.getpid(), signal.SIGTERM))
     with stop_on_signals(first):
         assert first.run()["step"] == k
     monkeypatch.undo()
-    again = Trainer(copy.deepcopy(replay), corpus, run, resume=True, clock=FakeClock(100.0))
+    again = Trainer(
+        copy.deepcopy(replay), LanguageModeling(corpus), run, resume=True, clock=FakeClock(100.0)
+    )
     done = again.run()
     assert (done["reason"], done["step"]) == ("budget", end["step"])
     assert losses_by_step(run) == losses_by_step(ref)
@@ -228,10 +241,10 @@ def test_a_replayed_schedule_repeats_a_real_clock_run_across_a_resume(text, tmp_
 def test_limit_flags_choose_the_budget():
     """The default preset spans a time budget; --max-time sets it, a step or epoch count
     makes the schedule span the steps instead."""
-    from gptlab.cli import main as cli
+    from test_cli import resolve_cli
 
     def built(*flags: str) -> C.TrainConfig:
-        return cli.build_config(cli._parser().parse_args(["config", *flags]))[0].train
+        return resolve_cli("config", *flags).config.train
 
     tc = built()
     assert (tc.budget, tc.max_time, tc.max_steps) == ("time", 530.0, 0)

@@ -25,6 +25,7 @@ from gptlab.data.tokenizer import (
 )
 from gptlab.errors import GptlabError
 from gptlab.finetune.data import instruction_prompt, render_instruction
+from gptlab.infer.chat import chat_prompt
 from gptlab.interop import checkpoint as ckpt_lib
 from gptlab.interop.runs import open_run
 from gptlab.model.gpt import GPTModel
@@ -179,8 +180,8 @@ def test_one_instruction_is_the_prompt_an_instructions_finetune_answers():
         "Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nName the ship.\n\n### Response:\n"
     )
-    assert chat.end_id(gpt2, A) == 50256  # the end the finetune appends to every output
-    prompt = chat.chat_prompt(A, gpt2, EXCHANGES[0])
+    assert A.end_id(gpt2) == 50256  # the end the finetune appends to every output
+    prompt = chat_prompt(A, gpt2, EXCHANGES[0])
     assert prompt.ids == ids and prompt.stop_ids == (50256,) and prompt.stop == ()
 
 

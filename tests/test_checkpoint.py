@@ -33,6 +33,7 @@ from gptlab.errors import GptlabError
 from gptlab.interop import checkpoint as ckpt_lib
 from gptlab.interop.runs import open_run
 from gptlab.train.loop import Trainer
+from gptlab.train.objectives import LanguageModeling
 from gptlab.train.resume import rng_state, set_rng_state
 
 VARIANTS = {
@@ -262,7 +263,7 @@ def test_trainer_with_compile_on_saves_clean_keys(text, tmp_path, monkeypatch):
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="eager"))
     cfg = tiny_config(2, compile="on")
-    trainer = Trainer(cfg, tiny_corpus(text, cfg), tmp_path / "run")
+    trainer = Trainer(cfg, LanguageModeling(tiny_corpus(text, cfg)), tmp_path / "run")
     assert trainer.rt.compiled and trainer.train_model is not trainer.model
     trainer.run()
     keys = set(weights(ckpt_lib.latest_checkpoint(tmp_path / "run")))
@@ -348,7 +349,9 @@ def test_a_failed_periodic_save_is_reported_and_training_goes_on(text, tmp_path,
     monkeypatch.setattr(torch, "save", second_save_fails)
     cfg = tiny_config(6, checkpoint_every=2, keep_last=5)
     events = []
-    end = Trainer(cfg, tiny_corpus(text, cfg), tmp_path / "run", on_event=events.append).run()
+    end = Trainer(
+        cfg, LanguageModeling(tiny_corpus(text, cfg)), tmp_path / "run", on_event=events.append
+    ).run()
     failed = [r for r in events if r["event"] == "checkpoint_failed"]
     assert [r["step"] for r in failed] == [4]
     assert "could not save checkpoint step-00000004 (No space left on device" in failed[0]["error"]
@@ -511,7 +514,7 @@ def test_resaving_a_step_replaces_it(tmp_path):
 
 def test_trainer_keeps_the_last_k(text, tmp_path):
     cfg = tiny_config(7, checkpoint_every=1, keep_last=3)
-    Trainer(cfg, tiny_corpus(text, cfg), tmp_path / "run").run()
+    Trainer(cfg, LanguageModeling(tiny_corpus(text, cfg)), tmp_path / "run").run()
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
     # the last three, and the best: evaluations ran at steps 1 and 6 (and 7, the end)
     assert names[-3:] == ["step-00000005", "step-00000006", "step-00000007"]

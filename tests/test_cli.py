@@ -13,7 +13,9 @@ import pytest
 from test_plot import check_pdf, check_png
 
 from gptlab.cli import main as cli
+from gptlab.cli.run import run_settings
 from gptlab.interop.checkpoint import WEIGHTS
+from gptlab.train.resolve import Resolved, resolve
 
 TRAIN = ["train", "--preset", "tiny", "--device", "cpu", "--quiet"]
 
@@ -26,6 +28,13 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         rc = e.code
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def resolve_cli(*argv) -> Resolved:
+    """What `gptlab ARGV` (train, finetune or config) resolves to, through the real parser
+    and the library's resolution, without running anything."""
+    args = cli.build_parser().parse_args([str(a) for a in argv])
+    return resolve(finetune=args.command == "finetune", **run_settings(args))
 
 
 def assert_user_error(rc: int, out: str, err: str, *words: str) -> str:

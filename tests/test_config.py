@@ -1,5 +1,6 @@
-"""gptlab.config.schema: field metadata as the one source of help, choices and ranges; value
-conversion; TOML rendering that reads back identically."""
+"""gptlab.config (fields, schema) and gptlab.recipes.presets: field metadata as the one
+source of help, choices and ranges; value conversion; TOML rendering that reads back
+identically; the presets' recipes."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import sys
 
 import pytest
 
+from gptlab.config import fields as F
 from gptlab.config import schema as C
 from gptlab.errors import GptlabError
+from gptlab.recipes import presets as P
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,9 +31,9 @@ def test_section_types_match_runconfig():
 
 @pytest.mark.parametrize("section, f", FIELDS, ids=IDS)
 def test_every_field_has_one_line_of_help_and_a_valid_default(section, f):
-    text = C.field_help(f)
+    text = F.field_help(f)
     assert text and "\n" not in text
-    choices, bounds = C.field_choices(f), C.field_range(f)
+    choices, bounds = F.field_choices(f), F.field_range(f)
     if choices is not None:
         assert f.default in choices
     if bounds is not None:
@@ -39,11 +42,11 @@ def test_every_field_has_one_line_of_help_and_a_valid_default(section, f):
 
 @pytest.mark.parametrize(
     "section, f",
-    [(s, f) for s, f in FIELDS if C.field_choices(f)],
+    [(s, f) for s, f in FIELDS if F.field_choices(f)],
     ids=lambda x: getattr(x, "name", x),
 )
 def test_validate_reads_choices_from_metadata(section, f):
-    for choice in C.field_choices(f):
+    for choice in F.field_choices(f):
         cfg = C.RunConfig()
         cfg.train.max_time = 60.0  # train.budget = time needs its budget
         setattr(getattr(cfg, section), f.name, choice)
@@ -56,11 +59,11 @@ def test_validate_reads_choices_from_metadata(section, f):
 
 @pytest.mark.parametrize(
     "section, f",
-    [(s, f) for s, f in FIELDS if C.field_range(f)],
+    [(s, f) for s, f in FIELDS if F.field_range(f)],
     ids=lambda x: getattr(x, "name", x),
 )
 def test_validate_reads_ranges_from_metadata(section, f):
-    bounds = C.field_range(f)
+    bounds = F.field_range(f)
     bad = bounds.low if bounds.low_open else bounds.low - 1  # just outside the lower bound
     cfg = C.RunConfig()
     setattr(getattr(cfg, section), f.name, type(f.default)(bad))
@@ -73,12 +76,12 @@ def test_validate_reads_ranges_from_metadata(section, f):
 @pytest.mark.parametrize(
     "bounds, inside, outside, text",
     [
-        (C.POSITIVE, [1e-9, 5], [0, -1], "greater than 0"),
-        (C.NON_NEGATIVE, [0, 3.5], [-1e-9], "0 or more"),
-        (C.FRACTION, [0, 1], [-0.1, 1.01], "in [0, 1]"),
-        (C.BELOW_ONE, [0, 0.999], [1, -0.1], "in [0, 1)"),
-        (C.Range(0, 1, low_open=True), [1, 0.5], [0, 1.5], "in (0, 1]"),
-        (C.Range(high=10, high_open=True), [-5, 9], [10], "less than 10"),
+        (F.POSITIVE, [1e-9, 5], [0, -1], "greater than 0"),
+        (F.NON_NEGATIVE, [0, 3.5], [-1e-9], "0 or more"),
+        (F.FRACTION, [0, 1], [-0.1, 1.01], "in [0, 1]"),
+        (F.BELOW_ONE, [0, 0.999], [1, -0.1], "in [0, 1)"),
+        (F.Range(0, 1, low_open=True), [1, 0.5], [0, 1.5], "in (0, 1]"),
+        (F.Range(high=10, high_open=True), [-5, 9], [10], "less than 10"),
     ],
 )
 def test_range(bounds, inside, outside, text):
@@ -115,9 +118,9 @@ def test_values_convert_to_the_field_type():
     assert isinstance(cfg.train.max_time, float) and cfg.train.max_time == 60.0
 
 
-@pytest.mark.parametrize("name", list(C.PRESETS))
+@pytest.mark.parametrize("name", list(P.PRESETS))
 def test_to_toml_reads_back_identically(name):
-    cfg = C.preset(name).validate()
+    cfg = P.preset(name).validate()
     cfg.train.start_context = 'quotes " and \\ and\ttabs'
     doc = tomllib.loads(C.to_toml(cfg, name))
     assert doc.pop("preset") == name
@@ -126,10 +129,10 @@ def test_to_toml_reads_back_identically(name):
 
 
 def test_the_gpu_preset_is_the_cpu_recipe_at_gpt2_smalls_scale():
-    cpu, gpu, small = C.preset("cpu"), C.preset("gpu"), C.preset("gpt2-small")
+    cpu, gpu, small = P.preset("cpu"), P.preset("gpu"), P.preset("gpt2-small")
     shape = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
     assert all(getattr(gpu.model, k) == getattr(small.model, k) for k in shape)
-    recipe = set(C.MODERN_BLOCKS) | {"tie_weights", "init", "drop_rate", "vocab_multiple"}
+    recipe = set(P.MODERN_BLOCKS) | {"tie_weights", "init", "drop_rate", "vocab_multiple"}
     assert {k: getattr(gpu.model, k) for k in recipe} == {k: getattr(cpu.model, k) for k in recipe}
     assert (gpu.train.optimizer, gpu.train.muon_lr) == (cpu.train.optimizer, cpu.train.muon_lr)
     micro = gpu.train.batch_size * gpu.model.context_length

@@ -9,11 +9,15 @@ import subprocess
 import sys
 
 import pytest
-from test_cli import assert_user_error, run_cli
+from test_cli import assert_user_error, resolve_cli, run_cli
 
 import gptlab
 from gptlab.cli import main as cli
+from gptlab.cli.args import config_overrides
+from gptlab.cli.run import TRAIN_ALIASES
+from gptlab.config import fields as F
 from gptlab.config import schema as C
+from gptlab.recipes import presets as P
 
 
 def _help(capsys, monkeypatch, *argv: str) -> str:
@@ -38,27 +42,27 @@ def test_help_lists_every_config_field_with_its_default_and_choices(command, cap
         assert f"{section} settings" in text
         for f in dataclasses.fields(cls):
             entry = _entry(text, f"--{section}.{f.name}")
-            assert C.field_help(f) in entry, entry
+            assert F.field_help(f) in entry, entry
             assert f"default: {json.dumps(f.default)}" in entry, entry
-            choices = C.field_choices(f)
+            choices = F.field_choices(f)
             if choices:
                 assert "{" + ",".join(choices) + "}" in entry, entry
 
 
 def test_help_shows_the_default_presets_value_where_it_differs(capsys, monkeypatch):
     text = _help(capsys, monkeypatch, "train")
-    cpu = C.preset(C.DEFAULT_PRESET)
+    cpu = P.preset(P.DEFAULT_PRESET)
     assert cpu.model.n_layers != C.ModelConfig().n_layers
     entry = _entry(text, "--model.n_layers")
-    assert f"{C.DEFAULT_PRESET} preset: {cpu.model.n_layers}" in entry
+    assert f"{P.DEFAULT_PRESET} preset: {cpu.model.n_layers}" in entry
 
 
 def test_enum_short_flags_show_their_choices(capsys, monkeypatch):
     text = _help(capsys, monkeypatch, "train")
-    for flag, (key, _) in cli.TRAIN_ALIASES.items():
+    for flag, (key, _) in TRAIN_ALIASES.items():
         f = next(f for f in dataclasses.fields(C.TrainConfig) if f.name == key.split(".")[1])
-        if C.field_choices(f):
-            assert f"{flag} {{{','.join(C.field_choices(f))}}}" in text, flag
+        if F.field_choices(f):
+            assert f"{flag} {{{','.join(F.field_choices(f))}}}" in text, flag
     assert "--precision {fp32,bf16,fp16}" in _help(capsys, monkeypatch, "eval")
 
 
@@ -79,8 +83,7 @@ def test_version(capsys):
 
 def _config_of(*argv: str) -> C.RunConfig:
     """The RunConfig `gptlab train argv` would run with (parsed by the real parser)."""
-    cfg, _ = cli.build_config(cli._parser().parse_args(["train", *argv]))
-    return cfg
+    return resolve_cli("train", *argv).config
 
 
 ROUND_TRIPS = {
@@ -116,7 +119,7 @@ def test_config_toml_round_trips_through_config_flag(case, tmp_path, capsys):
     assert _config_of("--config", str(saved)) == expected
     rc, again, err = run_cli(capsys, "config", "--config", saved)
     assert rc == 0 and again == printed  # a fixed point
-    name = "tiny" if case != "default" else C.DEFAULT_PRESET
+    name = "tiny" if case != "default" else P.DEFAULT_PRESET
     assert f'preset = "{name}"' in printed
     if case != "default":
         assert expected.model.n_layers == 3 and expected.train.lr == 3e-4
@@ -158,21 +161,21 @@ def test_preset_flag_disagreeing_with_the_file_is_an_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("form", [["--model.n_layers=4"], ["--model.n_layers", "4"]])
 def test_override_with_equals_or_space(form):
-    args = cli._parser().parse_args(["train", "--preset", "tiny", *form])
-    assert cli.config_overrides(args) == [("model.n_layers", "4")]
-    cfg, name = cli.build_config(args)
-    assert cfg.model.n_layers == 4 and name == "tiny"
+    args = cli.build_parser().parse_args(["train", "--preset", "tiny", *form])
+    assert config_overrides(args) == [("model.n_layers", "4")]
+    r = resolve_cli("train", "--preset", "tiny", *form)
+    assert r.config.model.n_layers == 4 and r.name == "tiny"
 
 
 def test_overrides_apply_in_the_order_given():
     argv = ["train", "--train.lr", "1e-3", "--precision", "bf16", "--train.lr", "2e-3"]
-    args = cli._parser().parse_args(argv)
-    assert cli.config_overrides(args) == [
+    args = cli.build_parser().parse_args(argv)
+    assert config_overrides(args) == [
         ("train.lr", "1e-3"),
         ("train.precision", "bf16"),
         ("train.lr", "2e-3"),
     ]
-    cfg, _ = cli.build_config(args)
+    cfg = resolve_cli(*argv).config
     assert cfg.train.lr == 2e-3 and cfg.train.precision == "bf16"
 
 
@@ -261,7 +264,7 @@ def test_bad_numeric_flag_is_one_line_naming_flag_and_range(command, flag, value
 
 
 def test_top_k_zero_means_no_cut_and_is_accepted():
-    args = cli._parser().parse_args(["generate", "--top-k", "0", "--top-p", "1"])
+    args = cli.build_parser().parse_args(["generate", "--top-k", "0", "--top-p", "1"])
     assert args.top_k == 0 and args.top_p == 1.0
 
 

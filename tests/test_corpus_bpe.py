@@ -13,11 +13,12 @@ import pytest
 from conftest import make_corpus_text
 from test_cli import assert_user_error, run_cli
 
-from gptlab.config.schema import RunConfig, cache_dir, preset
+from gptlab.config.schema import RunConfig, cache_dir
 from gptlab.data import corpus as data_lib
 from gptlab.data.bpe import train_bpe
 from gptlab.data.corpus import load_corpus, open_corpus
 from gptlab.data.tokenizer import ENDOFTEXT
+from gptlab.recipes.presets import preset
 
 N = 300
 # A pair of words that appears only in the last tenth of the text: a BPE fitted on the

@@ -27,10 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from gptlab.cli import main as cli
-from gptlab.config.schema import TrainConfig, preset
+from gptlab.config.schema import TrainConfig
 from gptlab.data.corpus import TokenWindowLoader
 from gptlab.errors import GptlabError
 from gptlab.model.gpt import GPTModel
+from gptlab.recipes.presets import preset
 from gptlab.runtime import dist as dist_lib
 from gptlab.train.optim import build_optimizer
 

@@ -3,7 +3,7 @@ bad input, and `gptlab finetune` runs (from a gptlab run and a Hugging Face fold
 after kill -9, under torchrun).
 
 The book's code is written out plainly below (the `book_*` functions), from its chapters 6
-and 7 and exercise 7.2, as the yardstick for gptlab.finetune.data.
+and 7 and exercise 7.2, as the yardstick for gptlab.finetune.data and .objectives.
 """
 
 from __future__ import annotations
@@ -31,17 +31,19 @@ from gptlab.finetune.data import (
     IGNORE_INDEX,
     ClassExample,
     Example,
-    classification_accuracy,
-    classification_loss,
     collate,
     collate_classes,
     example_tensors,
-    lm_loss,
     load_finetune_data,
     pack,
     render_instruction,
-    set_trainable,
     truncate,
+)
+from gptlab.finetune.objectives import (
+    classification_accuracy,
+    classification_loss,
+    lm_loss,
+    set_trainable,
 )
 from gptlab.interop import checkpoint as ckpt_lib
 from gptlab.model.gpt import GPTModel
@@ -637,9 +639,9 @@ def test_a_finished_run_is_not_overwritten(instruct_run, base, capsys):
 GATED_FINETUNE = """
 import sys
 from gptlab.cli import main as cli
-from gptlab.finetune import data as finetune
+from gptlab.finetune import objectives
 
-n, calls, real = int(sys.argv[1]), [0], finetune.lm_loss
+n, calls, real = int(sys.argv[1]), [0], objectives.lm_loss
 
 def gated(*args, **kwargs):
     calls[0] += 1
@@ -648,7 +650,7 @@ def gated(*args, **kwargs):
         sys.stdin.readline()
     return real(*args, **kwargs)
 
-finetune.lm_loss = gated
+objectives.lm_loss = gated
 sys.exit(cli.main(sys.argv[2:]))
 """
 

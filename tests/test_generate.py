@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptlab import GPTModel, generate_text_simple
-from gptlab import generate
+from gptlab import GPTModel, generate, generate_text_simple
+from gptlab.data.tokenizer import CharTokenizer
+from gptlab.infer.engine import Engine, Sampling
 from gptlab.infer.sampling import sample_next
 
 
@@ -33,6 +34,21 @@ def test_greedy_is_argmax_of_each_step_and_deterministic(model, prompt):
             assert torch.equal(out[:, t], want)
     # generate() at temperature 0 is the same greedy decoder
     assert torch.equal(generate(model, prompt, 12, temperature=0.0), out)
+
+
+def test_the_engine_decodes_greedy_as_the_walkthrough_does(model):
+    """The engine (the decoding path of generate, chat and serve) gives generate_text_simple's
+    tokens, with its cache and without, past the context window too (30 new tokens, 16)."""
+    tok = CharTokenizer(chr(ord("!") + i) for i in range(96))  # ids 0..95, <|endoftext|> 96
+    prompt = [5, 17, 42]
+    want = generate_text_simple(model, torch.tensor([prompt]), 30, context_size=16)[0, 3:]
+    assert tok.eot_token not in want.tolist()  # precondition (fixed seed): no end of text
+    for use_cache in (True, False):
+        engine = Engine(model, tok, use_cache=use_cache)
+        gen = engine.submit(prompt, Sampling(30, temperature=0.0), lambda event: None)
+        while not gen.finished:
+            engine.step()
+        assert gen.text.ids == want.tolist()
 
 
 def test_greedy_crops_to_context_size(model):
@@ -106,14 +122,13 @@ def test_ids_beyond_the_tokenizers_vocabulary_are_never_sampled():
     generation never samples them, however likely the model makes them."""
     from types import SimpleNamespace
 
-    from gptlab.data.tokenizer import CharTokenizer
-    from gptlab.infer.sampling import eot_id, stream_text
+    from gptlab.data.tokenizer import eot_id
 
     tok = CharTokenizer.from_text("abcdefgh ")
     n = tok.n_vocab
 
     class FavoursUnknownIds(torch.nn.Module):
-        cfg = SimpleNamespace(context_length=8)
+        cfg = SimpleNamespace(context_length=8, vocab_size=n + 30)
 
         def __init__(self):
             super().__init__()
@@ -132,5 +147,6 @@ def test_ids_beyond_the_tokenizers_vocabulary_are_never_sampled():
     assert (free[:, 2:] >= n).any()  # unguarded, the model does pick them
     limited = generate(model, prompt, 20, temperature=1.0, seed=0, use_cache=False, vocab_limit=n)
     assert (limited[:, 2:] < n).all()
-    text = "".join(stream_text(model, tok, "ab", 20, temperature=1.0, seed=0, use_cache=False))
+    engine = Engine(model, tok, use_cache=False)
+    text = "".join(engine.stream("ab", Sampling(20, temperature=1.0, seed=0)))
     assert len(text) == 20 and set(text) <= set("abcdefgh ")

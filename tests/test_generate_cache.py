@@ -12,18 +12,11 @@ from conftest import jitter
 from gptlab.cli.main import main
 from gptlab.config.schema import ModelConfig, RunConfig
 from gptlab.data.tokenizer import CharTokenizer, GPT2Tokenizer
-from gptlab.infer.sampling import (
-    _step,
-    _undecided_tail,
-    complete,
-    filter_logits,
-    generate,
-    generate_stream,
-    sample_next,
-    stream_text,
-)
+from gptlab.infer.engine import Engine, Sampling
+from gptlab.infer.sampling import _step, _undecided_tail, filter_logits, generate, sample_next
 from gptlab.interop import checkpoint as ckpt_lib
-from gptlab.model.gpt import GPTModel, KVCache
+from gptlab.model.gpt import GPTModel
+from gptlab.model.kvcache import KVCache
 
 
 def tiny(attention: str = "sdpa", vocab: int = 97, ctx: int = 16, seed: int = 0) -> GPTModel:
@@ -98,8 +91,7 @@ def test_cached_and_uncached_greedy_agree_across_the_context_edge(attention, bat
 def test_static_cache_generates_the_same_tokens():
     model = tiny()
     x = prompt(batch=2)
-    cache_steps = generate_stream(model, x, 20)
-    want = torch.cat([x, *cache_steps], dim=1)
+    want = generate(model, x, 20)
     # the static cache path without torch.compile (what --compile replays on CUDA)
     got = x
     cache = KVCache(16, static=True)
@@ -143,15 +135,15 @@ def test_eos_stops_generation_in_both_paths():
         assert out[0, 5:].tolist() == free[:stop]  # the end token itself is not appended
 
 
-def test_generate_stream_yields_what_generate_returns():
-    model = tiny()
-    x = prompt(batch=2)
-    steps = list(generate_stream(model, x, 9, temperature=0.9, seed=3))
-    assert all(s.shape == (2, 1) for s in steps) and len(steps) == 9
-    assert (
-        torch.cat([x, *steps], 1).tolist()
-        == generate(model, x, 9, temperature=0.9, seed=3).tolist()
-    )
+def test_the_engine_streams_what_generate_returns_for_each_prompt():
+    model, tok = char_model_and_tokenizer()
+    x = prompt(batch=2, vocab=len(tok.chars))
+    assert generate(model, x, 9, temperature=0.9, seed=3).shape == (2, 14)
+    engine = Engine(model, tok)
+    for row in x.tolist():
+        pieces = list(engine.stream(row, Sampling(9, temperature=0.9, seed=3)))
+        want = generate(model, torch.tensor([row]), 9, temperature=0.9, seed=3)[0, 5:]
+        assert "".join(pieces) == tok.decode(want.tolist())
 
 
 def test_kv_cache_refuses_to_overflow():
@@ -207,20 +199,26 @@ def char_model_and_tokenizer():
     return tiny(vocab=len(tok.chars), ctx=32), tok
 
 
-def test_stream_text_pieces_join_to_the_full_continuation():
+def greedy_text(model, tok, text: str, n: int) -> str:
+    """The greedy continuation by `generate`, decoded (the char model never ends its text)."""
+    return tok.decode(generate(model, torch.tensor([tok.encode(text)]), n)[0, len(text) :].tolist())
+
+
+def test_streamed_pieces_join_to_the_full_continuation():
     model, tok = char_model_and_tokenizer()
-    pieces = list(stream_text(model, tok, "abc", 20, temperature=0))
-    full = complete(model, tok, ["abc"], 20, temperature=0)[0]
-    assert "".join(pieces) == full and len(pieces) > 1
+    pieces = list(Engine(model, tok).stream("abc", Sampling(20, temperature=0)))
+    full = Engine(model, tok).complete(["abc"], Sampling(20, temperature=0))[0]
+    assert "".join(pieces) == full == greedy_text(model, tok, "abc", 20) and len(pieces) > 1
 
 
 def test_stop_string_cuts_the_text_before_it():
     model, tok = char_model_and_tokenizer()
-    full = complete(model, tok, ["abc"], 25, temperature=0)[0]
+    full = greedy_text(model, tok, "abc", 25)
     stop = full[6:8]
     want = full[: full.index(stop)]
-    assert "".join(stream_text(model, tok, "abc", 25, stop=[stop], temperature=0)) == want
-    assert complete(model, tok, ["abc"], 25, stop=[stop], temperature=0)[0] == want
+    engine, sampling = Engine(model, tok), Sampling(25, temperature=0, stop=(stop,))
+    assert "".join(engine.stream("abc", sampling)) == want
+    assert engine.complete(["abc"], sampling)[0] == want
 
 
 def test_undecided_tail_holds_back_stop_prefixes_and_broken_characters():
@@ -229,7 +227,7 @@ def test_undecided_tail_holds_back_stop_prefixes_and_broken_characters():
     assert _undecided_tail("caf\ufffd", []) == 1
 
 
-def test_stream_text_holds_a_multibyte_character_until_it_is_whole():
+def test_streamed_text_holds_a_multibyte_character_until_it_is_whole():
     tok = GPT2Tokenizer()
     # a CJK character spans several byte-level tokens: a prefix of them decodes to U+FFFD
     ids = tok.encode(" 日本")
@@ -237,12 +235,13 @@ def test_stream_text_holds_a_multibyte_character_until_it_is_whole():
     assert _undecided_tail(tok.decode(ids[:1]), []) >= 1
 
 
-def test_complete_batches_prompts_of_different_lengths_exactly():
+def test_the_engine_batches_prompts_of_different_lengths_exactly():
     model, tok = char_model_and_tokenizer()
     prompts = ["abc", "hgfe", "de", "cab"]
-    together = complete(model, tok, prompts, 10, temperature=0)
-    alone = [complete(model, tok, [p], 10, temperature=0)[0] for p in prompts]
-    assert together == alone
+    engine, sampling = Engine(model, tok, max_batch=3), Sampling(10, temperature=0)
+    together = engine.complete(prompts, sampling)
+    alone = [engine.complete([p], sampling)[0] for p in prompts]
+    assert together == alone == [greedy_text(model, tok, p, 10) for p in prompts]
 
 
 # --------------------------------------------------------------------------- CLI

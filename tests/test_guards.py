@@ -24,6 +24,7 @@ from gptlab.cli import main as cli
 from gptlab.interop import checkpoint as ckpt_lib
 from gptlab.model import loss as loss_mod
 from gptlab.train.loop import Trainer
+from gptlab.train.objectives import LanguageModeling
 from gptlab.train.optim import lr_at
 
 
@@ -46,7 +47,9 @@ def poison_loss(monkeypatch, trainer_ref: list, bad, factor: float = math.nan) -
 def make_trainer(text, run_dir, steps=20, **train):
     cfg = tiny_config(steps, **train)
     events: list[dict] = []
-    trainer = Trainer(cfg, tiny_corpus(text, cfg), run_dir, on_event=events.append)
+    trainer = Trainer(
+        cfg, LanguageModeling(tiny_corpus(text, cfg)), run_dir, on_event=events.append
+    )
     return trainer, events
 
 
@@ -225,7 +228,7 @@ def test_a_resumed_run_starts_a_fresh_count_of_bad_steps(text, tmp_path, monkeyp
     monkeypatch.undo()
 
     cfg = tiny_config(10, max_bad_steps=2)
-    resumed = Trainer(cfg, tiny_corpus(text, cfg), tmp_path / "run", resume=True)
+    resumed = Trainer(cfg, LanguageModeling(tiny_corpus(text, cfg)), tmp_path / "run", resume=True)
     assert resumed.state.step == 5 and resumed.state.bad_steps == 0
     poison_loss(monkeypatch, [resumed], lambda step: step == 6)  # one bad step: go on
     end = resumed.run()

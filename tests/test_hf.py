@@ -12,12 +12,13 @@ import torch
 from conftest import jitter
 
 from gptlab.cli.main import main
-from gptlab.config.schema import PRESETS, ModelConfig, RunConfig, preset
+from gptlab.config.schema import ModelConfig, RunConfig
 from gptlab.errors import GptlabError
 from gptlab.infer.sampling import generate
 from gptlab.interop import checkpoint as ckpt_lib
-from gptlab.interop import hf
+from gptlab.interop import hf, hf_format
 from gptlab.model.gpt import GPTModel
+from gptlab.recipes.presets import PRESETS, preset
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -65,10 +66,10 @@ def random_theirs(tie: bool, seed: int = 0, vocab: int = 50257) -> GPT2LMHeadMod
 
 def hf_from_ours(model: GPTModel) -> GPT2LMHeadModel:
     """transformers' model built from our exported config and weights (in memory)."""
-    config = {k: v for k, v in hf.config_to_hf(model.cfg).items() if k != "architectures"}
+    config = {k: v for k, v in hf_format.config_to_hf(model.cfg).items() if k != "architectures"}
     config.pop("model_type")
     theirs = GPT2LMHeadModel(GPT2Config(**config)).eval()
-    missing, unexpected = theirs.load_state_dict(hf.state_dict_to_hf(model), strict=False)
+    missing, unexpected = theirs.load_state_dict(hf_format.state_dict_to_hf(model), strict=False)
     assert not unexpected
     assert missing in ([], ["lm_head.weight"])  # a tied head is wte itself
     if model.cfg.tie_weights:
@@ -117,10 +118,10 @@ def test_import_gives_gptlab_the_same_logits(tie, zero_qkv_bias):
     if zero_qkv_bias:  # a GPT-2 trained without qkv biases stores zeros there
         for block in theirs.transformer.h:
             torch.nn.init.zeros_(block.attn.c_attn.bias)
-    cfg = hf.config_from_hf(theirs.config.to_dict())
+    cfg = hf_format.config_from_hf(theirs.config.to_dict())
     assert cfg.qkv_bias and cfg.tie_weights == tie
     ours = GPTModel(cfg).eval()
-    ours.load_state_dict(hf.state_dict_from_hf(theirs.state_dict(), cfg))
+    ours.load_state_dict(hf_format.state_dict_from_hf(theirs.state_dict(), cfg))
     x = ids()
     with torch.no_grad():
         assert_same_logits(theirs(x).logits, ours, x)
@@ -128,10 +129,10 @@ def test_import_gives_gptlab_the_same_logits(tie, zero_qkv_bias):
 
 def test_import_into_a_padded_vocabulary_keeps_the_logits():
     theirs = random_theirs(tie=True)
-    cfg = hf.config_from_hf(theirs.config.to_dict())
+    cfg = hf_format.config_from_hf(theirs.config.to_dict())
     cfg.vocab_multiple = 64
     ours = GPTModel(cfg).eval()
-    ours.load_state_dict(hf.state_dict_from_hf(theirs.state_dict(), cfg))
+    ours.load_state_dict(hf_format.state_dict_from_hf(theirs.state_dict(), cfg))
     assert ours.tok_emb.weight.shape[0] == 50304
     x = ids()
     with torch.no_grad():
@@ -140,17 +141,17 @@ def test_import_into_a_padded_vocabulary_keeps_the_logits():
 
 def test_round_trip_is_exact_and_the_key_map_covers_every_parameter():
     ours = random_ours(tiny_cfg(tie_weights=False, qkv_bias=True))
-    names = {e.ours for e in hf.key_map(ours.cfg.n_layers)}
+    names = {e.ours for e in hf_format.key_map(ours.cfg.n_layers)}
     assert names == set(ours.state_dict())
     back = GPTModel(ours.cfg)
-    back.load_state_dict(hf.state_dict_from_hf(hf.state_dict_to_hf(ours), ours.cfg))
+    back.load_state_dict(hf_format.state_dict_from_hf(hf_format.state_dict_to_hf(ours), ours.cfg))
     for k, v in ours.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
 
 
 def test_export_writes_zero_qkv_biases_and_conv1d_transposes():
     ours = random_ours(tiny_cfg(qkv_bias=False))
-    sd = hf.state_dict_to_hf(ours)
+    sd = hf_format.state_dict_to_hf(ours)
     assert torch.count_nonzero(sd["transformer.h.0.attn.c_attn.bias"]) == 0
     w = sd["transformer.h.1.attn.c_attn.weight"]  # (D, 3D): [q | k | v], each Linear.T
     D = ours.cfg.emb_dim
@@ -237,7 +238,7 @@ def test_import_reads_safetensors_bin_and_openai_layout(tmp_path):
     torch.save(legacy, tmp_path / "bin" / "pytorch_model.bin")
     (tmp_path / "bin" / "config.json").write_text(theirs.config.to_json_string())
     for src in ("st", "bin"):
-        model = hf.load_gpt2_model(tmp_path / src)
+        model = hf.open_hf(tmp_path / src)[0]
         with torch.no_grad():
             assert_same_logits(want, model, x)
 
@@ -252,9 +253,9 @@ def test_four_gpt2_sizes_map_onto_the_presets():
     }
     for name, (D, L, H) in sizes.items():
         theirs = GPT2Config(n_embd=D, n_layer=L, n_head=H).to_dict()
-        cfg = hf.config_from_hf(theirs)
+        cfg = hf_format.config_from_hf(theirs)
         assert hf.matching_preset(cfg) == name
-        out = hf.config_to_hf(preset(name).model)
+        out = hf_format.config_to_hf(preset(name).model)
         assert (out["n_embd"], out["n_layer"], out["n_head"]) == (D, L, H)
         assert out["n_positions"] == 1024 and out["vocab_size"] == 50257
         assert out["layer_norm_epsilon"] == 1e-5 and out["activation_function"] == "gelu_new"
@@ -368,7 +369,7 @@ def test_train_init_from_starts_from_the_source_weights(tmp_path, capsys):
     # one step at lr 1e-9 leaves the weights where GPT-2's were
     model = GPTModel(RunConfig.from_dict({"model": saved}).model)
     ckpt_lib.load_weights(model, ckpt_lib.latest_checkpoint(out))
-    want = hf.state_dict_from_hf(theirs.state_dict(), model.cfg)
+    want = hf_format.state_dict_from_hf(theirs.state_dict(), model.cfg)
     for k, v in model.state_dict().items():  # AdamW moves a weight at most lr (1e-9) a step
         torch.testing.assert_close(v, want[k], atol=1e-6, rtol=0)
     capsys.readouterr()
@@ -380,9 +381,9 @@ def test_train_init_from_starts_from_the_source_weights(tmp_path, capsys):
 def test_gpt2_mlp_width_and_norm_epsilon_travel_both_ways():
     # n_inner and layer_norm_epsilon are GPT-2 config fields; gptlab has both options
     ours = random_ours(tiny_cfg(mlp_hidden=48, norm_eps=1e-6))
-    out = hf.config_to_hf(ours.cfg)
+    out = hf_format.config_to_hf(ours.cfg)
     assert (out["n_inner"], out["layer_norm_epsilon"]) == (48, 1e-6)
-    assert hf.config_from_hf(out).ff_hidden == 48
+    assert hf_format.config_from_hf(out).ff_hidden == 48
     x = ids()
     with torch.no_grad():
         assert_same_logits(hf_from_ours(ours)(x).logits, ours, x)

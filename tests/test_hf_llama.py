@@ -17,7 +17,7 @@ from gptlab.config.schema import ModelConfig, RunConfig
 from gptlab.errors import GptlabError
 from gptlab.infer.sampling import generate
 from gptlab.interop import checkpoint as ckpt_lib
-from gptlab.interop import hf
+from gptlab.interop import hf, hf_format
 from gptlab.model.gpt import GPTModel
 
 transformers = pytest.importorskip("transformers")
@@ -129,7 +129,7 @@ def test_export_loads_as_llama_with_the_same_logits_and_greedy_tokens(tmp_path, 
 
 def test_exported_config_names_llamas_fields(tmp_path):
     cfg = llama_cfg(n_kv_heads=2, vocab_multiple=64, drop_rate=0.1)
-    out = hf.config_to_hf(cfg)
+    out = hf_format.config_to_hf(cfg)
     assert out["model_type"] == "llama" and out["architectures"] == ["LlamaForCausalLM"]
     want = {
         "vocab_size": V,  # unpadded
@@ -151,7 +151,9 @@ def test_exported_config_names_llamas_fields(tmp_path):
         "torch_dtype": "float32",
     }
     assert {k: out[k] for k in want} == want
-    assert hf.config_from_hf(json.loads(json.dumps(out))) == llama_cfg(n_kv_heads=2, drop_rate=0.1)
+    assert hf_format.config_from_hf(json.loads(json.dumps(out))) == llama_cfg(
+        n_kv_heads=2, drop_rate=0.1
+    )
 
 
 # --------------------------------------------------------------------------- transformers -> gptlab
@@ -162,7 +164,7 @@ def test_exported_config_names_llamas_fields(tmp_path):
 def test_import_of_a_saved_llama_gives_the_same_logits(tmp_path, n_kv_heads, tie):
     theirs = random_theirs(tie, n_kv_heads)
     theirs.save_pretrained(tmp_path / "hf")
-    ours = hf.load_hf_model(tmp_path / "hf")
+    ours = hf.open_hf(tmp_path / "hf")[0]
     cfg = ours.cfg
     assert (cfg.positions, cfg.norm, cfg.mlp, cfg.bias, cfg.qkv_bias) == (
         "rope",
@@ -180,12 +182,12 @@ def test_import_of_a_saved_llama_gives_the_same_logits(tmp_path, n_kv_heads, tie
 
 def test_import_reads_bare_llamamodel_keys_and_old_rotary_buffers():
     theirs = random_theirs(tie=False)
-    cfg = hf.config_from_hf(theirs.config.to_dict())
+    cfg = hf_format.config_from_hf(theirs.config.to_dict())
     # a LlamaModel file (no "model." prefix) from a transformers that stored inv_freq
     sd = {k.removeprefix("model."): v for k, v in theirs.state_dict().items()}
     sd["layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
     ours = GPTModel(cfg).eval()
-    ours.load_state_dict(hf.state_dict_from_hf(sd, cfg))
+    ours.load_state_dict(hf_format.state_dict_from_hf(sd, cfg))
     x = ids()
     with torch.no_grad():
         assert_same_logits(theirs(x).logits, ours, x)
@@ -194,10 +196,12 @@ def test_import_reads_bare_llamamodel_keys_and_old_rotary_buffers():
 def test_round_trip_is_exact_and_the_key_map_covers_every_parameter():
     for kw in (dict(n_kv_heads=2, tie_weights=False), dict(n_kv_heads=1, vocab_multiple=64)):
         ours = random_ours(llama_cfg(**kw))
-        names = {e.ours for e in hf.key_map(ours.cfg.n_layers, "llama")}
+        names = {e.ours for e in hf_format.key_map(ours.cfg.n_layers, "llama")}
         assert set(ours.state_dict()) <= names
         back = GPTModel(ours.cfg)
-        back.load_state_dict(hf.state_dict_from_hf(hf.state_dict_to_hf(ours), ours.cfg))
+        back.load_state_dict(
+            hf_format.state_dict_from_hf(hf_format.state_dict_to_hf(ours), ours.cfg)
+        )
         for k, v in ours.state_dict().items():
             assert torch.equal(v, back.state_dict()[k]), k
 
@@ -226,7 +230,7 @@ def test_configs_no_hugging_face_model_expresses_are_refused_with_one_line(tmp_p
     options, expected = REFUSED[name]
     cfg = llama_cfg(**options)
     with pytest.raises(GptlabError, match="no Hugging Face equivalent") as e:
-        hf.architecture(cfg)
+        hf_format.architecture(cfg)
     assert expected in str(e.value) and "\n" not in str(e.value)
     save_run(GPTModel(cfg), tmp_path / "run")
     err = cli_error(capsys, "convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "hf"))
@@ -237,8 +241,8 @@ def test_configs_no_hugging_face_model_expresses_are_refused_with_one_line(tmp_p
 def test_gpt2_shapes_without_biases_still_export_as_gpt2():
     # zero biases compute what no biases do: GPT-2 can express bias=False
     cfg = llama_cfg(positions="learned", norm="layernorm", mlp="gelu", norm_eps=1e-5)
-    assert hf.architecture(cfg) == "gpt2"
-    assert hf.config_to_hf(cfg)["n_inner"] == 48
+    assert hf_format.architecture(cfg) == "gpt2"
+    assert hf_format.config_to_hf(cfg)["n_inner"] == 48
 
 
 @pytest.mark.parametrize(
@@ -315,7 +319,7 @@ def test_train_init_from_a_llama_folder_starts_from_its_weights(tmp_path, capsys
     assert (saved["positions"], saved["mlp"], saved["n_kv_heads"]) == ("rope", "swiglu", 2)
     model = GPTModel(RunConfig.from_dict({"model": saved}).model)
     ckpt_lib.load_weights(model, ckpt_lib.latest_checkpoint(out))
-    want = hf.state_dict_from_hf(theirs.state_dict(), model.cfg)
+    want = hf_format.state_dict_from_hf(theirs.state_dict(), model.cfg)
     for k, v in model.state_dict().items():  # AdamW moves a weight at most lr (1e-9) a step
         torch.testing.assert_close(v, want[k], atol=1e-6, rtol=0)
 
@@ -349,7 +353,7 @@ def test_qk_norm_matches_qwen3s_per_head_rmsnorm_before_rotary():
         )
     ).eval()
     base = llama_cfg(n_kv_heads=2, tie_weights=False)
-    sd = hf.state_dict_to_hf(_without_qk_norm(ours, base))
+    sd = hf_format.state_dict_to_hf(_without_qk_norm(ours, base))
     for i in range(cfg.n_layers):
         att = ours.trf_blocks[i].att
         sd[f"model.layers.{i}.self_attn.q_norm.weight"] = att.q_norm.scale.detach().clone()

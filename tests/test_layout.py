@@ -21,18 +21,36 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gptlab"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("errors", ()),  # the one exception type users see
     ("atomic", ()),  # writing a file whole or not at all (temporary file, fsync, rename)
-    ("config", ("schema",)),
+    ("config", ("fields", "model", "schema")),
     ("observe", ("metrics", "console", "plot", "trackers")),
-    ("model", ("gpt", "loss", "lora")),
-    ("data", ("tokenizer", "bpe", "chat", "sources", "corpus", "prepare")),
+    ("model", ("kvcache", "gpt", "vocab", "loss", "lora")),
+    (
+        "data",
+        ("tokenizer", "bpe", "chat", "records", "cuts", "sources", "shards", "corpus", "prepare"),
+    ),
     ("runtime", ("device", "dist", "threads")),
-    ("recipes", ("sizing",)),
-    ("interop", ("checkpoint", "hf", "runs")),
-    ("infer", ("sampling", "engine", "serve")),
-    ("evals", ("loss", "tasks", "harness")),
-    ("train", ("optim", "budget", "resume", "walkthrough", "loop")),
-    ("finetune", ("data", "run")),
-    ("cli", ("main",)),
+    ("recipes", ("presets", "sizing")),
+    ("interop", ("checkpoint", "hf_format", "hf", "runs")),
+    ("infer", ("sampling", "engine", "chat", "api", "serve")),
+    ("evals", ("loss", "scoring", "items", "tasks", "harness")),
+    (
+        "train",
+        (
+            "optim",
+            "budget",
+            "resume",
+            "walkthrough",
+            "resolve",
+            "objectives",
+            "checkpointer",
+            "evaluator",
+            "report",
+            "loop",
+            "run",
+        ),
+    ),
+    ("finetune", ("data", "objectives", "run")),
+    ("cli", ("args", "run", "tools", "main")),
 )
 ENTRY_POINTS = ("__init__", "__main__")  # the package itself and `python -m gptlab`
 

@@ -159,7 +159,7 @@ def test_gpt2_small_parameter_counts():
 
 
 def test_gpt2_small_preset_matches_walkthrough_dict():
-    from gptlab.config.schema import preset
+    from gptlab.recipes.presets import preset
 
     cfg = preset("gpt2-small").model
     model = _meta_model(cfg)

@@ -16,11 +16,14 @@ import torch.nn.functional as F
 from conftest import jitter
 
 from gptlab.cli.main import main
-from gptlab.config.schema import ModelConfig, preset
+from gptlab.config.schema import ModelConfig, RunConfig, apply_nested, set_field
 from gptlab.errors import GptlabError
 from gptlab.infer.sampling import generate
-from gptlab.model.gpt import GPTModel, KVCache, count_parameters, flops_per_token
+from gptlab.model.gpt import GPTModel, count_parameters, flops_per_token
+from gptlab.model.kvcache import KVCache
 from gptlab.model.loss import chunked_cross_entropy, model_loss
+from gptlab.recipes.presets import preset
+from gptlab.train.resume import config_changes, with_defaults
 
 # One option at a time, then the combinations that the recipes use.
 OPTIONS = {
@@ -279,3 +282,26 @@ def test_cli_refuses_impossible_combinations_in_one_line(tmp_path, capsys, flags
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and words in err
+
+
+def test_removed_fused_qkv_is_named_when_set_and_dropped_from_a_saved_run(tmp_path, capsys):
+    """model.fused_qkv (one q/k/v matmul, within noise) was removed: setting it says so in
+    one line; a config saved before, with it on or off, loads (it never changed a weight)."""
+    for set_it in (
+        lambda cfg: set_field(cfg, "model.fused_qkv", "true"),
+        lambda cfg: apply_nested(cfg, {"model": {"fused_qkv": True}}, origin="config file c"),
+    ):
+        with pytest.raises(GptlabError, match="model.fused_qkv was removed") as e:
+            set_it(RunConfig())
+        assert len(str(e.value).splitlines()) == 1
+    code = main(
+        ["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--model.fused_qkv", "1"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "model.fused_qkv was removed" in err
+    for on in (True, False):
+        saved = preset("tiny").to_dict()
+        saved["model"]["fused_qkv"] = on
+        assert RunConfig.from_dict(saved) == preset("tiny")
+        # a resume compares the saved config with today's: the dropped key is no change
+        assert config_changes(with_defaults(saved), preset("tiny").to_dict()) == []

@@ -20,13 +20,15 @@ from run_helpers import (
 )
 
 from gptlab.cli import main as cli
-from gptlab.config.schema import TrainConfig, preset
+from gptlab.config.schema import TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.interop import checkpoint as ckpt_lib
 from gptlab.model import loss as loss_mod
 from gptlab.model.gpt import GPTModel
+from gptlab.recipes.presets import preset
 from gptlab.runtime import device as runtime
 from gptlab.train.loop import Trainer
+from gptlab.train.objectives import LanguageModeling
 from gptlab.train.optim import (
     Muon,
     MuonAdamW,
@@ -234,7 +236,9 @@ def test_lr_at_with_the_default_peak_is_unchanged():
 def _trainer(text, run_dir, steps=20, **train):
     cfg = tiny_config(steps, optimizer="muon", **train)
     events: list[dict] = []
-    return Trainer(cfg, tiny_corpus(text, cfg), run_dir, on_event=events.append), events
+    return Trainer(
+        cfg, LanguageModeling(tiny_corpus(text, cfg)), run_dir, on_event=events.append
+    ), events
 
 
 def test_a_tiny_muon_run_lowers_the_loss_and_logs_both_rates(text, tmp_path):
@@ -264,7 +268,7 @@ def test_a_muon_run_resumed_from_a_checkpoint_repeats_the_uninterrupted_run(text
             shutil.rmtree(p)
     (run / "checkpoints" / "latest").unlink()
     cfg = tiny_config(12, optimizer="muon", checkpoint_every=5, keep_last=5)
-    resumed = Trainer(cfg, tiny_corpus(text, cfg), run, resume=True)
+    resumed = Trainer(cfg, LanguageModeling(tiny_corpus(text, cfg)), run, resume=True)
     assert resumed.state.step == 5
     resumed.run()
     assert losses_by_step(run) == losses_by_step(ref)

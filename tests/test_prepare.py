@@ -13,13 +13,8 @@ from conftest import make_corpus_text
 from gptlab.cli.main import main
 from gptlab.data import prepare as P
 from gptlab.data import sources as S
-from gptlab.data.corpus import (
-    ShardedTokens,
-    TokenWindowLoader,
-    load_corpus,
-    open_split,
-    read_manifest,
-)
+from gptlab.data.corpus import TokenWindowLoader, load_corpus
+from gptlab.data.shards import ShardedTokens, open_split, read_manifest
 from gptlab.data.tokenizer import ENDOFTEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer
 from gptlab.errors import GptlabError
 

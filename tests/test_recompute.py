@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from gptlab.config.schema import ModelConfig
-from gptlab.finetune.data import IGNORE_INDEX, lm_loss
+from gptlab.finetune.data import IGNORE_INDEX
+from gptlab.finetune.objectives import lm_loss
 from gptlab.model import lora
 from gptlab.model.gpt import GPTModel, use_activation_checkpointing, use_fast_dropout
 from gptlab.model.loss import model_loss

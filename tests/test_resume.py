@@ -34,8 +34,10 @@ from gptlab.cli import main as cli
 from gptlab.errors import GptlabError
 from gptlab.interop import checkpoint as ckpt_lib
 from gptlab.model import loss as loss_mod
-from gptlab.train import loop as trainer_mod
-from gptlab.train.loop import Trainer, stop_on_signals
+from gptlab.train import checkpointer as checkpointer_mod
+from gptlab.train.loop import Trainer
+from gptlab.train.objectives import LanguageModeling
+from gptlab.train.run import stop_on_signals
 
 
 @pytest.fixture(scope="module")
@@ -155,17 +157,17 @@ def poison_step(monkeypatch, trainer_ref: list, at_step: int, action) -> None:
 def test_stop_at_step_k_and_resume_in_process(text, tmp_path, monkeypatch, k):
     cfg = tiny_config()
     corpus = tiny_corpus(text, cfg)
-    Trainer(copy.deepcopy(cfg), corpus, tmp_path / "ref").run()
+    Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), tmp_path / "ref").run()
 
     run = tmp_path / "run"
-    first = Trainer(copy.deepcopy(cfg), corpus, run)
+    first = Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), run)
     poison_step(monkeypatch, [first], k, lambda: os.kill(os.getpid(), signal.SIGTERM))
     with stop_on_signals(first):
         end = first.run()
     monkeypatch.undo()
     assert (end["reason"], end["step"]) == ("SIGTERM", k)
 
-    second = Trainer(copy.deepcopy(cfg), corpus, run, resume=True)
+    second = Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), run, resume=True)
     assert second.state.step == k
     second.run()
     assert losses_by_step(run) == losses_by_step(tmp_path / "ref")
@@ -187,15 +189,15 @@ def test_a_run_with_every_architecture_option_resumes_exactly(text, tmp_path, mo
     for key, value in MODERN.items():
         setattr(cfg.model, key, value)
     corpus = tiny_corpus(text, cfg)
-    Trainer(copy.deepcopy(cfg), corpus, tmp_path / "ref").run()
+    Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), tmp_path / "ref").run()
 
     run = tmp_path / "run"
-    first = Trainer(copy.deepcopy(cfg), corpus, run)
+    first = Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), run)
     poison_step(monkeypatch, [first], 13, lambda: os.kill(os.getpid(), signal.SIGTERM))
     with stop_on_signals(first):
         assert first.run()["step"] == 13
     monkeypatch.undo()
-    Trainer(copy.deepcopy(cfg), corpus, run, resume=True).run()
+    Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), run, resume=True).run()
     assert losses_by_step(run) == losses_by_step(tmp_path / "ref")
     assert_same_tensors(
         weights(ckpt_lib.latest_checkpoint(run)),
@@ -234,9 +236,9 @@ def test_second_sigint_aborts_at_once(text, tmp_path, monkeypatch, capsys):
 
 def test_checkpoint_every_minutes(text, tmp_path, monkeypatch):
     cfg = tiny_config(6, checkpoint_every_minutes=1.0, keep_last=10)
-    trainer = Trainer(cfg, tiny_corpus(text, cfg), tmp_path / "run")
+    trainer = Trainer(cfg, LanguageModeling(tiny_corpus(text, cfg)), tmp_path / "run")
     # A clock on which each step takes 40 s: a save is due every second step.
-    monkeypatch.setattr(trainer_mod.time, "monotonic", lambda: 40.0 * trainer.state.step)
+    monkeypatch.setattr(checkpointer_mod.time, "monotonic", lambda: 40.0 * trainer.state.step)
     trainer.run()
     saved = [(r["step"], r["reason"]) for r in records(tmp_path / "run", "checkpoint")]
     assert saved == [(2, "periodic"), (4, "periodic"), (6, "periodic"), (6, "max_steps")]
@@ -330,7 +332,7 @@ def test_resume_needs_a_checkpoint_and_a_new_run_needs_an_empty_dir(finished_run
     empty.mkdir()
     cfg = tiny_config()
     with pytest.raises(GptlabError, match="--resume: no checkpoint in"):
-        Trainer(cfg, tiny_corpus(text, cfg), empty, resume=True)
+        Trainer(cfg, LanguageModeling(tiny_corpus(text, cfg)), empty, resume=True)
     code = cli.main(cli_flags(text, finished_run, steps=6))
     assert code == 2  # "already holds a run; add --resume"
 
@@ -359,11 +361,11 @@ def test_cuda_resume_restores_the_gpu_rng_and_repeats_the_next_step(text, tmp_pa
     some CUDA backward kernels add with atomics, in no fixed order.)"""
     cfg = tiny_config(6, device="cuda", checkpoint_every=3, keep_last=5)
     corpus = tiny_corpus(text, cfg)
-    Trainer(copy.deepcopy(cfg), corpus, tmp_path / "a").run()
+    Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), tmp_path / "a").run()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-00000006")  # latest falls back to 3
 
-    resumed = Trainer(copy.deepcopy(cfg), corpus, tmp_path / "b", resume=True)
+    resumed = Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), tmp_path / "b", resume=True)
     saved = ckpt_lib.load_state(tmp_path / "b" / "checkpoints" / "step-00000003")
     assert saved["rng"]["cuda"], "the CUDA generator state was not saved"
     assert torch.equal(torch.cuda.get_rng_state(), saved["rng"]["cuda"][0])
@@ -378,13 +380,13 @@ def test_cuda_resume_restores_the_gpu_rng_and_repeats_the_next_step(text, tmp_pa
 def test_cuda_fp16_run_saves_and_restores_its_gradient_scaler(text, tmp_path):
     cfg = tiny_config(4, device="cuda", precision="fp16", checkpoint_every=2)
     corpus = tiny_corpus(text, cfg)
-    end = Trainer(copy.deepcopy(cfg), corpus, tmp_path / "run").run()
+    end = Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), tmp_path / "run").run()
     assert end["reason"] == "max_steps"
     assert not records(tmp_path / "run", "nonfinite")  # overflows are the scaler's business
     state = ckpt_lib.load_state(ckpt_lib.latest_checkpoint(tmp_path / "run"))
     assert state["scaler"] and state["scaler"]["scale"] > 0
     cfg.train.max_steps = 6
-    resumed = Trainer(copy.deepcopy(cfg), corpus, tmp_path / "run", resume=True)
+    resumed = Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), tmp_path / "run", resume=True)
     assert resumed.scaler.get_scale() == state["scaler"]["scale"]
     assert resumed.run()["step"] == 6
 

@@ -1,5 +1,5 @@
 """`gptlab serve` through the official `openai` client and raw HTTP: answers equal
-`gptlab generate` / `complete` for the same settings, streaming and not; hostile requests
+`gptlab generate` / `generate` for the same settings, streaming and not; hostile requests
 get OpenAI-shaped 4xx errors; concurrent and vanishing clients do not disturb the others.
 
 The model is a tiny random GPT-2-shaped one in float64 (so batching cannot flip a greedy
@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai")
 from gptlab.cli.main import main  # noqa: E402
 from gptlab.config.schema import ModelConfig, RunConfig  # noqa: E402
 from gptlab.data.tokenizer import GPT2Tokenizer  # noqa: E402
-from gptlab.infer.sampling import complete  # noqa: E402
+from gptlab.infer.sampling import generate  # noqa: E402
 from gptlab.infer.serve import ServerThread, build  # noqa: E402
 from gptlab.interop.runs import Run, open_run  # noqa: E402
 from gptlab.model.gpt import GPTModel  # noqa: E402
@@ -60,8 +60,17 @@ def client(server):
 
 
 def reference(run: Run, prompt: str, n: int, stop=(), **sampling) -> str:
+    """What `generate` gives the prompt alone, cut at <|endoftext|> and before the first stop
+    string (greedy unless `sampling` says otherwise)."""
     sampling.setdefault("temperature", 0.0)
-    return complete(run.model, run.tokenizer, [prompt], n, stop, **sampling)[0]
+    tok = run.tokenizer
+    ids = tok.encode(prompt)
+    out = generate(
+        run.model, torch.tensor([ids]), n, eos_id=tok.eot_token, vocab_limit=tok.n_vocab, **sampling
+    )
+    text = tok.decode(out[0, len(ids) :].tolist())
+    cuts = [text.find(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else text
 
 
 def test_models_and_health(client, server):

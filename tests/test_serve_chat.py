@@ -22,8 +22,10 @@ from gptlab.cli.main import main  # noqa: E402
 from gptlab.config.schema import ModelConfig, RunConfig  # noqa: E402
 from gptlab.data import chat  # noqa: E402
 from gptlab.data.tokenizer import GPT2Tokenizer  # noqa: E402
-from gptlab.infer.sampling import complete  # noqa: E402
-from gptlab.infer.serve import ServerThread, build, render_chat  # noqa: E402
+from gptlab.errors import GptlabError  # noqa: E402
+from gptlab.infer.chat import Conversation, chat_prompt, render_plays  # noqa: E402
+from gptlab.infer.engine import Engine, Sampling  # noqa: E402
+from gptlab.infer.serve import ServerThread, build  # noqa: E402
 from gptlab.interop.runs import Run  # noqa: E402
 from gptlab.model.gpt import GPTModel  # noqa: E402
 
@@ -58,7 +60,7 @@ def run() -> Run:
     free, _ = greedy(model, ids, 6, set())
     with torch.no_grad():  # make <|end|> win where greedy would pick free[4]
         head = model.out_head.weight
-        head[chat.end_id(tok, chat.DEFAULT)] = head[free[4]] * 1.05
+        head[chat.DEFAULT.end_id(tok)] = head[free[4]] * 1.05
     return Run(model, tok, RunConfig(model=model.cfg), torch.device("cpu"), None, chat.DEFAULT)
 
 
@@ -73,7 +75,7 @@ def client(run):
 def test_chat_uses_the_runs_template_and_stops_at_the_end_of_turn(client, run):
     tok = run.tokenizer
     ids, _ = chat.render(chat.DEFAULT, tok, MESSAGES, add_generation_prompt=True)
-    end = chat.end_id(tok, chat.DEFAULT)
+    end = chat.DEFAULT.end_id(tok)
     want_ids, ended = greedy(run.model, ids, 40, {end, 50256})
     assert ended and 1 <= len(want_ids) < 40  # the reference itself reached <|end|>
     want = tok.decode(want_ids)
@@ -121,7 +123,7 @@ def test_generate_chat_one_shot_is_the_servers_reply(client, run, monkeypatch, c
 def test_generate_chat_re_renders_the_history_each_turn(run, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi there\nAnd again?\n"))  # not a tty
     first, second = _generate_chat(monkeypatch, capsys, run).splitlines()
-    tok, end = run.tokenizer, chat.end_id(run.tokenizer, chat.DEFAULT)
+    tok, end = run.tokenizer, chat.DEFAULT.end_id(run.tokenizer)
     history = [{"role": "user", "content": "Hi there"}]
     ids, _ = chat.render(chat.DEFAULT, tok, history, add_generation_prompt=True)
     assert first == tok.decode(greedy(run.model, ids, 40, {end, 50256})[0])
@@ -139,10 +141,28 @@ def test_generate_chat_on_a_base_model_uses_the_plays_template(monkeypatch, caps
     base = Run(model, GPT2Tokenizer(), RunConfig(model=cfg), torch.device("cpu"), None)
     out = _generate_chat(monkeypatch, capsys, base, "--prompt", "Who goes there?")
     prompt = "USER:\nWho goes there?\n\nASSISTANT:\n"
-    assert prompt == render_chat([{"role": "user", "content": "Who goes there?"}])
-    assert (
-        out == complete(model, base.tokenizer, [prompt], 40, ("\n\n",), temperature=0.0)[0] + "\n"
-    )
+    assert prompt == render_plays([{"role": "user", "content": "Who goes there?"}])
+    ids = base.tokenizer.encode(prompt)
+    reply, _ = greedy(model, ids, 40, {50256})
+    text = base.tokenizer.decode(reply)
+    want = text[: text.find("\n\n")] if "\n\n" in text else text  # the plays' stop
+    assert out == want + "\n"
+
+
+def test_a_conversation_drops_its_oldest_exchanges_when_the_context_fills(run):
+    tok = run.tokenizer
+    conv = Conversation(Engine(run.model, tok), chat.DEFAULT, "Be brief.", Sampling(8, 0.0))
+    question = "Tell me about the island of Zembla, its capital and its harbour."
+    replies = ["".join(conv.reply(question)) for _ in range(10)]
+    messages = [{"role": "system", "content": "Be brief."}, *conv.history]
+    assert conv.history[-2:] == [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": replies[-1]},
+    ]
+    assert len(conv.history) < 20  # the oldest exchanges were dropped
+    assert len(chat_prompt(chat.DEFAULT, tok, messages[:-1]).ids) <= 128
+    with pytest.raises(GptlabError, match="longer than the context window"):
+        list(conv.reply("Zembla " * 200))
 
 
 def test_system_without_chat_is_one_line(capsys):

@@ -1,5 +1,6 @@
 """Continuous batching against one-at-a-time generation: the SlotCache and the Engine give
-the tokens `gptlab.infer.sampling` gives for each prompt alone, whatever else shares the batch.
+the tokens `gptlab.infer.sampling.generate` gives for each prompt alone, whatever else shares
+the batch.
 
 The models run in float64, so a batch's different summation order cannot flip a greedy
 choice: every difference found here is a bug, not rounding."""
@@ -14,8 +15,8 @@ from conftest import jitter
 
 from gptlab.config.schema import ModelConfig
 from gptlab.data.tokenizer import CharTokenizer
-from gptlab.infer.engine import Engine, Event, Sampling
-from gptlab.infer.sampling import SlotCache, TextStream, complete, generate, stream_text
+from gptlab.infer.engine import Engine, Event, Sampling, SlotCache
+from gptlab.infer.sampling import TextStream, generate
 from gptlab.model.gpt import GPTModel
 
 TEXT = "abcdefghijklmnopqrstuvwxyz .,!?\n"
@@ -74,11 +75,11 @@ def test_slot_cache_move_keeps_a_sequence_going():
     assert got == ref
 
 
-def test_text_stream_matches_stream_text():
+def test_text_stream_matches_the_engines_stream():
     tok = CharTokenizer(TEXT)
     model = tiny_model(vocab=tok.n_vocab)
     for stop in ((), ("e",), ("zz", "k,")):
-        pieces = list(stream_text(model, tok, "hello", 12, stop, temperature=0.0))
+        pieces = list(Engine(model, tok).stream("hello", Sampling(12, 0.0, stop=stop)))
         ids = generate(model, torch.tensor([tok.encode("hello")]), 12)[0, 5:].tolist()
         ts = TextStream(tok, stop)
         got = []
@@ -108,6 +109,19 @@ class Collector:
         return "".join(e.text for e in self.events)
 
 
+def alone(engine: Engine, prompt: str, n: int, stop: tuple[str, ...] = ()) -> str:
+    """The greedy text `generate` gives `prompt` alone, cut at <|endoftext|> and before the
+    first stop string: what the engine must give it, whatever shares the batch."""
+    tok = engine.tokenizer
+    ids = tok.encode(prompt)
+    out = generate(
+        engine.model, torch.tensor([ids]), n, eos_id=tok.eot_token, vocab_limit=tok.n_vocab
+    )
+    text = tok.decode(out[0, len(ids) :].tolist())
+    cuts = [text.find(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
 @pytest.fixture
 def char_engine():
     tok = CharTokenizer(TEXT)
@@ -117,7 +131,7 @@ def char_engine():
     engine.close()
 
 
-def test_engine_greedy_matches_complete_for_many_prompts_through_few_slots(char_engine):
+def test_engine_greedy_matches_generate_for_many_prompts_through_few_slots(char_engine):
     engine = char_engine
     prompts = ["a", "hello there", "zzz", "the quick brown fox", "no.", "what?", "x y z"]
     lengths = [5, 20, 1, 13, 9, 28, 7]  # 28: "what?" then fills the context of 32 exactly
@@ -128,7 +142,7 @@ def test_engine_greedy_matches_complete_for_many_prompts_through_few_slots(char_
         engine.submit(engine.tokenizer.encode(p), Sampling(n, 0.0, stop=stop), sink)
         got.append(sink)
     for p, n, stop, sink in zip(prompts, lengths, stops, got, strict=True):
-        want = complete(engine.model, engine.tokenizer, [p], n, stop, temperature=0.0)[0]
+        want = alone(engine, p, n, stop)
         assert sink.text == want
         reason = sink.events[-1].finish_reason
         assert reason == ("length" if sink.events[-1].completion_tokens == n else "stop")
@@ -167,7 +181,7 @@ def test_cancelled_generation_leaves_its_slot_and_the_others_finish(char_engine)
     gen = engine.submit(tok.encode("ab"), Sampling(25, 0.0), cancel_at_first_token)
     other = Collector()
     engine.submit(tok.encode("cd"), Sampling(25, 0.0), other)
-    want = complete(engine.model, tok, ["cd"], 25, temperature=0.0)[0]
+    want = alone(engine, "cd", 25)
     assert other.text == want
     assert first.is_set() and gen.cancelled and gen.slot == -1
     assert engine.load()["running"] == 0

@@ -35,7 +35,7 @@ import test_serve_chat  # noqa: E402
 from test_serve_chat import MESSAGES, greedy  # noqa: E402
 
 from gptlab.data import chat  # noqa: E402
-from gptlab.infer.sampling import complete  # noqa: E402
+from gptlab.infer.engine import Engine, Sampling  # noqa: E402
 from gptlab.infer.serve import ServerThread, build  # noqa: E402
 from gptlab.interop.runs import open_run  # noqa: E402
 
@@ -236,9 +236,8 @@ def test_playground_streams_and_run_view_plots(browser, tiny_run, tmp_path):
             )
             text = page.eval("$('out-text').textContent")
             assert status == "done (length)"
-            assert (
-                text == complete(run.model, run.tokenizer, ["Every effort"], 12, temperature=0.0)[0]
-            )
+            engine = Engine(run.model, run.tokenizer)
+            assert text == engine.complete(["Every effort"], Sampling(12, temperature=0.0))[0]
             assert page.eval("window.updates") > 1
             shot = tmp_path / "screen-playground.png"
             image = page.screenshot(shot)
@@ -314,7 +313,7 @@ def say(page: Page, text: str) -> str:
 
 def test_chat_view_streams_each_turn_over_the_whole_history(browser, chat_run, tmp_path):
     tok = chat_run.tokenizer
-    stop = {chat.end_id(tok, chat.DEFAULT), 50256}
+    stop = {chat.DEFAULT.end_id(tok), 50256}
 
     def greedy_reply(messages: list[dict]) -> str:
         ids, _ = chat.render(chat.DEFAULT, tok, messages, add_generation_prompt=True)

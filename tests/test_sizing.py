@@ -10,19 +10,22 @@ import random
 
 import pytest
 import torch
-from test_cli import assert_user_error, run_cli
+from test_cli import assert_user_error, resolve_cli, run_cli
 
-from gptlab.cli import main as cli
 from gptlab.config import schema as C
 from gptlab.errors import GptlabError
+from gptlab.recipes import presets as P
 from gptlab.recipes import sizing
-from gptlab.recipes.sizing import measure_speed as real_measure_speed  # conftest stands in for it
+from gptlab.train import resolve
+from gptlab.train.resolve import measure_speed as real_measure_speed  # conftest stands in for it
 
 PLAYS_TRAIN_BYTES = 4.49e6  # 0.9 of the plays' 4.99 MB (checked below against the corpus)
 
 
 def _resolve(*argv: str):
-    return cli.resolve_config(cli._parser().parse_args([str(a) for a in argv]))
+    """(config, preset name, sizing line) that `gptlab ARGV` resolves to."""
+    r = resolve_cli(*argv)
+    return r.config, r.name, r.sizing
 
 
 def _words(path, n_words: int, seed: int = 0):
@@ -50,7 +53,7 @@ def test_the_plays_choose_exactly_todays_cpu_preset():
     total = sizing.corpus_bytes("shakespeare")
     assert total * 0.9 == pytest.approx(PLAYS_TRAIN_BYTES, rel=0.01)
     cfg, name, line = _resolve("config")
-    want = C.preset("cpu")
+    want = P.preset("cpu")
     want.train.sizing_speed = sizing.ANCHOR_TOKENS_PER_S  # what conftest's stand-in measures
     assert name == "cpu" and cfg.to_dict() == want.to_dict()
     assert "4 x 256, bpe:4096, context 128, dropout 0," in line
@@ -72,7 +75,7 @@ def test_the_machines_speed_moves_the_choice():
 def test_a_given_speed_is_used_and_a_measured_one_is_saved(monkeypatch):
     cfg, _, line = _resolve("config", "--train.sizing_speed", "2500")
     assert "2,500 tokens/s (given)" in line and cfg.train.sizing_speed == 2500.0
-    monkeypatch.setattr(sizing, "measure_speed", lambda cfg, steps=3: 3210.4)
+    monkeypatch.setattr(resolve, "measure_speed", lambda cfg, steps=3: 3210.4)
     cfg, _, line = _resolve("config")
     assert "3,210 tokens/s (measured here)" in line and cfg.train.sizing_speed == 3210.4
     # under torchrun each rank resolves alone: none measures, so all choose alike
@@ -86,7 +89,7 @@ def test_measure_speed_trains_the_anchor_shape_and_leaves_the_random_stream():
     """The real measurement (a few steps of 4 x 256 at context 128; two rows to be quick):
     a finite positive speed, and the global generator where it was, so the run after it
     draws the same initial weights and batches."""
-    cfg = C.preset("cpu")
+    cfg = P.preset("cpu")
     cfg.train.batch_size = 2
     torch.manual_seed(7)
     before = torch.get_rng_state()
@@ -146,11 +149,11 @@ def test_fields_the_user_set_win_over_the_rule(tmp_path):
     assert (cfg.model.drop_rate, cfg.model.context_length, cfg.train.max_time) == (0.05, 96, 77.0)
     assert cfg.model.n_layers == 2  # the rest is still chosen
     off, _, line = _resolve("config", "--data", data, "--train.sizing", "preset")
-    assert line is None and _shape(off) == _shape(C.preset("cpu"))
+    assert line is None and _shape(off) == _shape(P.preset("cpu"))
     steps, _, line = _resolve("config", "--data", data, "--max-steps", "5")
     assert line is None and steps.model.emb_dim == 256  # a step budget is not sized
     init, _, line = _resolve("train", "--data", data, "--init-from", tmp_path / "w")
-    assert line is None and _shape(init) == _shape(C.preset("cpu"))  # the weights' shape
+    assert line is None and _shape(init) == _shape(P.preset("cpu"))  # the weights' shape
 
 
 def test_the_choice_replays_from_flags_and_from_the_printed_config(tmp_path, capsys):
@@ -191,4 +194,4 @@ def test_a_run_saves_the_choice_prints_it_first_and_a_resume_keeps_it(tmp_path, 
 
 def test_a_source_of_unknown_size_keeps_the_preset_and_says_so(tmp_path):
     cfg, _, line = _resolve("config", "--data", tmp_path / "not-yet.txt")
-    assert "not known before it is read" in line and _shape(cfg) == _shape(C.preset("cpu"))
+    assert "not known before it is read" in line and _shape(cfg) == _shape(P.preset("cpu"))

@@ -14,7 +14,8 @@ import pytest
 from gptlab.cli.main import main
 from gptlab.data import prepare as P
 from gptlab.data import sources as S
-from gptlab.data.corpus import load_corpus, open_split
+from gptlab.data.corpus import load_corpus
+from gptlab.data.shards import open_split
 from gptlab.data.tokenizer import ENDOFTEXT, GPT2Tokenizer
 from gptlab.errors import GptlabError
 
@@ -181,7 +182,7 @@ def _streamed_pieces(path, piece_bytes: int) -> list[str]:
     sources = S.expand_inputs([str(path)])
     cfg = S.reader_config(piece_bytes=piece_bytes)
     pieces: list[bytes] = []
-    for item, _, _ in S.read_items(sources, S.START, cfg):
+    for item, _, _ in S.read_chunks(sources, S.START, cfg):
         if item is not None:
             if item.new_piece:
                 pieces.append(b"")

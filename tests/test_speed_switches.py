@@ -23,6 +23,7 @@ from gptlab.data.tokenizer import CharTokenizer
 from gptlab.infer.sampling import generate, generate_text_simple
 from gptlab.model.gpt import GPTModel, count_parameters
 from gptlab.train.loop import Trainer
+from gptlab.train.objectives import LanguageModeling
 from gptlab.train.optim import lr_at, param_groups
 
 TEXT = (
@@ -72,7 +73,7 @@ def _trainer(tmp_path, name: str, **changes) -> Trainer:
     settings = {**PLAIN, "model.vocab_size": corpus.tokenizer.n_vocab, **changes}
     for key, value in settings.items():
         set_field(cfg, key, value)
-    return Trainer(cfg, corpus, tmp_path / name)
+    return Trainer(cfg, LanguageModeling(corpus), tmp_path / name)
 
 
 def _copy_weights(src: GPTModel, dst: GPTModel) -> None:
@@ -105,7 +106,6 @@ FP32 = tolerances.adamw_weights(3e-3, 6)
 BF16 = 5e-3
 SWITCHES = [
     ("sdpa attention", {"model.attention": "sdpa"}, FP32),
-    ("fused qkv", {"model.fused_qkv": True}, FP32),
     ("fused adamw", {"train.fused_optimizer": True}, FP32),
     ("padded vocab", {"model.vocab_multiple": 64}, FP32),
     ("chunked loss", {"train.chunked_loss": "on"}, FP32),
@@ -114,7 +114,6 @@ SWITCHES = [
         "all fp32 switches",
         {
             "model.attention": "sdpa",
-            "model.fused_qkv": True,
             "train.fused_optimizer": True,
             "model.vocab_multiple": 64,
             "train.chunked_loss": "on",
@@ -157,7 +156,7 @@ def test_compile_keeps_the_losses(tmp_path, plain_run, chunked):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_cuda_fast_path_keeps_the_losses(tmp_path, plain_run):
     """Every switch at once on a GPU (bf16, compile, chunked loss, fused AdamW, padded
-    vocabulary, one qkv matmul, prefetched pinned batches) against the plain CPU run."""
+    vocabulary, prefetched pinned batches) against the plain CPU run."""
     initial, plain_losses = plain_run
     fast = {
         "train.device": "cuda",
@@ -167,7 +166,6 @@ def test_cuda_fast_path_keeps_the_losses(tmp_path, plain_run):
         "train.fused_optimizer": True,
         "model.attention": "sdpa",
         "model.vocab_multiple": 64,
-        "model.fused_qkv": True,
     }
     trainer = _trainer(tmp_path, "cuda", **fast)
     _copy_weights(initial, trainer.model)

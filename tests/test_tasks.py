@@ -19,21 +19,19 @@ from gptlab.cli.main import main
 from gptlab.config.schema import ModelConfig
 from gptlab.data.tokenizer import GPT2Tokenizer
 from gptlab.errors import GptlabError
+from gptlab.evals.items import load_items
+from gptlab.evals.scoring import Score, encode_pair, score_requests
 from gptlab.evals.tasks import (
     DEFAULT_SEED,
-    Score,
     Suite,
     _requests,
     centred,
     chance,
-    encode_pair,
     fewshot_context,
-    load_items,
     load_suite,
     make_task,
     run_suite,
     run_task,
-    score_requests,
 )
 from gptlab.interop.runs import open_run
 from gptlab.model.gpt import GPTModel
@@ -211,7 +209,7 @@ def test_the_tokens_scored_are_lm_evals():
 
 
 def _parse(fmt: str, rec: dict):
-    from gptlab.evals.tasks import _PARSERS
+    from gptlab.evals.items import _PARSERS
 
     return _PARSERS[fmt](rec)
 
@@ -231,13 +229,13 @@ MC_OK = {"context": "The cat sat", "choices": ["on the mat.", "in the sky."], "a
 @pytest.mark.parametrize(
     "records, task, problem",
     [
-        ([{"question": 1, "foo": 2}], None, "item 1 (line 1) has no known task fields"),
-        ([MC_OK, {"context": "A", "choices": ["b", "c"], "answer": 2}], "mc", "item 2 (line 2)"),
+        ([{"question": 1, "foo": 2}], None, "items.jsonl:1: cannot tell the format from its fields"),
+        ([MC_OK, {"context": "A", "choices": ["b", "c"], "answer": 2}], "mc", "items.jsonl:2: item 2"),
         ([MC_OK, {"context": "A", "choices": [], "answer": 0}], "mc", "choices is empty"),
-        ([], "mc", "holds no items"),
-        ([MC_OK, "{not json"], "mc", "line 2 is not JSON"),
-        ([{"ctx": "x", "endings": ["a", "b"]}], "hellaswag", "item 1 (line 1): label None"),
-        ([MC_OK], "arc", "item 1 (line 1): missing field 'question'"),
+        ([], "mc", "holds no records"),
+        ([MC_OK, "{not json"], "mc", "items.jsonl:2: malformed JSON"),
+        ([{"ctx": "x", "endings": ["a", "b"]}], "hellaswag", "items.jsonl:1: item 1: label None"),
+        ([MC_OK], "arc", "items.jsonl:1: item 1: missing field 'question'"),
         ([{"goal": "g", "sol1": "a", "sol2": "b"}], "piqa", "separate .lst"),
         ([{"text": "oneword"}], "lambada", "at least two words"),
         ([{"context": "A", "choices": ["b " * 40, "c"], "answer": 0}], "mc", "with nothing left"),

@@ -15,7 +15,8 @@ import torch
 from conftest import jitter
 
 from gptlab.config.schema import ModelConfig, RunConfig
-from gptlab.evals.tasks import DEFAULT_SEED, _requests, encode_pair, make_task, score_requests
+from gptlab.evals.scoring import encode_pair, score_requests
+from gptlab.evals.tasks import DEFAULT_SEED, _requests, make_task
 from gptlab.interop import checkpoint as ckpt_lib
 from gptlab.interop import hf
 from gptlab.interop.runs import open_run

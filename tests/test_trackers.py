@@ -15,10 +15,11 @@ import pytest
 from run_helpers import write_corpus
 
 from gptlab.cli.main import main
-from gptlab.config.schema import preset, set_field
+from gptlab.config.schema import set_field
 from gptlab.errors import GptlabError
 from gptlab.observe import trackers as T
 from gptlab.observe.metrics import read_metrics
+from gptlab.recipes.presets import preset
 
 HAVE = {name: T.importlib.util.find_spec(mod) is not None for name, mod in T.MODULES.items()}
 

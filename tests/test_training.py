@@ -155,17 +155,46 @@ def test_the_default_preset_runs_its_whole_schedule(tmp_path):
     epoch)."""
     import numpy as np
 
-    from gptlab.config.schema import PRESETS, preset
     from gptlab.data.corpus import Corpus
     from gptlab.data.tokenizer import CharTokenizer
+    from gptlab.recipes.presets import PRESETS, preset
     from gptlab.train.loop import Trainer
+    from gptlab.train.objectives import LanguageModeling
 
     text = "Every effort moves you to say more than you mean. " * 400
     tok = CharTokenizer.from_text(text)
     ids = np.asarray(tok.encode(text), dtype=np.uint16)
     cfg = preset("cpu")
     cfg.train.device = "cpu"
-    trainer = Trainer(cfg, Corpus(ids[:18000], ids[18000:], tok, "test"), tmp_path / "run")
+    corpus = Corpus(ids[:18000], ids[18000:], tok, "test")
+    trainer = Trainer(cfg, LanguageModeling(corpus), tmp_path / "run")
     assert cfg.train.budget == "time" and trainer.total_steps == 0  # no step or epoch limit
     assert trainer.budget.seconds == cfg.train.max_time == PRESETS["cpu"]["train"]["max_time"]
     assert trainer.budget.progress(0.0, 0, 0) == 0.0
+
+
+def test_the_loop_takes_what_varies_from_its_objective(tmp_path):
+    """The Trainer asks its objective for the batches, the loss, the sample prompt and an
+    evaluation's metrics: an objective that writes no text and adds a metric changes the
+    run's records, with no branch in the loop."""
+    from run_helpers import records, tiny_config, tiny_corpus, write_corpus
+
+    from gptlab.train.loop import Trainer
+    from gptlab.train.objectives import LanguageModeling
+
+    class Quiet(LanguageModeling):
+        def sample_prompt(self, cfg):
+            return None
+
+        def metrics(self, model, loaders, device, num_batches):
+            return {"splits": ",".join(split for split, _ in loaders), "batches": num_batches}
+
+    cfg = tiny_config(steps=4)
+    cfg.train.eval_freq = 2
+    corpus = tiny_corpus(write_corpus(tmp_path / "text.txt"), cfg)
+    end = Trainer(cfg, Quiet(corpus), tmp_path / "run").run()
+    assert (end["reason"], end["step"]) == ("max_steps", 4)
+    evals = records(tmp_path / "run", "eval")
+    assert [r["step"] for r in evals] == [1, 3, 4]
+    assert all((r["splits"], r["batches"]) == ("train,val", cfg.train.eval_iter) for r in evals)
+    assert not records(tmp_path / "run", "sample")  # a final sample is skipped too

@@ -25,14 +25,17 @@ from run_helpers import assert_same_tensors, losses_by_step, records, weights
 from torch.utils.data import DataLoader, Dataset
 
 from gptlab.cli import main as cli
-from gptlab.config.schema import GPT_CONFIG_124M, apply_nested, preset
+from gptlab.config.schema import GPT_CONFIG_124M, apply_nested
 from gptlab.data.corpus import DataLoaderWindowLoader, TokenWindowLoader, load_corpus, make_loaders
 from gptlab.data.tokenizer import GPT2Tokenizer
 from gptlab.errors import GptlabError
 from gptlab.interop import checkpoint as ckpt_lib
 from gptlab.model import loss as loss_mod
 from gptlab.model.gpt import GPTModel
-from gptlab.train.loop import Trainer, stop_on_signals
+from gptlab.recipes.presets import preset
+from gptlab.train.loop import Trainer
+from gptlab.train.objectives import LanguageModeling
+from gptlab.train.run import stop_on_signals
 
 SMALL = {"emb_dim": 32, "n_layers": 2, "n_heads": 2, "context_length": 16}
 EPOCHS = 3
@@ -214,10 +217,10 @@ def test_resume_mid_epoch_is_bit_exact(text_file, tmp_path, monkeypatch):
     apply_nested(cfg, {"model": SMALL, "train": {"epochs": 2, "log_every": 1, "sample_tokens": 4}})
     cfg.data.source, cfg.data.train_ratio = str(text_file), RATIO
     corpus = load_corpus(str(text_file), "gpt2", RATIO, split="chars")
-    Trainer(copy.deepcopy(cfg), corpus, tmp_path / "ref").run()
+    Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), tmp_path / "ref").run()
 
     run, k = tmp_path / "run", 9  # stop after step 9 of 12: epoch 2 is half done
-    first = Trainer(copy.deepcopy(cfg), corpus, run)
+    first = Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), run)
     real = loss_mod.model_loss
 
     def loss_that_signals(model, x, y, **kwargs):
@@ -233,7 +236,7 @@ def test_resume_mid_epoch_is_bit_exact(text_file, tmp_path, monkeypatch):
     saved = ckpt_lib.load_state(ckpt_lib.latest_checkpoint(run))["data"]["loader"]
     assert saved["epoch"] == 1 and len(saved["order"]) == 12
 
-    second = Trainer(copy.deepcopy(cfg), corpus, run, resume=True)
+    second = Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), run, resume=True)
     assert second.state.step == k
     second.run()
     assert losses_by_step(run) == losses_by_step(tmp_path / "ref")

@@ -34,13 +34,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from gptlab.atomic import write_json
 from gptlab.data.tokenizer import ENDOFTEXT, Tokenizer, WithSpecialTokens, eot_id
 from gptlab.errors import GptlabError
 from gptlab.model.gpt import GPTModel
+from gptlab.model.vocab import check_vocab_rows, grow_vocab
 
 ROLES = ("system", "user", "assistant")
 TEMPLATE_FILE = "chat_template.json"  # in a run directory, beside checkpoints/
@@ -48,8 +48,44 @@ META_KEY = "chat_template"  # in a checkpoint's meta.json
 FORMAT = "gptlab-chat-template"
 
 
+class _Fields:
+    """What both kinds of template share: their fields saved with their `kind`, and read back."""
+
+    kind: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields and the kind, as `template_from_dict` reads them back."""
+        return {"kind": self.kind, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "chat template") -> Any:
+        """The template `to_dict` wrote (a ChatTemplate's without `kind` too: the files
+        written before there were two kinds): each key one of its fields or `kind` (its
+        own), booleans where the field is one and strings elsewhere; else a GptlabError
+        naming `where`."""
+        types = {f.name: f.type for f in fields(cls)}  # names of types: annotations are strings
+        names = {"kind", *types}
+        if isinstance(d, dict) and d.get("kind", cls.kind) != cls.kind:
+            raise GptlabError(f"{where} is of kind {d['kind']!r}, not {cls.kind!r}")
+        if not isinstance(d, dict) or set(d) - names:
+            extra = sorted(set(d) - names) if isinstance(d, dict) else type(d).__name__
+            raise GptlabError(
+                f"{where} is malformed (unexpected {extra}); it takes {sorted(names)}"
+            )
+        values = {k: v for k, v in d.items() if k != "kind"}
+        flags = [k for k, t in types.items() if t == "bool"]
+        if not all(isinstance(v, bool if k in flags else str) for k, v in values.items()):
+            rule = (
+                f"{', '.join(flags)} true/false, the rest strings"
+                if flags
+                else "its fields are strings"
+            )
+            raise GptlabError(f"{where} is malformed: {rule}")
+        return cls(**values)
+
+
 @dataclass(frozen=True)
-class ChatTemplate:
+class ChatTemplate(_Fields):
     """How a conversation becomes ids: one special token opens each role's turn, one ends
     every turn; with `bos`, the tokenizer's `<|endoftext|>` comes first (the token every
     document of pretraining followed)."""
@@ -87,18 +123,10 @@ class ChatTemplate:
         """The token every rendering starts with, or None."""
         return ENDOFTEXT if self.bos else None
 
-    def opener(self, role: str) -> str:
-        return {"system": self.system, "user": self.user, "assistant": self.assistant}[role]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields and the kind, as `template_from_dict` reads them back."""
-        return _to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "chat template") -> ChatTemplate:
-        """The template `to_dict` wrote (a dict without `kind` too: the files written before
-        there were two kinds); a GptlabError naming `where` if it is malformed."""
-        return _from_dict(cls, d, where)
+    @property
+    def openers(self) -> dict[str, str]:
+        """The token that opens each role's turn."""
+        return {"system": self.system, "user": self.user, "assistant": self.assistant}
 
     def render(
         self,
@@ -119,13 +147,9 @@ class ChatTemplate:
         `ensure_special_tokens`).
         """
         messages = check_messages(messages, where)
-        ids_of = special_ids(tokenizer, self)
-        if ids_of is None:
-            raise GptlabError(
-                f"the tokenizer lacks the chat template's special tokens "
-                f"{', '.join(missing_tokens(tokenizer, self))}; grow it first "
-                "(chat.ensure_special_tokens, which gptlab finetune does)"
-            )
+        ids_of = self._ids_of(
+            tokenizer, "; grow it first (chat.ensure_special_tokens, which gptlab finetune does)"
+        )
         ids: list[int] = []
         mask: list[bool] = []
         if self.bos:
@@ -140,7 +164,7 @@ class ChatTemplate:
         for m in messages:
             learn = m["role"] == "assistant"
             content = tokenizer.encode_ordinary(m["content"])
-            ids.append(ids_of[self.opener(m["role"])])
+            ids.append(ids_of[self.openers[m["role"]]])
             ids.extend(content)
             ids.append(ids_of[self.end])
             mask.extend([False] + [learn] * (len(content) + 1))
@@ -151,13 +175,17 @@ class ChatTemplate:
 
     def end_id(self, tokenizer: Tokenizer) -> int:
         """The id of `end`, which closes every turn: a reply ends when it is sampled."""
-        ids_of = special_ids(tokenizer, self)
-        if ids_of is None:
+        return self._ids_of(tokenizer)[self.end]
+
+    def _ids_of(self, tokenizer: Tokenizer, fix: str = "") -> dict[str, int]:
+        """The template's tokens' ids in `tokenizer`; a GptlabError (ending in `fix`) if it
+        lacks any."""
+        missing = missing_tokens(tokenizer, self)
+        if missing:
             raise GptlabError(
-                f"the tokenizer lacks the chat template's special tokens "
-                f"{', '.join(missing_tokens(tokenizer, self))}"
+                f"the tokenizer lacks the chat template's special tokens {', '.join(missing)}{fix}"
             )
-        return ids_of[self.end]
+        return {t: tokenizer.special_id(t) for t in self.special_tokens}
 
     def jinja(self) -> str:
         """The template as a Jinja string for `transformers`' `apply_chat_template`, which
@@ -165,11 +193,10 @@ class ChatTemplate:
         tokenizer, the same ids as `render`. `{% generation %}` marks what `render`'s mask
         marks (`return_assistant_tokens_mask`)."""
         q = json.dumps  # a JSON string is a valid Jinja string literal
-        opener = {"system": self.system, "user": self.user, "assistant": self.assistant}
         bad = "messages must have role system, user or assistant"
         return (
             "{%- set opener = "
-            + json.dumps(opener)
+            + json.dumps(self.openers)
             + " -%}"
             + ("{{- bos_token -}}" if self.bos else "")
             + "{%- for message in messages -%}"
@@ -198,7 +225,7 @@ ALPACA_PREAMBLE = (
 
 
 @dataclass(frozen=True)
-class InstructionTemplate:
+class InstructionTemplate(_Fields):
     """The book's Alpaca prompt (chapter 7) as a chat template: how a model finetuned on
     instructions records (`format_input`, the response header, the output, `<|endoftext|>`)
     is prompted. A conversation of one user message renders as
@@ -277,15 +304,6 @@ class InstructionTemplate:
         if input_text:
             text += f"\n\n{self.input_header}\n{input_text}"
         return text
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields and the kind, as `template_from_dict` reads them back."""
-        return _to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "chat template") -> InstructionTemplate:
-        """The template `to_dict` wrote; a GptlabError naming `where` if it is malformed."""
-        return _from_dict(cls, d, where)
 
     def exchanges(
         self,
@@ -425,42 +443,7 @@ def template_from_dict(d: Any, where: str = "chat template") -> Template:
     return KINDS[kind].from_dict(d, where)
 
 
-def _to_dict(template: Template) -> dict[str, Any]:
-    return {"kind": template.kind, **asdict(template)}
-
-
-def _from_dict(cls: type, d: Any, where: str) -> Any:
-    """A `cls` from its `to_dict()`: each key one of its fields or `kind` (its own), booleans
-    where the field is one and strings elsewhere; else a GptlabError naming `where`."""
-    types = {f.name: f.type for f in fields(cls)}  # names of types: annotations are strings
-    names = {"kind", *types}
-    if isinstance(d, dict) and d.get("kind", cls.kind) != cls.kind:
-        raise GptlabError(f"{where} is of kind {d['kind']!r}, not {cls.kind!r}")
-    if not isinstance(d, dict) or set(d) - names:
-        extra = sorted(set(d) - names) if isinstance(d, dict) else type(d).__name__
-        raise GptlabError(f"{where} is malformed (unexpected {extra}); it takes {sorted(names)}")
-    values = {k: v for k, v in d.items() if k != "kind"}
-    flags = [k for k, t in types.items() if t == "bool"]
-    if not all(isinstance(v, bool if k in flags else str) for k, v in values.items()):
-        rule = (
-            f"{', '.join(flags)} true/false, the rest strings"
-            if flags
-            else "its fields are strings"
-        )
-        raise GptlabError(f"{where} is malformed: {rule}")
-    return cls(**values)
-
-
 # --------------------------------------------------------------------------- rendering
-
-
-def special_ids(tokenizer: Tokenizer, template: Template) -> dict[str, int] | None:
-    """The template's tokens' ids in `tokenizer`, or None if it lacks any of them."""
-    lookup = getattr(tokenizer, "special_id", None)
-    if lookup is None:
-        return None
-    ids = {t: lookup(t) for t in template.special_tokens}
-    return None if any(i is None for i in ids.values()) else ids
 
 
 def missing_tokens(tokenizer: Tokenizer, template: Template) -> list[str]:
@@ -495,62 +478,10 @@ def render(
     add_generation_prompt: bool = False,
     where: str = "messages",
 ) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation rendered by `template`, and a mask of the same length
-    that is True where the model should learn to produce the token (the assistant's
-    replies and the end token that closes each). With `add_generation_prompt`, the ids are
-    a prompt for the next reply. `where` names the messages in errors (e.g. "train.jsonl:12
-    messages"). Raises GptlabError for bad messages or a tokenizer the template does not
-    fit. (`ChatTemplate.render` and `InstructionTemplate.render` say how each lays it out.)
-    """
+    """`template.render`: the conversation's token ids, and the mask of those the model
+    learns to produce (`ChatTemplate.render` and `InstructionTemplate.render` say how each
+    lays it out and what they refuse)."""
     return template.render(tokenizer, messages, add_generation_prompt, where)
-
-
-PLAYS_STOP = "\n\n"  # a speech ends at a blank line, before the next speaker's name
-PLAYS_SPEAKERS = {"user": "USER", "assistant": "ASSISTANT"}
-
-
-def render_plays(messages: Sequence[dict[str, str]], where: str = "messages") -> str:
-    """The prompt text for a base model (no chat template): each message a speech, its
-    speaker's name in capitals on a line of its own (`USER:`, `ASSISTANT:`), speeches apart
-    by a blank line, system messages as plain paragraphs, contents stripped; it ends with
-    `ASSISTANT:` and a newline, and the reply ends at PLAYS_STOP (the next blank line)."""
-    parts = []
-    for m in check_messages(messages, where):
-        content = m["content"].strip()
-        role = m["role"]
-        parts.append(content if role == "system" else f"{PLAYS_SPEAKERS[role]}:\n{content}")
-    parts.append("ASSISTANT:\n")
-    return "\n\n".join(parts)
-
-
-@dataclass(frozen=True)
-class ChatPrompt:
-    """A prompt for the next reply: its ids, and what ends the reply (stop strings, ids)."""
-
-    ids: list[int]
-    stop: tuple[str, ...]
-    stop_ids: tuple[int, ...]
-
-
-def chat_prompt(
-    template: Template | None,
-    tokenizer: Tokenizer,
-    messages: Sequence[dict[str, str]],
-    where: str = "messages",
-) -> ChatPrompt:
-    """`messages` as a prompt for the assistant's next reply: with a run's template (a chat
-    or instructions finetune), `render` and its end id; with None (a base model),
-    `render_plays` and its blank-line stop. Raises GptlabError for bad messages."""
-    if template is None:
-        text = render_plays(messages, where)
-        return ChatPrompt(tokenizer.encode(text, allowed_special={ENDOFTEXT}), (PLAYS_STOP,), ())
-    ids, _ = render(template, tokenizer, messages, add_generation_prompt=True, where=where)
-    return ChatPrompt(ids, (), (end_id(tokenizer, template),))
-
-
-def end_id(tokenizer: Tokenizer, template: Template) -> int:
-    """The id that ends a reply in `template`: generation stops when it is sampled."""
-    return template.end_id(tokenizer)
 
 
 # --------------------------------------------------------------------------- growing a base
@@ -575,7 +506,7 @@ def ensure_special_tokens(
     """
     missing = missing_tokens(tokenizer, template)
     if not missing:
-        _check_rows(model, tokenizer)
+        check_vocab_rows(model, tokenizer.n_vocab)
         return model, tokenizer
     if not grow:
         raise GptlabError(
@@ -587,57 +518,13 @@ def ensure_special_tokens(
             f"cannot add the chat template's special tokens to a {type(model).__name__} "
             "(only a bare GPTModel grows); add them before compiling or wrapping the model"
         )
-    _check_rows(model, tokenizer)
+    check_vocab_rows(model, tokenizer.n_vocab)
     if isinstance(tokenizer, WithSpecialTokens):  # grown before: keep its ids, add the rest
         grown = WithSpecialTokens(tokenizer.base, [*tokenizer.added, *missing])
     else:
         grown = WithSpecialTokens(tokenizer, missing)
-    _grow_rows(model, old=tokenizer.n_vocab, new=grown.n_vocab)
+    grow_vocab(model, old=tokenizer.n_vocab, new=grown.n_vocab)
     return model, grown
-
-
-def _check_rows(model: nn.Module, tokenizer: Tokenizer) -> None:
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and cfg.vocab_size < tokenizer.n_vocab:
-        raise GptlabError(
-            f"the model has {cfg.vocab_size} vocabulary rows but its tokenizer "
-            f"{tokenizer.n_vocab} ids; check that the tokenizer belongs to the model"
-        )
-
-
-@torch.no_grad()
-def _grow_rows(model: GPTModel, old: int, new: int) -> None:
-    """Give ids old..new-1 rows equal to the mean of rows 0..old-1 (embedding and output
-    head), adding rows when the model has too few (padded to `vocab_multiple` as usual)."""
-    cfg = model.cfg
-    cfg.vocab_size = max(cfg.vocab_size, new)
-    rows = cfg.padded_vocab_size
-    emb, head = model.tok_emb.weight, model.out_head.weight
-    tied = head is emb
-    if rows > emb.shape[0]:
-        model.tok_emb = _more_rows(model.tok_emb, rows)
-        if tied:
-            model.out_head.weight = model.tok_emb.weight
-        else:
-            model.out_head = _more_rows(model.out_head, rows)
-    matrices = [model.tok_emb.weight] + ([] if tied else [model.out_head.weight])
-    for w in matrices:
-        w[old:new] = w[:old].mean(dim=0)
-
-
-def _more_rows(layer: nn.Embedding | nn.Linear, rows: int) -> nn.Embedding | nn.Linear:
-    """A copy of `layer` with `rows` rows: the old ones, then zeros."""
-    w = layer.weight
-    n, d = w.shape
-    grown = (
-        nn.Embedding(rows, d, device=w.device, dtype=w.dtype)
-        if isinstance(layer, nn.Embedding)
-        else nn.Linear(d, rows, bias=False, device=w.device, dtype=w.dtype)
-    )
-    grown.weight.zero_()
-    grown.weight[:n] = w
-    grown.weight.requires_grad_(w.requires_grad)
-    return grown
 
 
 # --------------------------------------------------------------------------- with the run

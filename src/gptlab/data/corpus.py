@@ -8,7 +8,7 @@
   trained on the training part of the text only, cached by (text, N).
 - `GPTDatasetV1` and `create_dataloader`: the walk-through's sliding-window dataset.
 - `load_prepared(dir)`: a corpus written by `gptlab prepare` (see prepare.py), its token
-  shards memory-mapped and read as one array (`ShardedTokens`) without loading them.
+  shards memory-mapped and read as one array (shards.py) without loading them.
 - `TokenWindowLoader`: the trainer's loader over a token array. It cuts the same windows
   as the walk-through's dataset but assembles each batch with one NumPy gather instead of
   per-sample Python, and its order is a pure function of (seed, epoch), so a resumed run
@@ -19,11 +19,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gptlab.atomic import replacing, write_text
 from gptlab.config.schema import RunConfig, cache_dir, corpus_bpe_size
 from gptlab.data.bpe import train_bpe
+from gptlab.data.shards import is_prepared, open_split, prepared_manifest, read_manifest
 from gptlab.data.sources import read_documents, shakespeare_plays  # noqa: F401 (also importable here)
 from gptlab.data.tokenizer import (
     ENDOFTEXT,
@@ -83,19 +84,10 @@ def tokenize_documents(
     dtype = np.uint16 if tokenizer.n_vocab <= 65536 else np.uint32
     arr = np.asarray(ids, dtype=dtype)
     if key is not None:
-        _atomic_save_npy(cache_dir() / "tokens" / f"{key}.npy", arr)
-    return arr
-
-
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        # the cache is an optimisation: a read-only or full disk must not stop training
+        with contextlib.suppress(OSError), replacing(path, "wb") as f:
             np.save(f, arr)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # the cache is an optimisation: a read-only or full disk must not stop training
+    return arr
 
 
 @dataclass
@@ -177,19 +169,9 @@ def corpus_bpe(docs: list[str], vocab_size: int, train_ratio: float) -> BPEToken
             pass  # a damaged cache entry is trained again below
     # the documents' boundaries are training text's boundaries: no merge spans `<|endoftext|>`
     tokenizer = train_bpe(text.split(ENDOFTEXT), vocab_size)
-    _atomic_write_text(path, tokenizer.to_json())
+    with contextlib.suppress(OSError):  # a cache that cannot be written costs only time
+        write_text(path, tokenizer.to_json())
     return tokenizer
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # the cache is an optimisation: a read-only or full disk must not stop training
 
 
 def _first_token_after(tokens: np.ndarray, tokenizer: Any, text: str) -> int:
@@ -223,113 +205,6 @@ def split_by_chars(docs: list[str], tokenizer: Any, train_ratio: float) -> Corpu
 
 
 # --------------------------------------------------------------------------- prepared corpora
-
-MANIFEST = "manifest.json"
-PREPARED_FORMAT = "gptlab-prepared"
-
-
-def is_prepared(source: str) -> bool:
-    """True when `source` is a directory written by `gptlab prepare` (it holds manifest.json)."""
-    return (Path(source).expanduser() / MANIFEST).is_file()
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared directory, checked for its format."""
-    path = Path(directory).expanduser() / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GptlabError(
-            f"cannot read {str(path)!r} ({e}); prepare the data again with `gptlab prepare`"
-        ) from None
-    if manifest.get("format") != PREPARED_FORMAT:
-        raise GptlabError(f"{str(path)!r} is not a gptlab prepare manifest")
-    return manifest
-
-
-class ShardedTokens:
-    """Several memory-mapped token shards read as one 1-D array, without loading them.
-
-    Supports what the loaders need: `len()`, an int, a slice (a view over the same files),
-    and integer arrays of any shape (fancy indexing; windows may straddle shards). Reading
-    touches only the pages asked for, so memory stays bounded whatever the corpus size.
-    """
-
-    def __init__(self, shards: list[np.ndarray]):
-        self.shards = [s for s in shards if len(s)]
-        lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
-        self.bounds = np.concatenate([[0], np.cumsum(lengths)])  # shard k holds [b[k], b[k+1])
-        self.dtype = self.shards[0].dtype if self.shards else np.dtype(np.uint16)
-        self.shape = (int(self.bounds[-1]),)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key):
-        n = len(self)
-        if isinstance(key, slice):
-            start, stop, step = key.indices(n)
-            if step != 1:
-                return self[np.arange(start, stop, step)]
-            parts = []
-            for k, s in enumerate(self.shards):
-                lo, hi = max(start, self.bounds[k]), min(stop, self.bounds[k + 1])
-                if lo < hi:
-                    parts.append(s[lo - self.bounds[k] : hi - self.bounds[k]])
-            return ShardedTokens(parts)
-        if isinstance(key, (int, np.integer)):
-            i = int(key) + n if key < 0 else int(key)
-            if not 0 <= i < n:
-                raise IndexError(f"index {key} out of range for {n} tokens")
-            k = int(np.searchsorted(self.bounds, i, side="right")) - 1
-            return self.shards[k][i - self.bounds[k]]
-        idx = np.asarray(key, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise IndexError(f"index out of range for {n} tokens")
-        flat = idx.ravel()
-        out = np.empty(flat.shape, dtype=self.dtype)
-        which = np.searchsorted(self.bounds, flat, side="right") - 1
-        for k in np.unique(which):
-            m = which == k
-            out[m] = self.shards[k][flat[m] - self.bounds[k]]
-        return out.reshape(idx.shape)
-
-    def __array__(self, dtype=None, copy=None):
-        """All tokens in one in-memory array (only for small corpora)."""
-        arr = np.concatenate([np.asarray(s) for s in self.shards]) if self.shards else np.empty(0)
-        return arr.astype(dtype or self.dtype, copy=False)
-
-
-def open_split(directory: str | Path, split: str, manifest: dict[str, Any] | None = None):
-    """The tokens of one split ("train" or "val") of a prepared directory, memory-mapped:
-    a np.memmap for a single shard, else a ShardedTokens view. Sizes are checked against the
-    manifest (checksums are checked by `gptlab prepare --verify`)."""
-    directory = Path(directory).expanduser()
-    manifest = manifest or read_manifest(directory)
-    dtype = np.dtype(manifest["dtype"])
-    shards = []
-    for sh in manifest["splits"][split]["shards"]:
-        path = directory / sh["file"]
-        try:
-            size = path.stat().st_size
-        except OSError:
-            raise GptlabError(
-                f"shard {str(path)!r} is missing; prepare the data again with `gptlab prepare`"
-            ) from None
-        if size != sh["tokens"] * dtype.itemsize:
-            raise GptlabError(
-                f"shard {str(path)!r} has {size} bytes, the manifest says "
-                f"{sh['tokens'] * dtype.itemsize}; prepare the data again"
-            )
-        shards.append(np.memmap(path, dtype=dtype, mode="r"))
-    if len(shards) == 1:
-        return shards[0]
-    return ShardedTokens(shards)
-
-
-def prepared_manifest(source: str) -> dict[str, Any] | None:
-    """The manifest when `source` is a directory written by `gptlab prepare`, else None."""
-    return read_manifest(source) if is_prepared(source) else None
 
 
 def load_prepared(directory: str | Path, manifest: dict[str, Any] | None = None) -> Corpus:

@@ -55,23 +55,21 @@ import numpy as np
 
 from gptlab import __version__
 from gptlab.atomic import write_json
-from gptlab.data.corpus import MANIFEST, PREPARED_FORMAT, read_manifest
+from gptlab.data.shards import MANIFEST, PREPARED_FORMAT, PROGRESS, ShardWriter, read_manifest
 from gptlab.data.sources import (
-    MIN_PIECE_BYTES,
     START,
-    Item,
+    Chunk,
     Source,
-    decode_items,
+    decode_chunks,
     expand_inputs,
     raise_bad,
-    read_items,
+    read_chunks,
     reader_config,
 )
 from gptlab.data.tokenizer import ENDOFTEXT, CharTokenizer, from_identity, get_tokenizer
 from gptlab.errors import GptlabError
 
 FORMAT_VERSION = 1
-PROGRESS = "progress.json"
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 1 << 24  # 16M tokens: 32 MiB per uint16 shard
 BATCH_BYTES = 1 << 20  # a worker task holds about this much text
@@ -124,23 +122,23 @@ def piece_split(seed: int, pieces: np.ndarray, val_ratio: float) -> np.ndarray:
 
 def _tasks(
     sources: list[Source], pos: dict[str, int], cfg: dict[str, Any]
-) -> Iterator[tuple[list[Item], dict[str, int], int]]:
-    """Batches of items for the workers: (items, position after them, input bytes read)."""
-    items: list[Item] = []
+) -> Iterator[tuple[list[Chunk], dict[str, int], int]]:
+    """Batches of chunks for the workers: (chunks, position after them, input bytes read)."""
+    chunks: list[Chunk] = []
     size = consumed = 0
     cur = pos
-    for item, after, n in read_items(sources, pos, cfg):
+    for chunk, after, n in read_chunks(sources, pos, cfg):
         cur = after
         consumed += n
-        if item is None:
+        if chunk is None:
             continue
-        items.append(item)
-        size += len(item.payload) if item.kind in "tsj" else BATCH_BYTES
+        chunks.append(chunk)
+        size += len(chunk.payload) if chunk.kind in "tsj" else BATCH_BYTES
         if size >= BATCH_BYTES:
-            yield items, dict(cur), consumed
-            items, size, consumed = [], 0, 0
-    if items or consumed:
-        yield items, dict(cur), consumed
+            yield chunks, dict(cur), consumed
+            chunks, size, consumed = [], 0, 0
+    if chunks or consumed:
+        yield chunks, dict(cur), consumed
 
 
 # --------------------------------------------------------------------------- workers
@@ -156,10 +154,10 @@ def _init_worker(identity: dict[str, Any] | None, dtype: str, cfg: dict[str, Any
     )
 
 
-def _run_task(task: list[Item]) -> dict[str, Any]:
+def _run_task(task: list[Chunk]) -> dict[str, Any]:
     """Tokenize one task: all its texts' tokens concatenated, with per-text lengths, documents
     and piece starts."""
-    d = decode_items(task, _WORKER["cfg"])
+    d = decode_chunks(task, _WORKER["cfg"])
     tok, dtype = _WORKER["tokenizer"], _WORKER["dtype"]
     arrays = [np.array(tok.encode(t, allowed_special={ENDOFTEXT}), dtype=dtype) for t in d.texts]
     return {
@@ -172,9 +170,9 @@ def _run_task(task: list[Item]) -> dict[str, Any]:
     }
 
 
-def _chars_task(task: list[Item]) -> dict[str, Any]:
+def _chars_task(task: list[Chunk]) -> dict[str, Any]:
     """The characters of one task's documents (the first pass of a char tokenizer)."""
-    d = decode_items(task, _WORKER["cfg"])
+    d = decode_chunks(task, _WORKER["cfg"])
     chars: set[str] = set()
     for t in d.texts:
         chars.update(t.replace(ENDOFTEXT, ""))
@@ -218,138 +216,6 @@ class _Pool:
             self.pool = None
 
 
-# --------------------------------------------------------------------------- shard writers
-
-
-class _SplitWriter:
-    """Appends one split's token stream to shards of at most `shard_tokens` tokens, inserting
-    `<|endoftext|>` wherever the text does not run on (another document, or a piece that does
-    not follow the last one), and keeps the counts a checkpoint needs."""
-
-    def __init__(
-        self,
-        directory: Path,
-        split: str,
-        dtype: np.dtype,
-        shard_tokens: int,
-        eot: int,
-        state: dict[str, Any] | None = None,
-    ):
-        self.directory, self.split, self.dtype = directory, split, dtype
-        self.shard_tokens, self.eot = shard_tokens, eot
-        st = state or {}
-        self.shards: list[dict[str, Any]] = list(st.get("shards", []))
-        self.cur_tokens: int = st.get("cur_tokens", 0)
-        self.documents: int = st.get("documents", 0)
-        self.tokens: int = st.get("tokens", 0)
-        self.bytes: int = st.get("bytes", 0)
-        self.pieces: int = st.get("pieces", 0)
-        self.last_doc: int = st.get("last_doc", -1)
-        self.last_piece: int = st.get("last_piece", -1)
-        self._f = None
-        self._hash = hashlib.sha256()
-        if self.cur_tokens:  # resume: drop what was written after the checkpoint, re-hash the rest
-            path = self._path()
-            keep = self.cur_tokens * dtype.itemsize
-            if not path.is_file() or path.stat().st_size < keep:
-                raise GptlabError(
-                    f"{str(path)!r} is shorter than {PROGRESS} records; delete "
-                    f"{str(directory)!r} and prepare again"
-                )
-            self._f = open(path, "r+b")
-            self._f.truncate(keep)
-            while chunk := self._f.read(1 << 22):
-                self._hash.update(chunk)
-            self._f.seek(keep)
-        self.shards_closed = 0
-
-    def _path(self) -> Path:
-        return self.directory / f"{self.split}-{len(self.shards):06d}.bin"
-
-    def add(self, doc: int, piece: int, tokens: np.ndarray, n_bytes: int) -> None:
-        """Append tokens of piece `piece` of document `doc`: more of the last piece, the piece
-        after it (the text runs on), or text that starts a new stretch after `<|endoftext|>`."""
-        self.bytes += n_bytes
-        if not len(tokens):
-            return
-        if doc != self.last_doc or not 0 <= piece - self.last_piece <= 1:
-            if self.documents:
-                self._write(np.array([self.eot], dtype=self.dtype))
-            self.documents += 1
-        self.pieces += piece != self.last_piece
-        self.last_doc, self.last_piece = doc, piece
-        self._write(tokens)
-
-    def _write(self, arr: np.ndarray) -> None:
-        self.tokens += len(arr)
-        while len(arr):
-            if self._f is None:
-                self._f = open(self._path(), "wb")
-                self._hash = hashlib.sha256()
-            part = arr[: self.shard_tokens - self.cur_tokens]
-            data = part.tobytes()
-            self._f.write(data)
-            self._hash.update(data)
-            self.cur_tokens += len(part)
-            arr = arr[len(part) :]
-            if self.cur_tokens == self.shard_tokens:
-                self._close_shard()
-
-    def _close_shard(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        self._f = None
-        name = self._path().name
-        self.shards.append(
-            {"file": name, "tokens": self.cur_tokens, "sha256": self._hash.hexdigest()}
-        )
-        self.cur_tokens = 0
-        self.shards_closed += 1
-
-    def sync(self) -> None:
-        if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-
-    def finish(self) -> None:
-        if self._f is not None and self.cur_tokens:
-            self._close_shard()
-        elif self._f is not None:
-            self._f.close()
-            self._f = None
-        keep = {s["file"] for s in self.shards}
-        for stray in self.directory.glob(f"{self.split}-*.bin"):  # left by an interrupted run
-            if stray.name not in keep:
-                stray.unlink()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "shards": self.shards,
-            "cur_tokens": self.cur_tokens,
-            "documents": self.documents,
-            "tokens": self.tokens,
-            "bytes": self.bytes,
-            "pieces": self.pieces,
-            "last_doc": self.last_doc,
-            "last_piece": self.last_piece,
-        }
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "documents": self.documents,
-            "pieces": self.pieces,
-            "tokens": self.tokens,
-            "bytes": self.bytes,
-            "shards": self.shards,
-        }
-
-
 # --------------------------------------------------------------------------- prepare
 
 
@@ -383,7 +249,7 @@ def prepare(
     """
     on_event = on_event or (lambda record: None)
     workers = workers or os.cpu_count() or 1
-    _check_arguments(val_ratio, shard_tokens, workers, piece_bytes)
+    _check_arguments(val_ratio, shard_tokens, workers)
     sources = expand_inputs(inputs)
     if piece_bytes is None:
         piece_bytes = auto_piece_bytes(sources, val_ratio)
@@ -411,20 +277,14 @@ def prepare(
     return manifest
 
 
-def _check_arguments(
-    val_ratio: float, shard_tokens: int, workers: int, piece_bytes: int | None
-) -> None:
+def _check_arguments(val_ratio: float, shard_tokens: int, workers: int) -> None:
+    # piece_bytes is checked by reader_config
     if not 0.0 <= val_ratio < 1.0:
         raise GptlabError(f"--val-ratio must be in [0, 1), got {val_ratio}")
     if shard_tokens < 1:
         raise GptlabError(f"--shard-tokens must be 1 or more, got {shard_tokens}")
     if workers < 1:
         raise GptlabError(f"--workers must be 1 or more, got {workers}")
-    if piece_bytes is not None and piece_bytes != 0 and piece_bytes < MIN_PIECE_BYTES:
-        raise GptlabError(
-            f"piece_bytes must be 0 (documents whole) or at least {MIN_PIECE_BYTES}, "
-            f"got {piece_bytes}"
-        )
 
 
 def _existing(
@@ -496,7 +356,7 @@ class _Job:
         self.skipped: dict[str, Any] = p.get("skipped", {"count": 0, "examples": []})
         self.pieces: int = p.get("pieces", 0)  # pieces begun so far, over all inputs
         self.writers = {
-            s: _SplitWriter(
+            s: ShardWriter(
                 out,
                 s,
                 self.dtype,

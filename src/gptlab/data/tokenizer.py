@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from gptlab.atomic import write_text
 from gptlab.config.schema import BPE_PREFIX
 from gptlab.errors import GptlabError
 
@@ -241,11 +242,7 @@ class BPETokenizer:
 
     def save(self, path: str | Path) -> Path:
         """Write `tokenizer.json` into the directory `path`; returns the file's path."""
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        f = out / "tokenizer.json"
-        f.write_text(self._json, encoding="utf-8")
-        return f
+        return write_text(Path(path) / "tokenizer.json", self._json)
 
     def token_bytes(self, token_id: int) -> int:
         """UTF-8 bytes of text that `token_id` stands for (0 for the special token)."""

@@ -20,9 +20,10 @@ The three request types run on gptlab's own code:
 - `loglikelihood_rolling`: the text cut into lm-eval's rolling windows of the model's
   context (lm-eval's `get_rolling_token_windows` / `make_disjoint_window`), every token
   scored once, summed;
-- `generate_until`: `gptlab.infer.sampling.generate_stream` with its KV cache, prompts of equal
-  token length batched, greedy unless `do_sample` (then temperature / top_k / top_p, drawn
-  from torch's global RNG, which lm-eval seeds), cut before the first `until` string or
+- `generate_until`: `gptlab.infer.engine.Engine`, the decoding path of `gptlab generate`
+  (so both give the same text), up to `batch_size` prompts decoding at once, greedy unless
+  `do_sample` (then temperature / top_k / top_p, drawn from a generator seeded from torch's
+  global one, which lm-eval seeds), cut before the first `until` string or
   `<|endoftext|>`, at most `max_gen_toks` tokens; a prompt longer than the context minus
   `max_gen_toks` keeps its last tokens, as lm-eval's Hugging Face model does.
 
@@ -43,7 +44,7 @@ from tqdm import tqdm
 
 from gptlab.errors import GptlabError
 from gptlab.evals.tasks import score_requests
-from gptlab.infer.sampling import generate_stream
+from gptlab.infer.engine import Engine, Sampling
 from gptlab.interop.runs import open_run
 from gptlab.runtime.device import PRECISION_DTYPES, autocast
 
@@ -224,7 +225,7 @@ class GptlabLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Each request's continuation: (context, gen_kwargs) -> text, cut before the first
-        stop string. Requests with the same gen_kwargs and prompt length share a batch."""
+        stop string. Requests with the same gen_kwargs decode together, `batch_size` at once."""
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -241,80 +242,41 @@ class GptlabLM(TemplateLM):
                     f"max_gen_toks {max_new} leaves no room for a prompt in the model's "
                     f"{self._max_length} tokens; ask for fewer"
                 )
-            sampling = _sampling(kwargs)
-            prompts = {}
-            for i in rows:
-                ids = self.tok_encode(requests[i].args[0])[-room:] or [self.eot_token_id]
-                prompts[i] = ids
-            for length in sorted({len(p) for p in prompts.values()}, reverse=True):
-                batch = [i for i in rows if len(prompts[i]) == length]
-                for start in range(0, len(batch), self.batch_size):
-                    chunk = batch[start : start + self.batch_size]
-                    texts = self._generate([prompts[i] for i in chunk], max_new, until, sampling)
-                    for i, text in zip(chunk, texts, strict=True):
-                        out[i] = text
-                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                    bar.update(len(chunk))
+            sampling = _sampling(kwargs, max_new, tuple(until))
+            prompts = [
+                self.tok_encode(requests[i].args[0])[-room:] or [self.eot_token_id] for i in rows
+            ]
+            texts: list[list[str]] = [[] for _ in rows]
+            for j, event in self._engine(sampling).decode(prompts, sampling):
+                texts[j].append(event.text)
+                bar.update(event.finish_reason is not None)
+            for i, parts in zip(rows, texts, strict=True):
+                out[i] = "".join(parts)
+                self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         bar.close()
         return out  # type: ignore[return-value]
 
-    @torch.no_grad()
-    def _generate(
-        self, prompts: list[list[int]], max_new: int, until: list[str], sampling: dict
-    ) -> list[str]:
-        """Equal-length prompts -> their continuations, decoded; the batch stops once every
-        row has produced <|endoftext|> or one of `until`."""
-        idx = torch.tensor(prompts, dtype=torch.long, device=self._device)  # (B, T)
-        eos = self.eot_token_id
-        ids: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        with autocast(self._device, self.precision):
-            steps = generate_stream(
-                self.model,
-                idx,
-                max_new,
-                self.run.config.model.context_length,
-                eos_id=eos,
-                vocab_limit=self.tokenizer.n_vocab,
-                **sampling,
-            )
-            for idx_next in steps:
-                for b, tok in enumerate(idx_next[:, 0].tolist()):
-                    if done[b]:
-                        continue
-                    if tok == eos:
-                        done[b] = True
-                        continue
-                    ids[b].append(tok)
-                    if _stop_at(self.tok_decode(ids[b]), until) is not None:
-                        done[b] = True
-                if all(done):
-                    break
-        texts = []
-        for row in ids:
-            text = self.tok_decode(row)
-            cut = _stop_at(text, until)
-            texts.append(text if cut is None else text[:cut])
-        return texts
+    def _engine(self, sampling: Sampling) -> Engine:
+        # sampling draws from a generator seeded from torch's global one, which lm-eval
+        # seeds: a run repeats (greedy decoding leaves the global one alone)
+        seed = int(torch.randint(2**62, ())) if sampling.temperature > 0 else 0
+        return Engine(self.model, self.tokenizer, self.batch_size, self.precision, seed=seed)
 
 
-def _stop_at(text: str, until: Sequence[str]) -> int | None:
-    """Where the first stop string in `text` begins (None: no stop string in it)."""
-    hits = [text.find(s) for s in until if s and s in text]
-    return min(hits) if hits else None
-
-
-def _sampling(kwargs: dict) -> dict:
-    """generate_stream's sampling arguments from lm-eval's normalised gen_kwargs: greedy
-    unless do_sample with a temperature above 0."""
+def _sampling(kwargs: dict, max_new: int, until: tuple[str, ...]) -> Sampling:
+    """The engine's Sampling from lm-eval's normalised gen_kwargs: at most `max_new`
+    tokens, cut before the first of `until`, greedy unless do_sample with a temperature
+    above 0."""
     do_sample = bool(kwargs.pop("do_sample", False))
     temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
     top_k = kwargs.pop("top_k", None)
     top_p = kwargs.pop("top_p", None)
     if not do_sample or temperature <= 0.0:
-        return {"temperature": 0.0}
-    return {
-        "temperature": temperature,
-        "top_k": int(top_k) if top_k is not None else None,
-        "top_p": float(top_p) if top_p is not None else None,
-    }
+        return Sampling(max_new, temperature=0.0, stop=until)
+    return Sampling(
+        max_new,
+        temperature=temperature,
+        top_k=int(top_k) if top_k is not None else None,
+        top_p=float(top_p) if top_p is not None else None,
+        stop=until,
+    )

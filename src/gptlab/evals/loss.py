@@ -17,14 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from gptlab.data.corpus import (
-    TokenWindowLoader,
-    load_corpus,
-    open_split,
-    prepared_manifest,
-    read_documents,
-    tokenize_documents,
-)
+from gptlab.data.corpus import TokenWindowLoader, load_corpus, tokenize_documents
+from gptlab.data.shards import open_split, prepared_manifest
+from gptlab.data.sources import read_documents
 from gptlab.data.tokenizer import token_byte_lengths
 from gptlab.errors import GptlabError
 from gptlab.model.loss import logits_loss

@@ -1,12 +1,8 @@
 """Downstream tasks scored by log-likelihood, as lm-evaluation-harness scores them.
 
-The core is `score_requests(model, [(context ids, continuation ids), ...])`: for each pair,
-the sum of log p(continuation token | everything before it) and whether greedy decoding
-would have produced the continuation exactly. Everything else builds on it:
+A task is a file of items (items.py) with a few-shot count; each item's context and
+choices are encoded as lm-eval encodes them and scored by `scoring.score_requests`:
 
-- `encode_pair(tokenizer, context, continuation)`: text -> ids the way lm-eval does it
-  (context's trailing spaces move to the continuation; context+continuation is encoded
-  whole and split after the context's tokens, so " word" keeps its leading-space token);
 - multiple choice (HellaSwag, ARC, PIQA, COPA, gptlab jsonl): accuracy by the largest
   log-likelihood, `acc_norm` by the largest log-likelihood per *character* of the choice
   (lm-eval's `acc_norm`: `len(choice)` in characters) and `acc_bytes` per UTF-8 byte
@@ -15,23 +11,12 @@ would have produced the continuation exactly. Everything else builds on it:
   decoding produces it exactly (`acc`);
 - suites (`load_suite`, `run_suite`): several tasks with few-shot counts, and a *centred*
   score per task, (acc - chance) / (1 - chance), whose mean is "core" as in nanochat's CORE.
-
-Exactness: a batch is padded on the right, and the model is causal, so padding never
-changes the logits of the positions scored; requests whose model input is token for token
-the same (e.g. one-token choices after one context) share one row. Batched scores are
-those of scoring each request alone (to float rounding of the batched matmuls).
-
-Left-truncation follows lm-eval: the model reads the last `context_length` tokens of
-context + continuation minus its final token; a request whose context lost tokens is
-counted as truncated; one whose continuation alone does not fit is an error.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,409 +27,17 @@ from torch import nn
 
 from gptlab.atomic import write_json
 from gptlab.errors import GptlabError
-from gptlab.model.gpt import GPTModel, softcap
+from gptlab.evals.items import FORMATS, Item, load_items
+from gptlab.evals.scoring import Score, encode_pair, n_forwards_needed, score_requests
 from gptlab.runtime.device import PRECISION_DTYPES, autocast
 
 if TYPE_CHECKING:  # only a type: runs.open_run makes it, and runs sits above this module
     from gptlab.interop.runs import Run
 
 
-@dataclass
-class Score:
-    """The log-likelihood of one continuation given its context."""
-
-    logprob: float  # sum of log p(continuation token | everything before it), nats
-    greedy: bool  # every continuation token is the argmax at its position
-    n_tokens: int  # continuation tokens scored
-    truncated: bool  # the context was left-truncated to fit
-
-
-def _model_input(
-    context: Sequence[int], continuation: Sequence[int], context_length: int, eot_id: int | None
-) -> tuple[tuple[int, ...], bool]:
-    """The ids the model reads for one request (at most context_length), and whether the
-    context was cut. The continuation's tokens are predicted at the input's last
-    len(continuation) positions."""
-    if not continuation:
-        raise GptlabError("a continuation has no tokens; every choice must be non-empty text")
-    if len(continuation) > context_length:
-        raise GptlabError(
-            f"a continuation of {len(continuation)} tokens does not fit the model's context of "
-            f"{context_length}; shorten the choices or use a model with a longer context"
-        )
-    if not context:
-        if eot_id is None:
-            raise GptlabError(
-                "a request has an empty context: pass eot_id (the tokenizer's <|endoftext|>) "
-                "so the first token is scored after it"
-            )
-        context = [eot_id]
-    whole = list(context) + list(continuation)
-    keep = whole[-(context_length + 1) :][:-1]  # (<= T,): the last T+1, minus the final token
-    return tuple(keep), len(whole) - 1 > context_length
-
-
-@torch.no_grad()
-def score_requests(
-    model: nn.Module,
-    requests: Sequence[tuple[list[int], list[int]]],
-    *,
-    context_length: int,
-    batch_size: int = 16,
-    device=None,
-    eot_id: int | None = None,
-    min_forwards: int = 0,
-) -> list[Score]:
-    """(context ids, continuation ids) pairs -> one Score each, in input order.
-
-    The model maps ids (B, T) to logits (B, T, V) and is causal. A context longer than
-    `context_length` (with its continuation) is left-truncated, as lm-eval does; an empty
-    context means "score the first continuation token after `eot_id`" (the tokenizer's
-    <|endoftext|>, which lm-eval puts there too). Requests are sorted longest first and
-    batched `batch_size` at a time, padded on the right. `device`: where the ids go
-    (default: the model's parameters'). `min_forwards`: run at least this many forward
-    passes (extra ones on a one-token dummy), so every rank of a sharded (FSDP) job runs
-    as many as the others. The model is put in eval mode and restored afterwards.
-    """
-    if batch_size < 1:
-        raise GptlabError(f"batch_size must be at least 1, got {batch_size}")
-    if device is None:
-        device = next(model.parameters()).device
-    inputs = [_model_input(c, k, context_length, eot_id) for c, k in requests]
-    rows: dict[tuple[int, ...], int] = {}  # identical inputs share one row
-    for ids, _ in inputs:
-        rows.setdefault(ids, len(rows))
-    unique = sorted(rows, key=lambda ids: (-len(ids), ids))  # longest first: least padding
-    wanted: dict[tuple[int, ...], list[int]] = {}  # row -> requests scored on it
-    for i, (ids, _) in enumerate(inputs):
-        wanted.setdefault(ids, []).append(i)
-
-    was_training = model.training
-    model.eval()
-    out: list[Score | None] = [None] * len(requests)
-    n_forwards = 0
-    for start in range(0, len(unique), batch_size):
-        chunk = unique[start : start + batch_size]
-        T = len(chunk[0])
-        x = torch.zeros((len(chunk), T), dtype=torch.long)  # (B, T), right-padded with 0
-        for b, ids in enumerate(chunk):
-            x[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        todo = [(b, i) for b, ids in enumerate(chunk) for i in wanted[ids]]
-        rows, cols, targets, sizes = [], [], [], []
-        for b, i in todo:
-            cont, end = requests[i][1], len(chunk[b])
-            rows += [b] * len(cont)
-            cols += range(end - len(cont), end)  # the positions that predict cont
-            targets += cont
-            sizes.append(len(cont))
-        logits = _logits_at(model, x.to(device), rows, cols).float()  # (N, V), N = sum(sizes)
-        target = torch.tensor(targets, dtype=torch.long, device=logits.device)  # (N,)
-        logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]  # (N,)
-        hit = logits.argmax(dim=-1) == target  # (N,)
-        n_forwards += 1
-        for (_, i), lp, ok in zip(todo, logp.split(sizes), hit.split(sizes), strict=True):
-            out[i] = Score(lp.sum().item(), bool(ok.all().item()), len(lp), inputs[i][1])
-    while n_forwards < min_forwards:
-        model(torch.zeros((1, 1), dtype=torch.long, device=device))
-        n_forwards += 1
-    model.train(was_training)
-    return out  # type: ignore[return-value]
-
-
-def _logits_at(model: nn.Module, x: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
-    """Logits (N, V) at positions (rows[n], cols[n]) of the batch x (B, T).
-
-    A plain GPTModel runs its output head on those positions only (the head is most of a
-    small model's FLOPs, and only continuation positions are scored), as `forward` would
-    compute them; anything else (DDP, FSDP, compiled or foreign modules) runs its forward.
-    """
-    r = torch.tensor(rows, device=x.device)
-    c = torch.tensor(cols, device=x.device)
-    if type(model) is GPTModel:
-        h = model.hidden_states(x)[r, c]  # (N, D)
-        logits = model.out_head(h)[..., : model.cfg.vocab_size]  # (N, V)
-        return softcap(logits, model.cfg.logit_softcap)
-    return model(x)[r, c]  # (B, T, V) -> (N, V)
-
-
-def n_forwards_needed(
-    requests: Sequence[tuple[list[int], list[int]]],
-    *,
-    context_length: int,
-    batch_size: int = 16,
-    eot_id: int | None = None,
-) -> int:
-    """How many forward passes `score_requests` runs for these requests."""
-    rows = {_model_input(c, k, context_length, eot_id)[0] for c, k in requests}
-    return -(-len(rows) // batch_size)
-
-
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) of one request, tokenised as lm-eval does.
-
-    Trailing whitespace of the context moves to the start of the continuation; then
-    context + continuation is encoded whole and the continuation is what follows the
-    context's own tokens. An empty context gives [<|endoftext|>] as context (the first
-    continuation token is scored after it).
-    """
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    if not context:
-        eot = getattr(tokenizer, "eot_token", None)
-        if eot is None:
-            raise GptlabError("an empty context needs a tokenizer with an <|endoftext|> token")
-        return [eot], _encode(tokenizer, continuation)
-    whole = _encode(tokenizer, context + continuation)
-    ctx = _encode(tokenizer, context)
-    return ctx, whole[len(ctx) :]
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    # The tokenizer's own default for "<|endoftext|>" in text (the special token, as a
-    # Hugging Face tokenizer under lm-eval would read it).
-    return list(tokenizer.encode(text))
-
-
-# --------------------------------------------------------------------------- task formats
-
-FORMATS = ("hellaswag", "arc", "piqa", "copa", "mc", "lambada")
 METRICS = ("acc", "acc_norm", "acc_bytes")
 FEWSHOT_DELIMITER = "\n\n"  # between few-shot examples and before the item, as lm-eval
 DEFAULT_SEED = 1234  # lm-eval's default few-shot seed
-FIELDS = {  # what each format's items hold (for messages and the README)
-    "hellaswag": "ctx or activity_label/ctx_a/ctx_b, endings, label",
-    "arc": "question.stem and question.choices, or question and choices; answerKey",
-    "piqa": "goal, sol1, sol2, label",
-    "copa": "premise, choice1, choice2, question (cause or effect), label",
-    "mc": "context, choices, answer",
-    "lambada": "text",
-}
-_FORMAT_HELP = "; ".join(f"{k} ({v})" for k, v in FIELDS.items())
-
-
-@dataclass
-class Item:
-    """One task item as text: the model reads `context` and each `delimiter + choice`.
-
-    A cloze item (LAMBADA) has one choice, the last word, and is right when greedy decoding
-    produces it. `choices` are lm-eval's `doc_to_choice` strings, the ones acc_norm measures.
-    """
-
-    context: str
-    choices: list[str]
-    answer: int
-    delimiter: str = " "  # lm-eval's target_delimiter
-
-
-class _Bad(Exception):
-    """An item's problem; the loader adds the file and the item number."""
-
-
-def _field(rec: dict, name: str, kind: type | tuple[type, ...] = str):
-    if name not in rec:
-        raise _Bad(f"missing field {name!r} (fields: {', '.join(list(rec)[:8])})")
-    value = rec[name]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise _Bad(f"field {name!r} is {type(value).__name__}, not {names}")
-    return value
-
-
-def _index(value, n: int, what: str) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _Bad(f"{what} {value!r} is not a choice number (0 to {n - 1})")
-    if not 0 <= value < n:
-        raise _Bad(f"{what} {value} is out of range for {n} choices; answers count from 0")
-    return value
-
-
-def _strings(value, what: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-        raise _Bad(f"{what} must be a list of strings")
-    if not value:
-        raise _Bad(f"{what} is empty; give at least two choices")
-    if any(not c for c in value):
-        raise _Bad(f"{what} holds an empty string; every choice needs text")
-    return value
-
-
-def hellaswag_preprocess(text: str) -> str:
-    """lm-eval's HellaSwag clean-up: WikiHow's " [title]" becomes ". ", other [tags] go."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def _hellaswag(rec: dict) -> Item:
-    if all(k in rec for k in ("activity_label", "ctx_a", "ctx_b")):
-        ctx = _field(rec, "ctx_a") + " " + _field(rec, "ctx_b").capitalize()
-        query = hellaswag_preprocess(_field(rec, "activity_label") + ": " + ctx)
-    else:
-        query = hellaswag_preprocess(_field(rec, "ctx"))
-    endings = [hellaswag_preprocess(e) for e in _strings(_field(rec, "endings", list), "endings")]
-    return Item(query, endings, _index(rec.get("label"), len(endings), "label"))
-
-
-def _arc(rec: dict) -> Item:
-    q = _field(rec, "question", (str, dict))
-    if isinstance(q, dict):  # the published jsonl: question {stem, choices [{text, label}]}
-        stem, choices = _field(q, "stem"), _field(q, "choices", list)
-        if not all(isinstance(c, dict) for c in choices):
-            raise _Bad("question.choices must be a list of {text, label} objects")
-        texts = _strings([c.get("text") for c in choices], "question.choices")
-        labels = [str(c.get("label")) for c in choices]
-    else:  # the Hugging Face layout: question, choices {text: [...], label: [...]}
-        stem, ch = q, _field(rec, "choices", dict)
-        texts = _strings(ch.get("text"), "choices.text")
-        labels = [str(x) for x in ch.get("label") or []]
-    if len(labels) != len(texts):
-        raise _Bad(f"{len(texts)} choices but {len(labels)} labels")
-    key = str(_field(rec, "answerKey", (str, int)))
-    if key not in labels:
-        raise _Bad(f"answerKey {key!r} is none of the choice labels {labels}")
-    return Item(f"Question: {stem}\nAnswer:", texts, labels.index(key))
-
-
-def _piqa(rec: dict) -> Item:
-    choices = _strings([_field(rec, "sol1"), _field(rec, "sol2")], "sol1/sol2")
-    if "label" not in rec:
-        raise _Bad("no 'label' (PIQA's published labels are a separate .lst: add each as label)")
-    return Item(
-        f"Question: {_field(rec, 'goal')}\nAnswer:", choices, _index(rec["label"], 2, "label")
-    )
-
-
-def _copa(rec: dict) -> Item:
-    connector = {"cause": "because", "effect": "therefore"}.get(_field(rec, "question"))
-    if connector is None:
-        raise _Bad(f"question {rec['question']!r} must be 'cause' or 'effect'")
-    premise = _field(rec, "premise").strip()
-    c1, c2 = _strings([_field(rec, "choice1"), _field(rec, "choice2")], "choice1/choice2")
-    # lm-eval's COPA: the premise's final period dropped, the connector, the choice
-    # lower-cased. Its choices already start with a space; lm-eval's default delimiter adds
-    # another (it warns about it); we add none, so the text reads "... because the sun rose".
-    choices = [" " + c[0].lower() + c[1:] for c in (c1, c2)]
-    return Item(f"{premise[:-1]} {connector}", choices, _index(rec.get("label"), 2, "label"), "")
-
-
-def _mc(rec: dict) -> Item:
-    choices = _strings(_field(rec, "choices", list), "choices")
-    return Item(_field(rec, "context"), choices, _index(rec.get("answer"), len(choices), "answer"))
-
-
-def _lambada(rec: dict) -> Item:
-    words = _field(rec, "text").split(" ")
-    if len(words) < 2 or not words[-1]:
-        raise _Bad("text needs at least two words, the last one not empty (the word to guess)")
-    return Item(" ".join(words[:-1]), [" " + words[-1]], 0, "")  # lm-eval's lambada_openai
-
-
-_PARSERS = {
-    "hellaswag": _hellaswag,
-    "arc": _arc,
-    "piqa": _piqa,
-    "copa": _copa,
-    "mc": _mc,
-    "lambada": _lambada,
-}
-
-
-def detect_format(rec: dict) -> str | None:
-    """The format whose fields the record has, or None."""
-    if not isinstance(rec, dict):
-        return None
-    keys = set(rec)
-    if "endings" in keys:
-        return "hellaswag"
-    if "answerKey" in keys:
-        return "arc"
-    if {"goal", "sol1", "sol2"} <= keys:
-        return "piqa"
-    if {"premise", "choice1", "choice2"} <= keys:
-        return "copa"
-    if {"context", "choices"} <= keys:
-        return "mc"
-    if "text" in keys:
-        return "lambada"
-    return None
-
-
-def _records(source: str) -> list[tuple[int, dict]]:
-    """(line number, record) of a jsonl file, or (row + 1, record) of `hf:NAME[:CONFIG][@SPLIT]`."""
-    if source.startswith("hf:"):
-        return _hf_records(source)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise GptlabError(f"task file {source!r} not found; give a .jsonl file of items")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append((line_no, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise GptlabError(
-                    f"{source}: line {line_no} is not JSON ({e.msg}); a task file has one "
-                    f"JSON object per line"
-                ) from None
-    return out
-
-
-def _hf_records(source: str) -> list[tuple[int, dict]]:
-    name, _, split = source[3:].partition("@")
-    name, _, config = name.partition(":")
-    try:
-        import datasets
-    except ImportError:
-        raise GptlabError(
-            f"{source} needs the `datasets` package: pip install datasets (and the network)"
-        ) from None
-    try:
-        ds = datasets.load_dataset(name, config or None, split=split or "validation")
-    except Exception as e:  # offline, unknown name, gated: the library has many kinds
-        first = (str(e).splitlines() or [""])[0][:160]
-        raise GptlabError(
-            f"cannot load Hugging Face dataset {name!r} ({type(e).__name__}: {first}); check "
-            "hf:NAME[:CONFIG][@SPLIT] and the network, or give a local .jsonl"
-        ) from None
-    return [(i + 1, dict(r)) for i, r in enumerate(ds)]
-
-
-def load_items(source: str, format: str | None = None) -> tuple[str, list[Item]]:
-    """(format, items) of a task file (.jsonl, one item per line) or `hf:` dataset.
-
-    `format` is one of FORMATS, or None to detect it from the first item's fields. Any bad
-    item is a GptlabError naming the file, the item number (and line) and the fix.
-    """
-    if format is not None and format not in FORMATS:
-        raise GptlabError(f"unknown task format {format!r}; choose one of {', '.join(FORMATS)}")
-    records = _records(source)
-    if not records:
-        raise GptlabError(f"{source} holds no items; give a file with one JSON object per line")
-    if format is None:
-        format = detect_format(records[0][1])
-        if format is None:
-            raise GptlabError(
-                f"{source}: item 1 (line {records[0][0]}) has no known task fields; the "
-                f"formats are {_FORMAT_HELP}"
-            )
-    parse = _PARSERS[format]
-    items = []
-    for n, (line_no, rec) in enumerate(records, start=1):
-        try:
-            if not isinstance(rec, dict):
-                raise _Bad(f"is {type(rec).__name__}, not a JSON object")
-            items.append(parse(rec))
-        except _Bad as e:
-            raise GptlabError(
-                f"{source}: item {n} (line {line_no}): {e} ({format} items have {FIELDS[format]})"
-            ) from None
-    return format, items
 
 
 # --------------------------------------------------------------------------- tasks and suites
@@ -666,7 +259,16 @@ def run_task(
     by_item: dict[int, list[Score]] = {}
     for i, s in zip(owner, scores, strict=True):
         by_item.setdefault(i, []).append(s)
-    # [items, right, right per char, right per byte, truncated, sum logprob]
+    counts = _counts(task, by_item)
+    if dist is not None and dist.enabled:
+        t = dist.sum(torch.tensor(counts, dtype=torch.float64, device=dist.device))
+        counts = t.tolist()
+    return _report(task, counts, chance(task, range(n)))
+
+
+def _counts(task: Task, by_item: dict[int, list[Score]]) -> list[float]:
+    """[items, right, right per char, right per byte, truncated, sum of logprobs] over the
+    items scored here (`by_item`: each item's scores, one per choice)."""
     counts = [0.0] * 6
     for i, ss in by_item.items():
         item = task.items[i]
@@ -682,9 +284,11 @@ def run_task(
         counts[1] += _argmax(lls) == item.answer
         counts[2] += _argmax([x / c for x, c in zip(lls, chars, strict=True)]) == item.answer
         counts[3] += _argmax([x / b for x, b in zip(lls, nbytes, strict=True)]) == item.answer
-    if dist is not None and dist.enabled:
-        t = dist.sum(torch.tensor(counts, dtype=torch.float64, device=dist.device))
-        counts = t.tolist()
+    return counts
+
+
+def _report(task: Task, counts: list[float], base: float) -> dict:
+    """A task's report (see `run_task`) from its summed `counts` and chance accuracy `base`."""
     n_items, right, right_norm, right_bytes, n_trunc, sum_lp = counts
     report: dict = {
         "format": task.format,
@@ -700,7 +304,6 @@ def run_task(
     else:
         report["acc_norm"] = right_norm / n_items
         report["acc_bytes"] = right_bytes / n_items
-    base = chance(task, range(n))
     report["metric"] = task.metric if not task.cloze else "acc"
     report["chance"] = base
     report["centred"] = centred(report[report["metric"]], base)

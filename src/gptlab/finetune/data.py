@@ -1,4 +1,4 @@
-"""Finetuning data: records -> rendered examples -> batches, and the losses that score them.
+"""Finetuning data: records -> rendered examples -> batches.
 
 Three formats of records, one JSON object a line (.jsonl) or one JSON array (.json):
 
@@ -30,8 +30,8 @@ inputs (B, T) padded with end-of-text, and targets (B, 2): the label and the pos
 last real token, whose logits the head scores (the book scores position -1 of a batch padded
 to the longest text: the same logits whenever no padding follows the text).
 
-`FinetuneData` holds the split examples and is what the Trainer is given in place of a
-Corpus: its loaders, its loss and, for classification, its accuracy.
+`FinetuneData` holds the split examples and makes their loaders; the losses that score
+them, and what the Trainer is given, are gptlab.finetune.objectives'.
 """
 
 from __future__ import annotations
@@ -41,25 +41,25 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from gptlab.data.chat import ALPACA
+from gptlab.data.records import Record, detect_format, read_records
 from gptlab.errors import GptlabError
-from gptlab.model.gpt import GPTModel
-from gptlab.model.loss import chunked_cross_entropy
 
 IGNORE_INDEX = -100  # cross-entropy skips these targets (the book's ignore_index)
-FORMATS = ("instructions", "chat", "classification")
+# finetune.format = auto: the fields that tell a record's format, tried in this order
+FORMAT_FIELDS = {
+    "chat": ("messages",),
+    "classification": ("label",),
+    "instructions": ("instruction",),
+}
 ROLES = ("system", "user", "assistant")
 
 # The prompt's text lives in its chat template, so that training and chat read one copy.
-ALPACA_PREAMBLE = ALPACA.preamble
 RESPONSE_HEADER = ALPACA.response_prompt  # "\n\n### Response:\n"
 
 # A chat renderer: (messages, add_generation_prompt) -> (ids, learn), gptlab.data.chat's render
@@ -78,55 +78,6 @@ def format_input(entry: dict[str, Any]) -> str:
 def instruction_prompt(entry: dict[str, Any]) -> str:
     """What the model sees before it answers: `format_input` and the response header."""
     return format_input(entry) + RESPONSE_HEADER
-
-
-def read_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """(where, record) for each record of a .jsonl file (one object a line, blank lines
-    skipped) or a .json file holding one array; `where` is "file:line" (or "file[i]")."""
-    p = Path(path)
-    if not p.is_file():
-        raise GptlabError(f"finetune data {str(p)!r} not found; pass --data FILE.jsonl")
-    text = p.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except ValueError as e:
-            raise GptlabError(
-                f"{p}: not valid JSON ({e}); write one record per line (.jsonl)"
-            ) from None
-        out = [(f"{p}[{i}]", r) for i, r in enumerate(items)]
-    else:
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                out.append((f"{p}:{n}", json.loads(line)))
-            except ValueError as e:
-                raise GptlabError(
-                    f"{p}:{n}: not a JSON object ({e}); write one JSON record per line"
-                ) from None
-    for where, r in out:
-        if not isinstance(r, dict):
-            raise GptlabError(f"{where}: a record must be a JSON object, got {type(r).__name__}")
-    if not out:
-        raise GptlabError(f"finetune data {str(p)!r} holds no records; give one JSON record a line")
-    return out
-
-
-def detect_format(records: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """The format the first record's fields name (messages, text + label, instruction)."""
-    where, r = records[0]
-    if "messages" in r:
-        return "chat"
-    if "label" in r:
-        return "classification"
-    if "instruction" in r:
-        return "instructions"
-    raise GptlabError(
-        f"{where}: cannot tell the format from its fields {sorted(r)}; a record needs "
-        "instruction/output, messages, or text/label (or set --finetune.format)"
-    )
 
 
 def _text_field(where: str, r: dict[str, Any], key: str, fmt: str, optional: bool = False) -> str:
@@ -298,74 +249,6 @@ def collate_classes(
     return inputs, targets
 
 
-# --------------------------------------------------------------------------- losses
-
-
-def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the learned target tokens of a padded batch (targets (B, T))
-    or a packed one (targets (B, 2, T), the example numbers in [:, 1]): a scalar.
-
-    A bare GPTModel runs its output head on the learned positions only: the prompts'
-    and the padding's logits, most of a finetuning batch's (B, T, V), are never formed. A
-    wrapped model (DDP; FSDP2, which makes the model's class a subclass of its own) goes
-    through its forward, which its hooks need."""
-    doc_ids = None
-    if targets.dim() == 3:
-        doc_ids, targets = targets[:, 1], targets[:, 0]
-    if type(model) is GPTModel:
-        learned = targets != IGNORE_INDEX  # (B, T)
-        hidden = model.hidden_states(inputs, doc_ids=doc_ids)[learned]  # (N, D)
-        head = model.out_head
-        if type(head) is nn.Linear and head.bias is None and not model.cfg.num_classes:
-            # the head and its loss a chunk of rows at a time: no (N, V) logits kept
-            return chunked_cross_entropy(
-                hidden,
-                head.weight,
-                targets[learned],
-                model.cfg.vocab_size,
-                softcap=model.cfg.logit_softcap,
-            )
-        return F.cross_entropy(model.head_logits(hidden), targets[learned])
-    logits = model(inputs, doc_ids=doc_ids)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-
-
-def last_token_logits(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    """The classifier's logits (B, C) at each text's last token (targets[:, 1])."""
-    logits = model(inputs)  # (B, T, C)
-    return logits[torch.arange(inputs.shape[0], device=inputs.device), targets[:, 1]]  # (B, C)
-
-
-def classification_loss(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    """Cross-entropy of the last token's class logits against the labels (targets[:, 0])."""
-    return F.cross_entropy(last_token_logits(model, inputs, targets), targets[:, 0])
-
-
-@torch.no_grad()
-def classification_accuracy(
-    model: nn.Module, loader, device, num_batches: int | None = None
-) -> float:
-    """Share of examples whose last-token argmax is their label, over the loader's first
-    `num_batches` batches (all when None): the book's calc_accuracy_loader. Eval mode while
-    it runs; NaN for an empty loader."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    n = len(loader) if num_batches is None else min(num_batches, len(loader))
-    for i in range(n):
-        x, y = loader.batch(0, i)
-        x, y = x.to(device), y.to(device)
-        pred = last_token_logits(model, x, y).argmax(dim=-1)  # (B,)
-        correct += int((pred == y[:, 0]).sum())
-        total += len(pred)
-    model.train(was_training)
-    return correct / total if total else float("nan")
-
-
 # --------------------------------------------------------------------------- the loader
 
 
@@ -473,26 +356,6 @@ class FinetuneData:
             "val", batch_size, seed
         )
 
-    def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The training and evaluation loss of one batch (on the model's device)."""
-        if self.is_classifier:
-            return classification_loss(model, inputs, targets)
-        return lm_loss(model, inputs, targets)
-
-
-def set_trainable(model: nn.Module, train_blocks: int) -> None:
-    """Train only the top `train_blocks` transformer blocks, the final norm and the head
-    (the book's chapter 6 trains 1); -1 leaves every parameter trainable."""
-    if train_blocks < 0:
-        return
-    for p in model.parameters():
-        p.requires_grad_(False)
-    blocks = list(model.trf_blocks)
-    top = blocks[len(blocks) - train_blocks :] if train_blocks else []
-    for module in [*top, model.final_norm, model.out_head]:
-        for p in module.parameters():
-            p.requires_grad_(True)
-
 
 def _fingerprint(settings: list[Any], splits: list[list[Any]]) -> str:
     """A hash of the settings and of every example's ids, mask and label, split by split."""
@@ -563,7 +426,46 @@ def load_finetune_data(
     test label the training records do not have.
     """
     records = read_records(train_source)
-    fmt = detect_format(records) if fc.format == "auto" else fc.format
+    fmt = (
+        detect_format(records, FORMAT_FIELDS, "--finetune.format")
+        if fc.format == "auto"
+        else fc.format
+    )
+    splits = _splits(records, fc, seed)
+    if fmt == "classification" and fc.pack:
+        raise GptlabError(
+            "finetune.pack packs instructions and chat records; a classifier scores each text "
+            "on its own: drop --finetune.pack"
+        )
+    if fmt == "classification":
+        labels = labels or _labels_of(splits[0])
+        examples, truncated = _class_examples(splits, tokenizer, context_length, labels)
+    else:
+        labels = []
+        examples, truncated = _text_examples(
+            splits, fmt, fc.mask, tokenizer, context_length, chat_render
+        )
+    fingerprint = _fingerprint(
+        [fmt, fc.mask, fc.pack, fc.template, context_length, tokenizer.identity(), labels],
+        examples,
+    )
+    return FinetuneData(
+        fmt,
+        *examples,
+        tokenizer,
+        fingerprint,
+        tokenizer.eot_token,
+        context_length,
+        fc.pack,
+        labels,
+        truncated,
+        _sample_prompt(fmt, splits[1][0], tokenizer, chat_render),
+    )
+
+
+def _splits(records: list[Record], fc: Any, seed: int) -> list[list[Record]]:
+    """[train, val, test] records: the finetune.val / finetune.test files where given, the
+    rest split off the training records by the ratios; an error without validation records."""
     if fc.val or fc.test:
         val = read_records(fc.val) if fc.val else []
         test = read_records(fc.test) if fc.test else []
@@ -576,89 +478,98 @@ def load_finetune_data(
         raise GptlabError(
             "no validation records; set --finetune.val FILE or a --finetune.val_ratio above 0"
         )
-    if fmt == "classification" and fc.pack:
+    return [train, val, test]
+
+
+def _class_examples(
+    splits: list[list[Record]], tokenizer: Any, context_length: int, labels: list[str]
+) -> tuple[list[list[ClassExample]], int]:
+    """Each split's classification records as ClassExamples (texts cut to the context),
+    and how many were cut; an error for a label outside `labels` or fewer than two."""
+    index = {name: i for i, name in enumerate(labels)}
+    out, truncated = [], 0
+    for recs in splits:
+        exs = []
+        for where, r in recs:
+            text = _text_field(where, r, "text", "classification")
+            name = str(_label(where, r))
+            if name not in index:
+                raise GptlabError(
+                    f"{where}: label {name!r} is not among the training labels "
+                    f"({', '.join(labels)}); fix the label or add training records with it"
+                )
+            ids = tokenizer.encode(text)
+            if not ids:
+                raise GptlabError(f"{where}: empty text; give each record some text")
+            if len(ids) > context_length:
+                ids, truncated = ids[:context_length], truncated + 1
+            exs.append(ClassExample(ids, index[name], where))
+        out.append(exs)
+    if len(labels) < 2:
         raise GptlabError(
-            "finetune.pack packs instructions and chat records; a classifier scores each text "
-            "on its own: drop --finetune.pack"
+            f"the training records have {len(labels)} label(s) ({', '.join(labels)}); "
+            "a classifier needs at least two"
         )
-    pad_id = tokenizer.eot_token
-    out: dict[str, list] = {}
-    truncated = 0
-    if fmt == "classification":
-        labels = labels or _labels_of(train)
-        index = {name: i for i, name in enumerate(labels)}
-        for split, recs in (("train", train), ("val", val), ("test", test)):
-            exs = []
-            for where, r in recs:
-                text = _text_field(where, r, "text", fmt)
-                name = str(_label(where, r))
-                if name not in index:
+    return out, truncated
+
+
+def _text_examples(
+    splits: list[list[Record]],
+    fmt: str,
+    mask: str,
+    tokenizer: Any,
+    context_length: int,
+    chat_render: ChatRender | None,
+) -> tuple[list[list[Example]], int]:
+    """Each split's instructions or chat records as Examples (cut to the context), and
+    how many were cut."""
+    out, truncated = [], 0
+    for recs in splits:
+        exs = []
+        for where, r in recs:
+            if fmt == "chat":
+                ids, learn = _render_chat(where, r, mask, chat_render)
+            else:
+                _text_field(where, r, "instruction", fmt)
+                _text_field(where, r, "input", fmt, optional=True)
+                if not _text_field(where, r, "output", fmt).strip():
                     raise GptlabError(
-                        f"{where}: label {name!r} is not among the training labels "
-                        f"({', '.join(labels)}); fix the label or add training records with it"
+                        f"{where}: empty 'output': nothing to learn; write the response "
+                        "or drop the record"
                     )
-                ids = tokenizer.encode(text)
-                if not ids:
-                    raise GptlabError(f"{where}: empty text; give each record some text")
-                if len(ids) > context_length:
-                    ids, truncated = ids[:context_length], truncated + 1
-                exs.append(ClassExample(ids, index[name], where))
-            out[split] = exs
-        if len(labels) < 2:
-            raise GptlabError(
-                f"the training records have {len(labels)} label(s) ({', '.join(labels)}); "
-                "a classifier needs at least two"
-            )
-    else:
-        labels = []
-        for split, recs in (("train", train), ("val", val), ("test", test)):
-            exs = []
-            for where, r in recs:
-                if fmt == "chat":
-                    msgs = check_messages(where, r)
-                    if chat_render is None:
-                        raise GptlabError(
-                            "the chat format needs a chat template (gptlab.data.chat); set "
-                            "--finetune.template"
-                        )
-                    ids, learn = chat_render(msgs, False)
-                    if fc.mask == "padding":
-                        learn = [True] * len(ids)
-                else:
-                    _text_field(where, r, "instruction", fmt)
-                    _text_field(where, r, "input", fmt, optional=True)
-                    if not _text_field(where, r, "output", fmt).strip():
-                        raise GptlabError(
-                            f"{where}: empty 'output': nothing to learn; write the response "
-                            "or drop the record"
-                        )
-                    ids, learn = render_instruction(r, tokenizer, fc.mask)
-                ids, learn, cut = truncate(ids, learn, context_length, where)
-                truncated += cut
-                exs.append(Example(ids, learn, where))
-            out[split] = exs
-    sample = None  # the first validation prompt, which the run's samples answer
+                ids, learn = render_instruction(r, tokenizer, mask)
+            ids, learn, cut = truncate(ids, learn, context_length, where)
+            truncated += cut
+            exs.append(Example(ids, learn, where))
+        out.append(exs)
+    return out, truncated
+
+
+def _render_chat(
+    where: str, r: dict[str, Any], mask: str, chat_render: ChatRender | None
+) -> tuple[list[int], list[bool]]:
+    """(ids, learn) of a chat record; with mask "padding" every token is learned."""
+    msgs = check_messages(where, r)
+    if chat_render is None:
+        raise GptlabError(
+            "the chat format needs a chat template (gptlab.data.chat); set --finetune.template"
+        )
+    ids, learn = chat_render(msgs, False)
+    if mask == "padding":
+        learn = [True] * len(ids)
+    return ids, learn
+
+
+def _sample_prompt(
+    fmt: str, first_val: Record, tokenizer: Any, chat_render: ChatRender | None
+) -> list[int] | None:
+    """The ids of the first validation record's prompt, which the run's samples answer:
+    an instruction's, or a chat's turns before its last assistant turn (None: that turn
+    comes first, or a classifier)."""
     if fmt == "instructions":
-        sample = tokenizer.encode(instruction_prompt(val[0][1]))
-    elif fmt == "chat":
-        msgs = check_messages(*val[0])
+        return tokenizer.encode(instruction_prompt(first_val[1]))
+    if fmt == "chat":
+        msgs = check_messages(*first_val)
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        sample = chat_render(msgs[:last], True)[0] if last else None
-    fingerprint = _fingerprint(
-        [fmt, fc.mask, fc.pack, fc.template, context_length, tokenizer.identity(), labels],
-        [out["train"], out["val"], out["test"]],
-    )
-    return FinetuneData(
-        fmt,
-        out["train"],
-        out["val"],
-        out["test"],
-        tokenizer,
-        fingerprint,
-        pad_id,
-        context_length,
-        fc.pack,
-        labels,
-        truncated,
-        sample,
-    )
+        return chat_render(msgs[:last], True)[0] if last else None
+    return None

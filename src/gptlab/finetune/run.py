@@ -13,7 +13,6 @@ the learned (response) tokens, and a classifier's accuracy.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -25,30 +24,19 @@ from torch import nn
 
 from gptlab.config.schema import RunConfig
 from gptlab.data import chat
+from gptlab.data.records import detect_format, read_records
 from gptlab.data.tokenizer import from_identity
 from gptlab.errors import GptlabError
 from gptlab.evals.loss import calc_loss_loader
-from gptlab.finetune.data import (
-    FinetuneData,
-    classification_accuracy,
-    detect_format,
-    load_finetune_data,
-    read_records,
-)
+from gptlab.finetune.data import FORMAT_FIELDS, FinetuneData, load_finetune_data
+from gptlab.finetune.objectives import classification_accuracy, finetune_objective
 from gptlab.interop.runs import Run, base_pointer, load_base_weights, lora_base_weights
 from gptlab.model import lora
 from gptlab.observe.metrics import MetricsLog
-from gptlab.observe.plot import plot_run
-from gptlab.runtime import dist as dist_lib
-from gptlab.train.loop import (
-    Trainer,
-    TrainResult,
-    _ignore,
-    _init_from,
-    _new_run_dir,
-    _point_latest,
-    _run_with_signals,
-)
+from gptlab.observe.trackers import check_installed
+from gptlab.train.loop import Trainer
+from gptlab.train.resolve import resolve
+from gptlab.train.run import TrainResult, new_run_dir, open_init_source, rank0_notes, run_trainer
 
 
 def is_finetuned(cfg: RunConfig) -> bool:
@@ -111,67 +99,104 @@ def open_finetune_data(
 
 
 def finetune(
-    cfg: RunConfig,
+    cfg: RunConfig | None = None,
     out: str | Path | None = None,
     *,
     resume: bool = False,
     init_from: str | None = None,
-    model_keys: tuple[str, ...] = (),
     on_event: Callable[[dict[str, Any]], None] | None = None,
     name: str = "finetune",
+    **settings: Any,
 ) -> TrainResult:
     """What `gptlab finetune` does: finetune the model of `init_from` on the records in
     `cfg.data.source` (settings in `cfg.finetune`) into `out` (default runs/NAME-TIME), or
-    with `resume`, continue the run in `out`. Returns the TrainResult, as `train()` does;
-    a classifier's final accuracy is the "accuracy" record of its metrics.jsonl.
+    with `resume`, continue the run in `out`. `cfg` or the `settings` are resolved first, as
+    `train()` resolves them (gptlab.train.resolve, with finetune=True). Returns the
+    TrainResult, as `train()` does; a classifier's final accuracy is the "accuracy" record
+    of its metrics.jsonl.
     """
-    notify = on_event if on_event is not None and dist_lib.detect().is_main else _ignore
-    if init_from is not None and resume:
-        raise GptlabError(
-            "--init-from starts a new finetune from other weights and --resume continues one; "
-            "use one of them"
-        )
-    if init_from is None and not resume:
-        raise GptlabError(
-            "gptlab finetune needs --init-from SRC: the gptlab run or Hugging Face folder to start from"
-        )
-    run_dir = _new_run_dir(out, resume, name)
+    notify = rank0_notes(on_event)
+    # -- issue 33: the one resolution (gptlab.train.resolve), as `gptlab finetune` resolves
+    resolved = resolve(cfg, finetune=True, out=out, resume=resume, init_from=init_from, **settings)
+    notify(resolved.record())
+    cfg, model_keys = resolved.config, resolved.model_keys
+    # -- end of the resolution
+    check_installed(cfg.train.trackers)  # a missing extra is said now, not after the data loads
+    run_dir = new_run_dir(out, resume, name)
     fmt = cfg.finetune.format
     if fmt == "auto":
-        fmt = detect_format(read_records(cfg.data.source))
+        fmt = detect_format(read_records(cfg.data.source), FORMAT_FIELDS, "--finetune.format")
     template = run_template(fmt, cfg.finetune.template)
-    source = None
-    use_lora = cfg.finetune.lora_rank > 0
-    if use_lora and cfg.train.parallel == "fsdp":
+    if cfg.finetune.lora_rank > 0 and cfg.train.parallel == "fsdp":
         raise GptlabError(
             "LoRA runs train with one process or --parallel ddp (their checkpoints keep only "
             "the adapters, which FSDP2 shards here do not); use --parallel ddp"
         )
+    source = None
     if init_from is not None:
-        cfg, source = _init_from(cfg, init_from, model_keys, notify)
-        tokenizer = source.tokenizer
-        if use_lora:  # the adapters' base, named so that every later load finds it again
-            fc = replace(
-                cfg.finetune,
-                base=base_pointer(init_from, source),
-                base_sha256=lora.weights_fingerprint(source.model),
-            )
-            cfg = replace(cfg, finetune=fc)
-        if template is not None and use_lora and chat.missing_tokens(tokenizer, template):
-            raise GptlabError(
-                f"the base's tokenizer lacks the chat template's tokens "
-                f"{', '.join(chat.missing_tokens(tokenizer, template))}, and LoRA keeps the "
-                "embedding frozen, so they would stay alike; finetune fully (no --lora-rank), "
-                "or start from a base that has them (a chat finetune)"
-            )
-        if template is not None:  # the turn tokens: a base lacks them, its vocabulary grows
-            source.model, tokenizer = chat.ensure_special_tokens(source.model, tokenizer, template)
-        vocab = source.model.cfg.vocab_size  # grown, or the base's
-        cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab, num_classes=0))
+        cfg, source, tokenizer = _open_base(cfg, init_from, model_keys, notify, template)
     else:
         tokenizer = _run_tokenizer(run_dir)
         if template is not None:
             template = chat.load_template(run_dir) or template
+    cfg, data = _open_records(cfg, tokenizer, template, notify)
+    init_weights = _init_weights(cfg, source)
+    source = None  # init_weights holds what is needed of it
+    trainer = Trainer(
+        cfg,
+        finetune_objective(data, cfg.finetune),
+        run_dir,
+        resume=resume,
+        on_event=on_event,
+        init_weights=init_weights,
+    )
+    init_weights = None  # free the base's weights: the model holds them now
+    if trainer.dist.is_main and template is not None:
+        chat.save_template(run_dir, template)  # generate --chat, serve and convert to-hf read it
+    return run_trainer(trainer, _final_accuracy if data.is_classifier else None)
+
+
+def _open_base(
+    cfg: RunConfig,
+    init_from: str,
+    model_keys: tuple[str, ...],
+    notify: Callable[[dict[str, Any]], None],
+    template: chat.Template | None,
+) -> tuple[RunConfig, Run, Any]:
+    """(cfg with the base's model config, the opened base, its tokenizer) for a new finetune
+    of `init_from`: a LoRA run names its base in the config; the chat template's turn
+    tokens, which a base lacks, grow its vocabulary (a classifier's head comes later)."""
+    cfg, source = open_init_source(cfg, init_from, model_keys, notify)
+    tokenizer = source.tokenizer
+    use_lora = cfg.finetune.lora_rank > 0
+    if use_lora:  # the adapters' base, named so that every later load finds it again
+        fc = replace(
+            cfg.finetune,
+            base=base_pointer(init_from, source),
+            base_sha256=lora.weights_fingerprint(source.model),
+        )
+        cfg = replace(cfg, finetune=fc)
+    if template is not None and use_lora and chat.missing_tokens(tokenizer, template):
+        raise GptlabError(
+            f"the base's tokenizer lacks the chat template's tokens "
+            f"{', '.join(chat.missing_tokens(tokenizer, template))}, and LoRA keeps the "
+            "embedding frozen, so they would stay alike; finetune fully (no --lora-rank), "
+            "or start from a base that has them (a chat finetune)"
+        )
+    if template is not None:  # the turn tokens: a base lacks them, its vocabulary grows
+        source.model, tokenizer = chat.ensure_special_tokens(source.model, tokenizer, template)
+    vocab = source.model.cfg.vocab_size  # grown, or the base's
+    cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab, num_classes=0))
+    return cfg, source, tokenizer
+
+
+def _open_records(
+    cfg: RunConfig,
+    tokenizer: Any,
+    template: chat.Template | None,
+    notify: Callable[[dict[str, Any]], None],
+) -> tuple[RunConfig, FinetuneData]:
+    """(cfg completed by the data: its format, labels and a classifier's head, the data)."""
     labels = json.loads(cfg.finetune.labels) if cfg.finetune.labels else None
     notify({"event": "loading", "source": cfg.data.source, "prepared": False, "tokenizer": "base"})
     data = open_finetune_data(cfg, tokenizer, labels, template)
@@ -179,31 +204,7 @@ def finetune(
         cfg.finetune, format=data.format, labels=json.dumps(data.labels) if data.labels else ""
     )
     model = replace(cfg.model, num_classes=len(data.labels))
-    cfg = replace(cfg, finetune=fc, model=model).validate()
-    if source is not None:
-        init_weights = _init_weights(source.model.state_dict())
-    elif use_lora:  # a resumed LoRA run: its checkpoints hold the adapters, the base the rest
-        init_weights = _init_weights(lora_base_weights(cfg))
-    else:
-        init_weights = None
-    source = None
-    trainer = Trainer(
-        cfg, data, run_dir, resume=resume, on_event=on_event, init_weights=init_weights
-    )
-    init_weights = None
-    if trainer.dist.is_main:
-        _point_latest(run_dir)
-        if template is not None:  # generate --chat, serve and convert to-hf read it there
-            chat.save_template(run_dir, template)
-    end = _run_with_signals(trainer, run_dir)
-    if data.is_classifier and end["reason"] not in ("SIGINT", "SIGTERM", "nonfinite"):
-        end = {**end, "accuracy": _final_accuracy(trainer, data)}
-    dist_lib.shutdown()
-    plot = None
-    if trainer.dist.is_main:
-        with contextlib.suppress(GptlabError):
-            plot = plot_run(run_dir)
-    return TrainResult(run_dir, end, cfg, plot, trainer.dist.is_main)
+    return replace(cfg, finetune=fc, model=model).validate(), data
 
 
 def _run_tokenizer(run_dir: Path):
@@ -216,8 +217,16 @@ def _run_tokenizer(run_dir: Path):
     return from_identity(identity)
 
 
-def _init_weights(weights: dict[str, torch.Tensor]) -> Callable[[nn.Module], None]:
-    """Load the base model's weights; a classifier keeps its own fresh head."""
+def _init_weights(cfg: RunConfig, source: Run | None) -> Callable[[nn.Module], None] | None:
+    """What the new model starts from: the base's weights (a classifier keeps its own fresh
+    head), or for a resumed LoRA run its base's (the checkpoints hold only the adapters);
+    None for another resumed run, which loads its own."""
+    if source is not None:
+        weights = source.model.state_dict()
+    elif cfg.finetune.lora_rank > 0:
+        weights = lora_base_weights(cfg)
+    else:
+        return None
 
     def init_weights(model: nn.Module) -> None:
         load_base_weights(model, weights)
@@ -225,10 +234,13 @@ def _init_weights(weights: dict[str, torch.Tensor]) -> Callable[[nn.Module], Non
     return init_weights
 
 
-def _final_accuracy(trainer: Trainer, data: FinetuneData) -> dict[str, float]:
-    """Accuracy on every split (the book's train / validation / test figures), written as
-    the "accuracy" record; every rank computes it (the model may be sharded)."""
-    bs, seed = trainer.cfg.train.batch_size, trainer.cfg.train.seed
+def _final_accuracy(trainer: Trainer, end: dict[str, Any]) -> dict[str, Any]:
+    """The end record with a classifier's accuracy on every split (the book's train /
+    validation / test figures), also written as the "accuracy" record; every rank computes
+    it (the model may be sharded). Not after a signal or non-finite steps."""
+    if end["reason"] in ("SIGINT", "SIGTERM", "nonfinite"):
+        return end
+    data, bs, seed = trainer.objective.data, trainer.cfg.train.batch_size, trainer.cfg.train.seed
     acc = {}
     with trainer.rt.autocast():
         for split in ("train", "val", "test"):
@@ -243,7 +255,7 @@ def _final_accuracy(trainer: Trainer, data: FinetuneData) -> dict[str, float]:
         log.write(record)
         log.close()
         trainer.on_event(record)
-    return acc
+    return {**end, "accuracy": acc}
 
 
 def evaluate_finetuned(
@@ -272,7 +284,8 @@ def evaluate_finetuned(
     loader = ft.loader(split, batch_size, cfg.train.seed)
     model = run.model.eval()
     with torch.no_grad():
-        loss = calc_loss_loader(loader, model, run.device, batch_loss=ft.loss)
+        objective = finetune_objective(ft, cfg.finetune)
+        loss = calc_loss_loader(loader, model, run.device, batch_loss=objective.batch_loss)
     what = f"{data} (all)" if data else f"{cfg.data.source} (the run's {split} split)"
     r: dict[str, Any] = {"data": what, "format": ft.format, "examples": len(examples), "loss": loss}
     if ft.is_classifier:

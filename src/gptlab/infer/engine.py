@@ -1,20 +1,32 @@
-"""Continuous batching: many generations share one model, one forward pass per step.
+"""The engine: the one decoding path for text. `gptlab generate` (one prompt or several),
+`gptlab generate --chat` (`gptlab.infer.chat`), `gptlab serve` and the lm-eval adapter all
+decode through it, so a prompt with the same settings and seed gives the same text in each.
 
-One background thread owns the model. Each running generation holds a slot of a
-`SlotCache`; at every step the newest token of every running generation goes through the
-model as one batch (B = running generations, T = 1), each row at its own position. Between
-steps, new prompts are prefilled one at a time (B = 1) into free slots and join the batch,
-and generations that finished or whose client went away leave it, so short and long
-requests never wait for each other. Slots are kept packed (running generations in slots
-0..n-1; a leaving one's place is taken by the last), so the batch reads its keys and
-values as a view, without copying them.
+Continuous batching: many generations share one model, one forward pass per step. Each
+running generation holds a slot of a `SlotCache`; at every step the newest token of every
+running generation goes through the model as one batch (B = running generations, T = 1),
+each row at its own position. Between steps, new prompts are prefilled one at a time
+(B = 1) into free slots and join the batch, and generations that finished or whose client
+went away leave it, so short and long requests never wait for each other. Slots are kept
+packed (running generations in slots 0..n-1; a leaving one's place is taken by the last),
+so the batch reads its keys and values as a view, without copying them.
 
-Sampling is `gptlab.infer.sampling.sample_next` per group of rows that share settings; a seeded
-generation samples from its own generator, so its text depends only on its prompt, its
-settings and its seed, never on what else is in the batch. Text comes out through
-`gptlab.infer.sampling.TextStream` (stop strings, unfinished characters held back).
+A generation that outgrows the context window leaves its slot and goes on "windowed": each
+step recomputes the last `context_length` tokens without a cache (absolute positions shift
+every step, so no cache can help), exactly as `gptlab.infer.sampling.generate` does; with
+`use_cache=False` every generation runs so from its first token. A prompt longer than the
+context keeps its last `context_length` tokens.
 
-Callbacks run on the engine's thread: they must be quick and must not raise.
+Sampling is `gptlab.infer.sampling.sample_next` per group of rows that share settings; a
+seeded generation samples from its own generator, so its text depends only on its prompt,
+its settings and its seed, never on what else is in the batch, and a prompt alone gives the
+tokens `generate` gives it. Text comes out through `gptlab.infer.sampling.TextStream` (stop
+strings, unfinished characters held back).
+
+Two ways to drive it: `start()` runs the loop on a thread of its own and generations are
+`submit`ted from any thread (the server; callbacks then run on the engine's thread and must
+be quick and must not raise); or, not started, `decode`, `stream` and `complete` run the
+loop in the calling thread until their generations finish (the command line, chat, evals).
 """
 
 from __future__ import annotations
@@ -23,17 +35,110 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from gptlab.data.tokenizer import Tokenizer, eot_id
-from gptlab.infer.sampling import SlotCache, TextStream, sample_next
+from gptlab.data.tokenizer import ENDOFTEXT, Tokenizer, eot_id
+from gptlab.errors import GptlabError
+from gptlab.infer.sampling import TextStream, sample_next
 from gptlab.runtime.device import autocast
 
+if TYPE_CHECKING:
+    from gptlab.interop.runs import Run
+
 log = logging.getLogger(__name__)
+
+
+class SlotCache:
+    """A KV cache of independent rows ("slots") for the engine: each slot holds one sequence,
+    with its own length, so sequences of different lengths decode in one batch and a new
+    one can be prefilled into a free slot while the others are mid-way.
+
+    `select(rows)` names the slots the next forward runs on (batch row b is slot rows[b]);
+    then `GPTModel.forward(ids, cache)` reserves positions per row (`advance` returns them
+    (B, T)), and each attention layer writes its keys and values at those positions and
+    attends over the first Tk positions of its rows, Tk the longest row, with a per-row
+    mask (B, 1, T, Tk) that hides what lies beyond each row's own length.
+
+    Buffers are (slots, Hkv, max_len, Hd) per layer, sized from the first keys written
+    (so grouped-query attention and autocast dtypes need no configuration).
+    """
+
+    def __init__(self, slots: int, max_len: int):
+        self.slots = slots
+        self.max_len = max_len
+        self.keys: list[torch.Tensor] = []  # per layer (S, Hkv, max_len, Hd)
+        self.values: list[torch.Tensor] = []  # per layer (S, Hkv, max_len, Hd)
+        self.lengths = [0] * slots  # positions filled, per slot
+        self._rows: list[int] = []
+        self._rows_t: torch.Tensor | None = None  # (B,) the rows as an index
+        self._positions: torch.Tensor | None = None  # (B, T) where this forward writes
+        self._mask: torch.Tensor | None = None  # (B, 1, T, Tk)
+        self._packed: tuple[int, int] | None = None  # (first, end) when the rows are consecutive
+
+    def select(self, rows: Sequence[int]) -> None:
+        """The slots the next forward runs on, in batch order."""
+        self._rows = list(rows)
+        first, n = self._rows[0], len(self._rows)
+        self._packed = (first, first + n) if self._rows == list(range(first, first + n)) else None
+
+    def free(self, slot: int) -> None:
+        """Forget the slot's positions (its buffer rows are overwritten by the next user)."""
+        self.lengths[slot] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        """Give slot `dst` the contents of slot `src` and free `src` (to keep slots packed)."""
+        n = self.lengths[src]
+        for buf in (*self.keys, *self.values):
+            buf[dst, :, :n] = buf[src, :, :n]
+        self.lengths[dst], self.lengths[src] = n, 0
+
+    def advance(self, T: int, device: torch.device) -> torch.Tensor:
+        """Reserve each selected row's next T positions; returns them (B, T)."""
+        starts = [self.lengths[r] for r in self._rows]
+        Tk = max(starts) + T  # keys to attend over: the longest row's
+        if Tk > self.max_len:
+            raise ValueError(f"slot cache full: {Tk} positions exceed its max_len {self.max_len}")
+        for r in self._rows:
+            self.lengths[r] += T
+        self._rows_t = torch.tensor(self._rows, device=device)  # (B,)
+        offsets = torch.arange(T, device=device)  # (T,)
+        positions = torch.tensor(starts, device=device)[:, None] + offsets  # (B, T)
+        keys = torch.arange(Tk, device=device)  # (Tk,)
+        self._mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, Tk)
+        self._positions = positions
+        return positions
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write layer `layer`'s new keys and values (B, Hkv, T, Hd) at the reserved
+        positions; returns the selected rows' keys and values (B, Hkv, Tk, Hd) and the mask
+        (B, 1, T, Tk), True where a new position may attend."""
+        if layer == len(self.keys):
+            _, Hkv, _, Hd = k.shape
+            for store in (self.keys, self.values):
+                shape = (self.slots, Hkv, self.max_len, Hd)
+                store.append(torch.zeros(shape, dtype=k.dtype, device=k.device))
+        kb, vb = self.keys[layer], self.values[layer]
+        rows, positions = self._rows_t[:, None], self._positions  # (B, 1), (B, T)
+        # advanced indices around a slice: the (B, T) index dims come first, then Hkv, Hd
+        kb[rows, :, positions] = k.transpose(1, 2).to(kb.dtype)  # (B, T, Hkv, Hd)
+        vb[rows, :, positions] = v.transpose(1, 2).to(vb.dtype)
+        Tk = self._mask.shape[-1]
+        if self._packed is not None:  # consecutive rows: a view, no copy
+            first, end = self._packed
+            return kb[first:end, :, :Tk], vb[first:end, :, :Tk], self._mask
+        index = self._rows_t
+        return (
+            kb[:, :, :Tk].index_select(0, index),
+            vb[:, :, :Tk].index_select(0, index),
+            self._mask,
+        )
 
 
 @dataclass(frozen=True)
@@ -73,9 +178,10 @@ class Generation:
         self.prompt = prompt
         self.sampling = sampling
         self.on_event = on_event
-        self.text = text
+        self.text = text  # its `ids` are the tokens sampled so far, but an ending one
         self.generator = generator  # None: the engine's shared one
-        self.slot = -1
+        self.slot = -1  # -1: no slot (waiting, windowed or gone)
+        self.windowed = False  # decoded without a cache, over the last context_length ids
         self.next_id = -1  # the token to feed at the next step
         self.tokens = 0  # tokens sampled
         self.cancelled = False  # set from another thread; read between steps
@@ -83,9 +189,10 @@ class Generation:
 
 
 class Engine:
-    """The decode loop: `submit` generations from any thread; events arrive through each
-    generation's callback. `max_batch` is the number of slots (generations decoding at
-    once); further ones wait in order."""
+    """The decode loop over one model and its tokenizer. `max_batch` is the number of slots
+    (generations decoding at once); further ones wait in order. `use_cache=False`
+    recomputes the window at every step; `compile` runs the model through torch.compile;
+    `seed` seeds the generator that unseeded generations share (None: a random one)."""
 
     def __init__(
         self,
@@ -94,27 +201,46 @@ class Engine:
         max_batch: int = 16,
         precision: str = "fp32",
         prefill_tokens: int | None = None,
+        use_cache: bool = True,
+        compile: bool = False,
+        seed: int | None = None,
     ):
-        self.model = model
+        self.context_length = model.cfg.context_length
+        self.vocab_limit = min(tokenizer.n_vocab, model.cfg.vocab_size)
+        # shapes change with the batch and the cache length at every step: compile dynamic
+        self.model = torch.compile(model, dynamic=True) if compile else model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.precision = precision
-        self.context_length = model.cfg.context_length
-        self.vocab_limit = min(tokenizer.n_vocab, model.cfg.vocab_size)
+        self.use_cache = use_cache
         self.eos = eot_id(tokenizer)
         self.cache = SlotCache(max_batch, self.context_length)
         # prompt tokens prefilled between two decode steps (at least one prompt): bounds how
         # long running generations pause while new ones join
         self.prefill_tokens = prefill_tokens or self.context_length
         self.running: list[Generation] = []  # running[i] holds slot i
+        self.windowed: list[Generation] = []  # running without a slot
         self.waiting: deque[Generation] = deque()
-        self._shared_generator = torch.Generator(device=self.device)
-        self._shared_generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        self._shared_generator = torch.Generator(device=self.device).manual_seed(seed)
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
 
-    # ------------------------------------------------------------------ the public side
+    @classmethod
+    def for_run(cls, run: Run, command: str = "generate", **options) -> Engine:
+        """An engine over a run's model and tokenizer (`options` as the constructor's); a
+        GptlabError naming `command` for a classifier, which writes no text."""
+        classes = run.config.model.num_classes
+        if classes:
+            raise GptlabError(
+                f"{command} needs a language model; this run is a classifier of {classes} "
+                "classes (gptlab finetune); evaluate it with gptlab eval"
+            )
+        return cls(run.model, run.tokenizer, **options)
+
+    # ------------------------------------------------------------------ on its own thread
 
     def start(self) -> Engine:
         self._thread = threading.Thread(target=self._loop, name="gptlab-engine", daemon=True)
@@ -132,13 +258,14 @@ class Engine:
     def submit(
         self, prompt: Sequence[int], sampling: Sampling, on_event: Callable[[Event], None]
     ) -> Generation:
-        """Queue a generation of up to `sampling.max_tokens` tokens after `prompt` (ids,
-        at least one; prompt plus tokens must fit the context, the caller checks)."""
+        """Queue a generation of up to `sampling.max_tokens` tokens after `prompt` (ids, at
+        least one)."""
         generator = None
         if sampling.seed is not None and sampling.temperature > 0:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         text = TextStream(self.tokenizer, sampling.stop)
         gen = Generation(list(prompt), sampling, on_event, text, generator)
+        gen.windowed = not self.use_cache
         with self._cond:
             self.waiting.append(gen)
             self._cond.notify()
@@ -153,28 +280,95 @@ class Engine:
     def load(self) -> dict[str, int]:
         """How busy the engine is: running and waiting generations, and its slots."""
         return {
-            "running": len(self.running),
+            "running": len(self.running) + len(self.windowed),
             "waiting": len(self.waiting),
             "slots": self.cache.slots,
         }
-
-    # ------------------------------------------------------------------ the loop
 
     @torch.inference_mode()  # the whole thread: the cache's tensors are inference tensors
     def _loop(self) -> None:
         while True:
             with self._cond:
                 self._drop_cancelled()
-                while not (self.running or self.waiting or self._closing):
+                while not (self.running or self.windowed or self.waiting or self._closing):
                     self._cond.wait()
                     self._drop_cancelled()
                 if self._closing:
                     return
-                joining = self._take_waiting()
-            for gen in joining:
-                self._guarded(self._prefill, [gen], gen)
-            if self.running:
-                self._guarded(self._decode_step, list(self.running))
+            self.step()
+
+    # ------------------------------------------------------------------ in the caller's thread
+
+    def decode(
+        self, prompts: Sequence[str | Sequence[int]], sampling: Sampling | Sequence[Sampling]
+    ) -> Iterator[tuple[int, Event]]:
+        """Generate after each prompt (text, or ids) in the calling thread, with `sampling`
+        (one for all, or one per prompt); yields (prompt index, event) as they come, until
+        every generation has finished. Leaving early cancels the rest; an error in the model
+        is raised. Only for an engine that was not `start`ed."""
+        if self._thread is not None:
+            raise RuntimeError("this engine runs on its own thread: submit to it instead")
+        each = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
+        events: deque[tuple[int, Event]] = deque()
+        gens = [
+            self.submit(self._ids(p), s, lambda e, i=i: events.append((i, e)))
+            for i, (p, s) in enumerate(zip(prompts, each, strict=True))
+        ]
+        try:
+            while events or not all(g.finished for g in gens):
+                if not events:
+                    self.step()
+                while events:
+                    yield events.popleft()
+        finally:
+            for gen in gens:
+                gen.cancelled = not gen.finished
+            with torch.inference_mode():  # the cache's tensors are inference tensors
+                self._drop_cancelled()
+
+    def stream(self, prompt: str | Sequence[int], sampling: Sampling) -> Iterator[str]:
+        """The text generated after one prompt, piece by piece as it becomes certain."""
+        for _, event in self.decode([prompt], sampling):
+            if event.text:
+                yield event.text
+
+    def complete(
+        self, prompts: Sequence[str | Sequence[int]], sampling: Sampling | Sequence[Sampling]
+    ) -> list[str]:
+        """The text generated after each prompt (all decoded together)."""
+        texts: list[list[str]] = [[] for _ in prompts]
+        for i, event in self.decode(prompts, sampling):
+            texts[i].append(event.text)
+        return ["".join(t) for t in texts]
+
+    def _ids(self, prompt: str | Sequence[int]) -> list[int]:
+        ids = (
+            self.tokenizer.encode(prompt, allowed_special={ENDOFTEXT})
+            if isinstance(prompt, str)
+            else list(prompt)
+        )
+        if not ids:
+            raise GptlabError("a prompt is empty; give some text to continue")
+        return ids
+
+    # ------------------------------------------------------------------ the steps
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One round: waiting generations join (prefilled: their first token), then every
+        running one gets a token: the windowed ones one at a time, those in slots in one
+        forward pass."""
+        with self._cond:
+            self._drop_cancelled()
+            joining = self._take_waiting()
+        windowed = list(self.windowed)
+        for gen in joining:
+            self._guarded(self._prefill, [gen], gen)
+        for gen in windowed:
+            if not gen.finished:
+                self._guarded(self._window_step, [gen], gen)
+        if self.running:
+            self._guarded(self._decode_step, list(self.running))
 
     def _take_waiting(self) -> list[Generation]:
         """The waiting generations that join now: as many as free slots and the prefill
@@ -191,34 +385,52 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         self.waiting = deque(g for g in self.waiting if not g.cancelled)
-        self._release([g for g in self.running if g.cancelled])
+        self._leave([g for g in (*self.running, *self.windowed) if g.cancelled])
 
     def _guarded(self, step: Callable, gens: list[Generation], *args) -> None:
-        """Run a prefill or decode step; if it fails, its generations end with an error
-        event and leave, and the loop goes on serving the others."""
+        """Run a prefill or decode step. If it fails on the engine's thread, its generations
+        end with an error event and leave, and the loop goes on serving the others; in the
+        caller's thread the error is raised."""
         try:
             with autocast(self.device, self.precision):
                 step(*args)
-        except Exception as e:  # one failed step must not stop the server
-            log.exception("generation step failed")
+        except Exception as e:
+            if self._thread is None:
+                raise
+            log.exception("generation step failed")  # one failed step must not stop the server
             failed = [g for g in gens if not g.finished]
             for gen in failed:
                 gen.finished = True
                 gen.on_event(Event(f"generation failed: {e}", "error", gen.tokens))
-            self._release([g for g in failed if g.slot >= 0])
+            self._leave(failed)
 
     def _prefill(self, gen: Generation) -> None:
         """Run the prompt alone (B = 1) into the next free slot; it joins the batch."""
+        if gen.sampling.max_tokens < 1:  # nothing to sample
+            gen.finished = True
+            gen.on_event(Event("", "length", 0))
+            return
+        if gen.windowed:
+            self.windowed.append(gen)
+            self._window_step(gen)
+            return
         gen.slot = len(self.running)
         self.running.append(gen)
         self.cache.free(gen.slot)
         self.cache.select([gen.slot])
-        ids = torch.tensor([gen.prompt], device=self.device)  # (1, T)
+        ids = torch.tensor([gen.prompt[-self.context_length :]], device=self.device)  # (1, T)
         logits = self.model(ids, self.cache)[:, -1, : self.vocab_limit]  # (1, V)
         self._accept([gen], self._sample(logits, [gen]))
 
+    def _window_step(self, gen: Generation) -> None:
+        """One token for a windowed generation: the last context_length ids, no cache."""
+        window = (gen.prompt + gen.text.ids)[-self.context_length :]
+        ids = torch.tensor([window], device=self.device)  # (1, T)
+        logits = self.model(ids)[:, -1, : self.vocab_limit]  # (1, V)
+        self._accept([gen], self._sample(logits, [gen]))
+
     def _decode_step(self) -> None:
-        """One token for every running generation, in one forward pass."""
+        """One token for every generation in a slot, in one forward pass."""
         gens = list(self.running)
         self.cache.select(range(len(gens)))
         ids = torch.tensor([[g.next_id] for g in gens], device=self.device)  # (B, 1)
@@ -247,12 +459,12 @@ class Engine:
         return out
 
     def _accept(self, gens: list[Generation], tokens: list[int]) -> None:
-        """Hand each generation its new token: report new text, and let the finished leave."""
+        """Hand each generation its new token: report new text, let the finished leave, and
+        send one that fills its slot on windowed."""
         done = []
         for gen, token in zip(gens, tokens, strict=True):
             gen.tokens += 1
             reason = None
-            piece = ""
             if token == self.eos or token in gen.sampling.stop_ids:
                 reason = "stop"
                 piece = gen.text.flush()
@@ -260,7 +472,7 @@ class Engine:
                 piece = gen.text.push(token)
                 if gen.text.stopped:
                     reason = "stop"
-                elif gen.tokens >= gen.sampling.max_tokens or self._slot_full(gen):
+                elif gen.tokens >= gen.sampling.max_tokens:
                     reason = "length"
                     piece += gen.text.flush()
             gen.next_id = token
@@ -270,15 +482,19 @@ class Engine:
                 gen.on_event(Event(piece, reason, gen.tokens))
             elif piece:
                 gen.on_event(Event(piece, None, gen.tokens))
-        self._release(done)
+        self._leave(done)
+        full = [
+            g for g in gens if g.slot >= 0 and self.cache.lengths[g.slot] >= self.context_length
+        ]
+        self._leave(full)  # the next step would feed one more position than the context holds
+        for gen in full:
+            gen.windowed = True
+            self.windowed.append(gen)
 
-    def _slot_full(self, gen: Generation) -> bool:
-        # the next step would feed one more position than the context holds
-        return self.cache.lengths[gen.slot] >= self.context_length
-
-    def _release(self, gens: list[Generation]) -> None:
-        """Free the generations' slots, moving the last running ones into the gaps so the
-        running generations stay in slots 0..n-1."""
+    def _leave(self, gens: list[Generation]) -> None:
+        """Take generations out of the running: free their slots, moving the last running
+        ones into the gaps so the running generations stay in slots 0..n-1."""
+        self.windowed = [g for g in self.windowed if g not in gens]
         for gen in sorted(gens, key=lambda g: g.slot, reverse=True):
             slot, last = gen.slot, len(self.running) - 1
             if slot < 0:

@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
+from gptlab.atomic import fsync_dir, fsync_file, write_text
 from gptlab.config.schema import RunConfig
 from gptlab.errors import GptlabError
 from gptlab.model.gpt import GPTModel
@@ -77,26 +78,10 @@ def save_checkpoint(
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        if isinstance(model, dict):
-            save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / WEIGHTS))
-        else:
-            save_model(unwrap(model), str(tmp / WEIGHTS))
-        if state is not None:
-            torch.save(state, tmp / STATE)
-        full_meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            **meta,
-        }
-        (tmp / META).write_text(json.dumps(full_meta, indent=1, allow_nan=True))
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
+        _write_files(tmp, step, model, meta, state)
         _move_into_place(tmp, final)
-        _fsync_dir(ckpt_root)
-        _write_pointer(ckpt_root / "latest", name)
+        fsync_dir(ckpt_root)
+        write_text(ckpt_root / "latest", name + "\n")
     except BaseException as e:
         # Whatever stopped the save (a full disk, a second Ctrl-C), the half-written
         # directory goes and the earlier checkpoints stay as they were.
@@ -115,6 +100,33 @@ def save_checkpoint(
         ) from None
     _prune(ckpt_root, keep_last)
     return final
+
+
+def _write_files(
+    tmp: Path,
+    step: int,
+    model: nn.Module | dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    state: dict[str, Any] | None,
+) -> None:
+    """The checkpoint's files in the directory `tmp`, each and the directory fsynced."""
+    if isinstance(model, dict):
+        save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / WEIGHTS))
+    else:
+        save_model(unwrap(model), str(tmp / WEIGHTS))
+    if state is not None:
+        torch.save(state, tmp / STATE)
+    full_meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **meta,
+    }
+    (tmp / META).write_text(json.dumps(full_meta, indent=1, allow_nan=True))
+    for f in tmp.iterdir():
+        fsync_file(f)
+    fsync_dir(tmp)
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -147,37 +159,6 @@ def _free_space(path: Path) -> str:
     return f"; {free / 2**20:.0f} MiB free there"
 
 
-def _write_pointer(path: Path, name: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems do not fsync directories
-    finally:
-        os.close(fd)
-
-
 def _val_loss(ckpt: Path) -> float:
     try:
         v = json.loads((ckpt / META).read_text()).get("val_loss")
@@ -197,7 +178,7 @@ def _prune(ckpt_root: Path, keep_last: int) -> None:
         return
     best = min(ckpts, key=_val_loss)
     if _val_loss(best) < float("inf"):
-        _write_pointer(ckpt_root / "best", best.name)
+        write_text(ckpt_root / "best", best.name + "\n")
     keep = set(ckpts[-keep_last:]) | {best}
     for p in ckpts:
         if p not in keep:

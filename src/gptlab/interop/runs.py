@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from gptlab.atomic import write_text
 from gptlab.config.schema import FinetuneConfig, RunConfig
 from gptlab.data import chat
 from gptlab.data.chat import Template
@@ -187,8 +188,8 @@ def merge_lora_run(src: str | Path, out_dir: str | Path) -> tuple[Path, int]:
         "lora_base": run.config.finetune.base,
     }
     path = ckpt_lib.save_checkpoint(out, int(meta_in.get("step", 0)), model, meta)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    (out / "tokenizer.json").write_text(json.dumps(run.tokenizer_identity))
+    write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
+    write_text(out / "tokenizer.json", json.dumps(run.tokenizer_identity))
     if run.chat_template is not None:
         chat.save_template(out, run.chat_template)
     return path, n

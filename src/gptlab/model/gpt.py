@@ -51,6 +51,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from gptlab.config.schema import ModelConfig
+from gptlab.model.kvcache import KVCache
 
 
 def as_model_config(cfg: ModelConfig | dict[str, Any]) -> ModelConfig:
@@ -235,93 +236,6 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-class KVCache:
-    """Keys and values of the positions already seen, so generation computes each once.
-
-    `GPTModel.forward(new_ids, cache)` gives the new tokens the positions after the cached
-    ones (`advance`), and each attention layer stores their keys and values and attends over
-    all filled positions (`update`). Per layer the keys and values live in (B, H, max_len, Hd)
-    buffers allocated at the first write, in the keys' dtype and device (so autocast applies).
-
-    static=True keeps every shape fixed, for torch.compile with CUDA graphs: the position is
-    a device tensor, new keys are written with `index_copy_`, and attention runs over all
-    max_len slots with a mask hiding the empty ones. Eagerly it is slower, with the same
-    results. Its `pos` stays 0: the position is `pos_t`, which never leaves the device.
-    """
-
-    def __init__(self, max_len: int, static: bool = False):
-        self.max_len = max_len
-        self.static = static
-        self.keys: list[torch.Tensor] = []  # per layer (B, H, max_len, Hd)
-        self.values: list[torch.Tensor] = []  # per layer (B, H, max_len, Hd)
-        self.pos = 0  # positions filled (dynamic mode)
-        self.pos_t: torch.Tensor | None = None  # (1,) positions filled (static mode)
-        self._slots: torch.Tensor | None = None  # (T,) where the current forward writes
-        self._mask: torch.Tensor | None = None  # (T, Tk) which keys each new position sees
-
-    def reset(self) -> None:
-        """Forget every position (the buffers are kept and overwritten)."""
-        self.pos = 0
-        if self.pos_t is not None:
-            self.pos_t.zero_()
-
-    def advance(self, T: int, device: torch.device) -> torch.Tensor:
-        """Reserve the next T positions; returns them (T,). Called once per forward."""
-        if self.static:
-            if self.pos_t is None:
-                self.pos_t = torch.zeros(1, dtype=torch.long, device=device)
-                _mark_static(self.pos_t)
-            slots = self.pos_t + torch.arange(T, device=device)  # (T,)
-            self.pos_t += T
-            keys = torch.arange(self.max_len, device=device)  # (max_len,)
-            self._mask = keys[None, :] <= slots[:, None]  # (T, max_len)
-        else:
-            past = self.pos
-            if past + T > self.max_len:
-                raise ValueError(
-                    f"KV cache full: {past} + {T} positions exceed its max_len {self.max_len}"
-                )
-            slots = torch.arange(past, past + T, device=device)  # (T,)
-            self.pos += T
-            # one new token sees every cached key; a block of them sees the past and its own causal part
-            keys = torch.arange(past + T, device=device)  # (Tk,)
-            self._mask = None if T == 1 else keys[None, :] <= slots[:, None]  # (T, Tk)
-        self._slots = slots
-        return slots
-
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store layer `layer`'s new keys and values (B, H, T, Hd) at the reserved slots.
-
-        Returns all keys and values to attend over (B, H, Tk, Hd) and the boolean mask
-        (T, Tk) of keys each new position may see (None: all of them).
-        """
-        if layer == len(self.keys):
-            B, H, _, Hd = k.shape
-            for store in (self.keys, self.values):
-                buf = torch.zeros(B, H, self.max_len, Hd, dtype=k.dtype, device=k.device)
-                _mark_static(buf)
-                store.append(buf)
-        kb, vb = self.keys[layer], self.values[layer]
-        if kb.shape[0] != k.shape[0]:
-            raise ValueError(f"KV cache holds batch size {kb.shape[0]}, got {k.shape[0]}")
-        if self.static:
-            kb.index_copy_(2, self._slots, k.to(kb.dtype))
-            vb.index_copy_(2, self._slots, v.to(vb.dtype))
-            return kb, vb, self._mask
-        start, end = self.pos - k.shape[2], self.pos
-        kb[:, :, start:end] = k
-        vb[:, :, start:end] = v
-        return kb[:, :, :end], vb[:, :, :end], self._mask  # (B, H, Tk, Hd) x 2
-
-
-def _mark_static(t: torch.Tensor) -> None:
-    # CUDA graphs may then keep the buffer's address and let the graph update it in place.
-    if t.is_cuda:
-        torch._dynamo.mark_static_address(t)
-
-
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention with separate query/key/value projections.
 
@@ -340,7 +254,6 @@ class MultiHeadAttention(nn.Module):
         num_heads: int,
         qkv_bias: bool = False,
         attention: str = "sdpa",
-        fused_qkv: bool = False,
         num_kv_heads: int | None = None,
         out_bias: bool = True,
         qk_norm: bool = False,
@@ -355,7 +268,6 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_out // num_heads
         self.context_length = context_length
         self.attention = attention
-        self.fused_qkv = fused_qkv
         d_kv = self.num_kv_heads * self.head_dim
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_kv, bias=qkv_bias)
@@ -385,10 +297,7 @@ class MultiHeadAttention(nn.Module):
         """
         B, T, _ = x.shape
         H, Hkv, Hd = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.fused_qkv:
-            q, k, v = self._qkv_one_matmul(x)  # (B, T, D), (B, T, Hkv Hd) x 2
-        else:
-            q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
+        q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)  # (B, T, D), (B, T, Hkv Hd) x 2
         q = q.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
         k = k.view(B, T, Hkv, Hd).transpose(1, 2)  # (B, Hkv, T, Hd)
         v = v.view(B, T, Hkv, Hd).transpose(1, 2)  # (B, Hkv, T, Hd)
@@ -424,17 +333,6 @@ class MultiHeadAttention(nn.Module):
         ctx = ctx.transpose(1, 2).reshape(B, T, self.d_out)  # (B, T, D)
         return self.out_proj(ctx)
 
-    def _qkv_one_matmul(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # One (D, D + 2 Dkv) matmul instead of three: a larger GEMM keeps a GPU busier. The
-        # three weights stay separate parameters (names and checkpoints are the
-        # walk-through's); concatenating them each step costs a copy of their values.
-        w = torch.cat((self.W_query.weight, self.W_key.weight, self.W_value.weight))
-        b = None
-        if self.W_query.bias is not None:
-            b = torch.cat((self.W_query.bias, self.W_key.bias, self.W_value.bias))
-        d_kv = self.W_key.weight.shape[0]
-        return F.linear(x, w, b).split((self.d_out, d_kv, d_kv), dim=-1)
-
 
 def _drop_walkthrough_mask(state_dict, prefix, *args, **kwargs) -> None:
     state_dict.pop(prefix + "mask", None)
@@ -453,7 +351,6 @@ class TransformerBlock(nn.Module):
             num_heads=cfg.n_heads,
             qkv_bias=cfg.qkv_bias,
             attention=cfg.attention,
-            fused_qkv=cfg.fused_qkv,
             num_kv_heads=cfg.kv_heads,
             out_bias=cfg.bias,
             qk_norm=cfg.qk_norm,

@@ -43,8 +43,6 @@ from gptlab.model.gpt import Dropout, GPTModel
 ATTN = ("W_query", "W_key", "W_value", "out_proj")
 MLP_NAMES = ("ff.layers.0", "ff.layers.2", "fc1", "fc2", "fc3")
 GROUPS = {"attn": ATTN, "mlp": ("mlp",), "all": (*ATTN, "mlp")}
-# Every name a target list may hold (config.py checks these before a model exists).
-TARGET_NAMES = LORA_TARGET_NAMES
 
 
 class LoRALinear(nn.Linear):
@@ -92,13 +90,14 @@ class LoRALinear(nn.Linear):
 
 
 def parse_targets(targets: str) -> tuple[str, ...]:
-    """The comma-separated names of `finetune.lora_targets`, checked against TARGET_NAMES."""
+    """The comma-separated names of `finetune.lora_targets`, checked against
+    LORA_TARGET_NAMES (which the config checks too, before a model exists)."""
     names = tuple(t.strip() for t in targets.split(",") if t.strip())
-    bad = [t for t in names if t not in TARGET_NAMES]
+    bad = [t for t in names if t not in LORA_TARGET_NAMES]
     if not names or bad:
         raise GptlabError(
             f"finetune.lora_targets {targets!r}: unknown target {bad[0] if bad else '(none)'!r}; "
-            f"use a comma-separated list of {', '.join(TARGET_NAMES)}"
+            f"use a comma-separated list of {', '.join(LORA_TARGET_NAMES)}"
         )
     return names
 
@@ -169,10 +168,6 @@ def add_adapters(
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, LoRALinear(linear, rank, alpha, dropout))
-    for module in model.modules():
-        # The fused path reads the three weights directly and would skip their adapters.
-        if getattr(module, "fused_qkv", False):
-            module.fused_qkv = False
     return model
 
 

@@ -8,11 +8,11 @@ and resumes. Records carry an `event` ("start", "train", "eval", "sample", "epoc
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from gptlab.atomic import write_text
 
 
 class MetricsLog:
@@ -56,11 +56,5 @@ def truncate_metrics(path: str | Path, step: int) -> int:
     keep = [r for r in records if r.get("step", 0) <= step]
     if len(keep) == len(records):
         return 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r in keep:
-            f.write(json.dumps(r, allow_nan=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in keep))
     return len(records) - len(keep)

@@ -47,6 +47,11 @@ def plot_losses(
     return fig
 
 
+class NoEvaluations(GptlabError):
+    """A run with no evaluation logged yet: no loss to plot (a command that plots several
+    runs says so and goes on)."""
+
+
 def plot_run(run_dir: str | Path) -> Path:
     """Redraw a run's loss plot from its metrics.jsonl; returns the PNG's path."""
     run_dir = Path(run_dir)
@@ -55,7 +60,7 @@ def plot_run(run_dir: str | Path) -> Path:
         raise GptlabError(f"{str(run_dir)!r} has no metrics.jsonl: is it a gptlab run directory?")
     evals = [r for r in read_metrics(path) if r.get("event") == "eval"]
     if not evals:
-        raise GptlabError(
+        raise NoEvaluations(
             f"{str(path)!r} has no evaluations yet; train longer than train.eval_freq steps"
         )
     plot_losses(

@@ -19,6 +19,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from gptlab.atomic import write_text
 from gptlab.config.schema import tracker_names
 from gptlab.errors import GptlabError
 from gptlab.observe.metrics import read_metrics
@@ -188,7 +189,7 @@ def open_trackers(
         for tracker in out:
             tracker.close()
         raise
-    path.write_text(json.dumps(saved, indent=1), encoding="utf-8")
+    write_text(path, json.dumps(saved, indent=1))
     return out
 
 

@@ -37,9 +37,9 @@ recur): under 1 MB bpe:1024, under 2.5 MB bpe:2048, under 16 MB **bpe:4096** (me
 above bpe:8192.
 
 Passes E = budget x estimated tokens/s / training tokens. The speed is measured on the
-machine that will train (`measure_speed`: a few training steps of the anchor shape with the
-run's blocks, batch, precision and optimizer, ~2 s before the run; `train.sizing_speed`
-keeps the figure, or gives one), scaled by FLOPs per token for the other rungs (at most 2x
+machine that will train (gptlab.train.resolve's `measure_speed`: a few training steps of
+the anchor shape with the run's blocks, batch, precision and optimizer, ~2 s before the
+run; `train.sizing_speed` keeps the figure, or gives one), scaled by FLOPs per token for the other rungs (at most 2x
 for the smaller rungs, which are overhead-bound). A constant from one CPU would be right
 only there: the anchor ran at 4,800 tokens/s on the Intel (AMX) development machine, the
 probe measured 4,905 on an AMD EPYC without AMX, and a laptop without AVX512-BF16 trains
@@ -72,10 +72,7 @@ benchmarks/corpora.py fall in rungs 2 and 1).
 
 from __future__ import annotations
 
-import copy
 import math
-import os
-import time
 from dataclasses import dataclass
 
 from gptlab.config.schema import RunConfig, corpus_bpe_size
@@ -203,6 +200,34 @@ def _tokenizer_facts(tokenizer: str) -> tuple[int, float]:
     return size, BYTES_PER_TOKEN[nearest]
 
 
+def _rung(tokens: float, compute: float) -> int:
+    """The index of the largest RUNGS shape (within RUNG_TOLERANCE) under both ceilings:
+    the compute (`compute` x the anchor's) and the text (`tokens` training tokens)."""
+    ceiling = min(
+        block_params(*RUNGS[ANCHOR_RUNG][:2]) * math.sqrt(compute),
+        block_params(*RUNGS[ANCHOR_RUNG][:2]) * tokens / ANCHOR_TRAIN_TOKENS,
+    )
+    rung = 0
+    for i, (layers, width, _, _) in enumerate(RUNGS):
+        if block_params(layers, width) <= RUNG_TOLERANCE * ceiling:
+            rung = i
+    return rung
+
+
+def _check_one_window(
+    tokens: float, val_tokens: float, context: int, tokenizer: str, bpt: float
+) -> None:
+    """A GptlabError naming the fix when the training or validation text (in tokens of
+    `bpt` bytes) is shorter than one window of context + 1 tokens."""
+    for part, size in (("training", tokens), ("validation", val_tokens)):
+        if size < context + 1:
+            raise GptlabError(
+                f"the corpus has ~{size * bpt:,.0f} bytes of {part} text, too few for one "
+                f"window of {context + 1} tokens at {tokenizer} (~{(context + 1) * bpt:,.0f} "
+                "bytes); give more text, or a smaller --model.context_length"
+            )
+
+
 def choose(
     train_bytes: float,
     budget_s: float,
@@ -222,14 +247,7 @@ def choose(
     vocab, bpt = _tokenizer_facts(tokenizer)
     tokens = train_bytes / bpt
     compute = budget_s * speed / (ANCHOR_BUDGET_S * ANCHOR_TOKENS_PER_S)
-    ceiling = min(
-        block_params(*RUNGS[ANCHOR_RUNG][:2]) * math.sqrt(compute),
-        block_params(*RUNGS[ANCHOR_RUNG][:2]) * tokens / ANCHOR_TRAIN_TOKENS,
-    )
-    rung = 0
-    for i, (layers, width, _, _) in enumerate(RUNGS):
-        if block_params(layers, width) <= RUNG_TOLERANCE * ceiling:
-            rung = i
+    rung = _rung(tokens, compute)
     layers, width, heads, context = RUNGS[rung]
     layers = int(given.get("model.n_layers", layers))
     if "model.emb_dim" in given:
@@ -237,13 +255,7 @@ def choose(
         heads = next(h for h in range(max(1, width // 64), 0, -1) if width % h == 0)
     heads = int(given.get("model.n_heads", heads))
     context = int(given.get("model.context_length", context))
-    for part, size in (("training", tokens), ("validation", (val_bytes or tokens * bpt) / bpt)):
-        if size < context + 1:
-            raise GptlabError(
-                f"the corpus has ~{size * bpt:,.0f} bytes of {part} text, too few for one "
-                f"window of {context + 1} tokens at {tokenizer} (~{(context + 1) * bpt:,.0f} "
-                "bytes); give more text, or a smaller --model.context_length"
-            )
+    _check_one_window(tokens, (val_bytes or tokens * bpt) / bpt, context, tokenizer, bpt)
     anchor_flops = _flops_per_token(4, 256, 4096, 128)
     speedup = min(anchor_flops / _flops_per_token(layers, width, vocab, context), MAX_SPEEDUP)
     tokens_per_s = speed * speedup
@@ -271,20 +283,15 @@ def choose(
     )
 
 
-def size_run(cfg: RunConfig, train_bytes: float, given_keys: set[str]) -> Choice:
+def size_run(
+    cfg: RunConfig, train_bytes: float, given_keys: set[str], speed_from: str = "given"
+) -> Choice:
     """Apply the rule to `cfg` in place: each CHOSEN field the user did not set (not in
-    `given_keys`, dotted) takes the rule's value, and `train.sizing_speed` the speed it used
-    (measured now when it was 0); returns the choice. Under torchrun nothing is measured:
-    every rank resolves its own config, and ranks that measured apart could choose other
-    shapes, so they all take the anchor's speed."""
+    `given_keys`, dotted) takes the rule's value; returns the choice. The machine's speed is
+    `cfg.train.sizing_speed` (tokens/s on the anchor shape), which the caller measured or was
+    given (gptlab.train.resolve); `speed_from` says which, for the line."""
     given = {k: _get(cfg, k) for k in CHOSEN if k in given_keys}
     val_bytes = train_bytes * (1 - cfg.data.train_ratio) / cfg.data.train_ratio
-    speed_from = "given"
-    if not cfg.train.sizing_speed:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            cfg.train.sizing_speed, speed_from = ANCHOR_TOKENS_PER_S, "the anchor's, under torchrun"
-        else:
-            cfg.train.sizing_speed, speed_from = round(measure_speed(cfg), 1), "measured here"
     choice = choose(
         train_bytes, cfg.train.max_time, given, val_bytes, cfg.train.sizing_speed, speed_from
     )
@@ -293,48 +300,6 @@ def size_run(cfg: RunConfig, train_bytes: float, given_keys: set[str]) -> Choice
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, value)
     return choice
-
-
-def measure_speed(cfg: RunConfig, steps: int = 3) -> float:
-    """Tokens/s of training steps of the anchor shape (4 x 256, bpe:4096's vocabulary,
-    context 128, no dropout) with `cfg`'s other blocks, batch rows, precision, loss path and
-    optimizer, on the device `cfg` trains on with torch's current threads: one untimed step,
-    then the mean of `steps`. Eager, as the CPU trains (compile is for CUDA). The global
-    random stream is left as it was, so the run that follows is the same run."""
-    import torch
-
-    from gptlab.model.gpt import GPTModel
-    from gptlab.model.loss import model_loss
-    from gptlab.runtime.device import resolve_device, resolve_runtime, sync
-    from gptlab.train.optim import build_optimizer
-
-    layers, width, heads, context = RUNGS[ANCHOR_RUNG]
-    probe = copy.deepcopy(cfg)
-    m = probe.model
-    m.n_layers, m.emb_dim, m.n_heads, m.context_length = layers, width, heads, context
-    m.vocab_size, m.drop_rate, m.n_kv_heads, m.num_classes = 4096, 0.0, 0, 0
-    device = resolve_device(probe.train.device)
-    rt = resolve_runtime(probe.train, device)
-    gen = torch.Generator().manual_seed(0)
-    rows = probe.train.batch_size
-    x = torch.randint(0, 4096, (rows, context + 1), generator=gen).to(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(0)
-        model = GPTModel(m.validate()).to(device).train()
-        optimizer = build_optimizer(model, probe.train, device, rt.muon_dtype)
-        elapsed = 0.0
-        for i in range(steps + 1):
-            sync(device)
-            t0 = time.perf_counter()
-            with rt.autocast():
-                loss = model_loss(model, x[:, :-1], x[:, 1:], chunked=rt.chunked_loss)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sync(device)
-            if i:  # the first step allocates and warms the kernels up
-                elapsed += time.perf_counter() - t0
-    return steps * rows * context / elapsed
 
 
 def _get(cfg: RunConfig, dotted: str) -> object:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from gptlab.atomic import write_text
 from gptlab.config.schema import TrainConfig, cache_dir
 from gptlab.errors import GptlabError
 
@@ -245,11 +246,8 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int | Non
         best = min(best, (time.perf_counter() - t0) / 4)
     flops = 2 * n**3 / best
     table[ident] = flops
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(table, indent=1))
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):  # a cache that cannot be written costs only time
+        write_text(cache, json.dumps(table, indent=1))
     return flops
 
 

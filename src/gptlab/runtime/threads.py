@@ -155,3 +155,18 @@ def choose_threads(
             f"--threads {room} uses all"
         )
     return n, None
+
+
+def apply_threads(
+    requested: int, resumed_run: str | Path | None = None, reserve: int = 0
+) -> str | None:
+    """Set torch's CPU threads by the policy above: `requested` (0: chosen), else the
+    threads the run in `resumed_run` last started with (a bit-exact resume), keeping
+    `reserve` cores for other threads of this process. Returns the note that says why fewer
+    were chosen (choose_threads), or None."""
+    import torch
+
+    resumed = run_threads(resumed_run) if resumed_run else None
+    n, note = choose_threads(requested or None, resumed=resumed, reserve=reserve)
+    torch.set_num_threads(n)
+    return note
