@@ -10,7 +10,7 @@ after the timed steps, and the RSS just before the first step (model, optimizer 
 built; the optimizer's moments are allocated at the first step). What that high-water mark
 holds besides live tensors depends on the C library's allocator, so `--allocator` picks it:
 
-- `finetune` (the default): `gptlab finetune`'s own on CPU (train.host_memory = keep:
+- `finetune` (the default): `gptlab finetune`'s own on CPU (runtime.host_memory = keep:
   glibc keeps every freed block for reuse, the speed the run has). Its peak is what the
   machine pays for the run, holes between reused blocks included.
 - `exact`: every block of 64 KiB or more is its own mapping, returned to the OS when freed
@@ -25,7 +25,7 @@ the masked loss (gptlab.finetune.objectives.lm_loss) on a batch of `--batch` exa
 clipping and AdamW (gptlab's parameter groups, fused where available) over what trains:
 every parameter, or the adapters alone. Examples per second = batch x steps / seconds of the
 timed steps (after `--warmup` untimed ones). `--checkpointing` turns on activation
-checkpointing (train.activation_checkpointing) in both modes, so the two are still compared
+checkpointing (runtime.activation_checkpointing) in both modes, so the two are still compared
 at the same settings. Figures go in BENCHMARKS.md, not in this file.
 """
 
@@ -131,7 +131,7 @@ def main() -> None:
     p.add_argument(
         "--checkpointing",
         action="store_true",
-        help="activation checkpointing in both modes (train.activation_checkpointing)",
+        help="activation checkpointing in both modes (runtime.activation_checkpointing)",
     )
     p.add_argument(
         "--allocator",

@@ -82,7 +82,7 @@ RECIPES = {
         "model.n_heads=4 model.n_layers=4 model.drop_rate=0.0 model.bias=false "
         "model.tie_weights=true model.vocab_multiple=1 train.batch_size=12 train.lr=1e-3 "
         "train.beta2=0.99 train.min_lr_ratio=0.1 train.warmup_steps=100 train.max_steps=2000 "
-        "train.weight_decay=0.1 train.grad_clip=1.0 train.precision=fp32 train.compile=off"
+        "train.weight_decay=0.1 train.grad_clip=1.0 runtime.precision=fp32 runtime.compile=off"
     ),
 }
 
@@ -183,7 +183,7 @@ def run_recipe(recipe: str, cfg: C.RunConfig, name: str, out: Path) -> dict[str,
     if end["reason"] in ("SIGINT", "SIGTERM"):
         raise KeyboardInterrupt  # the user stopped the benchmark, not only this recipe
     t0 = time.perf_counter()
-    run = open_run(result.run_dir, cfg.train.device)
+    run = open_run(result.run_dir, cfg.runtime.device)
     ev = evaluate_run(run, split="val", batch_size=cfg.train.batch_size, precision="fp32")
     eval_s = time.perf_counter() - t0
     return {

@@ -291,7 +291,7 @@ def gptlab_settings(workload: str, kind: str) -> dict[str, Any]:
         s.update({f"train.{k}": v for k, v in WORKLOADS[workload]["train"].items()})
         s["model.vocab_multiple"] = 64
         if kind == "fp32":
-            s["train.precision"] = "fp32"
+            s["runtime.precision"] = "fp32"
         elif kind == "accum4":  # 4 micro-batches per optimizer step, as nanoGPT accumulates
             s["train.batch_tokens"] = 4 * s["train.batch_size"] * shapes(workload)["context_length"]
     s["model.drop_rate"] = 0.0 if kind == "nodrop" else shapes(workload)["drop_rate"]

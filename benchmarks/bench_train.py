@@ -57,9 +57,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 # The plain configuration: the walk-through's model and optimizer, nothing switched on.
 PLAIN = {
     "model": {"attention": "manual", "vocab_multiple": 1},
-    "train": {
+    "train": {"fused_optimizer": False},
+    "runtime": {
         "precision": "fp32",
-        "fused_optimizer": False,
         "compile": "off",
         "chunked_loss": "off",
         "fast_dropout": "off",
@@ -75,14 +75,14 @@ def ladder(device_type: str) -> list[tuple[str, dict[str, Any]]]:
     CUDA (the compiled full-logits loss was faster there)."""
     steps = [
         ("+ sdpa attention", {"model.attention": "sdpa"}),
-        ("+ bf16 autocast", {"train.precision": "bf16"}),
+        ("+ bf16 autocast", {"runtime.precision": "bf16"}),
         ("+ fused adamw", {"train.fused_optimizer": True}),
         # host-side switches: the CPU's allocator and dropout masks (no-ops on CUDA)
-        ("+ malloc keeps freed memory", {"train.host_memory": "keep"}),
-        ("+ fast dropout masks", {"train.fast_dropout": "on"}),
-        ("+ compile", {"train.compile": "on"}),
+        ("+ malloc keeps freed memory", {"runtime.host_memory": "keep"}),
+        ("+ fast dropout masks", {"runtime.fast_dropout": "on"}),
+        ("+ compile", {"runtime.compile": "on"}),
         ("+ vocab padded to 64", {"model.vocab_multiple": 64}),
-        ("+ chunked loss", {"train.chunked_loss": "on"}),
+        ("+ chunked loss", {"runtime.chunked_loss": "on"}),
         ("+ 2x batch", {"train.batch_size": "x2"}),
         # one optimizer step (and clip, and host sync) per 4 micro-batches (nanoGPT's
         # default GPT-2 config accumulates 40): per-step work is paid once per 4x the tokens
@@ -94,7 +94,7 @@ def ladder(device_type: str) -> list[tuple[str, dict[str, Any]]]:
         steps = [
             (name, change)
             for name, change in steps
-            if "train.host_memory" not in change and "train.fast_dropout" not in change
+            if "runtime.host_memory" not in change and "runtime.fast_dropout" not in change
         ]
     return [("fp32, manual attention", {})] + steps
 
@@ -103,8 +103,8 @@ def row_settings(workload: str, rows: list[tuple[str, dict[str, Any]]], k: int) 
     """The full settings of row k: the plain configuration plus rows 1..k's changes."""
     w = WORKLOADS[workload]
     settings: dict[str, Any] = {}
-    for section in ("model", "train"):
-        for key, value in {**PLAIN[section], **w[section]}.items():
+    for section in ("model", "train", "runtime"):
+        for key, value in {**PLAIN[section], **w.get(section, {})}.items():
             settings[f"{section}.{key}"] = value
     for _, change in rows[1 : k + 1]:
         for key, value in change.items():
@@ -161,7 +161,7 @@ def run_row(
     cfg = RunConfig()
     for key, value in settings.items():
         set_field(cfg, key, value)
-    set_field(cfg, "train.device", device)
+    set_field(cfg, "runtime.device", device)
     set_field(cfg, "train.max_steps", warmup + steps)
     B, T = cfg.train.batch_size, cfg.model.context_length
     rng = np.random.default_rng(0)

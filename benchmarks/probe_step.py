@@ -74,14 +74,14 @@ def bare_row(
         set_field(cfg, key, value)
     tc, mc = cfg.train, cfg.model
     dev = resolve_device(device)
-    if resolve_host_memory(tc.host_memory, dev) == "keep":
+    if resolve_host_memory(cfg.runtime.host_memory, dev) == "keep":
         keep_freed_host_memory()
-    precision = resolve_precision(tc.precision, dev)
-    compiled = resolve_compile(tc.compile, dev)
-    chunked = resolve_chunked_loss(tc.chunked_loss, dev)
+    precision = resolve_precision(cfg.runtime.precision, dev)
+    compiled = resolve_compile(cfg.runtime.compile, dev)
+    chunked = resolve_chunked_loss(cfg.runtime.chunked_loss, dev)
     torch.manual_seed(0)
     model = GPTModel(mc).to(dev)
-    use_fast_dropout(model, resolve_fast_dropout(tc.fast_dropout, dev))
+    use_fast_dropout(model, resolve_fast_dropout(cfg.runtime.fast_dropout, dev))
     model.train()
     optimizer = build_optimizer(model, tc, dev, resolve_muon_dtype(dev))
     if compile_mode:

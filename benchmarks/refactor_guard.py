@@ -216,7 +216,7 @@ def run_cli(args: list[str], workdir: Path, env: dict[str, str]) -> str:
 def run_items(name: str, run_dir: Path) -> dict[str, Any]:
     """A run directory's fingerprint: losses and evaluations as metrics.jsonl has them,
     every record without its clock fields, the resolved config, and digests of the final
-    weights, the tokenizer and (where there is one) the chat template."""
+    weights, the tokenizer's and (where there is one) the chat template's content."""
     lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
     steady = [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
@@ -225,11 +225,11 @@ def run_items(name: str, run_dir: Path) -> dict[str, Any]:
         f"{name}/evals": [r for r in steady if r["event"] == "eval"],
         f"{name}/records": steady,
         f"{name}/config": json.loads((run_dir / "config.json").read_text(encoding="utf-8")),
-        f"{name}/tokenizer": sha256(run_dir / "tokenizer.json"),
+        f"{name}/tokenizer": json_digest(run_dir / "tokenizer.json"),
         f"{name}/weights": weights_digest(final_checkpoint(run_dir) / "model.safetensors"),
     }
     if (run_dir / "chat_template.json").is_file():
-        items[f"{name}/chat_template"] = sha256(run_dir / "chat_template.json")
+        items[f"{name}/chat_template"] = json_digest(run_dir / "chat_template.json")
     return items
 
 
@@ -323,6 +323,13 @@ def post(url: str, body: dict) -> dict:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def json_digest(path: Path) -> str:
+    """A digest of a JSON file's content, not its layout (a final newline, key order or
+    indent is how a file is written, not what a run holds)."""
+    content = json.loads(path.read_text(encoding="utf-8"))
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def normalise(value: Any, paths: dict[str, str]) -> Any:

@@ -15,7 +15,7 @@ from conftest import make_corpus_text
 from gptlab.errors import GptlabError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
-TINY = "tiny train.device=cpu train.compile=off train.precision=fp32"
+TINY = "tiny runtime.device=cpu runtime.compile=off runtime.precision=fp32"
 
 
 @pytest.fixture(scope="module")

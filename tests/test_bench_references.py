@@ -35,12 +35,12 @@ def test_gptlab_rows_are_the_configurations_they_name(refs):
         **bench_train.row_settings("small", [("plain", {})], 0),
         "model.drop_rate": 0.1,
     }
-    assert plain["train.precision"] == "fp32" and plain["model.attention"] == "manual"
+    assert plain["runtime.precision"] == "fp32" and plain["model.attention"] == "manual"
     auto = refs.gptlab_settings("small", "auto")
-    assert "train.precision" not in auto and "train.compile" not in auto  # left to auto
+    assert "runtime.precision" not in auto and "runtime.compile" not in auto  # left to auto
     assert auto["model.vocab_multiple"] == 64 and auto["model.drop_rate"] == 0.1
     assert auto["train.batch_size"] == plain["train.batch_size"] == 8
-    assert refs.gptlab_settings("small", "fp32") == {**auto, "train.precision": "fp32"}
+    assert refs.gptlab_settings("small", "fp32") == {**auto, "runtime.precision": "fp32"}
     assert refs.gptlab_settings("small", "nodrop") == {**auto, "model.drop_rate": 0.0}
     accum = refs.gptlab_settings("gpt2-124m", "accum4")
     assert accum["train.batch_tokens"] == 4 * 16 * 1024 and accum["model.drop_rate"] == 0.0

@@ -25,13 +25,13 @@ def bench():
 def test_ladder_starts_plain_and_ends_with_every_switch(bench, device):
     rows = bench.ladder(device)
     first = bench.row_settings("small", rows, 0)
-    assert first["model.attention"] == "manual" and first["train.precision"] == "fp32"
-    assert not first["train.fused_optimizer"] and first["train.compile"] == "off"
-    assert first["train.host_memory"] == "release" and first["train.fast_dropout"] == "off"
+    assert first["model.attention"] == "manual" and first["runtime.precision"] == "fp32"
+    assert not first["train.fused_optimizer"] and first["runtime.compile"] == "off"
+    assert first["runtime.host_memory"] == "release" and first["runtime.fast_dropout"] == "off"
     last = bench.row_settings("small", rows, len(rows) - 1)
-    assert last["model.attention"] == "sdpa" and last["train.precision"] == "bf16"
-    assert last["train.fused_optimizer"] and last["train.compile"] == "on"
-    assert last["train.chunked_loss"] == "on" and last["model.vocab_multiple"] == 64
+    assert last["model.attention"] == "sdpa" and last["runtime.precision"] == "bf16"
+    assert last["train.fused_optimizer"] and last["runtime.compile"] == "on"
+    assert last["runtime.chunked_loss"] == "on" and last["model.vocab_multiple"] == 64
     assert last["train.batch_size"] == 2 * bench.WORKLOADS["small"]["train"]["batch_size"]
     # 4 micro-batches of the doubled batch per optimizer step
     assert last["train.batch_tokens"] == 4 * last["train.batch_size"] * last["model.context_length"]
@@ -39,11 +39,11 @@ def test_ladder_starts_plain_and_ends_with_every_switch(bench, device):
     host_rows = [
         name
         for name, change in rows
-        if "train.host_memory" in change or "train.fast_dropout" in change
+        if "runtime.host_memory" in change or "runtime.fast_dropout" in change
     ]
     assert len(host_rows) == (2 if device == "cpu" else 0)
     if device == "cpu":
-        assert last["train.host_memory"] == "keep" and last["train.fast_dropout"] == "on"
+        assert last["runtime.host_memory"] == "keep" and last["runtime.fast_dropout"] == "on"
     # the switch auto leaves off on this device comes last
     assert rows[-1][0] == ("+ compile" if device == "cpu" else "+ chunked loss")
 
@@ -55,7 +55,7 @@ TINY = {
     "model.emb_dim": 32,
     "model.n_heads": 2,
     "model.n_layers": 1,
-    "train.compile": "off",
+    "runtime.compile": "off",
 }
 
 

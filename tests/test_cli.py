@@ -141,7 +141,7 @@ def test_train_from_toml_with_char_tokenizer_then_generate(tmp_path, corpus_file
     config.write_text(
         'preset = "tiny"\n'
         "[model]\nn_layers = 1\n"
-        "[train]\nmax_steps = 3\neval_freq = 2\ndevice = 'cpu'\n"
+        "[train]\nmax_steps = 3\neval_freq = 2\n[runtime]\ndevice = 'cpu'\n"
         f"[data]\ntokenizer = 'char'\nsource = '{corpus_file}'\n"
     )
     out_dir = tmp_path / "char-run"
@@ -199,7 +199,7 @@ BAD_TRAIN = {
     "negative stride": (["--data", "{corpus}", "--data.stride", "-4"], ["data.stride"]),
     "stride beyond context": (["--data", "{corpus}", "--data.stride", "33"], ["data.stride"]),
     "unknown tokenizer": (["--data", "{corpus}", "--data.tokenizer", "wp"], ["data.tokenizer"]),
-    "bad precision": (["--data", "{corpus}", "--precision", "fp8"], ["train.precision"]),
+    "bad precision": (["--data", "{corpus}", "--precision", "fp8"], ["runtime.precision"]),
     "missing value": (["--data", "{corpus}", "--train.lr"], ["--train.lr", "needs a value"]),
     "stray argument": (["--data", "{corpus}", "extra"], ["'extra'"]),
     "missing config": (["--config", "{tmp}/none.toml"], ["none.toml", "not found"]),

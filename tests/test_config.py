@@ -137,3 +137,35 @@ def test_the_gpu_preset_is_the_cpu_recipe_at_gpt2_smalls_scale():
     assert (gpu.train.optimizer, gpu.train.muon_lr) == (cpu.train.optimizer, cpu.train.muon_lr)
     micro = gpu.train.batch_size * gpu.model.context_length
     assert gpu.train.batch_tokens % micro == 0 and gpu.train.batch_tokens >= 2**19
+
+
+def test_runtime_settings_moved_out_of_train_are_named_and_migrated(tmp_path, capsys):
+    """device, precision, compile, the kernels, host memory and the processes moved from
+    train to their own section, runtime: the old name says the new one in one line (flag,
+    override, config file); a config saved before the move loads with them moved, and a
+    resume of such a run sees no change."""
+    from gptlab.cli.main import main
+    from gptlab.config.schema import MOVED, apply_nested, set_field
+    from gptlab.recipes.presets import preset
+    from gptlab.train.resume import config_changes, with_defaults
+
+    assert MOVED["train.precision"] == "runtime.precision"
+    for set_it in (
+        lambda cfg: set_field(cfg, "train.precision", "fp32"),
+        lambda cfg: apply_nested(cfg, {"train": {"precision": "fp32"}}, origin="config file c"),
+    ):
+        with pytest.raises(GptlabError, match="train.precision is now runtime.precision") as e:
+            set_it(C.RunConfig())
+        assert len(str(e.value).splitlines()) == 1
+    code = main(
+        ["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--train.device", "cpu"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--runtime.device" in err
+    today = preset("walkthrough")
+    saved = today.to_dict()
+    runtime = saved.pop("runtime")
+    old = {**saved, "train": {**saved["train"], **runtime}}  # the shape saved before the move
+    assert "runtime" not in old and old["train"]["precision"] == "fp32"
+    assert C.RunConfig.from_dict(old) == today
+    assert config_changes(with_defaults(old), today.to_dict()) == []

@@ -14,7 +14,7 @@ from test_cli import assert_user_error, resolve_cli, run_cli
 import gptlab
 from gptlab.cli import main as cli
 from gptlab.cli.args import config_overrides
-from gptlab.cli.run import TRAIN_ALIASES
+from gptlab.cli.run import FIELD_ALIASES
 from gptlab.config import fields as F
 from gptlab.config import schema as C
 from gptlab.recipes import presets as P
@@ -59,8 +59,9 @@ def test_help_shows_the_default_presets_value_where_it_differs(capsys, monkeypat
 
 def test_enum_short_flags_show_their_choices(capsys, monkeypatch):
     text = _help(capsys, monkeypatch, "train")
-    for flag, (key, _) in TRAIN_ALIASES.items():
-        f = next(f for f in dataclasses.fields(C.TrainConfig) if f.name == key.split(".")[1])
+    for flag, (key, _) in FIELD_ALIASES.items():
+        section, name = key.split(".")
+        f = next(f for f in dataclasses.fields(C.SECTION_TYPES[section]) if f.name == name)
         if F.field_choices(f):
             assert f"{flag} {{{','.join(F.field_choices(f))}}}" in text, flag
     assert "--precision {fp32,bf16,fp16}" in _help(capsys, monkeypatch, "eval")
@@ -123,7 +124,7 @@ def test_config_toml_round_trips_through_config_flag(case, tmp_path, capsys):
     assert f'preset = "{name}"' in printed
     if case != "default":
         assert expected.model.n_layers == 3 and expected.train.lr == 3e-4
-        assert expected.train.max_steps == 9 and expected.train.precision == "bf16"
+        assert expected.train.max_steps == 9 and expected.runtime.precision == "bf16"
 
 
 def test_config_validates(capsys):
@@ -172,11 +173,11 @@ def test_overrides_apply_in_the_order_given():
     args = cli.build_parser().parse_args(argv)
     assert config_overrides(args) == [
         ("train.lr", "1e-3"),
-        ("train.precision", "bf16"),
+        ("runtime.precision", "bf16"),
         ("train.lr", "2e-3"),
     ]
     cfg = resolve_cli(*argv).config
-    assert cfg.train.lr == 2e-3 and cfg.train.precision == "bf16"
+    assert cfg.train.lr == 2e-3 and cfg.runtime.precision == "bf16"
 
 
 @pytest.mark.parametrize(

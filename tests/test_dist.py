@@ -118,7 +118,7 @@ def test_single_process_is_left_alone():
     assert dist_lib.parallelize(model, "fsdp", d) is model
     t = torch.tensor([1.5, 2.0])
     assert d.mean(t) is t and d.agree(3) == 3 and d.agree_on_reason("epochs", ()) == "epochs"
-    with pytest.raises(GptlabError, match="train.parallel must be one of ddp, fsdp"):
+    with pytest.raises(GptlabError, match="runtime.parallel must be one of ddp, fsdp"):
         dist_lib.parallelize(model, "zero3", d)
 
 
@@ -427,7 +427,7 @@ def test_a_hung_rank_is_ended_by_the_process_group_timeout(workdir):
     res = _torchrun(
         # 10 s: well above start-up skew between ranks on a busy machine, which must not
         # trip it; the hung rank's peer waits it out once.
-        _args(workdir, workdir / "hang") + ["--train.dist_timeout", "10"],
+        _args(workdir, workdir / "hang") + ["--runtime.dist_timeout", "10"],
         env={dist_lib.FAIL_RANK_ENV: "1:hang"},
         timeout=120,
     )

@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gptlab"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("errors", ()),  # the one exception type users see
     ("atomic", ()),  # writing a file whole or not at all (temporary file, fsync, rename)
-    ("config", ("fields", "model", "schema")),
+    ("config", ("fields", "model", "runtime", "schema")),
     ("observe", ("metrics", "console", "plot", "trackers")),
     ("model", ("kvcache", "gpt", "vocab", "loss", "lora")),
     (
@@ -196,3 +196,22 @@ def test_the_readme_layout_lists_the_layers_in_their_order():
             listed.append(f"{package}.{words[0].removesuffix('.py')}")
     want = [name for pkg, mods in LAYERS for name in (pkg, *(f"{pkg}.{m}" for m in mods))]
     assert listed == want
+
+
+def test_modules_and_functions_stay_small_enough_to_read():
+    """Issue 33's sizes, kept: no module over 600 lines, no function over 60 (from `def` to
+    its last line, docstring included), the Trainer's loop class under 300."""
+    long_modules, long_functions = [], []
+    for path in SRC.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        name = path.relative_to(SRC)
+        if len(text.splitlines()) > 600:
+            long_modules.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 60:
+                    long_functions.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+            if isinstance(node, ast.ClassDef) and node.name == "Trainer":
+                assert node.end_lineno - node.lineno + 1 < 300, "the Trainer grew past 300 lines"
+    assert long_modules == [] and long_functions == []

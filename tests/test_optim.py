@@ -20,7 +20,7 @@ from run_helpers import (
 )
 
 from gptlab.cli import main as cli
-from gptlab.config.schema import TrainConfig
+from gptlab.config.schema import RuntimeConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.interop import checkpoint as ckpt_lib
 from gptlab.model import loss as loss_mod
@@ -199,7 +199,7 @@ def test_muon_runs_its_iteration_in_fp32_only_on_cpus_without_bf16(monkeypatch):
     for native, want in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda native=native: native)
         assert runtime.resolve_muon_dtype(CPU) == want
-        assert runtime.resolve_runtime(TrainConfig(host_memory="release"), CPU).muon_dtype == want
+        assert runtime.resolve_runtime(RuntimeConfig(host_memory="release"), CPU).muon_dtype == want
     assert runtime.resolve_muon_dtype(torch.device("cuda")) == torch.bfloat16
     opt = build_optimizer(_model(True), _muon_cfg(), CPU, muon_dtype=torch.float32)
     assert isinstance(opt.muon, Muon) and opt.muon.ns_dtype == torch.float32

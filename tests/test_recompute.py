@@ -1,4 +1,4 @@
-"""Activation checkpointing (train.activation_checkpointing): the same math, less kept.
+"""Activation checkpointing (runtime.activation_checkpointing): the same math, less kept.
 
 With it, each block keeps only its input for backward and recomputes the rest there. The
 loss, every gradient and the random generators after backward must be those of the model

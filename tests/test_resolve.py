@@ -31,7 +31,7 @@ STEADY = {
     "train.eval_iter": 1,
     "train.sample_tokens": 0,
     "train.sizing_speed": 4800.0,  # given: nothing is measured, so nothing varies
-    "train.device": "cpu",
+    "runtime.device": "cpu",
 }
 
 

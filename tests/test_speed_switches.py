@@ -47,11 +47,11 @@ PLAIN = {
     "train.lr": 3e-3,
     "train.warmup_steps": 2,
     "train.max_steps": 6,
-    "train.precision": "fp32",
-    "train.compile": "off",
+    "runtime.precision": "fp32",
+    "runtime.compile": "off",
     "train.fused_optimizer": False,
-    "train.chunked_loss": "off",
-    "train.device": "cpu",
+    "runtime.chunked_loss": "off",
+    "runtime.device": "cpu",
     "train.start_context": "To be",  # every character is in the char vocabulary
     "train.seed": 7,
 }
@@ -108,22 +108,22 @@ SWITCHES = [
     ("sdpa attention", {"model.attention": "sdpa"}, FP32),
     ("fused adamw", {"train.fused_optimizer": True}, FP32),
     ("padded vocab", {"model.vocab_multiple": 64}, FP32),
-    ("chunked loss", {"train.chunked_loss": "on"}, FP32),
-    ("activation checkpointing", {"train.activation_checkpointing": True}, FP32),
+    ("chunked loss", {"runtime.chunked_loss": "on"}, FP32),
+    ("activation checkpointing", {"runtime.activation_checkpointing": True}, FP32),
     (
         "all fp32 switches",
         {
             "model.attention": "sdpa",
             "train.fused_optimizer": True,
             "model.vocab_multiple": 64,
-            "train.chunked_loss": "on",
+            "runtime.chunked_loss": "on",
         },
         FP32,
     ),
-    ("bf16 autocast", {"train.precision": "bf16"}, BF16),
+    ("bf16 autocast", {"runtime.precision": "bf16"}, BF16),
     (
         "bf16 + chunked loss + sdpa",
-        {"train.precision": "bf16", "train.chunked_loss": "on", "model.attention": "sdpa"},
+        {"runtime.precision": "bf16", "runtime.chunked_loss": "on", "model.attention": "sdpa"},
         BF16,
     ),
 ]
@@ -147,7 +147,7 @@ def test_switch_keeps_the_losses(tmp_path, plain_run, name, changes, tol):
 def test_compile_keeps_the_losses(tmp_path, plain_run, chunked):
     initial, plain_losses = plain_run
     trainer = _trainer(
-        tmp_path, "compiled", **{"train.compile": "on", "train.chunked_loss": chunked}
+        tmp_path, "compiled", **{"runtime.compile": "on", "runtime.chunked_loss": chunked}
     )
     _copy_weights(initial, trainer.model)
     np.testing.assert_allclose(_losses(trainer), plain_losses, rtol=0, atol=1e-4)
@@ -159,10 +159,10 @@ def test_cuda_fast_path_keeps_the_losses(tmp_path, plain_run):
     vocabulary, prefetched pinned batches) against the plain CPU run."""
     initial, plain_losses = plain_run
     fast = {
-        "train.device": "cuda",
-        "train.precision": "bf16",
-        "train.compile": "on",
-        "train.chunked_loss": "on",
+        "runtime.device": "cuda",
+        "runtime.precision": "bf16",
+        "runtime.compile": "on",
+        "runtime.chunked_loss": "on",
         "train.fused_optimizer": True,
         "model.attention": "sdpa",
         "model.vocab_multiple": 64,
@@ -209,7 +209,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     [(True, "cpu"), (False, "cpu")] + ([(True, "cuda")] if HAS_CUDA else []),
 )
 def test_nonfinite_step_changes_nothing(tmp_path, skip_on_device, device):
-    trainer = _trainer(tmp_path, "nan", **{"train.fused_optimizer": True, "train.device": device})
+    trainer = _trainer(tmp_path, "nan", **{"train.fused_optimizer": True, "runtime.device": device})
     assert trainer._fused_can_skip  # fused AdamW takes the no-sync path on CPU and CUDA
     trainer._fused_can_skip = skip_on_device
     _losses(trainer, 2)
@@ -323,7 +323,7 @@ def test_a_compiler_failure_is_one_line_with_the_way_out(tmp_path):
 
     from gptlab.errors import GptlabError
 
-    trainer = _trainer(tmp_path, "compiled", **{"train.compile": "on"})
+    trainer = _trainer(tmp_path, "compiled", **{"runtime.compile": "on"})
     assert trainer.rt.compiled
 
     def broken(x, y):

@@ -165,7 +165,7 @@ def test_the_default_preset_runs_its_whole_schedule(tmp_path):
     tok = CharTokenizer.from_text(text)
     ids = np.asarray(tok.encode(text), dtype=np.uint16)
     cfg = preset("cpu")
-    cfg.train.device = "cpu"
+    cfg.runtime.device = "cpu"
     corpus = Corpus(ids[:18000], ids[18000:], tok, "test")
     trainer = Trainer(cfg, LanguageModeling(corpus), tmp_path / "run")
     assert cfg.train.budget == "time" and trainer.total_steps == 0  # no step or epoch limit

@@ -56,6 +56,9 @@ def _unknown_argument(arg: str, args: argparse.Namespace) -> str:
         return f"unexpected argument {arg!r} for `{prog}`; see `{prog} --help`"
     if name[2:] in C.REMOVED:  # a config option that was removed: say so, and what to do
         return C.REMOVED[name[2:]]
+    if name[2:] in C.MOVED:  # a config option that moved to another section: name it
+        new = C.MOVED[name[2:]]
+        return f"{name} is now --{new} (how a run executes has its own section, runtime)"
     flags = list(sub._option_string_actions) if sub is not None else ["--help", "--version"]
     close = difflib.get_close_matches(name, flags, n=1)
     section = name[2:].partition(".")[0]

@@ -150,12 +150,12 @@ def config_parser(sub) -> None:
     config_field_args(c)
 
 
-# Flags that each set one train.* field: flag -> (dotted key, metavar).
-TRAIN_ALIASES = {
-    "--precision": ("train.precision", None),
-    "--compile": ("train.compile", None),
-    "--device": ("train.device", "DEVICE"),
-    "--parallel": ("train.parallel", None),
+# Flags that each set one config field: flag -> (dotted key, metavar).
+FIELD_ALIASES = {
+    "--precision": ("runtime.precision", None),
+    "--compile": ("runtime.compile", None),
+    "--device": ("runtime.device", "DEVICE"),
+    "--parallel": ("runtime.parallel", None),
     "--checkpoint-every": ("train.checkpoint_every", "STEPS"),
     "--checkpoint-every-minutes": ("train.checkpoint_every_minutes", "M"),
     "--keep-last": ("train.keep_last", "K"),
@@ -178,7 +178,7 @@ def run_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         metavar="FILE",
-        help="TOML file with [model], [train], [data] tables and an optional preset key "
+        help="TOML file with [model], [train], [data], [runtime] tables and an optional preset key "
         "(`gptlab config` writes one)",
     )
     p.add_argument(
@@ -200,9 +200,9 @@ def run_config_args(p: argparse.ArgumentParser) -> None:
         help="seconds of training steps: the time budget (the default preset's schedule "
         "spans it), or a safety net beside --epochs/--max-steps",
     )
-    train_fields = {f.name: f for f in dataclasses.fields(C.TrainConfig)}
-    for flag, (key, metavar) in TRAIN_ALIASES.items():
-        f = train_fields[key.split(".")[1]]
+    for flag, (key, metavar) in FIELD_ALIASES.items():
+        section, name = key.split(".")
+        f = {f.name: f for f in dataclasses.fields(C.SECTION_TYPES[section])}[name]
         field_flag(p, flag, key, f, f"same as --{key}", metavar, F.field_range(f))
 
 

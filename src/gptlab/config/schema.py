@@ -1,7 +1,8 @@
-"""Typed configuration: the sections of a run (model, train, data, finetune), TOML files,
+"""Typed configuration: the sections of a run (model, train, data, finetune, runtime), TOML files,
 dotted overrides.
 
-A run is described by one `RunConfig` (sections `model`, `train`, `data`, `finetune`). It
+A run is described by one `RunConfig` (sections `model`, `train`, `data`, `finetune`,
+`runtime`). It
 can be built from a preset (gptlab.recipes.presets), a TOML file with the same sections, and
 `section.field=value` overrides, in that order (gptlab.train.resolve). Every value is checked
 by `validate()`, and unknown keys are errors that name the key. The resolved config is saved
@@ -32,6 +33,7 @@ from gptlab.config.fields import (
     setting,
 )
 from gptlab.config.model import ModelConfig
+from gptlab.config.runtime import RuntimeConfig
 from gptlab.errors import GptlabError
 
 if sys.version_info >= (3, 11):
@@ -184,41 +186,7 @@ class TrainConfig:
     sample_tokens: int = setting(50, "tokens in each sample", bounds=NON_NEGATIVE)
     log_every: int = setting(10, "report the training loss every log_every steps", bounds=POSITIVE)
     seed: int = setting(123, "seed of the initial weights, dropout and data order")
-    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps (auto: a GPU if there is one)")
-    precision: str = setting(
-        "auto",
-        "matmul precision, weights stay fp32; auto: bf16 where the device supports it, "
-        "fp16 on older CUDA GPUs, else fp32",
-        choices=("auto", "fp32", "bf16", "fp16"),
-    )
-    compile: str = setting(
-        "auto", "torch.compile the model and loss; auto: on CUDA only", choices=_ON_OFF
-    )
     fused_optimizer: bool = setting(True, "use PyTorch's fused AdamW kernel where it has one")
-    chunked_loss: str = setting(
-        "auto",
-        "compute the loss from hidden states in row chunks, never holding the full (B, T, V) "
-        "logits (gptlab.model.loss); auto: on when training on CPU",
-        choices=_ON_OFF,
-    )
-    fast_dropout: str = setting(
-        "auto",
-        "draw dropout masks from random integers (gptlab.model.gpt.Dropout; another random stream "
-        "than PyTorch's); auto: on when training on CPU",
-        choices=_ON_OFF,
-    )
-    activation_checkpointing: bool = setting(
-        False,
-        "keep only each block's input for backward and recompute the rest there: the same "
-        "loss and gradients, a fraction of the activations' memory, one more forward pass "
-        "(GPT-2 124M on CPU: full finetuning 10%, LoRA 24% slower a step; BENCHMARKS.md)",
-    )
-    host_memory: str = setting(
-        "auto",
-        "keep: glibc's malloc keeps freed memory for reuse instead of returning it to the OS, "
-        "so each step need not fault it in again; auto: keep when training on CPU (Linux)",
-        choices=("auto", "keep", "release"),
-    )
     checkpoint_every: int = setting(
         0, "steps between checkpoints; 0 = only at the end", bounds=NON_NEGATIVE
     )
@@ -236,14 +204,6 @@ class TrainConfig:
         "stop: save the last good weights and stop; rollback: to the latest checkpoint at "
         "half the learning rate (up to 3 times, then stop)",
         choices=("stop", "rollback"),
-    )
-    parallel: str = setting(
-        "ddp",
-        "under torchrun: ddp (a replica per process) or fsdp (FSDP2, sharded)",
-        choices=("ddp", "fsdp"),
-    )
-    dist_timeout: float = setting(
-        600.0, "seconds any collective may wait before the job fails", bounds=POSITIVE
     )
     eval_tasks: str = setting(
         "",
@@ -482,12 +442,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> RunConfig:
         self.model.validate()
         self.train.validate()
         self.data.validate()
         self.finetune.validate()
+        self.runtime.validate()
         if self.data.stride > self.model.context_length:
             raise GptlabError(
                 f"data.stride ({self.data.stride}) exceeds model.context_length "
@@ -507,15 +469,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """A RunConfig from nested sections (a preset, a saved config.json or checkpoint).
-        Keys of REMOVED options are dropped: a run saved before their removal still loads."""
+        A run saved before an option was removed or moved still loads (`migrate`)."""
         cfg = cls()
-        kept = {
-            s: {k: v for k, v in t.items() if f"{s}.{k}" not in REMOVED}
-            if isinstance(t, dict)
-            else t
-            for s, t in d.items()
-        }
-        apply_nested(cfg, kept)
+        apply_nested(cfg, migrate(d))
         return cfg
 
 
@@ -527,13 +483,38 @@ REMOVED = {
 }
 
 
-SECTIONS = ("model", "train", "data", "finetune")
+# Options that moved to another section: a saved run's are moved on load (`migrate`), a
+# user who sets one by its old name is told the new one.
+MOVED = {f"train.{name}": f"runtime.{name}" for name in (
+    "device", "precision", "compile", "chunked_loss", "fast_dropout",
+    "activation_checkpointing", "host_memory", "parallel", "dist_timeout",
+)}  # fmt: skip
+
+
+def migrate(d: dict[str, Any]) -> dict[str, Any]:
+    """A nested config dict as written by an older gptlab, in today's sections: REMOVED
+    keys dropped, MOVED keys under their new names (a new name given too wins)."""
+    out: dict[str, Any] = {s: dict(v) if isinstance(v, dict) else v for s, v in d.items()}
+    for old, new in [*((k, None) for k in REMOVED), *MOVED.items()]:
+        section, key = old.split(".")
+        values = out.get(section)
+        if not isinstance(values, dict) or key not in values:
+            continue
+        value = values.pop(key)
+        if new is not None:
+            new_section, new_key = new.split(".")
+            out.setdefault(new_section, {}).setdefault(new_key, value)
+    return out
+
+
+SECTIONS = ("model", "train", "data", "finetune", "runtime")
 # Each section's dataclass, in the order the sections appear in a config.
 SECTION_TYPES: dict[str, type] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "data": DataConfig,
     "finetune": FinetuneConfig,
+    "runtime": RuntimeConfig,
 }
 
 
@@ -581,6 +562,10 @@ def set_field(cfg: RunConfig, dotted: str, value: Any) -> None:
     names = [f.name for f in dataclasses.fields(obj)]
     if dotted in REMOVED:
         raise GptlabError(REMOVED[dotted])
+    if dotted in MOVED:
+        raise GptlabError(
+            f"{dotted} is now {MOVED[dotted]}: set --{MOVED[dotted]}, or {MOVED[dotted]} in a config file"
+        )
     if key not in names:
         raise GptlabError(f"unknown config key {dotted!r}; {section} has: {', '.join(names)}")
     setattr(obj, key, coerce(dotted, value, getattr(obj, key)))

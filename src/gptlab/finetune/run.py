@@ -127,7 +127,7 @@ def finetune(
     if fmt == "auto":
         fmt = detect_format(read_records(cfg.data.source), FORMAT_FIELDS, "--finetune.format")
     template = run_template(fmt, cfg.finetune.template)
-    if cfg.finetune.lora_rank > 0 and cfg.train.parallel == "fsdp":
+    if cfg.finetune.lora_rank > 0 and cfg.runtime.parallel == "fsdp":
         raise GptlabError(
             "LoRA runs train with one process or --parallel ddp (their checkpoints keep only "
             "the adapters, which FSDP2 shards here do not); use --parallel ddp"

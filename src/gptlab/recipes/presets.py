@@ -186,9 +186,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "eval_freq": 5,
             "eval_iter": 5,
             "seed": 123,
+            "fused_optimizer": False,
+        },
+        "runtime": {
             "precision": "fp32",
             "compile": "off",
-            "fused_optimizer": False,
             "chunked_loss": "off",
             "fast_dropout": "off",
         },

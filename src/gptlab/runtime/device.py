@@ -1,7 +1,7 @@
 """Where and how a model runs: device, precision, compile and host-memory policy.
 
-Every `auto` setting of `train.device`, `train.precision`, `train.compile`,
-`train.chunked_loss`, `train.fast_dropout` and `train.host_memory` is decided here, once,
+Every `auto` setting of `runtime.device`, `runtime.precision`, `runtime.compile`,
+`runtime.chunked_loss`, `runtime.fast_dropout` and `runtime.host_memory` is decided here, once,
 into a `Runtime`; the trainer, `gptlab eval` and `gptlab generate` read their choices from
 it. What each choice measured is in BENCHMARKS.md. Also here: the device facts that speed
 figures need (peak matmul FLOP/s, peak memory, synchronising before a timer).
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from gptlab.atomic import write_text
-from gptlab.config.schema import TrainConfig, cache_dir
+from gptlab.config.schema import RuntimeConfig, cache_dir
 from gptlab.errors import GptlabError
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,7 +44,9 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise GptlabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise GptlabError("train.device is cuda but no CUDA GPU is visible; use --train.device cpu")
+        raise GptlabError(
+            "runtime.device is cuda but no CUDA GPU is visible; use --runtime.device cpu"
+        )
     mps = getattr(torch.backends, "mps", None)
     if device.type == "mps" and not (mps and mps.is_available()):
         raise GptlabError("device mps is not available on this machine; use --device cpu")
@@ -161,22 +163,22 @@ class Runtime:
         return autocast(self.device, self.precision)
 
 
-def resolve_runtime(tc: TrainConfig, device: torch.device, world_size: int = 1) -> Runtime:
-    """Decide every 'auto' of `tc` for `device`, and apply the host-memory policy.
+def resolve_runtime(rc: RuntimeConfig, device: torch.device, world_size: int = 1) -> Runtime:
+    """Decide every 'auto' of `rc` for `device`, and apply the host-memory policy.
 
     The chunked loss calls the bare model's `hidden_states`, but under DDP/FSDP2 the loss
     must run through the wrapper's forward (it drives gradient sync and FSDP2's
     all-gathers), so it is single-process only.
     """
-    host_memory = resolve_host_memory(tc.host_memory, device)
+    host_memory = resolve_host_memory(rc.host_memory, device)
     if host_memory == "keep" and not keep_freed_host_memory():
         host_memory = "release"  # not glibc: the C library's own behaviour stays
     return Runtime(
         device=device,
-        precision=resolve_precision(tc.precision, device),
-        compiled=resolve_compile(tc.compile, device),
-        chunked_loss=world_size == 1 and resolve_chunked_loss(tc.chunked_loss, device),
-        fast_dropout=resolve_fast_dropout(tc.fast_dropout, device),
+        precision=resolve_precision(rc.precision, device),
+        compiled=resolve_compile(rc.compile, device),
+        chunked_loss=world_size == 1 and resolve_chunked_loss(rc.chunked_loss, device),
+        fast_dropout=resolve_fast_dropout(rc.fast_dropout, device),
         host_memory=host_memory,
         muon_dtype=resolve_muon_dtype(device),
     )

@@ -166,7 +166,7 @@ def setup(device: torch.device, timeout_s: float = 600.0) -> Dist:
     if device.type == "cuda":
         if device.index is not None and d.world_size > 1:
             raise GptlabError(
-                f"train.device {device} names one GPU, but under torchrun each rank uses "
+                f"runtime.device {device} names one GPU, but under torchrun each rank uses "
                 "cuda:LOCAL_RANK; use --device cuda (or auto)"
             )
         n = torch.cuda.device_count()
@@ -287,7 +287,7 @@ def parallelize(model: nn.Module, mode: str, d: Dist) -> nn.Module:
     """
     if mode not in PARALLEL_MODES:
         raise GptlabError(
-            f"train.parallel must be one of {', '.join(PARALLEL_MODES)}; got {mode!r}"
+            f"runtime.parallel must be one of {', '.join(PARALLEL_MODES)}; got {mode!r}"
         )
     if not d.enabled:
         return model

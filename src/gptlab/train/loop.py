@@ -82,16 +82,16 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.on_event = on_event or (lambda record: None)
         self.stop_reason: str | None = None  # set by signal handlers or guards
-        tc, identity = cfg.train, objective.tokenizer.identity()
+        tc, rc, identity = cfg.train, cfg.runtime, objective.tokenizer.identity()
         resume_from = (
             check_resume(self.run_dir, cfg, identity, objective.fingerprint) if resume else None
         )
         _check_vocab(cfg, objective.tokenizer.n_vocab)
         # Under torchrun: join the job, one GPU per local rank (a single process: no-op).
-        self.dist = dist_lib.setup(resolve_device(tc.device), tc.dist_timeout)
+        self.dist = dist_lib.setup(resolve_device(rc.device), rc.dist_timeout)
         self.device = self.dist.device
-        self.rt = resolve_runtime(tc, self.device, self.dist.world_size)
-        if self.dist.enabled and tc.parallel == "fsdp" and self.rt.precision == "fp16":
+        self.rt = resolve_runtime(rc, self.device, self.dist.world_size)
+        if self.dist.enabled and rc.parallel == "fsdp" and self.rt.precision == "fp16":
             raise GptlabError(
                 "fp16 needs a gradient scaler that FSDP2 shards do not support here; "
                 "use --precision bf16 (or fp32) with --parallel fsdp"
@@ -126,7 +126,7 @@ class Trainer:
     def _build_model(self, init_weights: Callable[[nn.Module], None] | None) -> None:
         """Model, parallel wrapper, optimizer, scaler and loss function, seeded as the
         walk-through seeds its model (so `torch.manual_seed(seed)` gives the same weights)."""
-        tc, rt = self.cfg.train, self.rt
+        tc, rc, rt = self.cfg.train, self.cfg.runtime, self.rt
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         self.model = GPTModel(self.cfg.model).to(self.device)
@@ -134,10 +134,10 @@ class Trainer:
             init_weights(self.model)  # e.g. GPT-2's (train --init-from); a resume loads its own
         self.objective.prepare(self.model, self.cfg)  # which parameters train
         use_fast_dropout(self.model, rt.fast_dropout)  # only CPU tensors take the fast path
-        use_activation_checkpointing(self.model, tc.activation_checkpointing)
+        use_activation_checkpointing(self.model, rc.activation_checkpointing)
         # DDP wrapper or FSDP2 shards (in place, so the optimizer comes after); a single
         # process gets self.model back.
-        self.parallel_model = dist_lib.parallelize(self.model, tc.parallel, self.dist)
+        self.parallel_model = dist_lib.parallelize(self.model, rc.parallel, self.dist)
         self.optimizer = build_optimizer(self.model, tc, self.device, rt.muon_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=rt.precision == "fp16")
         self.loss_fn = self.objective.loss_fn(self.parallel_model, rt.chunked_loss, rt.compiled)

@@ -264,8 +264,8 @@ def measure_speed(cfg: RunConfig, steps: int = 3) -> float:
     m = probe.model
     m.n_layers, m.emb_dim, m.n_heads, m.context_length = layers, width, heads, context
     m.vocab_size, m.drop_rate, m.n_kv_heads, m.num_classes = 4096, 0.0, 0, 0
-    device = resolve_device(probe.train.device)
-    rt = resolve_runtime(probe.train, device)
+    device = resolve_device(probe.runtime.device)
+    rt = resolve_runtime(probe.runtime, device)
     gen = torch.Generator().manual_seed(0)
     rows = probe.train.batch_size
     x = torch.randint(0, 4096, (rows, context + 1), generator=gen).to(device)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptlab.config.schema import REMOVED, RunConfig
+from gptlab.config.schema import RunConfig, migrate
 from gptlab.errors import GptlabError
 from gptlab.interop import checkpoint as ckpt_lib
 
@@ -71,15 +71,13 @@ def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved config dict with the fields it lacks filled from today's defaults.
 
     Fields added to gptlab after a checkpoint was written take their defaults, which
-    reproduce the older behaviour, and those of REMOVED options are dropped; only real
-    differences count as changes.
+    reproduce the older behaviour; removed options are dropped and moved ones renamed
+    (`migrate`); only real differences count as changes.
     """
     out = RunConfig().to_dict()
-    for section, values in saved.items():
+    for section, values in migrate(saved).items():
         if isinstance(values, dict) and isinstance(out.get(section), dict):
-            out[section].update(
-                {k: v for k, v in values.items() if f"{section}.{k}" not in REMOVED}
-            )
+            out[section].update(values)
         else:
             out[section] = values
     return out
