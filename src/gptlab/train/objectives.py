@@ -11,6 +11,7 @@ are in gptlab.finetune.objectives.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from gptlab.model.loss import make_loss_fn
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs, targets) -> scalar
 
 
-class Objective:
+class Objective(ABC):
     """The base objective: every parameter trains, a checkpoint keeps the whole model, a
     batch's loss is calc_loss_batch's, no sample and no metrics beyond the losses.
 
@@ -38,17 +39,18 @@ class Objective:
     tokenizer: Any
     fingerprint: str
 
+    @abstractmethod
     def loaders(self, cfg: RunConfig, world_size: int) -> tuple[Any, Any]:
         """(train, val) loaders: `batch(epoch, index)` -> host tensors (inputs, targets),
         the same batch for the same (epoch, index) (exact resume), `len()` in batches."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sizes(self) -> dict[str, Any]:
         """The data's sizes, for the run's "start" record."""
-        raise NotImplementedError
 
-    def prepare(self, model: nn.Module, cfg: RunConfig) -> None:
-        """Choose the parameters that train (in place, before the optimizer is built)."""
+    def prepare(self, model: nn.Module, cfg: RunConfig) -> None:  # noqa: B027 (a hook)
+        """Choose the parameters that train (in place, before the optimizer is built); by
+        default every parameter trains, so there is nothing to change."""
 
     def batch_loss(
         self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
