@@ -54,6 +54,19 @@ parameters and the machine's 1-minute load average before the run. `--json FILE`
 one JSON line per recipe with every figure and the resolved config, as each finishes.
 Ctrl-C (or SIGTERM) stops the recipe in training after its step and ends the benchmark
 with the table of the recipes finished before it.
+
+The search loop (issue 34): `--equal-time S --plans FILE` trains each recipe on the
+schedule an S-second time budget gives it at its measured speed, without reading the
+clock: N = tokens/s x S / tokens per step steps, replayed as a time budget's progress
+(0, 2/N, 3/N, ..., 1: warm-up, evaluations and decay where an S-second run at constant
+speed has them; gptlab.train.budget). The speed and the resolved config (the corpus
+sizing's choice included) of each recipe are measured once, on a quiet machine, by a
+`--probe` second run and kept in FILE, so that every later run of the recipe is a pure
+function of the recipe and may run beside other work: the figures do not depend on the
+machine's load. `--slice F` is the proxy: the first F of the training characters (the
+same held-out text, the full text's tokenizer) for F x N steps, the same passes over
+the data as the whole run in F of its time. `benchmarks/rank_agreement.py` compares the
+proxy's ranking with the whole run's.
 """
 
 from __future__ import annotations
@@ -155,6 +168,84 @@ def _set_limits(tc: C.TrainConfig, budget: float | None, steps: int | None) -> N
         if tc.budget == "steps" and tc.max_steps and tc.warmup_steps and not tc.warmup_frac:
             tc.warmup_frac = min(tc.warmup_steps / tc.max_steps, 0.5)
         tc.budget, tc.max_time, tc.max_steps = "time", float(budget), 0
+
+
+def probe_plan(recipe: str, seconds: float, probe: float, data: str, out: Path) -> dict:
+    """A recipe's plan for `--equal-time`: its config resolved for an S-second run (the
+    corpus sizing's choice and the speed it measured pinned in it) and its training speed,
+    measured by training it `probe` seconds. Take it on a quiet machine."""
+    import torch
+
+    from gptlab.train.run import train
+
+    cfg, name = parse_recipe(recipe, seconds, None, data)
+    trial = C.RunConfig.from_dict(cfg.to_dict())
+    trial.train.max_time, trial.train.eval_every_frac = probe, 0.0
+    end = train(trial, out, name=name).end
+    return {
+        "recipe": recipe,
+        "name": name,
+        "tokens_per_s": end["tokens"] / end["train_time"],
+        "tokens_per_step": end["tokens"] // end["step"],
+        "probe_s": probe,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
+        "config": cfg.to_dict(),
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return "unknown"
+
+
+def planned_config(plan: dict, seconds: float, fraction: float, out: Path) -> C.RunConfig:
+    """The run `plan` makes in `seconds` at its measured speed, on the first `fraction` of
+    the training text (1: all of it): a replayed time budget of F x N steps (the module
+    docstring), written under `out`."""
+    from gptlab.train.budget import write_schedule
+
+    cfg = C.RunConfig.from_dict(plan["config"])
+    cfg.train.sizing = "preset"  # the plan holds the sizing's choice already
+    steps = max(2, round(plan["tokens_per_s"] * seconds * fraction / plan["tokens_per_step"]))
+    out.mkdir(parents=True, exist_ok=True)
+    if fraction < 1:
+        slice_corpus(cfg, fraction, out)
+    progress = [0.0] + [(i + 1) / steps for i in range(1, steps)]
+    cfg.train.max_time = seconds * fraction
+    cfg.train.replay_schedule = str(write_schedule(out, seconds * fraction, progress))
+    return cfg.validate()
+
+
+def slice_corpus(cfg: C.RunConfig, fraction: float, out: Path) -> None:
+    """Point cfg's data at its proxy, in place: the first `fraction` of the training
+    characters, then the same held-out characters, in out/slice.jsonl (split = chars at
+    exactly that cut), tokenized by the tokenizer the whole training text gives."""
+    from gptlab.data.corpus import corpus_bpe
+    from gptlab.data.sources import read_documents
+    from gptlab.data.tokenizer import ENDOFTEXT
+
+    if cfg.data.split != "chars":
+        raise GptlabError("--slice needs data.split = chars (the same held-out characters)")
+    docs = read_documents(cfg.data.source, text_field=cfg.data.text_field)
+    size = C.corpus_bpe_size(cfg.data.tokenizer)
+    if size is not None:
+        path = out / "tokenizer.json"
+        path.write_text(corpus_bpe(docs, size, cfg.data.train_ratio).to_json(), "utf-8")
+        cfg.data.tokenizer = str(path)
+    text = ENDOFTEXT.join(docs)
+    cut = int(cfg.data.train_ratio * len(text))
+    keep = int(fraction * cut)
+    sliced = text[:keep] + text[cut:]
+    path = out / "slice.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in sliced.split(ENDOFTEXT):
+            f.write(json.dumps({"text": doc}) + "\n")
+    cfg.data.source, cfg.data.text_field = str(path), "text"
+    cfg.data.train_ratio = (keep + 0.5) / len(sliced)  # int(ratio x length) == keep
 
 
 def run_recipe(recipe: str, cfg: C.RunConfig, name: str, out: Path) -> dict[str, Any]:
@@ -263,7 +354,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="shakespeare", help="the text (default: built-in Shakespeare)")
     p.add_argument("--out", default=None, help="keep the runs under DIR (default: a temp dir)")
     p.add_argument("--json", default=None, help="append one JSON line per recipe to this file")
+    p.add_argument(
+        "--equal-time",
+        type=float,
+        default=None,
+        metavar="S",
+        help="train each recipe the steps S seconds give it at its planned speed (see --plans)",
+    )
+    p.add_argument(
+        "--plans",
+        default=None,
+        help="JSON file of each recipe's resolved config and speed; missing ones are probed",
+    )
+    p.add_argument("--probe", type=float, default=45.0, help="seconds of a speed probe")
+    p.add_argument(
+        "--slice",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="with --equal-time: the proxy, the first F of the training text for F of the steps",
+    )
     args = p.parse_args(argv)
+    if args.equal_time is not None and (args.plans is None or args.equal_time <= 0):
+        p.error("--equal-time takes positive seconds and a --plans file")
+    if not 0 < args.slice <= 1 or (args.slice < 1 and args.equal_time is None):
+        p.error("--slice takes a fraction in (0, 1], with --equal-time")
     if (args.steps is not None and args.steps < 1) or (
         args.budget is not None and args.budget <= 0
     ):
@@ -272,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps and --budget are two ways to limit a run; give one")
     if args.threads < 0:
         p.error("--threads must be 0 (auto) or more")
+    if args.equal_time is not None:
+        try:
+            return search(args)
+        except GptlabError as e:
+            print(f"bench_quality: error: {e}", file=sys.stderr)
+            return 2
     try:
         plans = [(r, *parse_recipe(r, args.budget, args.steps, args.data)) for r in args.recipe]
     except GptlabError as e:  # every recipe is checked before the first one trains
@@ -294,6 +415,57 @@ def main(argv: list[str] | None = None) -> int:
             for n, (recipe, cfg, name) in enumerate(plans):
                 print(f"[{n + 1}/{len(plans)}] {recipe}", file=sys.stderr, flush=True)
                 row = run_recipe(recipe, cfg, name, root / f"{n:02d}-{_slug(recipe)}")
+                rows.append(row)
+                if args.json:
+                    with open(args.json, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+        except KeyboardInterrupt:
+            print("bench_quality: stopped; the recipes finished so far:", file=sys.stderr)
+            if rows:
+                print(format_table(rows))
+            return 130
+    print(format_table(rows))
+    return 0
+
+
+def search(args: argparse.Namespace) -> int:
+    """`--equal-time`: plan the recipes that have no plan yet (a probe each), then train
+    each one's planned run in full or on its slice, and print the table."""
+    import torch
+
+    from gptlab.runtime.threads import choose_threads
+
+    threads, _ = choose_threads(args.threads or None)
+    torch.set_num_threads(threads)
+    path = Path(args.plans)
+    plans = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    with contextlib.ExitStack() as stack:
+        root = (
+            Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        )
+        rows = []
+        try:
+            for n, recipe in enumerate(args.recipe):
+                key = f"{recipe} @ {args.data}"
+                if key not in plans:
+                    print(f"[probe] {recipe}", file=sys.stderr, flush=True)
+                    probe_dir = root / f"probe-{n:02d}-{_slug(recipe)}"
+                    plans[key] = probe_plan(
+                        recipe, args.equal_time, args.probe, args.data, probe_dir
+                    )
+                    path.write_text(json.dumps(plans, indent=1) + "\n", encoding="utf-8")
+                plan = plans[key]
+                print(f"[{n + 1}/{len(args.recipe)}] {recipe}", file=sys.stderr, flush=True)
+                slug = f"{n:02d}-{_slug(recipe)}"
+                cfg = planned_config(plan, args.equal_time, args.slice, root / f"{slug}-inputs")
+                row = run_recipe(recipe, cfg, plan["name"], root / slug)
+                row.update(
+                    equal_time=args.equal_time,
+                    slice=args.slice,
+                    data=args.data,
+                    plan_tokens_per_s=plan["tokens_per_s"],
+                    plan_cpu=plan["cpu"],
+                )
                 rows.append(row)
                 if args.json:
                     with open(args.json, "a", encoding="utf-8") as f:

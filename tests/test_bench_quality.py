@@ -167,3 +167,71 @@ def test_main_with_a_time_budget_and_one_thread(bench, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--steps", "2", "--budget", "3", "--recipe", TINY])
     assert e.value.code == 2 and "give one" in capsys.readouterr().err
+
+
+def test_equal_time_runs_are_planned_once_and_do_not_read_the_clock(bench, tmp_path, capsys):
+    """--equal-time: a probe plans each recipe once (kept in --plans); the planned run is a
+    replayed time budget of speed x S / tokens per step steps, so running it twice gives
+    the same losses; --slice trains F of the steps on F of the training text and scores
+    exactly the same held-out text."""
+    text = tmp_path / "corpus.txt"
+    text.write_text(make_corpus_text(60), encoding="utf-8")
+    plans = tmp_path / "plans.json"
+    recipe = f"{TINY} data.tokenizer=bpe:300 train.batch_size=2"
+    base = ["--data", str(text), "--equal-time", "4", "--plans", str(plans), "--probe", "2"]
+    runs = []
+    for slice_, out in [("1", "a"), ("1", "b"), ("0.5", "c")]:
+        jsonl = tmp_path / f"{out}.jsonl"
+        argv = [*base, "--recipe", recipe, "--slice", slice_, "--json", str(jsonl)]
+        assert bench.main([*argv, "--out", str(tmp_path / out)]) == 0
+        runs.append(json.loads(jsonl.read_text()))
+    capsys.readouterr()
+    plan = json.loads(plans.read_text())[f"{recipe} @ {text}"]  # probed once, then reused
+    assert plan["tokens_per_s"] == runs[0]["plan_tokens_per_s"] == runs[2]["plan_tokens_per_s"]
+    steps = round(plan["tokens_per_s"] * 4 / plan["tokens_per_step"])
+    full, again, proxy = runs
+    assert full["steps"] == again["steps"] == max(2, steps) and full["end_reason"] == "budget"
+    assert proxy["steps"] == max(2, round(plan["tokens_per_s"] * 2 / plan["tokens_per_step"]))
+    assert full["val_loss"] == again["val_loss"]  # no clock in it: the same run
+    # the proxy scores the same held-out text with the same tokenizer
+    assert (proxy["val_bytes"], proxy["val_tokens"]) == (full["val_bytes"], full["val_tokens"])
+    assert proxy["config"]["data"]["train_ratio"] < full["config"]["data"]["train_ratio"]
+
+
+def test_slice_keeps_the_held_out_characters(bench, tmp_path):
+    from gptlab.config import schema as C
+    from gptlab.data.sources import read_documents
+    from gptlab.data.tokenizer import ENDOFTEXT
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(make_corpus_text(), encoding="utf-8")
+    cfg, _ = bench.parse_recipe(f"{TINY} data.tokenizer=char", None, 5, str(text))
+    whole = ENDOFTEXT.join(read_documents(str(text)))
+    cut = int(cfg.data.train_ratio * len(whole))
+    sliced = C.RunConfig.from_dict(cfg.to_dict())
+    bench.slice_corpus(sliced, 0.25, tmp_path)
+    part = ENDOFTEXT.join(read_documents(sliced.data.source))
+    keep = int(sliced.data.train_ratio * len(part))
+    assert part[:keep] == whole[: int(0.25 * cut)] and part[keep:] == whole[cut:]
+    bad = C.RunConfig.from_dict(cfg.to_dict())
+    bad.data.split = "tokens"
+    with pytest.raises(GptlabError, match="split = chars"):
+        bench.slice_corpus(bad, 0.5, tmp_path)
+
+
+def test_rank_agreement(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "rank_agreement", SCRIPT.parent / "rank_agreement.py"
+    )
+    ra = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ra)
+    assert ra.ranks([0.3, 0.1, 0.3, 0.2]) == [3.5, 1.0, 3.5, 2.0]
+    assert ra.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert ra.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert ra.kendall([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)  # 2 agree, 1 not
+    rows = [("x", "r1", 2.0), ("x", "r2", 1.9), ("x", "r3", 2.1), ("x", "r1", 1.8)]
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        "".join(json.dumps(dict(data=d, recipe=r, bits_per_byte=b)) + "\n" for d, r, b in rows)
+    )
+    assert ra.read_rows(str(path)) == {("x", "r1"): 1.8, ("x", "r2"): 1.9, ("x", "r3"): 2.1}
