@@ -1,11 +1,8 @@
 """gptlab: pretrain GPT-style language models from scratch.
 
-The walk-through's names are all here: GPTModel, GPT_CONFIG_124M, create_dataloader(_v1),
-calc_loss_batch, calc_loss_loader, evaluate_model, train_model_simple,
-generate_text_simple, generate, text_to_token_ids, token_ids_to_text, plot_losses.
-
-They are imported on first use (PEP 562), so `import gptlab`, and with it `gptlab --help`,
-loads neither torch nor numpy nor matplotlib; `from gptlab import GPTModel` works as ever.
+The walk-through's names (GPTModel, GPT_CONFIG_124M, train_model_simple, generate, ...) are
+all here, imported on first use (PEP 562), so `import gptlab` and `gptlab --help` load
+neither torch nor numpy nor matplotlib.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """Writing a file so that a reader (or a crash) sees the old one or the whole new one: a
 temporary file beside it, fsynced, renamed over it, and the folder fsynced so the rename
-itself survives a power cut. Every small file a run writes goes through here (configs,
-tokenizers, chat templates, schedules, metrics rewrites, caches, tracker state, exports).
-
-An OSError (a full or read-only disk) propagates with the temporary file removed and the
-old file untouched; caches catch it, since a cache that cannot be written costs only time.
+survives a power cut. Every small file a run writes goes through here. An OSError (a full
+disk) propagates with the temporary file removed and the old file untouched.
 """
 
 from __future__ import annotations
@@ -20,9 +17,7 @@ from typing import IO, Any
 
 @contextmanager
 def replacing(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """A temporary file to fill ("w": text, UTF-8; "wb": bytes) that replaces `path` when the
-    block ends without an exception (its folder is made if missing); on an exception the
-    temporary file is removed and `path` is left as it was."""
+    """A temporary file to fill ("w": text, "wb": bytes) that replaces `path` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -39,16 +34,14 @@ def replacing(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """`text` at `path` (UTF-8, written as given: no newline added), atomically; returns the
-    path."""
+    """`text` at `path` (UTF-8, no newline added), atomically; returns the path."""
     with replacing(path) as f:
         f.write(text)
     return Path(path)
 
 
 def write_json(path: str | Path, obj: Any, indent: int | None = None) -> Path:
-    """`obj` as JSON (floats as repr, so they read back exactly) and a newline at `path`,
-    atomically; returns the path."""
+    """`obj` as JSON and a newline at `path`, atomically; returns the path."""
     with replacing(path) as f:
         json.dump(obj, f, indent=indent)
         f.write("\n")

@@ -1,8 +1,6 @@
-"""The one exception type for mistakes a user can fix.
-
-Library code raises `GptlabError` with a one-line message that says what is wrong and
-what to do; the CLI prints it on stderr and exits with status 2. Anything else is a bug
-and keeps its traceback.
+"""The one exception type for mistakes a user can fix: a one-line message saying what is
+wrong and what to do, which the CLI prints on stderr, exiting with status 2. Anything else
+is a bug and keeps its traceback.
 """
 
 

@@ -1,10 +1,7 @@
-"""The command line's grammar that the commands share: one-line usage errors, range-checked
-numbers, subcommands that know themselves, --threads, and the config fields as
---section.field VALUE flags recorded in the order given.
-
-Imports only the standard library and gptlab.config, gptlab.recipes.presets and
-gptlab.errors, so that `gptlab --help` answers without loading torch.
-"""
+"""The grammar the commands share: one-line usage errors, range-checked numbers, --threads,
+and the config fields as --section.field VALUE flags recorded in the order given. It imports
+only the standard library, gptlab.config, gptlab.recipes.presets and gptlab.errors, so that
+`gptlab --help` answers without loading torch."""
 
 from __future__ import annotations
 
@@ -22,9 +19,8 @@ from gptlab.recipes import presets as P
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose usage mistakes (e.g. `--max-steps abc`) are one-line GptlabErrors,
-    like every other user error, instead of a usage block and a bare exit. Flags are never
-    abbreviated: a typo must not silently become another flag."""
+    """argparse whose usage mistakes are one-line GptlabErrors, like every other user error.
+    Flags are never abbreviated: a typo must not silently become another flag."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("allow_abbrev", False)
@@ -39,8 +35,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def number(kind: type, bounds: F.Range, note: str = "", keep_text: bool = False) -> Callable:
-    """An argparse `type`: text -> kind (int or float) within bounds, else a one-line error
-    naming the range. keep_text returns the text itself (a config override, converted later)."""
+    """An argparse `type`: text -> kind (int or float) within bounds, else an error naming the
+    range. keep_text returns the text itself (a config override, converted later)."""
     noun = "an integer" if kind is int else "a number"
 
     def parse(text: str) -> Any:
@@ -82,8 +78,8 @@ def threads_arg(p: argparse.ArgumentParser, serve: bool = False) -> None:
 
 
 class Override(argparse.Action):
-    """Records `--section.field VALUE` (or a flag that stands for one field, like
-    --precision) as (dotted key, text) in the order given; see config_overrides()."""
+    """Records `--section.field VALUE` (or a flag standing for one field, like --precision)
+    as (dotted key, text) in the order given; see config_overrides()."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, key: str, **kwargs: Any):
         super().__init__(option_strings, dest, **kwargs)
@@ -91,19 +87,16 @@ class Override(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         setattr(namespace, self.dest, values)
-        given = [*getattr(namespace, "_config_overrides", []), (self.key, values)]
-        namespace._config_overrides = given
+        namespace._config_overrides = [*config_overrides(namespace), (self.key, values)]
 
 
 def config_overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """The config fields the user set on the command line, as (dotted key, text) in the order
-    given: every --section.field VALUE and the flags that stand for one (--precision, ...)."""
+    """The config fields set on the command line, as (dotted key, text) in the order given."""
     return list(getattr(args, "_config_overrides", []))
 
 
 def config_field_args(p: argparse.ArgumentParser) -> None:
-    """Every config field as --section.field VALUE, one group per section, generated from the
-    dataclasses: the meaning, choices and default in the help come from gptlab.config."""
+    """Every config field as --section.field VALUE, one group per section, help from its field."""
     base = P.preset(P.DEFAULT_PRESET)
     for section, cls in C.SECTION_TYPES.items():
         group = p.add_argument_group(
@@ -130,8 +123,8 @@ def field_flag(
     metavar: str | None = None,
     bounds: F.Range | None = None,
 ) -> None:
-    """`flag VALUE` sets the config field `key` (the dataclass field f), recorded in order as
-    an Override; its help is the field's own with `note`; `bounds` checks a number at once."""
+    """`flag VALUE` sets the config field `key` (the dataclass field f) as an Override; its help
+    is the field's own with `note`; `bounds` checks a number at once."""
     p.add_argument(
         flag,
         action=Override,
@@ -140,7 +133,7 @@ def field_flag(
         default=argparse.SUPPRESS,
         metavar=metavar or field_metavar(f),
         type=number(type(f.default), bounds, keep_text=True) if bounds else None,
-        help=escape_help(f"{F.field_help(f)} ({note})"),
+        help=f"{F.field_help(f)} ({note})".replace("%", "%%"),  # argparse formats help with %
     )
 
 
@@ -150,8 +143,3 @@ def field_metavar(f: dataclasses.Field) -> str:
     if choices:
         return "{" + ",".join(choices) + "}"
     return {bool: "BOOL", int: "INT", float: "FLOAT"}.get(type(f.default), "TEXT")
-
-
-def escape_help(help_text: str) -> str:
-    """Help text as argparse reads it (it formats help with %)."""
-    return help_text.replace("%", "%%")

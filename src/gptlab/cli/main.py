@@ -1,13 +1,10 @@
-"""`gptlab train | finetune | config | generate | plot | prepare | tokenizer train | eval |
-convert | serve`: the only code that reads argv, prints for the user or exits.
+"""`gptlab <command>`: the only code that reads argv, prints for the user or exits.
 
 Each command turns its arguments into one library call and its result into a few lines:
-gptlab.cli.run holds train, finetune and config, gptlab.cli.tools the commands that turn
-files into files (prepare, tokenizer, convert, plot), this module the table of commands,
-generate, eval and serve. User mistakes (GptlabError) print one line on stderr and exit
-with status 2. Help goes to stdout. The modules import only the standard library,
-gptlab.config, gptlab.recipes.presets and gptlab.errors at the top, so `gptlab --help` and
-`gptlab <cmd> --help` answer without loading torch.
+gptlab.cli.run holds train, finetune and config, gptlab.cli.tools prepare, tokenizer, convert
+and plot, this module the table of commands, generate, eval and serve. A user mistake
+(GptlabError) prints one line on stderr and exits with status 2; help goes to stdout. Nothing
+imports torch at the top, so `gptlab --help` and `gptlab <cmd> --help` answer without it.
 """
 
 from __future__ import annotations
@@ -16,7 +13,8 @@ import argparse
 import difflib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import chain
 
 from gptlab.cli.args import AT_LEAST_ONE, SEED, Parser, command, number, threads_arg
 from gptlab.cli.run import config_parser, finetune_parser, train_parser
@@ -95,9 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _apply_threads(args: argparse.Namespace, reserve: int = 0) -> str | None:
-    """Set torch's threads by --threads and the policy (gptlab.runtime.threads); returns the
-    note that says why it chose fewer (printed once the command is under way, so that an
-    error stays the one line on stderr), or None."""
+    """Set torch's threads by --threads (gptlab.runtime.threads); the note saying why it chose
+    fewer, or None (printed once the command is under way: an error stays one line on stderr)."""
     from gptlab.runtime.threads import apply_threads
 
     note = apply_threads(args.threads, reserve=reserve)
@@ -138,11 +135,10 @@ def _generate_parser(sub) -> None:
     g.add_argument(
         "--top-p",
         type=number(float, F.Range(0, 1, low_open=True)),
-        default=None,
         metavar="P",
         help="sample among the likeliest tokens whose probability reaches P (default: off)",
     )
-    g.add_argument("--seed", type=number(int, SEED), default=None)
+    g.add_argument("--seed", type=number(int, SEED))
     g.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
     g.add_argument(
         "--chat",
@@ -151,7 +147,7 @@ def _generate_parser(sub) -> None:
         "the history re-rendered each turn by the run's chat template (a base model: the "
         "plays-style USER:/ASSISTANT: template)",
     )
-    g.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message")
+    g.add_argument("--system", metavar="TEXT", help="with --chat: a system message")
     g.add_argument(
         "--no-cache", action="store_true", help="recompute the whole window at every step"
     )
@@ -181,10 +177,7 @@ def _eval_parser(sub) -> None:
     )
     ev.add_argument("--batch-size", type=number(int, AT_LEAST_ONE), default=8)
     ev.add_argument(
-        "--max-batches",
-        type=number(int, AT_LEAST_ONE),
-        default=None,
-        help="stop after this many batches",
+        "--max-batches", type=number(int, AT_LEAST_ONE), help="stop after this many batches"
     )
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     ev.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -206,7 +199,7 @@ def _eval_parser(sub) -> None:
     tk.add_argument("--suite", metavar="FILE.toml", help="several tasks with few-shot counts")
     tk.add_argument("--num-fewshot", type=number(int, F.Range(0)), default=0, metavar="K")
     tk.add_argument(
-        "--limit", type=number(int, AT_LEAST_ONE), default=None, metavar="N",
+        "--limit", type=number(int, AT_LEAST_ONE), metavar="N",
         help="score only the first N items of each task",
     )  # fmt: skip
     tk.add_argument("--out", metavar="REPORT.json", help="write the report here when complete")
@@ -261,8 +254,6 @@ def _serve_parser(sub) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from itertools import chain
-
     from gptlab.infer.engine import Engine
     from gptlab.interop.runs import open_run
 
@@ -278,10 +269,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not all(run.tokenizer.encode(prompt) for prompt in prompts):
         raise GptlabError("--prompt is empty; give some text to continue")
     _print_note(note)
-    if len(prompts) == 1:  # stream: print each piece as its tokens arrive
-        for piece in chain([prompts[0]], engine.stream(prompts[0], _sampling(args)), ["\n"]):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    if len(prompts) == 1:
+        _stream([prompts[0]], engine.stream(prompts[0], _sampling(args)))
         return 0
     texts = engine.complete(prompts, _sampling(args))
     for n, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
@@ -302,6 +291,13 @@ def _sampling(args: argparse.Namespace):
     )
 
 
+def _stream(*parts: Iterable[str]) -> None:
+    """Write each piece as it arrives, then end the line."""
+    for piece in chain(*parts, ["\n"]):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+
 def _user_turns(args: argparse.Namespace) -> Iterator[str]:
     """The user's turns: the --prompt texts, else stdin's lines (with a prompt at a terminal)."""
     if args.prompt:
@@ -319,10 +315,7 @@ def _user_turns(args: argparse.Namespace) -> Iterator[str]:
 
 
 def _chat(args: argparse.Namespace, run, engine) -> int:
-    """`generate --chat`: each reply streamed on its own line (gptlab.infer.chat keeps the
-    conversation)."""
-    from itertools import chain
-
+    """`generate --chat`: each reply streamed on its own line."""
     from gptlab.infer.chat import Conversation
 
     chat = Conversation(engine, run.chat_template, args.system, _sampling(args))
@@ -331,9 +324,7 @@ def _chat(args: argparse.Namespace, run, engine) -> int:
             if args.prompt:
                 raise GptlabError("--prompt is empty; give some text to say")
             continue
-        for piece in chain(chat.reply(user), ["\n"]):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        _stream(chat.reply(user))
     return 0
 
 
@@ -348,23 +339,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.task_data or args.out:
         raise GptlabError("--task-data and --out go with --task or --suite")
     run = open_run(args.checkpoint, args.device)
-    if is_finetuned(run.config):
+    finetuned = is_finetuned(run.config)
+    if finetuned:
         r = evaluate_finetuned(run, args.data, args.split, args.batch_size)
-        r = {"data": r["data"], "checkpoint": args.checkpoint, **r}
-        if args.json:
-            print(json.dumps(r))
-        else:
-            print(f"data: {r['data']}: {r['examples']:,} {r['format']} records")
-            line = f"loss {r['loss']:.4f} on the learned tokens"
-            if "accuracy" in r:
-                line += f" | accuracy {100 * r['accuracy']:.2f}%"
-            print(line)
-        return 0
-    r = evaluate_run(run, args.data, args.split, args.batch_size, args.max_batches, args.precision)
+    else:
+        r = evaluate_run(
+            run, args.data, args.split, args.batch_size, args.max_batches, args.precision
+        )
+        _print_note(note)
     r = {"data": r["data"], "checkpoint": args.checkpoint, **r}
-    _print_note(note)
     if args.json:
         print(json.dumps(r))
+    elif finetuned:
+        print(f"data: {r['data']}: {r['examples']:,} {r['format']} records")
+        line = f"loss {r['loss']:.4f} on the learned tokens"
+        if "accuracy" in r:
+            line += f" | accuracy {100 * r['accuracy']:.2f}%"
+        print(line)
     else:
         T = run.config.model.context_length
         print(f"data: {r['data']}: {r['tokens']:,} tokens in {r['windows']:,} windows of {T}")
@@ -441,20 +432,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def lm_eval_main() -> int:
-    """`gptlab-lm-eval`: lm-evaluation-harness's own command line (the same arguments as
-    `lm_eval`), with the model `gptlab` registered first. lm-eval 0.4.x resolves `--model`
-    only among its built-in models and classes registered in the running process (it loads
-    no plugins), so plain `lm_eval --model gptlab` cannot find it."""
+    """`gptlab-lm-eval`: lm-evaluation-harness's own command line with the model `gptlab`
+    registered first (lm-eval 0.4.x loads no plugins, so `lm_eval --model gptlab` cannot)."""
     try:
         import lm_eval.__main__ as lm_eval_cli
 
         import gptlab.evals.harness  # noqa: F401  registers --model gptlab
     except ModuleNotFoundError as e:
-        missing = (
-            "lm-evaluation-harness (lm_eval)" if (e.name or "").startswith("lm_eval") else e.name
-        )
+        name = "lm-evaluation-harness (lm_eval)" if (e.name or "").startswith("lm_eval") else e.name
         print(
-            f"gptlab-lm-eval: error: {missing} is not installed; pip install 'gptlab[eval]'",
+            f"gptlab-lm-eval: error: {name} is not installed; pip install 'gptlab[eval]'",
             file=sys.stderr,
         )
         return 2

@@ -1,8 +1,6 @@
-"""`gptlab train`, `gptlab finetune` and `gptlab config`: their flags, and argv turned into
-one call of gptlab.train.run.train(), gptlab.finetune.run.finetune() or
-gptlab.train.resolve.resolve() (which the other two call first), its events drawn by the
-console view, its end said in a few lines and an exit status.
-"""
+"""`gptlab train`, `gptlab finetune` and `gptlab config`: their flags, and argv turned into one
+call of train(), finetune() or resolve() (which the other two call first), drawn by the console
+view and ended by a few lines and an exit status."""
 
 from __future__ import annotations
 
@@ -71,11 +69,7 @@ def _tracker_args(t: argparse.ArgumentParser) -> None:
         "(WANDB_MODE=offline: a local run for `wandb sync`) or trackio (local; `trackio show`); "
         "repeat for several; kept in train.trackers, so a resume logs there too",
     )
-    t.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="the same as --tracker tensorboard",
-    )
+    t.add_argument("--tensorboard", action="store_true", help="the same as --tracker tensorboard")
 
 
 def finetune_parser(sub) -> None:
@@ -113,8 +107,7 @@ def finetune_parser(sub) -> None:
     config_field_args(t)
 
 
-# LoRA's flags: flag -> (dotted key, metavar, bounds); --lora-rank asks for adapters, so
-# 0 (the field's "no LoRA") is refused there.
+# LoRA's flags: flag -> (dotted key, metavar, bounds); --lora-rank refuses 0 ("no LoRA").
 LORA_FLAGS = {
     "--lora-rank": ("finetune.lora_rank", "R", AT_LEAST_ONE),
     "--lora-alpha": ("finetune.lora_alpha", "A", F.POSITIVE),
@@ -127,10 +120,8 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "LoRA (low-rank adapters on the frozen base; see also --finetune.lora_*)"
     )
-    fields = {f.name: f for f in dataclasses.fields(C.FinetuneConfig)}
     for flag, (key, metavar, bounds) in LORA_FLAGS.items():
-        f = fields[key.split(".")[1]]
-        field_flag(g, flag, key, f, f"same as --{key}", metavar, bounds)
+        field_flag(g, flag, key, _field(key), f"same as --{key}", metavar, bounds)
 
 
 def config_parser(sub) -> None:
@@ -201,14 +192,19 @@ def run_config_args(p: argparse.ArgumentParser) -> None:
         "spans it), or a safety net beside --epochs/--max-steps",
     )
     for flag, (key, metavar) in FIELD_ALIASES.items():
-        section, name = key.split(".")
-        f = {f.name: f for f in dataclasses.fields(C.SECTION_TYPES[section])}[name]
+        f = _field(key)
         field_flag(p, flag, key, f, f"same as --{key}", metavar, F.field_range(f))
 
 
+def _field(key: str) -> dataclasses.Field:
+    """The dataclass field of a dotted config key."""
+    section, name = key.split(".")
+    return next(f for f in dataclasses.fields(C.SECTION_TYPES[section]) if f.name == name)
+
+
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings of `train`, `finetune` and `config` as gptlab.train.resolve.resolve()
-    takes them (and so train() and finetune())."""
+    """The arguments of `train`, `finetune` and `config` as resolve(), train() and finetune()
+    take them."""
     trackers = list(getattr(args, "tracker", None) or [])
     if getattr(args, "tensorboard", False):
         trackers.append("tensorboard")
@@ -251,9 +247,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     result = _run(finetune, args)
     status = _report_end(
-        result,
-        "finetune",
-        "finetuning stopped on non-finite steps; resume with a lower --train.lr",
+        result, "finetune", "finetuning stopped on non-finite steps; resume with a lower --train.lr"
     )
     if status is not None:
         return status
@@ -268,10 +262,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _run(run: Callable, args: argparse.Namespace):
-    """train() or finetune() with these arguments, drawn by the console view; returns its
-    TrainResult. Its "resolved" note comes first: the sizing line is the run's first line
-    (on stdout: stderr is kept for the one-line errors), the threads note comes with the
-    start line."""
+    """train() or finetune() with these arguments, drawn by the console view; its TrainResult.
+    The sizing line is printed first (on stdout: stderr is for one-line errors), the threads note
+    with the start line."""
     from gptlab.observe.console import ConsoleView
 
     view = ConsoleView(quiet=args.quiet)
@@ -300,9 +293,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def _report_end(result, command: str, nonfinite: str) -> int | None:
-    """What train and finetune print when the run ends (rank 0 only), and the exit status
-    when it did not end well (a signal, non-finite steps; other ranks exit alike, silently);
-    None when it finished."""
+    """Prints how the run ended (rank 0 only); the exit status when it did not end well (a signal,
+    non-finite steps; other ranks exit alike, silently), None when it finished."""
     end = result.end
     if not result.is_main:  # the same exit status as rank 0, without its messages
         return {"SIGINT": 130, "SIGTERM": 143, "nonfinite": 1}.get(end["reason"], 0)

@@ -1,7 +1,6 @@
 """The commands that turn files into files: `gptlab prepare`, `gptlab tokenizer train`,
 `gptlab convert from-hf | to-hf | merge-lora` and `gptlab plot`: their flags, one library call
-each, and what they wrote in a line or two.
-"""
+each, and what they wrote in a line or two."""
 
 from __future__ import annotations
 
@@ -22,9 +21,7 @@ def _help_and_fail(parser: argparse.ArgumentParser) -> int:
 
 
 def _vocab_size(text: str) -> int:
-    from gptlab.data.bpe import (
-        MIN_VOCAB,  # the BPE's own floor; imported only when the flag is given
-    )
+    from gptlab.data.bpe import MIN_VOCAB  # the BPE's own floor, imported only when given
 
     return number(int, F.Range(MIN_VOCAB), " (256 bytes, the special token, a merge)")(text)
 
@@ -114,10 +111,7 @@ def prepare_parser(sub) -> None:
         "--seed", type=number(int, SEED), default=1337, help="seed of the document split"
     )
     pr.add_argument(
-        "--workers",
-        type=number(int, AT_LEAST_ONE),
-        default=None,
-        help="tokenizer processes (default: all cores)",
+        "--workers", type=number(int, AT_LEAST_ONE), help="tokenizer processes (default: all cores)"
     )
     pr.add_argument(
         "--skip-bad",
@@ -127,7 +121,6 @@ def prepare_parser(sub) -> None:
     pr.add_argument(
         "--shard-tokens",
         type=number(int, AT_LEAST_ONE),
-        default=None,
         help="tokens per shard file (default: 16,777,216)",
     )
     pr.add_argument(
@@ -135,7 +128,7 @@ def prepare_parser(sub) -> None:
         help="split .txt/.md files into documents at this text (e.g. '<|endoftext|>')",
     )
     pr.add_argument("--hf-split", default="train", help="split of hf:NAME datasets")
-    pr.add_argument("--hf-config", default=None, help="configuration of hf:NAME datasets")
+    pr.add_argument("--hf-config", help="configuration of hf:NAME datasets")
     pr.add_argument("--verify", action="store_true", help="re-check the shards of --out and exit")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -165,7 +158,7 @@ def tokenizer_parser(sub) -> None:
         help="least count of a merged pair (default: 2)",
     )
     tt.add_argument("--text-field", default="text")
-    tt.add_argument("--doc-separator", default=None)
+    tt.add_argument("--doc-separator")
     tt.add_argument("--skip-bad", action="store_true")
 
 
@@ -212,24 +205,17 @@ def cmd_convert_merge_lora(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from gptlab.observe.plot import (
-        NoEvaluations,
-        plot_compare,
-        plot_lr,
-        plot_run,
-        plot_tasks,
-        plot_throughput,
-    )
+    from gptlab.observe import plot
 
     for run in args.run_dirs:
         try:
-            png = plot_run(run)
+            png = plot.plot_run(run)
             print(f"wrote {png} and {png.with_suffix('.pdf')}")
-        except NoEvaluations as e:  # one run of several not evaluated yet: the others plot
+        except plot.NoEvaluations as e:  # one run of several not evaluated yet: the others plot
             if len(args.run_dirs) == 1:
                 raise
             print(f"{run}: no loss plot ({e})")
-        for fn in (plot_lr, plot_throughput, plot_tasks):
+        for fn in (plot.plot_lr, plot.plot_throughput, plot.plot_tasks):
             png = fn(run)
             if png is not None:
                 print(f"wrote {png}")
@@ -238,13 +224,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
             print(f"wrote TensorBoard events to {write_run(run)} (tensorboard --logdir {run})")
     if len(args.run_dirs) > 1:
-        png = plot_compare(args.run_dirs, args.out or args.run_dirs[0])
+        png = plot.plot_compare(args.run_dirs, args.out or args.run_dirs[0])
         print(f"wrote {png} (the runs overlaid)")
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from gptlab.data.prepare import DEFAULT_SHARD_TOKENS, prepare, verify
+    from gptlab.observe.console import PrepareView
 
     if args.verify:
         problems = verify(args.out)
@@ -262,8 +249,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if tokenizer not in ("gpt2", "char") and Path(tokenizer).expanduser().exists():
         # recorded absolute, so runs can find it from anywhere (the manifest also holds it inline)
         tokenizer = str(Path(tokenizer).expanduser().resolve())
-    from gptlab.observe.console import PrepareView
-
     view = PrepareView(quiet=args.quiet)
     try:
         manifest = prepare(

@@ -1,8 +1,5 @@
-"""What a config field declares and accepts: its one line of help, the choices of an
-enum-like setting, the range of a number, and the conversion of a command-line string or a
-TOML/JSON value to the field's type. The sections (gptlab.config.schema) declare their fields
-with `setting()`; validation, `--help` and the overrides all read the metadata from here.
-"""
+"""What a config field declares (`setting()`: its help, choices or range, which validation and
+`--help` read) and how a command-line string or TOML/JSON value becomes the field's type."""
 
 from __future__ import annotations
 
@@ -16,8 +13,7 @@ from gptlab.errors import GptlabError
 
 @dataclass(frozen=True)
 class Range:
-    """The values a number may take: bounds `low` and `high` (None: unbounded), each
-    included unless marked open."""
+    """The numbers from `low` to `high` (None: unbounded), each included unless marked open."""
 
     low: float | None = None
     high: float | None = None
@@ -52,14 +48,10 @@ BELOW_ONE = Range(0, 1, high_open=True)
 def setting(
     default: Any, help: str, choices: tuple[str, ...] | None = None, bounds: Range | None = None
 ) -> Any:
-    """A dataclass field with its one line of help and, where they apply, the choices of an
-    enum-like string or the range of a number: validation and the CLI read them from here."""
-    metadata: dict[str, Any] = {"help": help}
-    if choices is not None:
-        metadata["choices"] = choices
-    if bounds is not None:
-        metadata["range"] = bounds
-    return field(default=default, metadata=metadata)
+    """A dataclass field with its one line of help and, where given, the choices of an enum-like
+    string or the range of a number."""
+    metadata: dict[str, Any] = {"help": help, "choices": choices, "range": bounds}
+    return field(default=default, metadata={k: v for k, v in metadata.items() if v is not None})
 
 
 def field_help(f: dataclasses.Field) -> str:
@@ -96,7 +88,6 @@ def coerce(name: str, value: Any, current: Any) -> Any:
 
 
 def _parse(name: str, text: str, kind: type) -> Any:
-    """A command-line string as a bool, int or float field's value."""
     t = text.strip().lower()
     if kind is bool:
         if t in ("true", "1", "yes", "on"):

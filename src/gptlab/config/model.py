@@ -1,5 +1,4 @@
-"""The [model] section: the shape and options of a GPTModel (field names follow the
-walk-through's dict, GPT_CONFIG_124M)."""
+"""The [model] section: the shape and options of a GPTModel."""
 
 from __future__ import annotations
 
@@ -47,8 +46,7 @@ class ModelConfig:
         "pytorch: PyTorch's default initialisation (the walk-through); gpt2: GPT-2's N(0, 0.02)",
         choices=("pytorch", "gpt2"),
     )
-    # Architecture options of later models (Llama, the GPT-2 speedruns); each default is
-    # GPT-2's, so the presets above them build the walk-through's model unchanged.
+    # Options of later models (Llama, the GPT-2 speedruns); each default is GPT-2's.
     positions: str = setting(
         "learned",
         "learned: a position embedding table (GPT-2); rope: rotary q/k rotations (Llama)",
@@ -101,8 +99,7 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from the walk-through's plain dict (or any dict of ModelConfig fields)."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
+        if unknown := sorted(set(d) - known):
             raise GptlabError(
                 f"unknown model config key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}"
             )

@@ -1,9 +1,5 @@
-"""The runtime section: how a run executes, apart from what it learns.
-
-Device, precision, compile, the loss and dropout kernels, activation checkpointing, host
-memory and torchrun's parallelism: the choices that torchtitan applies from outside the
-model. gptlab.runtime.device decides each `auto` for the device the run finds.
-"""
+"""The runtime section: how a run executes, apart from what it learns (the choices torchtitan
+applies from outside the model); gptlab.runtime.device decides each `auto` for the device."""
 
 from __future__ import annotations
 
@@ -18,8 +14,7 @@ _ON_OFF = ("auto", "on", "off")
 class RuntimeConfig:
     """How a run executes: device, precision, compile, kernels, host memory, processes.
 
-    What the run learns is in the other sections; moving a run to another machine changes
-    this one (gptlab.runtime.device decides each `auto` for the device)."""
+    Moving a run to another machine changes this section only."""
 
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps (auto: a GPU if there is one)")
     precision: str = setting(

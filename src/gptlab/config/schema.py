@@ -1,16 +1,9 @@
-"""Typed configuration: the sections of a run (model, train, data, finetune, runtime), TOML files,
-dotted overrides.
+"""Typed configuration: one `RunConfig` of sections (model, train, data, finetune, runtime).
 
-A run is described by one `RunConfig` (sections `model`, `train`, `data`, `finetune`,
-`runtime`). It
-can be built from a preset (gptlab.recipes.presets), a TOML file with the same sections, and
-`section.field=value` overrides, in that order (gptlab.train.resolve). Every value is checked
-by `validate()`, and unknown keys are errors that name the key. The resolved config is saved
-with each run and checkpoint.
-
-Each field carries its one line of meaning (and, for a setting with a fixed set of values,
-its choices) in its metadata (gptlab.config.fields): `gptlab train --help` and validation
-both read them there.
+It is built from a preset (gptlab.recipes.presets), a TOML file with the same sections and
+`section.field=value` overrides, in that order (gptlab.train.resolve); `validate()` checks every
+value, unknown keys are errors that name the key, and the result is saved with each run and
+checkpoint. Each field's help, choices and range live in its metadata (gptlab.config.fields).
 """
 
 from __future__ import annotations
@@ -59,7 +52,6 @@ GPT_CONFIG_124M: dict[str, Any] = {
 }
 
 
-_ON_OFF = ("auto", "on", "off")
 # The shortest time budget: below it a run could not hold a step and its evaluation.
 MIN_BUDGET_S = 1.0
 
@@ -266,8 +258,7 @@ BPE_PREFIX = "bpe:"
 
 
 def corpus_bpe_size(name: str) -> int | None:
-    """N for a tokenizer name `bpe:N` (a BPE trained on the run's own training text), None
-    for any other name; a `bpe:` name whose N is not a whole number >= 258 is an error."""
+    """N of a tokenizer name `bpe:N` (a BPE trained on the run's text), else None; bad N raises."""
     if not name.startswith(BPE_PREFIX):
         return None
     size = name[len(BPE_PREFIX) :]
@@ -322,14 +313,9 @@ class DataConfig:
         check_fields(self, "data")
         if not self.source:
             raise GptlabError("data.source is empty: pass --data PATH or --data shakespeare")
-        if corpus_bpe_size(self.tokenizer) is None and (
-            self.tokenizer not in ("gpt2", "char")
-            and not (
-                self.tokenizer.endswith(".json")
-                or "/" in self.tokenizer
-                or Path(self.tokenizer).is_dir()
-            )
-        ):
+        tok = self.tokenizer
+        is_path = tok.endswith(".json") or "/" in tok or Path(tok).is_dir()
+        if corpus_bpe_size(tok) is None and tok not in ("gpt2", "char") and not is_path:
             raise GptlabError(
                 f"data.tokenizer must be gpt2, char, bpe:N, or the path of a trained "
                 f"tokenizer.json (or its directory); got {self.tokenizer!r}"
@@ -445,11 +431,8 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> RunConfig:
-        self.model.validate()
-        self.train.validate()
-        self.data.validate()
-        self.finetune.validate()
-        self.runtime.validate()
+        for section in SECTIONS:
+            getattr(self, section).validate()
         if self.data.stride > self.model.context_length:
             raise GptlabError(
                 f"data.stride ({self.data.stride}) exceeds model.context_length "
@@ -468,23 +451,21 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        """A RunConfig from nested sections (a preset, a saved config.json or checkpoint).
-        A run saved before an option was removed or moved still loads (`migrate`)."""
+        """A RunConfig from nested sections (a preset, a saved config.json or checkpoint),
+        migrated from an older gptlab's (`migrate`)."""
         cfg = cls()
         apply_nested(cfg, migrate(d))
         return cfg
 
 
-# Options that were removed, with why and what to do: a user who sets one is told so (none
-# of them changed a weight's name or shape, so a saved run that has one loads without it).
+# Removed options, with why and what to do (none changed a weight, so saved runs still load).
 REMOVED = {
     "model.fused_qkv": "model.fused_qkv was removed (one q/k/v matmul measured within noise, "
     "BENCHMARKS.md); drop the setting",
 }
 
 
-# Options that moved to another section: a saved run's are moved on load (`migrate`), a
-# user who sets one by its old name is told the new one.
+# Options that moved to another section: moved on load (`migrate`), named to a user who sets one.
 MOVED = {f"train.{name}": f"runtime.{name}" for name in (
     "device", "precision", "compile", "chunked_loss", "fast_dropout",
     "activation_checkpointing", "host_memory", "parallel", "dist_timeout",
@@ -492,8 +473,8 @@ MOVED = {f"train.{name}": f"runtime.{name}" for name in (
 
 
 def migrate(d: dict[str, Any]) -> dict[str, Any]:
-    """A nested config dict as written by an older gptlab, in today's sections: REMOVED
-    keys dropped, MOVED keys under their new names (a new name given too wins)."""
+    """An older gptlab's nested config dict in today's sections: REMOVED keys dropped, MOVED
+    keys under their new names (a new name given too wins)."""
     out: dict[str, Any] = {s: dict(v) if isinstance(v, dict) else v for s, v in d.items()}
     for old, new in [*((k, None) for k in REMOVED), *MOVED.items()]:
         section, key = old.split(".")
@@ -507,19 +488,13 @@ def migrate(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-SECTIONS = ("model", "train", "data", "finetune", "runtime")
 # Each section's dataclass, in the order the sections appear in a config.
-SECTION_TYPES: dict[str, type] = {
-    "model": ModelConfig,
-    "train": TrainConfig,
-    "data": DataConfig,
-    "finetune": FinetuneConfig,
-    "runtime": RuntimeConfig,
-}
+SECTION_TYPES: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
+SECTIONS = tuple(SECTION_TYPES)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file into a nested dict (sections model/train/data, optional preset)."""
+    """A TOML config file as a nested dict (its sections and an optional preset key)."""
     p = Path(path)
     if not p.is_file():
         raise GptlabError(f"config file {str(p)!r} not found; check the --config path")
@@ -530,8 +505,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def to_toml(cfg: RunConfig, preset_name: str | None = None) -> str:
-    """The config as TOML text that `load_toml` + `apply_nested` (or `--config`) read back
-    to an identical RunConfig; with `preset_name`, a top-level `preset` key records it."""
+    """The config as TOML that `--config` reads back to an identical RunConfig; `preset_name`,
+    if given, is recorded as a top-level `preset` key."""
     import tomli_w  # only `gptlab config` writes TOML
 
     doc: dict[str, Any] = {"preset": preset_name} if preset_name else {}
@@ -558,14 +533,14 @@ def set_field(cfg: RunConfig, dotted: str, value: Any) -> None:
         raise GptlabError(
             f"unknown config key {dotted!r}; use section.field with sections {', '.join(SECTIONS)}"
         )
-    obj = getattr(cfg, section)
-    names = [f.name for f in dataclasses.fields(obj)]
     if dotted in REMOVED:
         raise GptlabError(REMOVED[dotted])
     if dotted in MOVED:
         raise GptlabError(
             f"{dotted} is now {MOVED[dotted]}: set --{MOVED[dotted]}, or {MOVED[dotted]} in a config file"
         )
+    obj = getattr(cfg, section)
+    names = [f.name for f in dataclasses.fields(obj)]
     if key not in names:
         raise GptlabError(f"unknown config key {dotted!r}; {section} has: {', '.join(names)}")
     setattr(obj, key, coerce(dotted, value, getattr(obj, key)))

@@ -1,9 +1,5 @@
-"""Train a byte-level BPE on the user's own text with the `tokenizers` library.
-
-The model is GPT-2's kind of tokenizer: text is split with GPT-2's pattern, every piece is
-mapped to bytes (so any text, in any script, round-trips exactly), merges are learned from
-the texts, and `<|endoftext|>` is a special token. `gptlab tokenizer train` feeds it the same
-documents that `gptlab prepare` reads, streamed, so the corpus need not fit in memory.
+"""Train a byte-level BPE of GPT-2's kind (its split pattern, pieces mapped to bytes so any
+text round-trips, `<|endoftext|>` special) on the user's own text with `tokenizers`.
 """
 
 from __future__ import annotations
@@ -21,11 +17,8 @@ MIN_VOCAB = BPE_MIN_VOCAB
 def train_bpe(
     texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False
 ) -> BPETokenizer:
-    """Learn a byte-level BPE of at most `vocab_size` ids (special token included) from texts.
-
-    `texts` is any iterable of strings (documents or pieces of them); it is consumed once.
-    Returns a BPETokenizer whose `<|endoftext|>` is id 0 and whose byte tokens follow.
-    """
+    """A BPETokenizer of at most `vocab_size` ids learned from `texts` (any iterable of
+    strings, consumed once); `<|endoftext|>` is id 0 and the byte tokens follow."""
     try:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     except ImportError:

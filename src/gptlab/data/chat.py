@@ -6,24 +6,17 @@ A conversation renders as (here with the default template, `bos` on)
     <|endoftext|><|system|>Be brief.<|end|><|user|>Hi!<|end|><|assistant|>Hello.<|end|>
 
 and a prompt for the model's next reply ends with `<|assistant|>` (`add_generation_prompt`);
-the reply ends when the model samples `<|end|>`. Every marker is one id that ordinary text
-never produces: content is encoded with `encode_ordinary`, so a user who types "<|user|>"
-gets the ids of that text, not the marker's. The mask `render` returns is True on the ids
-the model learns to produce: each assistant message's content and its `<|end|>`.
+the reply ends when the model samples `<|end|>`. Content is encoded with `encode_ordinary`,
+so a user who types "<|user|>" gets the ids of that text, not the marker's.
 
-A base model's tokenizer lacks these tokens; `ensure_special_tokens` grows the tokenizer
-(`tokenizer.WithSpecialTokens`) and the model's embedding and output head by as many rows,
-initialised to the mean of the existing rows. The template travels with the run
-(`save_template`: chat_template.json beside the checkpoints, or a checkpoint's meta.json key
+A base model's tokenizer lacks these tokens: `ensure_special_tokens` grows it and the model.
+The template travels with the run (chat_template.json, or a checkpoint's meta.json key
 `chat_template`); `jinja` writes it for `transformers`' `apply_chat_template`, which gives
 the same ids (`gptlab convert to-hf` puts it in the exported folder).
 
-An instructions run (`gptlab finetune` on {instruction, input, output} records) learned the
-book's Alpaca prompt instead: `InstructionTemplate` (`ALPACA`) renders a conversation as
-that prompt, one exchange an example, and its reply ends at `<|endoftext|>`. It has no
-special tokens and grows nothing; it is saved, loaded, exported and used for chat the same
-way. Both kinds answer `render`, `end_id`, `jinja` and `to_dict`, and the saved template's
-`kind` says which it is (a file without one is the special-token kind).
+An instructions run learned the book's Alpaca prompt instead: `InstructionTemplate` (`ALPACA`)
+has no special tokens and grows nothing, and is saved and used the same way. Both kinds answer
+`render`, `end_id`, `jinja` and `to_dict`; the saved `kind` says which (none: special-tokens).
 """
 
 from __future__ import annotations
@@ -59,10 +52,8 @@ class _Fields:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "chat template") -> Any:
-        """The template `to_dict` wrote (a ChatTemplate's without `kind` too: the files
-        written before there were two kinds): each key one of its fields or `kind` (its
-        own), booleans where the field is one and strings elsewhere; else a GptlabError
-        naming `where`."""
+        """The template `to_dict` wrote (a ChatTemplate's may lack `kind`); a GptlabError
+        naming `where` for another kind, unknown keys or values of the wrong type."""
         types = {f.name: f.type for f in fields(cls)}  # names of types: annotations are strings
         names = {"kind", *types}
         if isinstance(d, dict) and d.get("kind", cls.kind) != cls.kind:
@@ -75,20 +66,17 @@ class _Fields:
         values = {k: v for k, v in d.items() if k != "kind"}
         flags = [k for k, t in types.items() if t == "bool"]
         if not all(isinstance(v, bool if k in flags else str) for k, v in values.items()):
-            rule = (
-                f"{', '.join(flags)} true/false, the rest strings"
-                if flags
-                else "its fields are strings"
-            )
+            rule = "its fields are strings"
+            if flags:
+                rule = f"{', '.join(flags)} true/false, the rest strings"
             raise GptlabError(f"{where} is malformed: {rule}")
         return cls(**values)
 
 
 @dataclass(frozen=True)
 class ChatTemplate(_Fields):
-    """How a conversation becomes ids: one special token opens each role's turn, one ends
-    every turn; with `bos`, the tokenizer's `<|endoftext|>` comes first (the token every
-    document of pretraining followed)."""
+    """One special token opens each role's turn, one ends every turn; with `bos`, the
+    tokenizer's `<|endoftext|>` (which every pretraining document followed) comes first."""
 
     kind: ClassVar[str] = "special-tokens"  # in the saved template, beside the fields
     name: str = "gptlab-chat"
@@ -135,17 +123,11 @@ class ChatTemplate(_Fields):
         add_generation_prompt: bool = False,
         where: str = "messages",
     ) -> tuple[list[int], list[bool]]:
-        """Token ids of a conversation, and a mask of the same length that is True where
-        the model should learn to produce the token (each assistant message's content and
-        the `end` token that closes it).
-
-        With `add_generation_prompt`, the ids end with the assistant's opener: a prompt for
-        the next reply (the opener is never a learned token). Content is encoded as plain
-        text, so text that spells a special token never becomes it. `where` names the
-        messages in errors (e.g. "train.jsonl:12 messages"). Raises GptlabError for bad
-        messages or a tokenizer without the template's tokens (grow it with
-        `ensure_special_tokens`).
-        """
+        """(ids, mask): the conversation's token ids, and True where the model learns to
+        produce the id (each assistant message's content and its `end`). With
+        `add_generation_prompt` the ids end with the assistant's opener. `where` names the
+        messages in errors; bad messages and a tokenizer lacking the template's tokens are
+        GptlabErrors."""
         messages = check_messages(messages, where)
         ids_of = self._ids_of(
             tokenizer, "; grow it first (chat.ensure_special_tokens, which gptlab finetune does)"
@@ -178,8 +160,7 @@ class ChatTemplate(_Fields):
         return self._ids_of(tokenizer)[self.end]
 
     def _ids_of(self, tokenizer: Tokenizer, fix: str = "") -> dict[str, int]:
-        """The template's tokens' ids in `tokenizer`; a GptlabError (ending in `fix`) if it
-        lacks any."""
+        """The template's tokens' ids; a GptlabError (ending in `fix`) if any is missing."""
         missing = missing_tokens(tokenizer, self)
         if missing:
             raise GptlabError(
@@ -188,10 +169,8 @@ class ChatTemplate(_Fields):
         return {t: tokenizer.special_id(t) for t in self.special_tokens}
 
     def jinja(self) -> str:
-        """The template as a Jinja string for `transformers`' `apply_chat_template`, which
-        renders it to text and tokenizes that: with the special tokens in the exported
-        tokenizer, the same ids as `render`. `{% generation %}` marks what `render`'s mask
-        marks (`return_assistant_tokens_mask`)."""
+        """The template as a Jinja string for `apply_chat_template`: the same ids as `render`,
+        with `{% generation %}` around what `render`'s mask marks."""
         q = json.dumps  # a JSON string is a valid Jinja string literal
         bad = "messages must have role system, user or assistant"
         return (
@@ -226,9 +205,8 @@ ALPACA_PREAMBLE = (
 
 @dataclass(frozen=True)
 class InstructionTemplate(_Fields):
-    """The book's Alpaca prompt (chapter 7) as a chat template: how a model finetuned on
-    instructions records (`format_input`, the response header, the output, `<|endoftext|>`)
-    is prompted. A conversation of one user message renders as
+    """The book's Alpaca prompt (chapter 7) as a chat template, for a model finetuned on
+    instructions records. A conversation of one user message renders as
 
         Below is an instruction that describes a task. Write a response that appropriately
         completes the request.
@@ -238,27 +216,11 @@ class InstructionTemplate(_Fields):
 
         ### Response:
 
-    and the reply ends when the model samples `<|endoftext|>`, as every output it learned
-    did. Messages map onto the prompt so that each exchange the model reads is the shape
-    of one of its training examples:
-
-    - a user message is an instruction. A record's `input` has no message of its own: a
-      user writes it into the instruction (the book's records without an input render
-      exactly so).
-    - an assistant message is the response to the instruction before it, then
-      `<|endoftext|>`.
-    - earlier turns are earlier examples: each exchange renders whole, from the preamble to
-      its `<|endoftext|>`, and the next follows it, as documents followed one another in
-      pretraining. Someone chatting with the book's model asks one instruction after
-      another; rendered so, the newest is prompted exactly as in training and nothing sent
-      is dropped. (One preamble with the pairs run together would be a text the model never
-      saw; keeping only the last message would hide what the user sent.)
-    - a system message, first, replaces the preamble in every exchange (the preamble is
-      the Alpaca prompt's system prompt); anywhere else it is refused.
-
-    After the optional system message, user and assistant messages alternate, and a prompt
-    for the next reply ends with a user message; anything else is a one-line GptlabError.
-    The template has no special tokens: a base needs no new rows for it.
+    and the reply ends at `<|endoftext|>`. Each exchange (a user message, the instruction,
+    and the assistant's response) renders whole as one training example, after the earlier
+    ones, so the newest is prompted exactly as in training. A first system message replaces
+    the preamble; then user and assistant messages alternate, and a generation prompt ends
+    with a user message; anything else is a one-line GptlabError.
     """
 
     kind: ClassVar[str] = "instruction"
@@ -296,9 +258,8 @@ class InstructionTemplate(_Fields):
     def format_input(
         self, instruction: str, input_text: str = "", preamble: str | None = None
     ) -> str:
-        """The prompt of one instruction (and its input, if any) without the response
-        header: the book's `format_input`, with `preamble` in place of the template's own
-        when given."""
+        """The book's `format_input`: the prompt of one instruction (and input) without the
+        response header, with `preamble` in place of the template's own when given."""
         head = self.preamble if preamble is None else preamble
         text = f"{head}\n\n{self.instruction_header}\n{instruction}"
         if input_text:
@@ -345,17 +306,10 @@ class InstructionTemplate(_Fields):
         add_generation_prompt: bool = False,
         where: str = "messages",
     ) -> tuple[list[int], list[bool]]:
-        """Token ids of a conversation, and a mask of the same length that is True where
-        the model should learn to produce the token (each response and its `<|endoftext|>`,
-        as finetune.mask "response" marks them).
-
-        Each exchange's prompt (preamble, instruction and, when a response or the
-        generation prompt follows, the response header) is encoded as one text, so a prompt
-        of one user message has the ids of `finetune.instruction_prompt`'s text; a response
-        is encoded on its own, as the finetune encodes the output. Text is encoded as plain
-        text: a user who types "<|endoftext|>" gets the ids of that text. Raises
-        GptlabError for messages that break the rules (the class docstring).
-        """
+        """(ids, mask): the conversation's token ids, and True on each response and its
+        `<|endoftext|>`. Each exchange's prompt (with the response header when a response or
+        the generation prompt follows) is encoded as one plain text and each response on its
+        own, as the finetune encodes them; messages that break the rules are GptlabErrors."""
         preamble, pairs = self.exchanges(messages, add_generation_prompt, where)
         end = self.end_id(tokenizer)
         ids: list[int] = []
@@ -384,10 +338,8 @@ class InstructionTemplate(_Fields):
         return end
 
     def jinja(self) -> str:
-        """The template as a Jinja string for `transformers`' `apply_chat_template`: the
-        same text as `render`, so the same ids where text tokenizes the same whole as in
-        its pieces (`{% generation %}` marks what `render`'s mask marks), and the same
-        refusals through `raise_exception`."""
+        """The template as a Jinja string for `apply_chat_template`: the same text and
+        refusals as `render` (`{% generation %}` around what its mask marks)."""
         q = json.dumps  # a JSON string is a valid Jinja string literal
         turns = (
             "an instruction run's chat is an optional system message (in place of the "
@@ -425,15 +377,12 @@ class InstructionTemplate(_Fields):
 ALPACA = InstructionTemplate()
 
 Template = ChatTemplate | InstructionTemplate  # what a run's chat_template is
-KINDS: dict[str, type[ChatTemplate] | type[InstructionTemplate]] = {
-    t.kind: t for t in (ChatTemplate, InstructionTemplate)
-}
+KINDS: dict[str, type[Template]] = {t.kind: t for t in (ChatTemplate, InstructionTemplate)}
 
 
 def template_from_dict(d: Any, where: str = "chat template") -> Template:
-    """The template a `to_dict()` describes, of the class its `kind` names (a dict without
-    a kind is a ChatTemplate: files written before there were two kinds). A GptlabError
-    naming `where` for an unknown kind or malformed fields."""
+    """The template a `to_dict()` describes, of the class its `kind` names (none: a
+    ChatTemplate); a GptlabError naming `where` for an unknown kind or malformed fields."""
     kind = d.get("kind", ChatTemplate.kind) if isinstance(d, dict) else ChatTemplate.kind
     if not isinstance(kind, str) or kind not in KINDS:
         raise GptlabError(
@@ -441,9 +390,6 @@ def template_from_dict(d: Any, where: str = "chat template") -> Template:
             f"({', '.join(KINDS)}); upgrade gptlab or restore the run's template"
         )
     return KINDS[kind].from_dict(d, where)
-
-
-# --------------------------------------------------------------------------- rendering
 
 
 def missing_tokens(tokenizer: Tokenizer, template: Template) -> list[str]:
@@ -478,13 +424,8 @@ def render(
     add_generation_prompt: bool = False,
     where: str = "messages",
 ) -> tuple[list[int], list[bool]]:
-    """`template.render`: the conversation's token ids, and the mask of those the model
-    learns to produce (`ChatTemplate.render` and `InstructionTemplate.render` say how each
-    lays it out and what they refuse)."""
+    """`template.render`: (the conversation's token ids, the mask of those learned)."""
     return template.render(tokenizer, messages, add_generation_prompt, where)
-
-
-# --------------------------------------------------------------------------- growing a base
 
 
 def ensure_special_tokens(
@@ -494,16 +435,10 @@ def ensure_special_tokens(
     grow: bool = True,
     fix: str = "allow growing the vocabulary",
 ) -> tuple[nn.Module, Tokenizer]:
-    """(model, tokenizer) that hold the template's special tokens.
-
-    When the tokenizer lacks some, with `grow` the tokenizer gains them (ids after its own,
-    a `WithSpecialTokens` whose identity records them) and the model's embedding and output
-    head get rows for them, initialised to the mean of the rows of the tokenizer's existing
-    ids (a neutral start: every new token looks like the average token). Spare padded rows
-    are used first; `model.cfg.vocab_size` is raised in place, so save `model.cfg` with
-    the run. Without `grow`, a GptlabError names the missing tokens and `fix` (the option
-    that allows growth). Call it before wrapping the model (compile, DDP, adapters).
-    """
+    """(model, tokenizer) that hold the template's special tokens. Missing ones are added,
+    with `grow`, to the tokenizer (a `WithSpecialTokens`) and as rows of the model's embedding
+    and output head initialised to the mean row (`model.cfg.vocab_size` grows in place);
+    without it they are a GptlabError naming `fix`. Call it before wrapping the model."""
     missing = missing_tokens(tokenizer, template)
     if not missing:
         check_vocab_rows(model, tokenizer.n_vocab)
@@ -527,13 +462,9 @@ def ensure_special_tokens(
     return model, grown
 
 
-# --------------------------------------------------------------------------- with the run
-
-
 def save_template(run_dir: str | Path, template: Template) -> Path:
-    """Write `template` as RUN_DIR/chat_template.json (atomically: a temporary file renamed
-    into place). It is tokenizer_config-style: the `chat_template` Jinja string beside the
-    fields gptlab reads back (`template`, with its `kind`). Returns the file's path."""
+    """Write `template` atomically as RUN_DIR/chat_template.json, tokenizer_config-style:
+    the Jinja string beside the fields gptlab reads back. Returns the file's path."""
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     body = {
@@ -552,11 +483,9 @@ def save_template(run_dir: str | Path, template: Template) -> Path:
 
 
 def load_template(path: str | Path) -> Template | None:
-    """The chat template of a run directory or checkpoint directory, or None (a base
-    model). A checkpoint's meta.json key `chat_template` comes first, then
-    chat_template.json in the directory, then in the run directory above a checkpoint.
-    A checkpoint of an instructions finetune that saved none (one made before the runs
-    kept their template) gets ALPACA, the prompt every such run learned."""
+    """The chat template of a run or checkpoint directory, or None (a base model): a
+    checkpoint's meta.json key first, then chat_template.json here or in the run above. An
+    instructions finetune that saved none (an older one) gets ALPACA, which it learned."""
     p = Path(path)
     meta = p / "meta.json"
     body: Any = {}
@@ -568,13 +497,9 @@ def load_template(path: str | Path) -> Template | None:
     body = body if isinstance(body, dict) else {}
     if body.get(META_KEY) is not None:
         return template_from_dict(body[META_KEY], f"the chat_template in {str(meta)!r}")
-    places = [p]
-    if p.parent.name == "checkpoints":
-        places.append(p.parent.parent)
-    for place in places:
-        f = place / TEMPLATE_FILE
-        if f.is_file():
-            return _read_template_file(f)
+    for place in [p, p.parent.parent] if p.parent.name == "checkpoints" else [p]:
+        if (place / TEMPLATE_FILE).is_file():
+            return _read_template_file(place / TEMPLATE_FILE)
     config = body.get("config")
     finetune = config.get("finetune") if isinstance(config, dict) else None
     if isinstance(finetune, dict) and finetune.get("format") == "instructions":

@@ -1,20 +1,13 @@
 """Text in, training windows out.
 
-- `read_documents(inputs)` (from sources.py, the one reader of input text): files,
-  directories and globs of .txt/.md/.jsonl/.parquet, the built-in `shakespeare`, `hf:NAME`.
-- `tokenize_documents(...)`: documents joined with `<|endoftext|>`, tokenized once and
-  cached as a `.npy` array (uint16 while ids fit, else uint32).
-- `corpus_bpe(...)`: the tokenizer `data.tokenizer = "bpe:N"` names, a byte-level BPE
-  trained on the training part of the text only, cached by (text, N).
+- `load_corpus`: documents (read by sources.py) joined with `<|endoftext|>`, tokenized once
+  and cached as a `.npy` array, and split; `load_prepared` memory-maps a `gptlab prepare`
+  directory instead. `corpus_bpe` is the BPE `data.tokenizer = "bpe:N"` names.
 - `GPTDatasetV1` and `create_dataloader`: the walk-through's sliding-window dataset.
-- `load_prepared(dir)`: a corpus written by `gptlab prepare` (see prepare.py), its token
-  shards memory-mapped and read as one array (shards.py) without loading them.
-- `TokenWindowLoader`: the trainer's loader over a token array. It cuts the same windows
-  as the walk-through's dataset but assembles each batch with one NumPy gather instead of
-  per-sample Python, and its order is a pure function of (seed, epoch), so a resumed run
-  can continue at any batch.
-- `DataLoaderWindowLoader`: the same windows in the order the walk-through's torch
-  DataLoaders give (drawn from the global RNG); `make_loaders(cfg, corpus)` picks the pair.
+- `TokenWindowLoader`: the trainer's loader. It cuts the walk-through's windows but gathers
+  each batch with one NumPy index, in an order that is a pure function of (seed, epoch), so
+  a resumed run can continue at any batch. `DataLoaderWindowLoader` gives the same windows in
+  the walk-through's DataLoader order; `make_loaders(cfg, corpus)` picks the pair.
 """
 
 from __future__ import annotations
@@ -41,22 +34,18 @@ from gptlab.data.tokenizer import (
     BPETokenizer,
     Tokenizer,
     eot_id,
+    from_identity,
     get_tokenizer,
     token_byte_lengths,
 )
 from gptlab.errors import GptlabError
 
-# --------------------------------------------------------------------------- tokens
-
 
 def tokenize_documents(
     docs: list[str], tokenizer: Tokenizer, identity: dict[str, Any] | None = None
 ) -> np.ndarray:
-    """All documents as one token array, joined by `<|endoftext|>`.
-
-    With an `identity` (the tokenizer's `identity()`), the array is cached on disk under a
-    key of the texts and the tokenizer, and later calls memory-map it instead of tokenizing.
-    """
+    """All documents as one token array joined by `<|endoftext|>`; with an `identity` (the
+    tokenizer's), cached on disk by texts and tokenizer, and memory-mapped by later calls."""
     key = None
     if identity is not None:
         h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
@@ -69,18 +58,16 @@ def tokenize_documents(
                 return np.load(path, mmap_mode="r")
             except (ValueError, OSError):
                 pass  # a damaged cache entry is rebuilt below
-    text = ENDOFTEXT.join(docs)
     if hasattr(tokenizer, "encode_batch") and len(docs) > 1:
         # tiktoken tokenizes separate documents in parallel threads; the joins are added back.
         parts = tokenizer.encode_batch(docs)
         eot = tokenizer.encode(ENDOFTEXT)
-        ids: list[int] = []
-        for n, p in enumerate(parts):
-            if n:
-                ids.extend(eot)
+        ids: list[int] = list(parts[0])
+        for p in parts[1:]:
+            ids.extend(eot)
             ids.extend(p)
     else:
-        ids = tokenizer.encode(text, allowed_special={ENDOFTEXT})
+        ids = tokenizer.encode(ENDOFTEXT.join(docs), allowed_special={ENDOFTEXT})
     dtype = np.uint16 if tokenizer.n_vocab <= 65536 else np.uint32
     arr = np.asarray(ids, dtype=dtype)
     if key is not None:
@@ -108,17 +95,11 @@ def load_corpus(
     text_field: str = "text",
     split: str = "tokens",
 ) -> Corpus:
-    """Read (any input `gptlab prepare` takes; `text_field` for .jsonl, .parquet and hf:),
-    tokenize (cached) and split a corpus: by `train_ratio` of its tokens, or with
-    `split="chars"` by `train_ratio` of its characters (see `split_by_chars`).
-
-    `tokenizer_name` "bpe:N" trains a byte-level BPE of N ids on the training part of the
-    text (see `corpus_bpe`) unless `tokenizer` (the one a run recorded) is given; its
-    token split never starts the validation tokens inside that training text.
-
-    A directory written by `gptlab prepare` is memory-mapped instead (its own split and
-    tokenizer; `tokenizer_name`, `train_ratio` and `split` do not apply).
-    """
+    """Read any input `gptlab prepare` takes, tokenize (cached) and split it by `train_ratio`
+    of its tokens, or with `split="chars"` of its characters (`split_by_chars`). "bpe:N"
+    trains a BPE on the training text (`corpus_bpe`) unless `tokenizer` (a run's) is given;
+    validation tokens then never start inside that text. A prepared directory is
+    memory-mapped with its own split and tokenizer instead."""
     if is_prepared(source):
         return load_prepared(source)
     docs = read_documents(source, text_field=text_field)
@@ -144,20 +125,15 @@ def load_corpus(
 
 
 def _train_chars(docs: list[str], train_ratio: float) -> str:
-    """The text a `bpe:N` tokenizer is trained on: the first `train_ratio` of the characters
-    of the documents joined by `<|endoftext|>` (exactly split_by_chars' training part)."""
+    """The text a `bpe:N` tokenizer is trained on: split_by_chars' training part."""
     text = ENDOFTEXT.join(docs)
     return text[: int(train_ratio * len(text))]
 
 
 def corpus_bpe(docs: list[str], vocab_size: int, train_ratio: float) -> BPETokenizer:
-    """A byte-level BPE of `vocab_size` ids trained on the training part of `docs` only
-    (`_train_chars`), so the validation text never shaped the vocabulary.
-
-    Trained once per (text, size): the tokenizer.json is cached under cache_dir()/bpe, keyed
-    by a hash of both, so a second run and a resumed run get the identical tokenizer
-    without training again.
-    """
+    """A byte-level BPE of `vocab_size` ids trained on the training part of `docs` only, so
+    the validation text never shaped the vocabulary. Cached under cache_dir()/bpe by (text,
+    size), so a second or resumed run gets the identical tokenizer without training again."""
     text = _train_chars(docs, train_ratio)
     h = hashlib.sha256(f"bpe:{vocab_size}:min_frequency=2\n".encode())
     h.update(text.encode("utf-8", "surrogatepass"))
@@ -175,9 +151,8 @@ def corpus_bpe(docs: list[str], vocab_size: int, train_ratio: float) -> BPEToken
 
 
 def _first_token_after(tokens: np.ndarray, tokenizer: Any, text: str) -> int:
-    """The index of the first token of `tokens` (the whole text's) that starts at or after
-    the end of `text`, a prefix of it: where a validation split must start at the earliest
-    for its tokens to hold no byte of `text`."""
+    """The index of the first of `tokens` (the whole text's) that starts at or after the
+    end of `text`, a prefix of it: the earliest validation start that holds no byte of it."""
     lengths = token_byte_lengths(tokenizer)
     eot = eot_id(tokenizer)
     if eot is not None:
@@ -188,10 +163,8 @@ def _first_token_after(tokens: np.ndarray, tokenizer: Any, text: str) -> int:
 
 
 def split_by_chars(docs: list[str], tokenizer: Any, train_ratio: float) -> Corpus:
-    """The walk-through's split: the text (documents joined by `<|endoftext|>`) is cut at
-    `int(train_ratio * len(text))` characters and each part is tokenized on its own, as the
-    walk-through builds its two datasets (a word cut in two becomes the tokens of its
-    halves). Both parts are cached like any tokenized text."""
+    """The walk-through's split: the joined text is cut at `int(train_ratio * len(text))`
+    characters and each part tokenized (and cached) on its own."""
     identity = tokenizer.identity()
     text = ENDOFTEXT.join(docs)
     cut = int(train_ratio * len(text))
@@ -204,14 +177,9 @@ def split_by_chars(docs: list[str], tokenizer: Any, train_ratio: float) -> Corpu
     return Corpus(train, val, tokenizer, h.hexdigest()[:16])
 
 
-# --------------------------------------------------------------------------- prepared corpora
-
-
 def load_prepared(directory: str | Path, manifest: dict[str, Any] | None = None) -> Corpus:
     """A Corpus over a `gptlab prepare` directory: both splits memory-mapped, the tokenizer
     the manifest records, and a fingerprint from the shard checksums."""
-    from gptlab.data.tokenizer import from_identity
-
     manifest = manifest or read_manifest(directory)
     tokenizer = from_identity(manifest["tokenizer"])
     h = hashlib.sha256(json.dumps(manifest["tokenizer"], sort_keys=True).encode())
@@ -229,14 +197,10 @@ def open_corpus(
     size_vocab: bool = True,
     tokenizer: Any = None,
 ) -> tuple[RunConfig, Corpus]:
-    """The corpus `cfg.data` names, and a copy of `cfg` completed by it, validated.
-
-    A prepared directory (its `manifest`, when the caller has read it already) fixes the
-    tokenizer, recorded as data.tokenizer, and the split. With `size_vocab`, a char or
-    trained vocabulary sets model.vocab_size (GPT-2's keeps the configured size, which may
-    be padded); without it (weights from elsewhere) the model keeps its size. `tokenizer`,
-    when given, replaces the one data.tokenizer would build (a resumed run's own).
-    """
+    """(a validated copy of `cfg` completed by the corpus, the corpus `cfg.data` names). A
+    prepared directory (`manifest`, if already read) sets data.tokenizer; with `size_vocab`,
+    a char or trained vocabulary sets model.vocab_size; `tokenizer` (a resumed run's), when
+    given, replaces the one data.tokenizer names."""
     cfg = copy.deepcopy(cfg)
     source = cfg.data.source
     manifest = manifest or prepared_manifest(source)
@@ -259,14 +223,9 @@ def open_corpus(
     return cfg.validate(), corpus
 
 
-# --------------------------------------------------------------------------- the walk-through's dataset
-
-
 class GPTDatasetV1(Dataset):
-    """Sliding windows over a text: input `ids[i : i+max_length]`, target shifted by one.
-
-    Window starts are `range(0, len(ids) - max_length, stride)`, as in the walk-through.
-    """
+    """Sliding windows over a text: input `ids[i : i+max_length]`, target shifted by one,
+    for i in `range(0, len(ids) - max_length, stride)`."""
 
     def __init__(self, txt: str, tokenizer: Tokenizer, max_length: int, stride: int):
         if max_length <= 0 or stride <= 0:
@@ -283,9 +242,8 @@ class GPTDatasetV1(Dataset):
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.starts[idx]
-        return self.token_ids[i : i + self.max_length], self.token_ids[
-            i + 1 : i + self.max_length + 1
-        ]
+        window = self.token_ids[i : i + self.max_length + 1]
+        return window[:-1], window[1:]
 
 
 def create_dataloader(
@@ -298,35 +256,22 @@ def create_dataloader(
     num_workers: int = 0,
     tokenizer: Tokenizer | None = None,
 ) -> DataLoader:
-    """The walk-through's data loader: batches of (inputs, targets), each (batch_size, max_length).
-
-    `tokenizer` defaults to GPT-2's BPE; a tiktoken Encoding works too.
-    """
-    tokenizer = tokenizer or get_tokenizer("gpt2")
-    dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
+    """The walk-through's data loader: batches of (inputs, targets), each (batch_size,
+    max_length). `tokenizer` defaults to GPT-2's BPE; a tiktoken Encoding works too."""
+    dataset = GPTDatasetV1(txt, tokenizer or get_tokenizer("gpt2"), max_length, stride)
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        num_workers=num_workers,
+        dataset, batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers
     )
 
 
 create_dataloader_v1 = create_dataloader  # the walk-through's name
 
 
-# --------------------------------------------------------------------------- the trainer's loader
-
-
 class TokenWindowLoader:
-    """Batches of windows over a 1-D token array: (inputs, targets), each (B, T) int64.
-
-    The windows are the walk-through's (starts every `stride` tokens); an epoch visits each
-    once, in an order fixed by (seed, epoch). `batch(epoch, index)` returns any batch
-    directly, which is what exact resume needs; iterating yields epoch 0's batches, which
-    is what `calc_loss_loader` needs for a fixed evaluation subset.
-    """
+    """Batches of windows (starts every `stride` tokens) over a 1-D token array: (inputs,
+    targets), each (B, T) int64. An epoch visits each window once, in an order fixed by
+    (seed, epoch); `batch(epoch, index)` returns any batch directly (exact resume), and
+    iterating yields epoch 0's (a fixed evaluation subset for `calc_loss_loader`)."""
 
     def __init__(
         self,
@@ -339,12 +284,8 @@ class TokenWindowLoader:
         drop_last: bool = True,
     ):
         stride = stride or context_length
-        self.tokens = tokens
-        self.batch_size = batch_size
-        self.context_length = context_length
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
+        self.tokens, self.batch_size, self.context_length = tokens, batch_size, context_length
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.starts = np.arange(0, max(len(tokens) - context_length, 0), stride, dtype=np.int64)
         self._offsets = np.arange(context_length + 1, dtype=np.int64)  # (T+1,)
         self._order: tuple[int, np.ndarray] | None = None
@@ -360,12 +301,9 @@ class TokenWindowLoader:
     def order(self, epoch: int) -> np.ndarray:
         """Window indices in the order epoch `epoch` visits them."""
         if self._order is None or self._order[0] != epoch:
-            n = len(self.starts)
-            perm = (
-                np.random.default_rng([self.seed, epoch]).permutation(n)
-                if self.shuffle
-                else np.arange(n)
-            )
+            perm = np.arange(len(self.starts))
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(len(perm))
             self._order = (epoch, perm)
         return self._order[1]
 
@@ -392,24 +330,11 @@ class TokenWindowLoader:
 
 
 class DataLoaderWindowLoader(TokenWindowLoader):
-    """TokenWindowLoader's windows in the order torch DataLoaders give the walk-through.
-
-    The walk-through iterates `DataLoader(dataset, batch_size, shuffle, drop_last)`: every
-    new iterator draws from torch's global RNG (the loader's base seed, and with shuffle
-    the sampler's seed), and each epoch and each evaluation starts one. Dropout draws from
-    the same RNG in between, so the orders depend on everything that ran before. Here a
-    real DataLoader over the window indices `range(num_windows)` makes those draws, so they
-    stay exactly torch's, and the windows are gathered as TokenWindowLoader gathers them.
-
-    - `batch(epoch, index)`: the first call for a new epoch starts that epoch's iterator
-      (its draws happen then, as at the top of the walk-through's epoch loop) and keeps the
-      epoch's batches; epochs go forward only.
-    - iterating starts a fresh iterator each time, as `calc_loss_loader` does on the
-      walk-through's loaders (a fresh random order of the training windows each evaluation).
-    - `state_dict()` holds the current epoch's order, which the RNG state alone cannot give
-      back once the epoch is under way; with the global RNG state restored too, a resumed
-      run repeats the uninterrupted one.
-    """
+    """TokenWindowLoader's windows in the order the walk-through's torch DataLoaders give:
+    each new iterator draws from torch's global RNG, between dropout's draws, so a real
+    DataLoader over `range(num_windows)` makes the draws. The first `batch` call of an epoch
+    starts its iterator (epochs go forward only), iterating starts a fresh one each time (as
+    `calc_loss_loader` does), and `state_dict()` keeps the epoch's order mid-epoch."""
 
     def __init__(
         self,
@@ -422,11 +347,7 @@ class DataLoaderWindowLoader(TokenWindowLoader):
     ):
         super().__init__(tokens, batch_size, context_length, stride, shuffle, drop_last=drop_last)
         self.index_loader = DataLoader(
-            range(self.num_windows),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=0,
+            range(self.num_windows), batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=0
         )
         self._epoch: int | None = None
         self._batches: list[torch.Tensor] = []  # the current epoch's index batches, each (B,)
@@ -468,32 +389,19 @@ class DataLoaderWindowLoader(TokenWindowLoader):
 def make_loaders(
     cfg: RunConfig, corpus: Corpus, world_size: int = 1
 ) -> tuple[TokenWindowLoader, TokenWindowLoader]:
-    """The trainer's (train, val) loaders over `corpus` for a run config.
-
-    Training windows start every `data.stride` tokens (0: every context_length), validation
-    windows every context_length; validation keeps its order and its last partial batch.
-    `data.order` picks the kind: "seeded" (TokenWindowLoader) or "dataloader"
-    (DataLoaderWindowLoader, which follows one process's global RNG, so not under torchrun).
-    """
-    mc, tc, dc = cfg.model, cfg.train, cfg.data
-    stride = dc.stride or mc.context_length
+    """The trainer's (train, val) loaders: training windows every `data.stride` tokens (0:
+    context_length), validation windows every context_length, in order, the last partial
+    batch kept. `data.order` "seeded" picks TokenWindowLoader, "dataloader" the other."""
+    dc, b, t = cfg.data, cfg.train.batch_size, cfg.model.context_length
+    stride = dc.stride or t
     if dc.order == "dataloader":
         if world_size > 1:
             raise GptlabError(
                 "data.order dataloader follows one process's random stream, as the walk-through "
                 "does; train it in one process, or use --data.order seeded under torchrun"
             )
-        train = DataLoaderWindowLoader(
-            corpus.train, tc.batch_size, mc.context_length, stride, dc.shuffle
-        )
-        val = DataLoaderWindowLoader(
-            corpus.val, tc.batch_size, mc.context_length, shuffle=False, drop_last=False
-        )
-        return train, val
-    train = TokenWindowLoader(
-        corpus.train, tc.batch_size, mc.context_length, stride, dc.shuffle, tc.seed
-    )
-    val = TokenWindowLoader(
-        corpus.val, tc.batch_size, mc.context_length, shuffle=False, seed=tc.seed, drop_last=False
-    )
-    return train, val
+        train = DataLoaderWindowLoader(corpus.train, b, t, stride, dc.shuffle)
+        return train, DataLoaderWindowLoader(corpus.val, b, t, shuffle=False, drop_last=False)
+    seed = cfg.train.seed
+    train = TokenWindowLoader(corpus.train, b, t, stride, dc.shuffle, seed)
+    return train, TokenWindowLoader(corpus.val, b, t, shuffle=False, seed=seed, drop_last=False)

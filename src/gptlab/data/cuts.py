@@ -1,16 +1,12 @@
-"""Where text may be cut so that its parts tokenize exactly as the whole, for reading it
-in parts (sources.py) and splitting it into train and validation pieces (prepare.py).
+"""Where text may be cut so that its parts tokenize exactly as the whole: for reading it in
+chunks (sources.py, `safe_cut`) and splitting it into train and validation pieces
+(prepare.py). Every cut follows a non-whitespace character, where GPT-2's split pattern (which
+the trained BPEs share) always ends a pre-token.
 
-Chunks: a text read in parts of at most N bytes is cut just before an ASCII space or
-newline that follows a visible character. GPT-2's split pattern (which the trained BPEs
-share) never joins text across such a point, so the chunks tokenize exactly as the whole.
-
-Pieces: with `piece_bytes` > 0, a document longer than that is cut into pieces. A piece ends
-at the first paragraph break (a blank line) at least `piece_bytes` into it, or else at the
-first line break at least 2x that, or else at the first space at least 3x that, whichever
-comes first. Each of these points follows a non-whitespace character, where GPT-2's pattern
-always ends a pre-token, so pieces also tokenize exactly as the whole document.
-`cut_pieces` is the rule on a string; `piece_end` finds a cut in a buffer being streamed.
+With `piece_bytes` > 0, a piece ends at the first paragraph break (a blank line) at least
+`piece_bytes` into it, else at the first line break at least 2x that, else at the first space
+at least 3x that, whichever comes first. `cut_pieces` is the rule on a string; `piece_end`
+finds a cut in a buffer being streamed.
 """
 
 from __future__ import annotations
@@ -22,9 +18,8 @@ _VISIBLE_ASCII = range(0x21, 0x7F)
 
 
 def safe_cut(data: bytes, limit: int) -> int:
-    """Where to end a text chunk within data[:limit]: just before an ASCII space or newline that
-    follows a visible ASCII character (GPT-2's pattern never joins text across that point).
-    Without one, the last whitespace, else the last UTF-8 character boundary."""
+    """Where to end a text chunk within data[:limit]: before an ASCII space or newline after a
+    visible ASCII character, else the last whitespace, else a UTF-8 character boundary."""
     i = limit
     while i > 1:
         i = max(data.rfind(b" ", 1, i), data.rfind(b"\n", 1, i))
@@ -47,8 +42,7 @@ _BREAKS = ((re.compile(rb"\r?\n\r?\n"), 1), (re.compile(rb"\r?\n"), 2), (re.comp
 
 
 def _after_text(buf: bytes, p: int) -> bool:
-    """True when the character ending at buf[p - 1] is not whitespace: no GPT-2 pre-token
-    holds a non-whitespace character followed by whitespace, so one always ends there."""
+    """True when the character ending at buf[p - 1] is not whitespace."""
     b = buf[p - 1]
     if b < 0x80:
         return b in _VISIBLE_ASCII

@@ -1,40 +1,23 @@
 """`gptlab prepare`: corpora bigger than memory, tokenized in parallel into token shards.
 
-Inputs are whatever `sources.py` reads: files (`.txt`/`.md`, `.jsonl` with a text field,
-`.parquet` with a text column), directories and globs of them, the built-in `shakespeare`,
-or Hugging Face datasets (`hf:NAME`, streamed; needs `datasets` and the network). The output
-directory:
+The output directory holds manifest.json (tokenizer identity, dtype, settings, how the split
+was made; per split its documents, pieces, tokens, bytes and shards with SHA-256 checksums),
+train-000000.bin ... and val-000000.bin ... (raw token ids, uint16 or uint32 when ids exceed
+65,535, at most `shard_tokens` each) and, only while unfinished, progress.json.
 
-    manifest.json          tokenizer identity, dtype, settings, how the split was made, per
-                           split: documents, pieces, tokens, UTF-8 bytes and the shard list
-                           with SHA-256 checksums
-    train-000000.bin ...   raw token ids (uint16, or uint32 when ids exceed 65,535),
-    val-000000.bin ...     each shard at most `shard_tokens` tokens
-    progress.json          only while unfinished: what a re-run needs to continue
+The split's unit is a piece: a document, or a part of a long one (cuts.py). By default
+pieces are sized so that validation gets about ten of at least 256 bytes: a 20 KB story is
+cut into paragraphs, while the documents of a large corpus stay whole. Piece n goes to
+validation by a golden-ratio sequence started by the seed (PIECE_RULE), which spreads
+evenly (at val_ratio 0.1 any 13 consecutive pieces hold one) and depends on nothing but the
+inputs and the seed. Within a split, consecutive pieces of a document are joined as they
+were; anything else is separated by `<|endoftext|>`, as `load_corpus` joins documents.
 
-How the split is made, so that even one short story gets both splits:
-- The unit is a piece: a document, or a part of a document longer than `piece_bytes`, cut
-  at a paragraph break (else a line break, else a space; see sources.py). By default
-  `piece_bytes` is sized so that validation gets about ten pieces (at least 256 bytes each):
-  a 20 KB story is cut into paragraphs, while the documents of a large corpus stay whole.
-  Whole documents (0) when there is no validation split or an input's size is unknown
-  (hf:, shakespeare).
-- Piece n (counted over all inputs) goes to validation when a golden-ratio sequence started
-  by the seed, (offset(seed) + n * 2**64/phi) mod 2**64, falls below val_ratio * 2**64. The
-  sequence spreads evenly: at val_ratio 0.1, any 13 consecutive pieces hold a validation
-  piece, and the share is close to val_ratio whatever the count. Same inputs and seed, same
-  split, whatever the batching, the worker count or an interruption.
-- Within a split, consecutive pieces of a document are joined as they were; anything else
-  is separated by `<|endoftext|>`, as `load_corpus` joins documents.
-
-How it stays bounded and exact:
-- Documents are streamed in chunks (text files: 1 MiB) cut where GPT-2's split pattern
-  never joins text, so chunks and pieces tokenize exactly as the whole document would.
-- The main process only reads and writes; worker processes tokenize batches of chunks. At
-  most a few batches are in flight, so memory does not grow with the corpus.
-- Progress is checkpointed at batch boundaries (shard files fsynced, then progress.json
-  replaced atomically). A re-run truncates the open shards to the checkpoint and continues
-  from the recorded input position, so the result is byte-identical to an uninterrupted run.
+Documents are streamed in chunks that tokenize exactly as the whole; the main process reads
+and writes while worker processes tokenize, a few batches in flight, so memory stays
+bounded. Progress is checkpointed at batch boundaries (shards fsynced, then progress.json
+replaced atomically); a re-run truncates the open shards to the checkpoint and continues
+from the recorded input position, byte-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -89,13 +72,9 @@ PIECE_RULE = (
 )
 
 
-# --------------------------------------------------------------------------- the split
-
-
 def auto_piece_bytes(sources: list[Source], val_ratio: float) -> int:
-    """The default piece size: validation gets about VAL_PIECES pieces of at least
-    AUTO_MIN_PIECE_BYTES; 0 (documents whole) without a validation split or when an input's
-    size is unknown (hf:, the built-in corpus: many documents)."""
+    """The default piece size: about VAL_PIECES validation pieces of at least
+    AUTO_MIN_PIECE_BYTES; 0 (whole) without validation or when an input's size is unknown."""
     if val_ratio == 0 or any(s.kind in ("hf", "builtin") for s in sources):
         return 0
     total = sum(s.bytes for s in sources)
@@ -110,9 +89,8 @@ def _splitmix64(x: int) -> int:
 
 
 def piece_split(seed: int, pieces: np.ndarray, val_ratio: float) -> np.ndarray:
-    """True where piece n goes to validation (see PIECE_RULE): a golden-ratio sequence
-    offset by the seed, in exact 64-bit integer arithmetic. A pure function of (seed, piece
-    index), vectorised; its low discrepancy gives even a few pieces a validation share."""
+    """True where piece n goes to validation (PIECE_RULE, in exact 64-bit arithmetic); its
+    low discrepancy gives even a few pieces a validation share."""
     offset = np.uint64(_splitmix64(seed & _MASK))
     threshold = np.uint64(min(int(val_ratio * 2.0**64), _MASK))
     with np.errstate(over="ignore"):
@@ -141,8 +119,6 @@ def _tasks(
         yield chunks, dict(cur), consumed
 
 
-# --------------------------------------------------------------------------- workers
-
 _WORKER: dict[str, Any] = {}
 
 
@@ -155,8 +131,7 @@ def _init_worker(identity: dict[str, Any] | None, dtype: str, cfg: dict[str, Any
 
 
 def _run_task(task: list[Chunk]) -> dict[str, Any]:
-    """Tokenize one task: all its texts' tokens concatenated, with per-text lengths, documents
-    and piece starts."""
+    """One task's texts' tokens concatenated, with per-text lengths, documents and pieces."""
     d = decode_chunks(task, _WORKER["cfg"])
     tok, dtype = _WORKER["tokenizer"], _WORKER["dtype"]
     arrays = [np.array(tok.encode(t, allowed_special={ENDOFTEXT}), dtype=dtype) for t in d.texts]
@@ -173,15 +148,13 @@ def _run_task(task: list[Chunk]) -> dict[str, Any]:
 def _chars_task(task: list[Chunk]) -> dict[str, Any]:
     """The characters of one task's documents (the first pass of a char tokenizer)."""
     d = decode_chunks(task, _WORKER["cfg"])
-    chars: set[str] = set()
-    for t in d.texts:
-        chars.update(t.replace(ENDOFTEXT, ""))
+    chars: set[str] = {c for t in d.texts for c in t.replace(ENDOFTEXT, "")}
     return {"chars": chars, "errors": d.errors}
 
 
 class _Pool:
-    """Runs tasks in worker processes (or in this process when workers == 1), yielding results
-    in submission order with at most `2 * workers` tasks in flight."""
+    """Runs tasks in worker processes (or this one when workers == 1), yielding results in
+    order with at most `2 * workers` tasks in flight."""
 
     def __init__(self, workers: int, initargs: tuple):
         self.workers = workers
@@ -196,8 +169,7 @@ class _Pool:
 
     def map(self, fn: Callable, tasks: Iterator[tuple]) -> Iterator[tuple[Any, tuple]]:
         if self.pool is None:
-            for t in tasks:
-                yield fn(t[0]), t
+            yield from ((fn(t[0]), t) for t in tasks)
             return
         pending: collections.deque = collections.deque()
         for t in tasks:
@@ -214,9 +186,6 @@ class _Pool:
             self.pool.terminate()
             self.pool.join()
             self.pool = None
-
-
-# --------------------------------------------------------------------------- prepare
 
 
 def prepare(
@@ -240,12 +209,11 @@ def prepare(
 ) -> dict[str, Any]:
     """Tokenize `inputs` into token shards in `out`; returns the manifest (see module doc).
 
-    `tokenizer` is gpt2, char or the path of a trained tokenizer.json. `workers` tokenizer
-    processes (default: all cores; 1 runs in this process). `piece_bytes` is the split's
-    piece size (None: sized from the inputs; 0: documents whole). A directory holding an
-    unfinished preparation with the same inputs and settings is continued; a finished one is
-    returned as it is. `on_event(record)` receives "start", "progress", "shard" and "end"
-    records. `_stop_after_tasks` (tests) stops abruptly after that many tasks, as a crash would.
+    `tokenizer`: gpt2, char or a trained tokenizer.json. `workers`: default all cores, 1 runs
+    here. `piece_bytes`: None sizes it from the inputs, 0 keeps documents whole. An unfinished
+    preparation with the same settings is continued, a finished one returned. `on_event` gets
+    "start", "progress", "shard" and "end" records. `_stop_after_tasks` (tests) stops as a
+    crash would.
     """
     on_event = on_event or (lambda record: None)
     workers = workers or os.cpu_count() or 1
@@ -355,17 +323,8 @@ class _Job:
         self.position: dict[str, int] = p.get("position", dict(START))
         self.skipped: dict[str, Any] = p.get("skipped", {"count": 0, "examples": []})
         self.pieces: int = p.get("pieces", 0)  # pieces begun so far, over all inputs
-        self.writers = {
-            s: ShardWriter(
-                out,
-                s,
-                self.dtype,
-                settings["shard_tokens"],
-                tok.eot_token,
-                p.get("splits", {}).get(s),
-            )
-            for s in SPLITS
-        }
+        args = (self.dtype, settings["shard_tokens"], tok.eot_token)
+        self.writers = {s: ShardWriter(out, s, *args, p.get("splits", {}).get(s)) for s in SPLITS}
         self.total_bytes = sum(s.bytes for s in sources)
         pos = self.position
         self.done_bytes = sum(s.bytes for s in sources[: pos["src"]])
@@ -466,8 +425,8 @@ class _Job:
 def _run(
     job: _Job, workers: int, on_event, checkpoint_seconds: float, stop_after: int | None
 ) -> bool:
-    """The main loop: read, tokenize in the workers, write, checkpoint. False when stopped by
-    `stop_after` (tests: as a crash would, leaving only the last checkpoint)."""
+    """Read, tokenize in the workers, write, checkpoint; False when stopped by `stop_after`
+    (as a crash would, leaving only the last checkpoint)."""
     pool = _Pool(workers, (job.identity, job.dtype.name, job.cfg))
     last_ckpt = time.monotonic()
     completed = False

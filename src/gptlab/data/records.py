@@ -1,17 +1,11 @@
 """Records: JSON objects read from a file or a Hugging Face dataset, the one reader behind
-finetune data (`gptlab finetune --data`) and task items (`gptlab eval --task`); corpora
-(sources.py) stream the same .jsonl, .parquet and hf: inputs through the same helpers.
+finetune data and task items; corpora (sources.py) stream through the same helpers.
 
-A source is, by its name:
-- `hf:NAME`: a Hugging Face dataset (needs `datasets` and the network), its split and
-  configuration chosen by the caller (`--hf-split`, `--hf-config`) or written inline as
-  `hf:NAME[:CONFIG][@SPLIT]` (the form task suites use; inline parts win);
-- a `.parquet` file: one record per row (needs `pyarrow`);
-- any other file: one JSON array when its text starts with `[`, else one JSON object per
-  line (.jsonl), blank lines skipped.
-
-Every problem is one line that names its place: `FILE:LINE` (a .jsonl line, or where a JSON
-array is malformed), `FILE[I]` (an array's record), `FILE: row I` or `hf:NAME: row I`.
+A source is `hf:NAME[:CONFIG][@SPLIT]` (a Hugging Face dataset; needs `datasets` and the
+network; inline parts win over `--hf-split`, `--hf-config`), a `.parquet` file (one record a
+row; needs `pyarrow`), or any other file: one JSON array when its text starts with `[`, else
+one JSON object per line (.jsonl), blank lines skipped. Every problem is one line naming its
+place: `FILE:LINE`, `FILE[I]` (an array's record), `FILE: row I` or `hf:NAME: row I`.
 """
 
 from __future__ import annotations
@@ -46,9 +40,6 @@ def parse_record(raw: str | bytes) -> dict[str, Any]:
     return as_object(record)
 
 
-# --------------------------------------------------------------------------- parquet and hf:
-
-
 def parquet_file(path: str | Path, column: str | None = None):
     """pyarrow's ParquetFile at `path`, checked to hold `column` (the text field) when given."""
     try:
@@ -71,8 +62,7 @@ def parquet_file(path: str | Path, column: str | None = None):
 
 
 def hf_spec(source: str, split: str, config: str | None = None) -> tuple[str, str | None, str]:
-    """(name, configuration, split) of `hf:NAME[:CONFIG][@SPLIT]`; parts not written inline
-    are `config` and `split`."""
+    """(name, configuration, split) of `hf:NAME[:CONFIG][@SPLIT]`, defaulting to the args."""
     rest, _, inline_split = source.removeprefix("hf:").partition("@")
     name, _, inline_config = rest.partition(":")
     if not name:
@@ -83,9 +73,8 @@ def hf_spec(source: str, split: str, config: str | None = None) -> tuple[str, st
 def hf_rows(
     source: str, split: str, config: str | None = None, skip: int = 0, streaming: bool = True
 ) -> Iterator[Any]:
-    """The rows of the Hugging Face dataset `source` (`hf:NAME[:CONFIG][@SPLIT]`, see
-    `hf_spec`) from row `skip` on: streamed, or with `streaming` False downloaded (and
-    cached by `datasets`) first. Any failure of the library is one GptlabError line."""
+    """The rows of the Hugging Face dataset `source` (see `hf_spec`) from row `skip` on,
+    streamed or downloaded first; any failure of the library is one GptlabError line."""
     name, config, split = hf_spec(source, split, config)
     try:
         import datasets
@@ -109,16 +98,11 @@ def hf_rows(
         ) from None
 
 
-# --------------------------------------------------------------------------- whole sources
-
-
 def read_records(
     source: str | Path, split: str = "train", config: str | None = None
 ) -> list[Record]:
-    """(where, record) for every record of `source` (see the module doc), in order; `split`
-    and `config` are an hf: dataset's unless written inline. A missing file, a malformed
-    record, one that is not a JSON object and a source without records are GptlabErrors
-    naming the place."""
+    """(where, record) for every record of `source` (see the module doc), in order; a
+    missing file, a bad record and no records are GptlabErrors naming the place."""
     source = str(source)
     if source.startswith("hf:"):
         rows = hf_rows(source, split, config, streaming=False)
@@ -141,7 +125,6 @@ def read_records(
 
 
 def _objects(rows: Iterable[tuple[str, Any]]) -> list[Record]:
-    """(where, row) pairs checked to be JSON objects."""
     out = []
     for where, row in rows:
         try:
@@ -179,9 +162,8 @@ def _json_records(path: Path) -> list[Record]:
 def detect_format(
     records: Sequence[Record], formats: Mapping[str, Collection[str]], flag: str
 ) -> str:
-    """The first of `formats` (name -> the fields that tell it, tried in order) whose fields
-    the first of `records` has; a GptlabError naming the record, its fields, the formats
-    and `flag` (the setting that names a format) when none fits."""
+    """The first of `formats` (name -> the fields that tell it) whose fields the first record
+    has; else a GptlabError naming the record, the formats and `flag`, which names one."""
     where, record = records[0]
     for name, fields in formats.items():
         if all(f in record for f in fields):

@@ -18,6 +18,8 @@ from gptlab.errors import GptlabError
 MANIFEST = "manifest.json"
 PREPARED_FORMAT = "gptlab-prepared"
 PROGRESS = "progress.json"
+# a ShardWriter's attributes that a checkpoint records, in order
+_STATE = "shards cur_tokens documents tokens bytes pieces last_doc last_piece".split()
 
 
 def is_prepared(source: str) -> bool:
@@ -40,12 +42,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 class ShardedTokens:
-    """Several memory-mapped token shards read as one 1-D array, without loading them.
-
-    Supports what the loaders need: `len()`, an int, a slice (a view over the same files),
-    and integer arrays of any shape (fancy indexing; windows may straddle shards). Reading
-    touches only the pages asked for, so memory stays bounded whatever the corpus size.
-    """
+    """Several memory-mapped token shards read as one 1-D array, touching only the pages asked
+    for: `len()`, an int, a slice (a view over the same files) and integer arrays of any shape
+    (windows may straddle shards)."""
 
     def __init__(self, shards: list[np.ndarray]):
         self.shards = [s for s in shards if len(s)]
@@ -93,9 +92,8 @@ class ShardedTokens:
 
 
 def open_split(directory: str | Path, split: str, manifest: dict[str, Any] | None = None):
-    """The tokens of one split ("train" or "val") of a prepared directory, memory-mapped:
-    a np.memmap for a single shard, else a ShardedTokens view. Sizes are checked against the
-    manifest (checksums are checked by `gptlab prepare --verify`)."""
+    """One split ("train" or "val") of a prepared directory: a np.memmap for a single shard,
+    else a ShardedTokens; sizes are checked against the manifest (checksums by --verify)."""
     directory = Path(directory).expanduser()
     manifest = manifest or read_manifest(directory)
     dtype = np.dtype(manifest["dtype"])
@@ -114,9 +112,7 @@ def open_split(directory: str | Path, split: str, manifest: dict[str, Any] | Non
                 f"{sh['tokens'] * dtype.itemsize}; prepare the data again"
             )
         shards.append(np.memmap(path, dtype=dtype, mode="r"))
-    if len(shards) == 1:
-        return shards[0]
-    return ShardedTokens(shards)
+    return shards[0] if len(shards) == 1 else ShardedTokens(shards)
 
 
 def prepared_manifest(source: str) -> dict[str, Any] | None:
@@ -124,13 +120,9 @@ def prepared_manifest(source: str) -> dict[str, Any] | None:
     return read_manifest(source) if is_prepared(source) else None
 
 
-# --------------------------------------------------------------------------- writing
-
-
 class ShardWriter:
-    """Appends one split's token stream to shards of at most `shard_tokens` tokens, inserting
-    `<|endoftext|>` wherever the text does not run on (another document, or a piece that does
-    not follow the last one), and keeps the counts a checkpoint needs."""
+    """Appends one split's tokens to shards of at most `shard_tokens` tokens, `<|endoftext|>`
+    wherever the text does not run on, keeping the counts a checkpoint needs."""
 
     def __init__(
         self,
@@ -202,10 +194,8 @@ class ShardWriter:
                 self._close_shard()
 
     def _close_shard(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        self._f = None
+        self.sync()
+        self.close()
         name = self._path().name
         self.shards.append(
             {"file": name, "tokens": self.cur_tokens, "sha256": self._hash.hexdigest()}
@@ -221,9 +211,7 @@ class ShardWriter:
     def finish(self) -> None:
         if self._f is not None and self.cur_tokens:
             self._close_shard()
-        elif self._f is not None:
-            self._f.close()
-            self._f = None
+        self.close()
         keep = {s["file"] for s in self.shards}
         for stray in self.directory.glob(f"{self.split}-*.bin"):  # left by an interrupted run
             if stray.name not in keep:
@@ -235,22 +223,9 @@ class ShardWriter:
             self._f = None
 
     def state(self) -> dict[str, Any]:
-        return {
-            "shards": self.shards,
-            "cur_tokens": self.cur_tokens,
-            "documents": self.documents,
-            "tokens": self.tokens,
-            "bytes": self.bytes,
-            "pieces": self.pieces,
-            "last_doc": self.last_doc,
-            "last_piece": self.last_piece,
-        }
+        """What a checkpoint records, for a writer to resume from."""
+        return {k: getattr(self, k) for k in _STATE}
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "documents": self.documents,
-            "pieces": self.pieces,
-            "tokens": self.tokens,
-            "bytes": self.bytes,
-            "shards": self.shards,
-        }
+        """The split's entry in the manifest."""
+        return {k: getattr(self, k) for k in ("documents", "pieces", "tokens", "bytes", "shards")}

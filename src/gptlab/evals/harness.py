@@ -4,30 +4,14 @@ Hugging Face folder (what `gptlab generate --checkpoint` accepts).
     pip install 'gptlab[eval]'
     gptlab-lm-eval --model gptlab --model_args checkpoint=RUN --tasks hellaswag
 
-`gptlab-lm-eval` is lm-eval's own command line (the same arguments, `run` and all) with
-this module imported first. Plain `lm_eval --model gptlab` does not work, and cannot from
-gptlab's side: lm-eval (0.4.13, the newest release) resolves `--model NAME` only among its
-built-in models (`lm_eval.models.MODEL_MAPPING`) and classes registered in the running
-process; it reads no entry points, no environment variable names a module to import, and
-`--include_path` adds task YAMLs only. From Python, `import gptlab.evals.harness` registers the
-name: `lm_eval.simple_evaluate(model="gptlab", model_args={"checkpoint": RUN}, ...)`, or
-pass `GptlabLM(checkpoint=RUN)` itself as `model`.
+`gptlab-lm-eval` is lm-eval's own command line with this module imported first: lm-eval
+(0.4.13) resolves `--model` only among its built-in models and classes registered in the
+running process, so plain `lm_eval --model gptlab` cannot work. From Python, import this
+module to register the name, or pass `GptlabLM(checkpoint=RUN)` as the model.
 
-The three request types run on gptlab's own code:
-- `loglikelihood`: lm-eval's `TemplateLM` tokenises each (context, continuation) exactly as
-  its Hugging Face model does; the pairs are scored by `gptlab.evals.tasks.score_requests` (the
-  scoring core of `gptlab eval --task`, so both give the same numbers on the same items);
-- `loglikelihood_rolling`: the text cut into lm-eval's rolling windows of the model's
-  context (lm-eval's `get_rolling_token_windows` / `make_disjoint_window`), every token
-  scored once, summed;
-- `generate_until`: `gptlab.infer.engine.Engine`, the decoding path of `gptlab generate`
-  (so both give the same text), up to `batch_size` prompts decoding at once, greedy unless
-  `do_sample` (then temperature / top_k / top_p, drawn from a generator seeded from torch's
-  global one, which lm-eval seeds), cut before the first `until` string or
-  `<|endoftext|>`, at most `max_gen_toks` tokens; a prompt longer than the context minus
-  `max_gen_toks` keeps its last tokens, as lm-eval's Hugging Face model does.
-
-One process: rank 0 of world 1 (lm-eval's data parallelism over accelerate is not wired).
+Log-likelihoods are scored by `score_requests`, as `gptlab eval --task` scores them;
+`generate_until` decodes through the `Engine`, as `gptlab generate` does. One process only
+(lm-eval's data parallelism over accelerate is not wired).
 """
 
 from __future__ import annotations
@@ -48,16 +32,9 @@ from gptlab.infer.engine import Engine, Sampling
 from gptlab.interop.runs import open_run
 from gptlab.runtime.device import PRECISION_DTYPES, autocast
 
-# lm-eval's `dtype` names (Hugging Face's) for gptlab's precisions
-_DTYPES = {
-    "float32": "fp32",
-    "fp32": "fp32",
-    "bfloat16": "bf16",
-    "bf16": "bf16",
-    "float16": "fp16",
-    "half": "fp16",
-    "fp16": "fp16",
-}
+# gptlab's precisions, and lm-eval's `dtype` names (Hugging Face's) for them
+_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+_DTYPES |= {p: p for p in PRECISION_DTYPES}
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default
 
@@ -82,15 +59,11 @@ def _batch_size(value) -> int:
 
 @register_model("gptlab")
 class GptlabLM(TemplateLM):
-    """A gptlab model for lm-eval.
-
-    model_args: `checkpoint` (a run dir, a checkpoint dir or a Hugging Face folder),
-    `device` (auto, cpu, cuda, cuda:N, mps; lm-eval's --device, whose default cuda:0
-    means auto where there is no GPU), `batch_size` (requests per forward pass),
-    `precision` (fp32, bf16, fp16; or lm-eval's `dtype`: float32, bfloat16, float16),
-    `max_length` (tokens the model reads; default and most: its context length),
-    `max_gen_toks` (generate_until's default when a task gives none). `max_batch_size` is
-    accepted and unused (it bounds lm-eval's "auto" batch search).
+    """A gptlab model for lm-eval. model_args: `checkpoint` (a run, checkpoint or Hugging
+    Face folder), `device` (auto, cpu, cuda[:N], mps; cuda means auto without a GPU),
+    `batch_size` (requests per forward pass), `precision` (fp32, bf16, fp16) or lm-eval's
+    `dtype`, `max_length` (at most the context length), `max_gen_toks` (generate_until's
+    default). `max_batch_size` (for lm-eval's "auto" batch search) is unused.
     """
 
     backend = "causal"
@@ -147,8 +120,6 @@ class GptlabLM(TemplateLM):
         self.batch_size = _batch_size(batch_size)
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
 
-    # ------------------------------------------------------------------ what lm-eval asks
-
     @property
     def eot_token_id(self) -> int:
         eot = getattr(self.tokenizer, "eot_token", None)
@@ -189,8 +160,8 @@ class GptlabLM(TemplateLM):
             )
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-        """TemplateLM's tokenised requests ((context, continuation), context ids,
-        continuation ids) -> (sum of log-probabilities, greedy) each."""
+        """TemplateLM's ((context, continuation), context ids, continuation ids) requests
+        -> (sum of log-probabilities, greedy) each."""
         scores = self._score([(list(c), list(k)) for _, c, k in requests])
         out = []
         for (key, _, _), s in zip(requests, scores, strict=True):
@@ -205,15 +176,13 @@ class GptlabLM(TemplateLM):
         <|endoftext|>, each window reading as much of what precedes it as fits."""
         windows, owner = [], []
         for i, (text,) in enumerate(req.args for req in requests):
-            for ctx, pred in map(
-                lm_utils.make_disjoint_window,
-                lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(text),
-                    prefix_token=self.prefix_token_id,
-                    max_seq_len=self._max_length,
-                    context_len=1,
-                ),
-            ):
+            rolling = lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(text),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self._max_length,
+                context_len=1,
+            )
+            for ctx, pred in map(lm_utils.make_disjoint_window, rolling):
                 windows.append((list(ctx), list(pred)))
                 owner.append(i)
         totals = [0.0] * len(requests)
@@ -225,7 +194,8 @@ class GptlabLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Each request's continuation: (context, gen_kwargs) -> text, cut before the first
-        stop string. Requests with the same gen_kwargs decode together, `batch_size` at once."""
+        stop string. A prompt keeps its last max_length - max_gen_toks tokens (as lm-eval's
+        Hugging Face model); requests with the same gen_kwargs decode together."""
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -264,9 +234,8 @@ class GptlabLM(TemplateLM):
 
 
 def _sampling(kwargs: dict, max_new: int, until: tuple[str, ...]) -> Sampling:
-    """The engine's Sampling from lm-eval's normalised gen_kwargs: at most `max_new`
-    tokens, cut before the first of `until`, greedy unless do_sample with a temperature
-    above 0."""
+    """The engine's Sampling from lm-eval's normalised gen_kwargs: greedy unless do_sample
+    with a temperature above 0."""
     do_sample = bool(kwargs.pop("do_sample", False))
     temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
     top_k = kwargs.pop("top_k", None)

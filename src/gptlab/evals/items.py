@@ -1,10 +1,8 @@
 """Task files: the formats of downstream-task items and how each becomes an `Item`.
 
 A task file is any source of records (gptlab.data.records: .jsonl, a .json array, .parquet,
-or `hf:NAME`, whose split defaults to `validation` here; `hf:NAME[:CONFIG][@SPLIT]` picks
-another). Its format is named, or detected from the first record's fields. Each format
-builds the text lm-evaluation-harness builds for it: the context, the choices (lm-eval's
-`doc_to_choice`, what acc_norm measures) and the right answer.
+or `hf:NAME[:CONFIG][@SPLIT]`, split `validation` by default). Its format is named or
+detected from the first record's fields; each builds the text lm-evaluation-harness builds.
 """
 
 from __future__ import annotations
@@ -36,11 +34,9 @@ _SIGNS = {  # the fields that tell each format, tried in this order when none is
 
 @dataclass
 class Item:
-    """One task item as text: the model reads `context` and each `delimiter + choice`.
-
-    A cloze item (LAMBADA) has one choice, the last word, and is right when greedy decoding
-    produces it. `choices` are lm-eval's `doc_to_choice` strings, the ones acc_norm measures.
-    """
+    """One task item as text: the model reads `context` and each `delimiter + choice`
+    (lm-eval's `doc_to_choice` strings). A cloze item (LAMBADA) has one choice, the last
+    word, right when greedy decoding produces it."""
 
     context: str
     choices: list[str]
@@ -121,9 +117,8 @@ def _piqa(rec: dict) -> Item:
         raise BadRecord(
             "no 'label' (PIQA's published labels are a separate .lst: add each as label)"
         )
-    return Item(
-        f"Question: {_field(rec, 'goal')}\nAnswer:", choices, _index(rec["label"], 2, "label")
-    )
+    question = f"Question: {_field(rec, 'goal')}\nAnswer:"
+    return Item(question, choices, _index(rec["label"], 2, "label"))
 
 
 def _copa(rec: dict) -> Item:
@@ -162,11 +157,8 @@ _PARSERS = {
 
 
 def load_items(source: str, format: str | None = None) -> tuple[str, list[Item]]:
-    """(format, items) of a task file or `hf:` dataset (see the module doc).
-
-    `format` is one of FORMATS, or None to detect it from the first item's fields. Any bad
-    item is a GptlabError naming the file, the line (or row) and item number, and the fix.
-    """
+    """(format, items) of a task file or `hf:` dataset; `format` (one of FORMATS) is
+    detected when None. A bad item is a GptlabError naming where it is and the fix."""
     if format is not None and format not in FORMATS:
         raise GptlabError(f"unknown task format {format!r}; choose one of {', '.join(FORMATS)}")
     records = read_records(source, split="validation")

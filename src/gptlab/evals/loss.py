@@ -1,10 +1,7 @@
-"""Loss and evaluation with the walk-through's semantics, perplexity and bits per byte.
-
-`calc_loss_batch`, `calc_loss_loader` and `evaluate_model` are the walk-through's, under
-its names. Each evaluation can also run on every rank of a torchrun job (`dist`): the
-batches are shared out and the sums all-reduced, so every rank gets the one-process value.
-`evaluate_tokens` measures a whole token stream, and `evaluate_run` is what `gptlab eval`
-reports for a run opened with `gptlab.interop.runs.open_run`.
+"""Loss and evaluation with the walk-through's semantics (`calc_loss_batch`,
+`calc_loss_loader`, `evaluate_model`), perplexity and bits per byte. Under torchrun (`dist`)
+the batches are shared out and the sums all-reduced, so every rank gets the one-process
+value. `evaluate_tokens` measures a token stream; `evaluate_run` is what `gptlab eval` reports.
 """
 
 from __future__ import annotations
@@ -48,13 +45,9 @@ def calc_loss_loader(
     dist: Dist | None = None,
     batch_loss: BatchLoss | None = None,
 ) -> float:
-    """Average loss over the first `num_batches` batches of a loader (all when None).
-
-    An empty loader gives NaN, as in the walk-through. With a torchrun `dist`, every rank
-    computes every world_size-th batch (the loader must give batches by index, as
-    TokenWindowLoader does) and all get the same mean. `batch_loss(model, inputs, targets)`
-    replaces calc_loss_batch's loss (finetuning's masked or classification loss).
-    """
+    """Average loss over the first `num_batches` batches (all when None); NaN when empty.
+    With a torchrun `dist`, the ranks share the batches (the loader must give them by index).
+    `batch_loss(model, inputs, targets)` replaces calc_loss_batch's (a finetuning's loss)."""
     n_available = len(data_loader)
     if n_available == 0:
         return float("nan")
@@ -81,7 +74,6 @@ def _loss(x, y, model: nn.Module, device, batch_loss: BatchLoss | None) -> torch
 def _shared_loader_loss(
     loader, model: nn.Module, device, n: int, dist: Dist, batch_loss: BatchLoss | None = None
 ) -> float:
-    """The mean loss of the loader's first n batches, computed by all ranks together."""
     total = torch.zeros((), dtype=torch.float64, device=dist.device)
     for i in eval_batch_indices(n, dist.rank, dist.world_size):
         x, y = loader.batch(0, 0 if i is None else i)  # None: a padding pass, not counted
@@ -100,9 +92,8 @@ def evaluate_model(
     dist: Dist | None = None,
     batch_loss: BatchLoss | None = None,
 ) -> tuple[float, float]:
-    """Train and validation loss on `eval_iter` batches each: eval mode, no grad, then back
-    to train mode. With a torchrun `dist`, computed by all ranks together; `batch_loss`
-    as calc_loss_loader takes it."""
+    """(train loss, validation loss) on `eval_iter` batches each, in eval mode without grad,
+    then back to train mode; `dist` and `batch_loss` as calc_loss_loader takes them."""
     model.eval()
     with torch.no_grad():
         train_loss = calc_loss_loader(train_loader, model, device, eval_iter, dist, batch_loss)
@@ -117,10 +108,8 @@ def perplexity(loss: float) -> float:
 
 
 def bits_per_byte(loss: float, n_tokens: int, n_bytes: int) -> float:
-    """Loss in bits per UTF-8 byte of text: comparable across tokenizers.
-
-    `loss` is nats per token measured over `n_tokens` tokens that encode `n_bytes` bytes.
-    """
+    """Loss (nats per token over `n_tokens` tokens encoding `n_bytes` bytes) in bits per
+    UTF-8 byte: comparable across tokenizers."""
     return loss * n_tokens / (n_bytes * math.log(2))
 
 
@@ -134,15 +123,9 @@ def evaluate_tokens(
     byte_lengths: np.ndarray | None = None,
     max_batches: int | None = None,
 ) -> dict[str, float]:
-    """Loss over a 1-D token array (or memory-mapped shards) in non-overlapping windows.
-
-    The windows are TokenWindowLoader's with stride `context_length`, in order (the tail
-    shorter than one window plus its target is left out); each predicts its next
-    `context_length` tokens. `byte_lengths` ((n_vocab,) UTF-8 bytes per token id, see
-    tokenizer.token_byte_lengths) adds bits per byte over the predicted tokens. Returns
-    loss (nats per token), perplexity, tokens, bytes, bits_per_byte (NaN without
-    byte_lengths or bytes), and windows.
-    """
+    """Loss over a 1-D token array (or memory-mapped shards) in non-overlapping windows of
+    `context_length` (a shorter tail is left out): loss (nats per token), perplexity, tokens,
+    bytes, bits_per_byte (from `byte_lengths`, (n_vocab,) bytes per id; else NaN), windows."""
     loader = TokenWindowLoader(
         tokens, batch_size, context_length, context_length, shuffle=False, drop_last=False
     )
@@ -177,13 +160,9 @@ def evaluate_run(
     max_batches: int | None = None,
     precision: str = "fp32",
 ) -> dict[str, Any]:
-    """What `gptlab eval` reports for `run` (from `gptlab.interop.runs.open_run`): loss, perplexity,
-    bits per byte, tokens, bytes and windows (see `evaluate_tokens`), and "data", which
-    text was measured.
-
-    `data` is a text source (all of it is measured) or a prepared directory (its `split`);
-    by default the run's own `split` ("val" or "train") of the data it was trained on.
-    """
+    """What `gptlab eval` reports: `evaluate_tokens`'s numbers and "data", the text measured:
+    `data` (a text source, all of it, or a prepared directory's `split`), by default the
+    `split` of the run's own training data."""
     if split not in ("val", "train"):
         raise GptlabError(f"split must be val or train, got {split!r}")
     if precision not in PRECISION_DTYPES:  # evaluation has no 'auto': it is asked for

@@ -1,21 +1,10 @@
 """Scoring continuations by log-likelihood, the core of downstream tasks (tasks.py) and of
 the lm-evaluation-harness adapter (harness.py).
 
-`score_requests(model, [(context ids, continuation ids), ...])`: for each pair, the sum of
-log p(continuation token | everything before it) and whether greedy decoding would have
-produced the continuation exactly. `encode_pair(tokenizer, context, continuation)` makes
-such a pair from text the way lm-eval does (context's trailing spaces move to the
-continuation; context+continuation is encoded whole and split after the context's tokens,
-so " word" keeps its leading-space token).
-
-Exactness: a batch is padded on the right, and the model is causal, so padding never
-changes the logits of the positions scored; requests whose model input is token for token
-the same (e.g. one-token choices after one context) share one row. Batched scores are
-those of scoring each request alone (to float rounding of the batched matmuls).
-
-Left-truncation follows lm-eval: the model reads the last `context_length` tokens of
-context + continuation minus its final token; a request whose context lost tokens is
-counted as truncated; one whose continuation alone does not fit is an error.
+Batches are padded on the right, which never changes a causal model's scored logits, and
+requests with the same model input share one row, so batched scores are each request's
+alone (to float rounding). Left-truncation follows lm-eval: the model reads the last
+`context_length` tokens of context + continuation minus its final token.
 """
 
 from __future__ import annotations
@@ -43,9 +32,8 @@ class Score:
 def _model_input(
     context: Sequence[int], continuation: Sequence[int], context_length: int, eot_id: int | None
 ) -> tuple[tuple[int, ...], bool]:
-    """The ids the model reads for one request (at most context_length), and whether the
-    context was cut. The continuation's tokens are predicted at the input's last
-    len(continuation) positions."""
+    """The ids the model reads for one request (the continuation predicted at its last
+    positions), and whether the context was cut."""
     if not continuation:
         raise GptlabError("a continuation has no tokens; every choice must be non-empty text")
     if len(continuation) > context_length:
@@ -76,29 +64,18 @@ def score_requests(
     eot_id: int | None = None,
     min_forwards: int = 0,
 ) -> list[Score]:
-    """(context ids, continuation ids) pairs -> one Score each, in input order.
-
-    The model maps ids (B, T) to logits (B, T, V) and is causal. A context longer than
-    `context_length` (with its continuation) is left-truncated, as lm-eval does; an empty
-    context means "score the first continuation token after `eot_id`" (the tokenizer's
-    <|endoftext|>, which lm-eval puts there too). Requests are sorted longest first and
-    batched `batch_size` at a time, padded on the right. `device`: where the ids go
-    (default: the model's parameters'). `min_forwards`: run at least this many forward
-    passes (extra ones on a one-token dummy), so every rank of a sharded (FSDP) job runs
-    as many as the others. The model is put in eval mode and restored afterwards.
-    """
+    """(context ids, continuation ids) pairs -> one Score each, in input order, for a causal
+    model, ids (B, T) -> logits (B, T, V). An empty context scores after `eot_id`. Runs at
+    least `min_forwards` forward passes, so every rank of a sharded (FSDP) job runs as many."""
     if batch_size < 1:
         raise GptlabError(f"batch_size must be at least 1, got {batch_size}")
     if device is None:
         device = next(model.parameters()).device
     inputs = [_model_input(c, k, context_length, eot_id) for c, k in requests]
-    rows: dict[tuple[int, ...], int] = {}  # identical inputs share one row
-    for ids, _ in inputs:
-        rows.setdefault(ids, len(rows))
-    unique = sorted(rows, key=lambda ids: (-len(ids), ids))  # longest first: least padding
-    wanted: dict[tuple[int, ...], list[int]] = {}  # row -> requests scored on it
+    wanted: dict[tuple[int, ...], list[int]] = {}  # one row per input -> requests scored on it
     for i, (ids, _) in enumerate(inputs):
         wanted.setdefault(ids, []).append(i)
+    unique = sorted(wanted, key=lambda ids: (-len(ids), ids))  # longest first: least padding
 
     was_training = model.training
     model.eval()
@@ -121,9 +98,8 @@ def score_requests(
 def _score_batch(
     model: nn.Module, chunk: list[tuple[int, ...]], conts: list[tuple[int, list[int]]], device
 ) -> list[tuple[float, bool, int]]:
-    """One forward pass over the rows `chunk` (longest first), right-padded with 0; for each
-    (row, continuation) of `conts`: (sum of its log-probabilities, whether greedy decoding
-    gives it, its token count). A continuation is predicted at its row's last positions."""
+    """One forward pass over the rows `chunk` (longest first), right-padded with 0 ->
+    (summed log-probability, greedy, token count) for each (row, continuation) of `conts`."""
     x = torch.zeros((len(chunk), len(chunk[0])), dtype=torch.long)  # (B, T)
     for b, ids in enumerate(chunk):
         x[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -145,12 +121,9 @@ def _score_batch(
 
 
 def _logits_at(model: nn.Module, x: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
-    """Logits (N, V) at positions (rows[n], cols[n]) of the batch x (B, T).
-
-    A plain GPTModel runs its output head on those positions only (the head is most of a
-    small model's FLOPs, and only continuation positions are scored), as `forward` would
-    compute them; anything else (DDP, FSDP, compiled or foreign modules) runs its forward.
-    """
+    """Logits (N, V) at positions (rows[n], cols[n]) of the batch x (B, T). A plain GPTModel
+    runs its output head (most of a small model's FLOPs) on those positions only; anything
+    else (DDP, FSDP, compiled or foreign modules) runs its forward."""
     r = torch.tensor(rows, device=x.device)
     c = torch.tensor(cols, device=x.device)
     if type(model) is GPTModel:
@@ -173,13 +146,9 @@ def n_forwards_needed(
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) of one request, tokenised as lm-eval does.
-
-    Trailing whitespace of the context moves to the start of the continuation; then
-    context + continuation is encoded whole and the continuation is what follows the
-    context's own tokens. An empty context gives [<|endoftext|>] as context (the first
-    continuation token is scored after it).
-    """
+    """(context ids, continuation ids) tokenised as lm-eval does: the context's trailing
+    whitespace moves to the continuation, and the continuation is what follows the
+    context's tokens in their joint encoding. An empty context gives [<|endoftext|>]."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation

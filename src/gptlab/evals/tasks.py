@@ -1,16 +1,10 @@
 """Downstream tasks scored by log-likelihood, as lm-evaluation-harness scores them.
 
-A task is a file of items (items.py) with a few-shot count; each item's context and
-choices are encoded as lm-eval encodes them and scored by `scoring.score_requests`:
-
-- multiple choice (HellaSwag, ARC, PIQA, COPA, gptlab jsonl): accuracy by the largest
-  log-likelihood, `acc_norm` by the largest log-likelihood per *character* of the choice
-  (lm-eval's `acc_norm`: `len(choice)` in characters) and `acc_bytes` per UTF-8 byte
-  (lm-eval's `acc_bytes`);
-- cloze (LAMBADA's `text`): the last word's log-likelihood (perplexity) and whether greedy
-  decoding produces it exactly (`acc`);
-- suites (`load_suite`, `run_suite`): several tasks with few-shot counts, and a *centred*
-  score per task, (acc - chance) / (1 - chance), whose mean is "core" as in nanochat's CORE.
+A task is a file of items (items.py) with a few-shot count. Multiple choice (HellaSwag,
+ARC, PIQA, COPA, mc) is right when the answer has the largest log-likelihood (`acc`), per
+character (`acc_norm`) or per UTF-8 byte (`acc_bytes`); cloze (LAMBADA) when greedy
+decoding gives the last word. A suite scores several tasks, each with a *centred* score,
+(acc - chance) / (1 - chance), whose mean is "core" as in nanochat's CORE.
 """
 
 from __future__ import annotations
@@ -38,9 +32,6 @@ if TYPE_CHECKING:  # only a type: runs.open_run makes it, and runs sits above th
 METRICS = ("acc", "acc_norm", "acc_bytes")
 FEWSHOT_DELIMITER = "\n\n"  # between few-shot examples and before the item, as lm-eval
 DEFAULT_SEED = 1234  # lm-eval's default few-shot seed
-
-
-# --------------------------------------------------------------------------- tasks and suites
 
 
 @dataclass
@@ -106,11 +97,9 @@ _TASK_KEYS = {"name", "data", "format", "num_fewshot", "limit", "random_baseline
 
 
 def load_suite(path: str | Path) -> Suite:
-    """A suite file (TOML): top-level `name`, `seed` (few-shot draws, default 1234) and a
-    `[[tasks]]` table per task with `data` (a .jsonl path relative to the suite file, or
-    hf:NAME[:CONFIG][@SPLIT]) and optional `name`, `format`, `num_fewshot`, `limit`,
-    `random_baseline` (chance accuracy) and `metric` (acc, acc_norm or acc_bytes: what is
-    centred). Every task's items are read and checked now."""
+    """A suite file (TOML): `name`, `seed` (few-shot draws) and a `[[tasks]]` table per task
+    with `data` (a path relative to the suite file, or hf:NAME[:CONFIG][@SPLIT]) and
+    optionally make_task's keywords. Every task's items are read and checked now."""
     import tomllib
 
     path = Path(path).expanduser()
@@ -145,15 +134,8 @@ def load_suite(path: str | Path) -> Suite:
         for key, kind in (("num_fewshot", int), ("limit", int), ("random_baseline", (int, float))):
             if key in spec and (not isinstance(spec[key], kind) or isinstance(spec[key], bool)):
                 raise GptlabError(f"{where}: {key} must be a number, got {spec[key]!r}")
-        task = make_task(
-            data,
-            spec.get("format"),
-            name=spec.get("name"),
-            num_fewshot=spec.get("num_fewshot", 0),
-            limit=spec.get("limit"),
-            random_baseline=spec.get("random_baseline"),
-            metric=spec.get("metric", "acc"),
-        )
+        options = {k: v for k, v in spec.items() if k not in ("data", "format")}  # make_task's
+        task = make_task(data, spec.get("format"), **options)
         if task.name in names:
             raise GptlabError(f"{where}: a second task named {task.name!r}; give each its own name")
         names.add(task.name)
@@ -162,10 +144,9 @@ def load_suite(path: str | Path) -> Suite:
 
 
 def fewshot_context(task: Task, index: int, seed: int = DEFAULT_SEED) -> str:
-    """The context the model reads for item `index`: `num_fewshot` other items of the same
-    file, each with its right answer, then the item, separated by blank lines (lm-eval's
-    "\\n\\n"). The examples are drawn with their own RNG seeded by (seed, index): the same
-    every time and on every rank, whichever items are scored."""
+    """The context for item `index`: `num_fewshot` other items with their right answers,
+    then the item, apart by blank lines. The examples are drawn by an RNG seeded with
+    (seed, index): the same every time and on every rank."""
     item = task.items[index]
     k = task.num_fewshot
     if not k:
@@ -201,8 +182,7 @@ def _requests(task: Task, tokenizer, indices: Sequence[int], seed: int, T: int):
 
 
 def chance(task: Task, indices: Sequence[int] | None = None) -> float:
-    """The accuracy of guessing: `random_baseline`, else the mean of 1/len(choices) (0 for
-    cloze)."""
+    """The accuracy of guessing: `random_baseline`, else the mean 1/len(choices) (cloze: 0)."""
     if task.random_baseline is not None:
         return float(task.random_baseline)
     if task.cloze:
@@ -217,11 +197,7 @@ def centred(acc: float, chance_acc: float) -> float:
 
 
 def _n_scored(task: Task, max_items: int | None = None) -> int:
-    n = len(task.items)
-    for cap in (task.limit, max_items):
-        if cap is not None:
-            n = min(n, cap)
-    return n
+    return min([len(task.items)] + [c for c in (task.limit, max_items) if c is not None])
 
 
 def run_task(
@@ -236,18 +212,17 @@ def run_task(
     max_items: int | None = None,
     seed: int = DEFAULT_SEED,
 ) -> dict:
-    """One task's report: n_items, n_truncated (items whose context was cut), acc, and for
-    multiple choice acc_norm (per character, lm-eval's) and acc_bytes (per UTF-8 byte), for
-    cloze perplexity (exp of minus the mean log-likelihood of the word) and logprob; chance
-    and centred. With a torchrun `dist`, items are shared out (item i to rank i mod world)
-    and the counts summed: every rank gets the one-process report."""
+    """One task's report: n_items, n_truncated (items whose context was cut), acc, then
+    acc_norm and acc_bytes (multiple choice) or logprob and perplexity (cloze), chance and
+    centred. With a torchrun `dist`, item i goes to rank i mod world and the counts are
+    summed: every rank gets the one-process report."""
     n = _n_scored(task, max_items)
-    rank, world = (dist.rank, dist.world_size) if dist is not None and dist.enabled else (0, 1)
-    mine = list(range(rank, n, world))
-    reqs, owner = _requests(task, tokenizer, mine, seed, context_length)
+    shared = dist is not None and dist.enabled
+    rank, world = (dist.rank, dist.world_size) if shared else (0, 1)
+    reqs, owner = _requests(task, tokenizer, range(rank, n, world), seed, context_length)
     eot = getattr(tokenizer, "eot_token", None)
     forwards = 0
-    if dist is not None and dist.enabled:  # every rank runs as many passes (FSDP gathers in each)
+    if shared:  # every rank runs as many passes (FSDP gathers in each)
         need = n_forwards_needed(
             reqs, context_length=context_length, batch_size=batch_size, eot_id=eot
         )
@@ -260,15 +235,14 @@ def run_task(
     for i, s in zip(owner, scores, strict=True):
         by_item.setdefault(i, []).append(s)
     counts = _counts(task, by_item)
-    if dist is not None and dist.enabled:
-        t = dist.sum(torch.tensor(counts, dtype=torch.float64, device=dist.device))
-        counts = t.tolist()
+    if shared:
+        counts = dist.sum(torch.tensor(counts, dtype=torch.float64, device=dist.device)).tolist()
     return _report(task, counts, chance(task, range(n)))
 
 
 def _counts(task: Task, by_item: dict[int, list[Score]]) -> list[float]:
-    """[items, right, right per char, right per byte, truncated, sum of logprobs] over the
-    items scored here (`by_item`: each item's scores, one per choice)."""
+    """[items, right, right per char, right per byte, truncated, sum of logprobs] over
+    `by_item` (each item's scores, one per choice)."""
     counts = [0.0] * 6
     for i, ss in by_item.items():
         item = task.items[i]
@@ -302,8 +276,7 @@ def _report(task: Task, counts: list[float], base: float) -> dict:
         report["logprob"] = sum_lp / n_items
         report["perplexity"] = math.exp(-sum_lp / n_items) if -sum_lp / n_items < 700 else math.inf
     else:
-        report["acc_norm"] = right_norm / n_items
-        report["acc_bytes"] = right_bytes / n_items
+        report.update(acc_norm=right_norm / n_items, acc_bytes=right_bytes / n_items)
     report["metric"] = task.metric if not task.cloze else "acc"
     report["chance"] = base
     report["centred"] = centred(report[report["metric"]], base)
@@ -326,22 +299,15 @@ def run_suite(
     dist=None,
     max_items: int | None = None,
 ) -> dict:
-    """A JSON-able report of every task in `suite` (see `run_task`), under "tasks" by name,
-    and "core": the mean of their centred scores. `max_items` caps each task's items."""
+    """A JSON-able report: each task's `run_task` report under "tasks" by name, and "core",
+    the mean of their centred scores. `max_items` caps each task's items."""
     tasks = {
         t.name: run_task(
-            model,
-            tokenizer,
-            t,
-            context_length=context_length,
-            batch_size=batch_size,
-            device=device,
-            dist=dist,
-            max_items=max_items,
-            seed=suite.seed,
-        )  # fmt: skip
+            model, tokenizer, t, context_length=context_length, batch_size=batch_size,
+            device=device, dist=dist, max_items=max_items, seed=suite.seed,
+        )
         for t in suite.tasks
-    }
+    }  # fmt: skip
     core = sum(r["centred"] for r in tasks.values()) / len(tasks)
     return {"suite": suite.name, "tasks": tasks, "core": core}
 
@@ -354,12 +320,9 @@ def task_suite(
     limit: int | None = None,
     seed: int = DEFAULT_SEED,
 ) -> Suite:
-    """A one-task Suite from `gptlab eval --task NAME_OR_FILE [--task-data PATH]`.
-
-    `task` is a format name (FORMATS) with `data` the items, or a .jsonl file (its format
-    detected), or a suite .toml (then `num_fewshot` and `limit` apply to none of its tasks
-    unless given: they override each task's).
-    """
+    """The Suite of `gptlab eval --task NAME_OR_FILE [--task-data PATH]`: `task` is a format
+    name (FORMATS) with `data` the items, a task file (format detected), or a suite .toml
+    (loaded as is)."""
     if task.endswith(".toml"):
         if data:
             raise GptlabError("--task-data goes with a task name or file, not a suite .toml")
@@ -389,8 +352,7 @@ def evaluate_run_tasks(
     dist=None,
     max_items: int | None = None,
 ) -> dict:
-    """`run_suite` on a run opened with `gptlab.interop.runs.open_run`, at its context length, with
-    "checkpoint" added to the report."""
+    """`run_suite` on an opened run at its context length, with "checkpoint" added."""
     if precision not in PRECISION_DTYPES:
         raise GptlabError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     with autocast(run.device, precision):
@@ -412,6 +374,5 @@ def check_report_path(path: str | Path) -> Path:
 
 
 def write_report(path: str | Path, report: dict) -> Path:
-    """Write the report as JSON atomically (a temporary file beside it, fsynced, renamed):
-    a reader sees the old file or the whole new one, never a part."""
+    """Write the report as JSON atomically: a reader sees the old file or the whole new one."""
     return write_json(check_report_path(path), report, indent=2)

@@ -1,37 +1,20 @@
 """Finetuning data: records -> rendered examples -> batches.
 
-Three formats of records, one JSON object a line (.jsonl) or one JSON array (.json):
-
-- instructions: `instruction`, optional `input`, `output` (the book's chapter 7), rendered
-  with the book's Alpaca-style prompt (`format_input` + "\\n\\n### Response:\\n" + output),
-  whose text is `gptlab.data.chat.ALPACA`'s: the template such a run chats in;
-- chat: `messages: [{role, content}, ...]`, rendered by a chat template (gptlab.data.chat; the
-  caller passes its `render`, so this module needs no template of its own);
-- classification: `text`, `label` (the book's chapter 6).
+Records (.jsonl, or a .json array) come in three formats: instructions (`instruction`,
+optional `input`, `output`: the book's chapter 7, in its Alpaca-style prompt), chat
+(`messages: [{role, content}, ...]`, rendered by a chat template the caller passes) and
+classification (`text`, `label`: the book's chapter 6).
 
 An instructions or chat record becomes an `Example`: its token ids, ending with one
-end-of-text token as the book's `custom_collate_fn` appends it, and per token whether the
-model should learn to produce it. `finetune.mask` picks which tokens those are:
+end-of-text token, and per token whether the model learns to produce it. `finetune.mask`
+picks those: response (the output or the assistant turns, and the end-of-text);
+instruction (the book's exercise 7.2: the response header too); padding (every token).
 
-- response: only the response (the output, or the assistant turns) and its end-of-text;
-- instruction: the book's exercise 7.2: the instruction and input are masked, the
-  "### Response:" header and the output are learned;
-- padding: the book's chapter 7: every token but the padding is learned.
-
-Batches are (inputs, targets), targets -100 (cross-entropy's ignore_index) where nothing is
-learned. Examples are batched by padding each batch to its longest (`collate`, the book's
-`custom_collate_fn` with padding targets ignored), or packed into rows of context_length
-tokens (`pack`): then targets (B, 2, T) carry each position's example number beside its
-target, and the model (`GPTModel.forward(doc_ids=...)`) keeps attention inside each example
-and restarts its positions, so each loss equals the one-example-at-a-time loss.
-
-A classification record becomes a `ClassExample` (ids, label index); its batches are
-inputs (B, T) padded with end-of-text, and targets (B, 2): the label and the position of the
-last real token, whose logits the head scores (the book scores position -1 of a batch padded
-to the longest text: the same logits whenever no padding follows the text).
-
-`FinetuneData` holds the split examples and makes their loaders; the losses that score
-them, and what the Trainer is given, are gptlab.finetune.objectives'.
+Batches are (inputs, targets), targets -100 where nothing is learned, padded to their
+longest example (`collate`) or packed into rows of context_length tokens (`pack`): then
+targets (B, 2, T) carry each position's example number, and the model keeps attention
+inside each example. A `ClassExample`'s batches are inputs (B, T) and targets (B, 2): the
+label and the position of the last real token, whose logits the head scores.
 """
 
 from __future__ import annotations
@@ -62,12 +45,9 @@ ROLES = ("system", "user", "assistant")
 # The prompt's text lives in its chat template, so that training and chat read one copy.
 RESPONSE_HEADER = ALPACA.response_prompt  # "\n\n### Response:\n"
 
-# A chat renderer: (messages, add_generation_prompt) -> (ids, learn), gptlab.data.chat's render
-# with its template and tokenizer bound.
+# (messages, add_generation_prompt) -> (ids, learn): gptlab.data.chat's render, bound
 ChatRender = Callable[[list[dict[str, str]], bool], tuple[list[int], list[bool]]]
-
-
-# --------------------------------------------------------------------------- records
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets)
 
 
 def format_input(entry: dict[str, Any]) -> str:
@@ -95,8 +75,7 @@ def _text_field(where: str, r: dict[str, Any], key: str, fmt: str, optional: boo
 
 
 def check_messages(where: str, r: dict[str, Any]) -> list[dict[str, str]]:
-    """A chat record's messages, checked: a list of {role, content} with known roles and at
-    least one non-empty assistant turn."""
+    """A chat record's messages, checked: known roles, a non-empty assistant turn."""
     msgs = r.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise GptlabError(
@@ -116,9 +95,6 @@ def check_messages(where: str, r: dict[str, Any]) -> list[dict[str, str]]:
             f"{where}: no assistant turn with content: nothing to learn; add the reply"
         )
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
-
-
-# --------------------------------------------------------------------------- rendering
 
 
 @dataclass
@@ -146,21 +122,17 @@ def render_instruction(
     entry: dict[str, Any], tokenizer: Any, mask: str
 ) -> tuple[list[int], list[bool]]:
     """(ids, learn) of an instructions record: the prompt, the response header and the
-    output, each encoded on its own (the prompt is encoded alone at inference too), then
-    end-of-text. `mask` is finetune.mask: response, instruction or padding."""
+    output, each encoded on its own (as at inference), then end-of-text."""
     head = tokenizer.encode(format_input(entry))
     header = tokenizer.encode(RESPONSE_HEADER)
     out = tokenizer.encode(entry["output"]) + [tokenizer.eot_token]
-    ids = head + header + out
-    learned_header = mask != "response"
-    learned_head = mask == "padding"
-    learn = [learned_head] * len(head) + [learned_header] * len(header) + [True] * len(out)
-    return ids, learn
+    learn = [mask == "padding"] * len(head) + [mask != "response"] * len(header) + [True] * len(out)
+    return head + header + out, learn
 
 
 def truncate(ids: list[int], learn: list[bool], context_length: int, where: str):
-    """(ids, learn, truncated?) cut to context_length + 1 tokens (inputs of context_length,
-    as the book's allowed_max_length cuts); an error when nothing learned remains."""
+    """(ids, learn, truncated?) cut to context_length + 1 tokens (the book's
+    allowed_max_length); an error when nothing learned remains."""
     if len(ids) <= context_length + 1:
         return ids, learn, False
     ids, learn = ids[: context_length + 1], learn[: context_length + 1]
@@ -173,22 +145,17 @@ def truncate(ids: list[int], learn: list[bool], context_length: int, where: str)
     return ids, learn, True
 
 
-# --------------------------------------------------------------------------- batches
-
-
 def example_tensors(ex: Example) -> tuple[torch.Tensor, torch.Tensor]:
-    """One example as (inputs, targets), each (n - 1,): the ids shifted by one, targets
-    IGNORE_INDEX where nothing is learned."""
+    """One example as (inputs, targets), each (n - 1,); targets IGNORE_INDEX where not learned."""
     ids = torch.tensor(ex.ids, dtype=torch.long)
     learn = torch.tensor(ex.learn, dtype=torch.bool)
     targets = torch.where(learn[1:], ids[1:], IGNORE_INDEX)
     return ids[:-1], targets
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     """Pad a batch to its longest example: inputs (B, L) padded with pad_id, targets (B, L)
-    padded with IGNORE_INDEX (the book's custom_collate_fn; its one end-of-text kept as a
-    target is the Example's own last token)."""
+    with IGNORE_INDEX (the book's custom_collate_fn)."""
     pairs = [example_tensors(ex) for ex in examples]
     L = max(len(x) for x, _ in pairs)
     inputs = torch.full((len(pairs), L), pad_id, dtype=torch.long)  # (B, L)
@@ -199,12 +166,9 @@ def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, tor
     return inputs, targets
 
 
-def pack(
-    examples: Sequence[Example], context_length: int, pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Examples packed in order into rows of context_length positions, a new row when the
-    next does not fit: inputs (R, T) and targets (R, 2, T), [:, 0] the targets and [:, 1]
-    each position's example number in the row (the tail's padding is one more)."""
+def pack(examples: Sequence[Example], context_length: int, pad_id: int) -> Batch:
+    """Examples packed in order into rows of context_length positions: inputs (R, T) and
+    targets (R, 2, T), [:, 1] each position's example number in the row."""
     rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
     used = 0
     for ex in examples:
@@ -228,18 +192,13 @@ def pack(
     return inputs, targets
 
 
-def _stack_rows(
-    rows: Sequence[tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed rows (input, target), each (T,) -> a batch (B, T), (B, T)."""
+def _stack_rows(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
     return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
-def collate_classes(
-    examples: Sequence[ClassExample], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classification batch: inputs (B, L) padded with pad_id after each text, targets
-    (B, 2): the label and the last real token's position."""
+def collate_classes(examples: Sequence[ClassExample], pad_id: int) -> Batch:
+    """Classification batch: inputs (B, L) padded with pad_id, targets (B, 2): the label and
+    the last real token's position."""
     L = max(len(ex.ids) for ex in examples)
     inputs = torch.full((len(examples), L), pad_id, dtype=torch.long)  # (B, L)
     targets = torch.zeros((len(examples), 2), dtype=torch.long)  # (B, 2)
@@ -249,29 +208,17 @@ def collate_classes(
     return inputs, targets
 
 
-# --------------------------------------------------------------------------- the loader
-
-
+@dataclass
 class ExampleLoader:
     """Batches of examples (or packed rows) in an order fixed by (seed, epoch), with the
-    interface of data.TokenWindowLoader that the Trainer uses: `batch(epoch, index)` for
-    any batch (exact resume), iteration over epoch 0's batches (fixed evaluation batches)."""
+    interface of data.TokenWindowLoader that the Trainer uses."""
 
-    def __init__(
-        self,
-        units: Sequence[Any],
-        batch_size: int,
-        make_batch: Callable[[list[Any]], tuple[torch.Tensor, torch.Tensor]],
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = True,
-    ):
-        self.units = list(units)
-        self.batch_size = batch_size
-        self.make_batch = make_batch
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
+    units: Sequence[Any]
+    batch_size: int
+    make_batch: Callable[[list[Any]], Batch]
+    shuffle: bool = True
+    seed: int = 0
+    drop_last: bool = True
 
     @property
     def num_windows(self) -> int:
@@ -287,7 +234,7 @@ class ExampleLoader:
             return np.arange(n)
         return np.random.default_rng([self.seed, epoch]).permutation(n)
 
-    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, epoch: int, index: int) -> Batch:
         sel = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         return self.make_batch([self.units[i] for i in sel])
 
@@ -300,9 +247,6 @@ class ExampleLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-# --------------------------------------------------------------------------- the data
 
 
 @dataclass
@@ -327,7 +271,7 @@ class FinetuneData:
         return self.format == "classification"
 
     def sizes(self) -> dict[str, Any]:
-        """Tokens and records of each split, examples cut to the context, the format."""
+        """The format, the tokens and records of each split, the examples truncated."""
         out: dict[str, Any] = {"format": self.format}
         for split in ("train", "val", "test"):
             examples = getattr(self, split)
@@ -337,8 +281,7 @@ class FinetuneData:
         return out
 
     def loader(self, split: str, batch_size: int, seed: int, train: bool = False) -> ExampleLoader:
-        """The loader over one split; training ones shuffle by (seed, epoch) and drop the
-        last partial batch, the others keep both."""
+        """The loader over one split; a training one shuffles and drops a partial batch."""
         items: list[Any] = getattr(self, split)
         if self.is_classifier:
             batch: Callable = partial(collate_classes, pad_id=self.pad_id)
@@ -352,9 +295,8 @@ class FinetuneData:
 
     def loaders(self, batch_size: int, seed: int) -> tuple[ExampleLoader, ExampleLoader]:
         """(train, val) loaders for the Trainer."""
-        return self.loader("train", batch_size, seed, train=True), self.loader(
-            "val", batch_size, seed
-        )
+        train = self.loader("train", batch_size, seed, train=True)
+        return train, self.loader("val", batch_size, seed)
 
 
 def _fingerprint(settings: list[Any], splits: list[list[Any]]) -> str:
@@ -372,8 +314,8 @@ def _fingerprint(settings: list[Any], splits: list[list[Any]]) -> str:
 def split_records(
     records: list[tuple[str, dict[str, Any]]], val_ratio: float, test_ratio: float, seed: int
 ) -> tuple[list, list, list]:
-    """(train, val, test) records: a permutation fixed by `seed`, cut by the two ratios
-    (each split at least one record when its ratio is above 0)."""
+    """(train, val, test) records: a permutation fixed by `seed`, cut by the ratios (at
+    least one record when a ratio is above 0)."""
     n = len(records)
     perm = np.random.default_rng(seed).permutation(n)
     n_test = max(1, round(n * test_ratio)) if test_ratio > 0 else 0
@@ -415,22 +357,12 @@ def load_finetune_data(
     chat_render: ChatRender | None = None,
     labels: list[str] | None = None,
 ) -> FinetuneData:
-    """The finetuning data a run trains on, checked record by record.
-
-    `fc` is the run's FinetuneConfig (format, mask, pack, val/test files or ratios);
-    `train_source` the records file; `chat_render` renders a chat record's messages to
-    (ids, learn) (gptlab.data.chat, with the run's template and tokenizer); `labels` fixes the
-    class names (a resumed run's), else they are the training records' labels, sorted.
-    Raises a GptlabError naming the record for a missing field, an unknown role, an empty
-    response, an example with no response left within the context, or a validation or
-    test label the training records do not have.
-    """
+    """The finetuning data of the records in `train_source` for the FinetuneConfig `fc`, checked
+    record by record; `labels` fixes the class names (else the training labels, sorted)."""
     records = read_records(train_source)
-    fmt = (
-        detect_format(records, FORMAT_FIELDS, "--finetune.format")
-        if fc.format == "auto"
-        else fc.format
-    )
+    fmt = fc.format
+    if fmt == "auto":
+        fmt = detect_format(records, FORMAT_FIELDS, "--finetune.format")
     splits = _splits(records, fc, seed)
     if fmt == "classification" and fc.pack:
         raise GptlabError(
@@ -446,8 +378,7 @@ def load_finetune_data(
             splits, fmt, fc.mask, tokenizer, context_length, chat_render
         )
     fingerprint = _fingerprint(
-        [fmt, fc.mask, fc.pack, fc.template, context_length, tokenizer.identity(), labels],
-        examples,
+        [fmt, fc.mask, fc.pack, fc.template, context_length, tokenizer.identity(), labels], examples
     )
     return FinetuneData(
         fmt,
@@ -464,8 +395,7 @@ def load_finetune_data(
 
 
 def _splits(records: list[Record], fc: Any, seed: int) -> list[list[Record]]:
-    """[train, val, test] records: the finetune.val / finetune.test files where given, the
-    rest split off the training records by the ratios; an error without validation records."""
+    """[train, val, test]: the finetune.val / .test files where given, else split by the ratios."""
     if fc.val or fc.test:
         val = read_records(fc.val) if fc.val else []
         test = read_records(fc.test) if fc.test else []
@@ -484,8 +414,7 @@ def _splits(records: list[Record], fc: Any, seed: int) -> list[list[Record]]:
 def _class_examples(
     splits: list[list[Record]], tokenizer: Any, context_length: int, labels: list[str]
 ) -> tuple[list[list[ClassExample]], int]:
-    """Each split's classification records as ClassExamples (texts cut to the context),
-    and how many were cut; an error for a label outside `labels` or fewer than two."""
+    """Each split's records as ClassExamples (cut to the context), and how many were cut."""
     index = {name: i for i, name in enumerate(labels)}
     out, truncated = [], 0
     for recs in splits:
@@ -521,8 +450,7 @@ def _text_examples(
     context_length: int,
     chat_render: ChatRender | None,
 ) -> tuple[list[list[Example]], int]:
-    """Each split's instructions or chat records as Examples (cut to the context), and
-    how many were cut."""
+    """Each split's records as Examples (cut to the context), and how many were cut."""
     out, truncated = [], 0
     for recs in splits:
         exs = []
@@ -548,7 +476,6 @@ def _text_examples(
 def _render_chat(
     where: str, r: dict[str, Any], mask: str, chat_render: ChatRender | None
 ) -> tuple[list[int], list[bool]]:
-    """(ids, learn) of a chat record; with mask "padding" every token is learned."""
     msgs = check_messages(where, r)
     if chat_render is None:
         raise GptlabError(
@@ -563,9 +490,8 @@ def _render_chat(
 def _sample_prompt(
     fmt: str, first_val: Record, tokenizer: Any, chat_render: ChatRender | None
 ) -> list[int] | None:
-    """The ids of the first validation record's prompt, which the run's samples answer:
-    an instruction's, or a chat's turns before its last assistant turn (None: that turn
-    comes first, or a classifier)."""
+    """The ids of the first validation record's prompt, which the run's samples answer
+    (None: a classifier, or a chat whose last assistant turn comes first)."""
     if fmt == "instructions":
         return tokenizer.encode(instruction_prompt(first_val[1]))
     if fmt == "chat":

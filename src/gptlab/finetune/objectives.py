@@ -1,16 +1,12 @@
 """Finetuning's objectives: what `gptlab finetune` trains, and the losses that score it.
 
-The Trainer (gptlab.train.loop) is the same as pretraining's; the finetuning data
-(gptlab.finetune.data) comes with one of these objectives:
-
-- `SFT`, supervised finetuning on instructions or chat records: the mean cross-entropy over
-  the learned (response) tokens only (`lm_loss`); samples answer the first validation prompt;
+- `SFT`, on instructions or chat records: the mean cross-entropy over the learned tokens
+  only (`lm_loss`); samples answer the first validation prompt;
 - `Classification`, the book's chapter 6: the cross-entropy of the class logits at each
   text's last token (`classification_loss`); evaluations add the accuracy on both splits.
 
 Both train the parameters `finetune.train_blocks` leaves trainable (`set_trainable`) or, with
-`finetune.lora_rank`, LoRA adapters on a frozen base (gptlab.model.lora); then a checkpoint
-keeps only what trains, the base being named in the config.
+`finetune.lora_rank`, LoRA adapters on a frozen base, whose checkpoints keep only the adapters.
 """
 
 from __future__ import annotations
@@ -29,16 +25,11 @@ from gptlab.model.gpt import GPTModel
 from gptlab.model.loss import chunked_cross_entropy
 from gptlab.train.objectives import Objective
 
-# --------------------------------------------------------------------------- losses
-
 
 def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the learned target tokens of a padded batch (targets (B, T))
-    or a packed one (targets (B, 2, T), the example numbers in [:, 1]): a scalar.
-
-    A bare GPTModel runs its output head on the learned positions only: the prompts'
-    and the padding's logits, most of a finetuning batch's (B, T, V), are never formed. A
-    wrapped model (DDP; FSDP2, which makes the model's class a subclass of its own) goes
+    or a packed one (targets (B, 2, T), the example numbers in [:, 1]): a scalar. A bare
+    GPTModel runs its head on the learned positions only; a wrapped one (DDP, FSDP2) goes
     through its forward, which its hooks need."""
     doc_ids = None
     if targets.dim() == 3:
@@ -46,15 +37,11 @@ def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> to
     if type(model) is GPTModel:
         learned = targets != IGNORE_INDEX  # (B, T)
         hidden = model.hidden_states(inputs, doc_ids=doc_ids)[learned]  # (N, D)
-        head = model.out_head
-        if type(head) is nn.Linear and head.bias is None and not model.cfg.num_classes:
+        head, cfg = model.out_head, model.cfg
+        if type(head) is nn.Linear and head.bias is None and not cfg.num_classes:
             # the head and its loss a chunk of rows at a time: no (N, V) logits kept
             return chunked_cross_entropy(
-                hidden,
-                head.weight,
-                targets[learned],
-                model.cfg.vocab_size,
-                softcap=model.cfg.logit_softcap,
+                hidden, head.weight, targets[learned], cfg.vocab_size, softcap=cfg.logit_softcap
             )
         return F.cross_entropy(model.head_logits(hidden), targets[learned])
     logits = model(inputs, doc_ids=doc_ids)  # (B, T, V)
@@ -81,8 +68,7 @@ def classification_accuracy(
     model: nn.Module, loader, device, num_batches: int | None = None
 ) -> float:
     """Share of examples whose last-token argmax is their label, over the loader's first
-    `num_batches` batches (all when None): the book's calc_accuracy_loader. Eval mode while
-    it runs; NaN for an empty loader."""
+    `num_batches` batches (all when None): the book's calc_accuracy_loader; NaN when empty."""
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -111,28 +97,22 @@ def set_trainable(model: nn.Module, train_blocks: int) -> None:
             p.requires_grad_(True)
 
 
-# --------------------------------------------------------------------------- objectives
-
-
 class SFT(Objective):
-    """Supervised finetuning on rendered instructions or chat records (`data`), with the
-    run's `fc` (which parameters train, LoRA)."""
+    """Supervised finetuning on rendered instructions or chat records, with the run's `fc`."""
 
     def __init__(self, data: FinetuneData, fc: FinetuneConfig):
         self.data, self.fc = data, fc
         self.tokenizer, self.fingerprint = data.tokenizer, data.fingerprint
 
     def loaders(self, cfg: RunConfig, world_size: int) -> tuple[Any, Any]:
-        """(train, val) example loaders; every rank has all of them (it takes its share of a
-        step's batches by index)."""
+        """(train, val) example loaders; every rank has all the batches."""
         return self.data.loaders(cfg.train.batch_size, cfg.train.seed)
 
     def sizes(self) -> dict[str, Any]:
         return self.data.sizes()
 
     def prepare(self, model: nn.Module, cfg: RunConfig) -> None:
-        """The top finetune.train_blocks blocks train or, with LoRA, adapters on the frozen
-        rest (and a classifier's head)."""
+        """The top finetune.train_blocks blocks train or, with LoRA, adapters."""
         set_trainable(model, self.fc.train_blocks)
         if self.fc.lora_rank > 0:
             lora.prepare(model, self.fc)
@@ -153,8 +133,7 @@ class SFT(Objective):
 
 
 class Classification(SFT):
-    """The book's chapter 6: a class per label, scored at each text's last token; no
-    samples (a classifier writes no text), evaluations add each split's accuracy."""
+    """The book's chapter 6: a class per label, scored at each text's last token."""
 
     def batch_loss(
         self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
@@ -174,6 +153,5 @@ class Classification(SFT):
 
 
 def finetune_objective(data: FinetuneData, fc: FinetuneConfig) -> SFT:
-    """The objective of `data`'s format: Classification for classification records, SFT
-    for instructions and chat."""
+    """The objective of `data`'s format: Classification or SFT."""
     return (Classification if data.is_classifier else SFT)(data, fc)

@@ -1,14 +1,10 @@
 """`gptlab finetune`: a pretrained model, finetuned on records, written as a normal run.
 
-`finetune()` opens the base model (`--init-from`: a gptlab run or a Hugging Face GPT-2 or
-Llama folder), reads and renders the records (gptlab.finetune.data), and hands them to the same
-Trainer `gptlab train` uses: config, metrics, plots, checkpoints, bit-exact resume and
-torchrun all come with it. A classifier gets a fresh head of one row per label (the
-book's chapter 6) and, at the end, its accuracy on the train, validation and test splits
-(an "accuracy" record in metrics.jsonl).
-
-`evaluate_finetuned()` is what `gptlab eval` reports for such a run: the validation loss on
-the learned (response) tokens, and a classifier's accuracy.
+`finetune()` opens the base model (`--init-from`), reads and renders the records
+(gptlab.finetune.data), and hands them to the Trainer `gptlab train` uses: metrics, plots,
+checkpoints, bit-exact resume and torchrun all come with it. A classifier gets a fresh head
+of one row per label and, at the end, an "accuracy" record on every split.
+`evaluate_finetuned()` is what `gptlab eval` reports for such a run.
 """
 
 from __future__ import annotations
@@ -38,6 +34,8 @@ from gptlab.train.loop import Trainer
 from gptlab.train.resolve import resolve
 from gptlab.train.run import TrainResult, new_run_dir, open_init_source, rank0_notes, run_trainer
 
+Notify = Callable[[dict[str, Any]], None]
+
 
 def is_finetuned(cfg: RunConfig) -> bool:
     """True for a run `gptlab finetune` wrote (its format is resolved; train leaves auto)."""
@@ -45,10 +43,8 @@ def is_finetuned(cfg: RunConfig) -> bool:
 
 
 def run_template(fmt: str, name: str) -> chat.Template | None:
-    """The chat template a finetune of format `fmt` trains in and saves with the run, for
-    generate --chat, serve and convert to-hf: for chat records the one `name`
-    (finetune.template) names, for instructions the Alpaca prompt they are rendered in
-    (chat.ALPACA), for a classifier none."""
+    """The chat template a finetune of format `fmt` trains in and saves: for chat the one
+    `name` (finetune.template) names, for instructions chat.ALPACA, for a classifier none."""
     if fmt == "chat":
         return chat_template(name)
     if name:  # instructions have their prompt, a classifier none: a template would be unused
@@ -60,8 +56,7 @@ def run_template(fmt: str, name: str) -> chat.Template | None:
 
 
 def chat_template(name: str) -> chat.Template:
-    """The template finetune.template names: empty or gptlab-chat (the default), or a
-    directory holding a chat_template.json (a finetuned chat run's)."""
+    """The template finetune.template names: the default (empty), or a directory's."""
     if name in ("", chat.DEFAULT.name):
         return chat.DEFAULT
     found = chat.load_template(name) if Path(name).is_dir() else None
@@ -74,13 +69,9 @@ def chat_template(name: str) -> chat.Template:
 
 
 def open_finetune_data(
-    cfg: RunConfig,
-    tokenizer: Any,
-    labels: list[str] | None,
-    template: chat.Template | None = None,
+    cfg: RunConfig, tokenizer: Any, labels: list[str] | None, template: chat.Template | None = None
 ) -> FinetuneData:
-    """The run's records, rendered for its model (config fields as `finetune()` takes them);
-    chat records by `template`."""
+    """The run's records, rendered for its model (chat records by `template`)."""
     render = None
     if template is not None:
 
@@ -104,23 +95,16 @@ def finetune(
     *,
     resume: bool = False,
     init_from: str | None = None,
-    on_event: Callable[[dict[str, Any]], None] | None = None,
+    on_event: Notify | None = None,
     name: str = "finetune",
     **settings: Any,
 ) -> TrainResult:
     """What `gptlab finetune` does: finetune the model of `init_from` on the records in
-    `cfg.data.source` (settings in `cfg.finetune`) into `out` (default runs/NAME-TIME), or
-    with `resume`, continue the run in `out`. `cfg` or the `settings` are resolved first, as
-    `train()` resolves them (gptlab.train.resolve, with finetune=True). Returns the
-    TrainResult, as `train()` does; a classifier's final accuracy is the "accuracy" record
-    of its metrics.jsonl.
-    """
+    `cfg.data.source` into `out`, or with `resume` continue the run in `out`; as `train()`."""
     notify = rank0_notes(on_event)
-    # -- issue 33: the one resolution (gptlab.train.resolve), as `gptlab finetune` resolves
     resolved = resolve(cfg, finetune=True, out=out, resume=resume, init_from=init_from, **settings)
     notify(resolved.record())
     cfg, model_keys = resolved.config, resolved.model_keys
-    # -- end of the resolution
     check_installed(cfg.train.trackers)  # a missing extra is said now, not after the data loads
     run_dir = new_run_dir(out, resume, name)
     fmt = cfg.finetune.format
@@ -160,12 +144,11 @@ def _open_base(
     cfg: RunConfig,
     init_from: str,
     model_keys: tuple[str, ...],
-    notify: Callable[[dict[str, Any]], None],
+    notify: Notify,
     template: chat.Template | None,
 ) -> tuple[RunConfig, Run, Any]:
     """(cfg with the base's model config, the opened base, its tokenizer) for a new finetune
-    of `init_from`: a LoRA run names its base in the config; the chat template's turn
-    tokens, which a base lacks, grow its vocabulary (a classifier's head comes later)."""
+    of `init_from`; the chat template's turn tokens grow the vocabulary."""
     cfg, source = open_init_source(cfg, init_from, model_keys, notify)
     tokenizer = source.tokenizer
     use_lora = cfg.finetune.lora_rank > 0
@@ -191,12 +174,9 @@ def _open_base(
 
 
 def _open_records(
-    cfg: RunConfig,
-    tokenizer: Any,
-    template: chat.Template | None,
-    notify: Callable[[dict[str, Any]], None],
+    cfg: RunConfig, tokenizer: Any, template: chat.Template | None, notify: Notify
 ) -> tuple[RunConfig, FinetuneData]:
-    """(cfg completed by the data: its format, labels and a classifier's head, the data)."""
+    """(cfg completed by the data: its format, labels and a classifier's head; the data)."""
     labels = json.loads(cfg.finetune.labels) if cfg.finetune.labels else None
     notify({"event": "loading", "source": cfg.data.source, "prepared": False, "tokenizer": "base"})
     data = open_finetune_data(cfg, tokenizer, labels, template)
@@ -218,9 +198,8 @@ def _run_tokenizer(run_dir: Path):
 
 
 def _init_weights(cfg: RunConfig, source: Run | None) -> Callable[[nn.Module], None] | None:
-    """What the new model starts from: the base's weights (a classifier keeps its own fresh
-    head), or for a resumed LoRA run its base's (the checkpoints hold only the adapters);
-    None for another resumed run, which loads its own."""
+    """What the new model starts from: the base's weights, or for a resumed LoRA run its
+    base's (the checkpoints hold only the adapters); None for another resumed run."""
     if source is not None:
         weights = source.model.state_dict()
     elif cfg.finetune.lora_rank > 0:
@@ -235,9 +214,8 @@ def _init_weights(cfg: RunConfig, source: Run | None) -> Callable[[nn.Module], N
 
 
 def _final_accuracy(trainer: Trainer, end: dict[str, Any]) -> dict[str, Any]:
-    """The end record with a classifier's accuracy on every split (the book's train /
-    validation / test figures), also written as the "accuracy" record; every rank computes
-    it (the model may be sharded). Not after a signal or non-finite steps."""
+    """The end record with a classifier's accuracy on every split, also written as the
+    "accuracy" record (every rank computes it); not after a signal or non-finite steps."""
     if end["reason"] in ("SIGINT", "SIGTERM", "nonfinite"):
         return end
     data, bs, seed = trainer.objective.data, trainer.cfg.train.batch_size, trainer.cfg.train.seed
@@ -261,18 +239,15 @@ def _final_accuracy(trainer: Trainer, end: dict[str, Any]) -> dict[str, Any]:
 def evaluate_finetuned(
     run: Run, data: str | None = None, split: str = "val", batch_size: int = 8
 ) -> dict[str, Any]:
-    """What `gptlab eval` reports for a finetuned run: the mean loss over the learned
-    tokens of `split` (val, train or test) of its records (or of the records in `data`,
-    all of them), the examples counted, and a classifier's accuracy."""
+    """What `gptlab eval` reports for a finetuned run: the mean loss over the learned tokens
+    of `split` (or all the records in `data`), the examples, and a classifier's accuracy."""
     cfg = run.config
     if split not in ("val", "train", "test"):
         raise GptlabError(f"split must be val, train or test, got {split!r}")
     labels = json.loads(cfg.finetune.labels) if cfg.finetune.labels else None
     if data:
-        cfg = replace(cfg, data=replace(cfg.data, source=data))
-        cfg = replace(
-            cfg, finetune=replace(cfg.finetune, val_ratio=0.0, test_ratio=0.0, val=data, test="")
-        )
+        fc = replace(cfg.finetune, val_ratio=0.0, test_ratio=0.0, val=data, test="")
+        cfg = replace(cfg, data=replace(cfg.data, source=data), finetune=fc)
         split = "val"
     template = run.chat_template
     if cfg.finetune.format == "chat" and template is None:

@@ -1,11 +1,7 @@
-"""The requests `gptlab serve` takes, in OpenAI's shapes: their fields checked, their
-prompts encoded, and what they ask turned into jobs for the engine; refusals are
-`ApiError`s, which answer in OpenAI's error shape.
-
-Every field is checked (wrong types, out-of-range values, prompts longer than the context,
-bodies over 1 MiB, malformed JSON) and no field names a file; fields that would change the
-answer in ways the server does not do are refused rather than ignored; max_tokens is capped
-to what the context window holds.
+"""The requests `gptlab serve` takes, in OpenAI's shapes: every field checked (types, ranges,
+prompt length, body size, JSON), prompts encoded, and turned into jobs for the engine; no
+field names a file. Fields asking what the server does not do are refused, not ignored;
+refusals are `ApiError`s, answered in OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -40,29 +36,15 @@ class ApiError(Exception):
         kind: str = "invalid_request_error",
     ):
         super().__init__(message)
-        self.message, self.status, self.param, self.code, self.kind = (
-            message,
-            status,
-            param,
-            code,
-            kind,
-        )
+        self.message, self.status, self.param = message, status, param
+        self.code, self.kind = code, kind
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return {"error": error}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
-
-
-# --------------------------------------------------------------------------- fields
 
 
 def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any, what: str) -> Any:
@@ -103,8 +85,8 @@ def stop_strings(body: dict) -> tuple[str, ...]:
 
 
 def _refuse_unsupported(body: dict) -> None:
-    """Fields that would change the answer in ways this server does not do: refused
-    rather than silently ignored (defaults, like echo=false, pass)."""
+    """Refuse fields that would change the answer in ways this server does not do
+    (their defaults, like echo=false, pass)."""
     for name, neutral in (("echo", False), ("logprobs", False), ("suffix", ""), ("tools", [])):
         if body.get(name) not in (None, neutral):
             raise ApiError(f"{name} is not supported by gptlab serve", param=name)
@@ -134,9 +116,6 @@ async def json_body(request: Request) -> dict:
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object")
     return body
-
-
-# --------------------------------------------------------------------------- prompts
 
 
 def encode_prompts(
@@ -182,9 +161,8 @@ def prompt_ids(prompt: Any, tokenizer: Tokenizer, vocab_limit: int, context: int
 
 
 def chat_messages(messages: Any) -> list[dict[str, str]]:
-    """Chat messages as the chat templates take them: content parts joined into one string
-    (kept as sent: a template saw training text unstripped), OpenAI's "developer" role
-    taken as "system"; other roles are refused by the template."""
+    """Chat messages as the templates take them: content parts joined, unstripped (as the
+    template saw training text); OpenAI's "developer" role is "system"."""
     if not isinstance(messages, list) or not messages:
         raise ApiError("messages must be a non-empty list", param="messages")
     out = []
@@ -197,7 +175,6 @@ def chat_messages(messages: Any) -> list[dict[str, str]]:
 
 
 def _message_text(content: Any, i: int) -> str:
-    """A message's content: a string, or a list of text parts (as OpenAI allows)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(
@@ -208,9 +185,6 @@ def _message_text(content: Any, i: int) -> str:
     raise ApiError(
         f"messages[{i}].content must be a string or a list of text parts", param="messages"
     )
-
-
-# --------------------------------------------------------------------------- jobs
 
 
 @dataclass(frozen=True)
@@ -239,8 +213,8 @@ def parse(
     context: int,
     stop_ids: tuple[int, ...] = (),
 ) -> Parsed:
-    """The sampling fields common to completions and chat -> the jobs to run: n choices
-    per prompt, choice i seeded with seed + i, max_tokens capped to what `context` holds."""
+    """The sampling fields common to completions and chat -> n jobs per prompt, choice i
+    seeded with seed + i, max_tokens capped to what `context` holds."""
     _refuse_unsupported(body)
     _get(body, "model", (str,), "", "a string")
     max_tokens = _number(body, "max_tokens", None, 1, 1 << 30, integer=True)
@@ -271,7 +245,7 @@ def parse(
         room = context - len(ids) + 1  # the last token sampled is never fed back
         for i in range(n):
             index = p * n + i
-            choice_seed = None if seed is None else seed + index  # choice i: seed + i
+            choice_seed = None if seed is None else seed + index
             sampling = replace(base, max_tokens=min(max_tokens, room), seed=choice_seed)
             jobs.append(Job(index, p, ids, sampling))
     return Parsed(jobs, sum(len(ids) for ids in prompts), stream, include_usage)

@@ -1,13 +1,10 @@
 """Chatting with a model: a conversation rendered into the prompt for the next reply, and
 `Conversation`, which keeps the history and streams each reply through the engine.
 
-A run finetuned for chat or on instructions has a chat template (`gptlab.data.chat`): the
-conversation is rendered by it and the reply ends at its end id. A base model has none; it
-gets the plays-style template, which suits a model trained on plays: each message is a
-speech, its speaker's name in capitals on a line of its own (`USER:`, `ASSISTANT:`),
-speeches apart by a blank line, system messages as plain paragraphs; the prompt ends with
-`ASSISTANT:` and a newline, and the reply ends at the first blank line (where the next
-speaker would begin):
+A run finetuned for chat or instructions has a chat template (`gptlab.data.chat`) and the
+reply ends at its end id. A base model gets the plays-style template (suits a model trained
+on plays): each speech under its speaker's name in capitals, system messages as plain
+paragraphs, the reply ending at the first blank line (where the next speaker would begin):
 
     {system}\\n\\nUSER:\\n{user}\\n\\nASSISTANT:\\n{assistant}\\n\\nUSER:\\n...\\n\\nASSISTANT:\\n
 """
@@ -27,12 +24,11 @@ PLAYS_SPEAKERS = {"user": "USER", "assistant": "ASSISTANT"}
 
 
 def render_plays(messages: Sequence[dict[str, str]], where: str = "messages") -> str:
-    """The prompt text of the plays-style template (the module docstring) for `messages`,
-    contents stripped. Raises GptlabError for bad messages, naming `where`."""
+    """The plays-style prompt text for `messages`, contents stripped; a GptlabError naming
+    `where` for bad messages."""
     parts = []
     for m in check_messages(messages, where):
-        content = m["content"].strip()
-        role = m["role"]
+        content, role = m["content"].strip(), m["role"]
         parts.append(content if role == "system" else f"{PLAYS_SPEAKERS[role]}:\n{content}")
     parts.append("ASSISTANT:\n")
     return "\n\n".join(parts)
@@ -53,9 +49,8 @@ def chat_prompt(
     messages: Sequence[dict[str, str]],
     where: str = "messages",
 ) -> ChatPrompt:
-    """`messages` as a prompt for the assistant's next reply: with a run's template (a chat
-    or instructions finetune), rendered by it and ended by its end id; with None (a base
-    model), `render_plays` and its blank-line stop. Raises GptlabError for bad messages."""
+    """`messages` as a prompt for the assistant's next reply: rendered by `template` and
+    ended by its end id, or (None) by `render_plays` and its blank-line stop."""
     if template is None:
         text = render_plays(messages, where)
         return ChatPrompt(tokenizer.encode(text, allowed_special={ENDOFTEXT}), (PLAYS_STOP,), ())
@@ -64,13 +59,9 @@ def chat_prompt(
 
 
 class Conversation:
-    """A chat, one reply at a time: `reply(text)` adds the user's message, renders the
-    whole history (after the system message, if any) through `template` (None: the plays
-    template), and streams the assistant's reply from `engine` (not started: it decodes in
-    the calling thread). `sampling` sets how replies are sampled and their most tokens
-    (default: as many as the context holds); its stop strings and ids add to the
-    template's. When the history outgrows the context window, the oldest exchanges are
-    dropped."""
+    """A chat, one reply at a time, streamed from a not-started `engine`. `template` None is
+    the plays template; `sampling` (default: up to a full context) adds its stop strings
+    and ids to the template's. The oldest exchanges go when the context overflows."""
 
     def __init__(
         self,
@@ -83,12 +74,11 @@ class Conversation:
         self.template = template
         self.system = [{"role": "system", "content": system}] if system else []
         self.sampling = sampling or Sampling(max_tokens=engine.context_length)
-        self.history: list[dict[str, str]] = []  # the user's and the assistant's messages
+        self.history: list[dict[str, str]] = []  # user and assistant messages
 
     def reply(self, text: str) -> Iterator[str]:
-        """The assistant's reply to `text`, piece by piece as it is sampled; the exchange
-        joins the history once the reply is whole. A GptlabError if even the newest message
-        alone does not fit the context window."""
+        """The reply to `text`, piece by piece; the exchange joins the history once whole.
+        A GptlabError if the newest message alone does not fit the context window."""
         context = self.engine.context_length
         history = [*self.history, {"role": "user", "content": text}]
         prompt = chat_prompt(self.template, self.engine.tokenizer, self.system + history)
@@ -102,12 +92,8 @@ class Conversation:
             )
         room = context - len(prompt.ids) + 1  # the last token sampled is never fed back
         s = self.sampling
-        sampling = replace(
-            s,
-            max_tokens=min(s.max_tokens, room),
-            stop=(*prompt.stop, *s.stop),
-            stop_ids=(*prompt.stop_ids, *s.stop_ids),
-        )
+        stop, stop_ids = (*prompt.stop, *s.stop), (*prompt.stop_ids, *s.stop_ids)
+        sampling = replace(s, max_tokens=min(s.max_tokens, room), stop=stop, stop_ids=stop_ids)
         pieces = []
         for piece in self.engine.stream(prompt.ids, sampling):
             pieces.append(piece)

@@ -1,32 +1,18 @@
-"""The engine: the one decoding path for text. `gptlab generate` (one prompt or several),
-`gptlab generate --chat` (`gptlab.infer.chat`), `gptlab serve` and the lm-eval adapter all
-decode through it, so a prompt with the same settings and seed gives the same text in each.
+"""The engine: the one decoding path for text (`gptlab generate`, `--chat`, `gptlab serve`,
+the lm-eval adapter), so a prompt with the same settings and seed gives the same text in each.
 
-Continuous batching: many generations share one model, one forward pass per step. Each
-running generation holds a slot of a `SlotCache`; at every step the newest token of every
-running generation goes through the model as one batch (B = running generations, T = 1),
-each row at its own position. Between steps, new prompts are prefilled one at a time
-(B = 1) into free slots and join the batch, and generations that finished or whose client
-went away leave it, so short and long requests never wait for each other. Slots are kept
-packed (running generations in slots 0..n-1; a leaving one's place is taken by the last),
-so the batch reads its keys and values as a view, without copying them.
+Continuous batching: each running generation holds a slot of a `SlotCache`; every step feeds
+the newest token of each through the model as one batch (B = running, T = 1). Between steps,
+waiting prompts are prefilled into free slots and finished ones leave, so short and long
+requests never wait for each other. Slots stay packed (0..n-1), so the batch reads its keys
+and values as a view. A generation past the context window (every one, with
+`use_cache=False`) goes on "windowed", recomputing its last `context_length` tokens each step
+as `gptlab.infer.sampling.generate` does. A seeded generation has its own generator, so its
+text never depends on the batch, and alone it gives the tokens `generate` gives.
 
-A generation that outgrows the context window leaves its slot and goes on "windowed": each
-step recomputes the last `context_length` tokens without a cache (absolute positions shift
-every step, so no cache can help), exactly as `gptlab.infer.sampling.generate` does; with
-`use_cache=False` every generation runs so from its first token. A prompt longer than the
-context keeps its last `context_length` tokens.
-
-Sampling is `gptlab.infer.sampling.sample_next` per group of rows that share settings; a
-seeded generation samples from its own generator, so its text depends only on its prompt,
-its settings and its seed, never on what else is in the batch, and a prompt alone gives the
-tokens `generate` gives it. Text comes out through `gptlab.infer.sampling.TextStream` (stop
-strings, unfinished characters held back).
-
-Two ways to drive it: `start()` runs the loop on a thread of its own and generations are
-`submit`ted from any thread (the server; callbacks then run on the engine's thread and must
-be quick and must not raise); or, not started, `decode`, `stream` and `complete` run the
-loop in the calling thread until their generations finish (the command line, chat, evals).
+`start()` runs the loop on its own thread, fed by `submit` (the server; callbacks run on that
+thread and must be quick and not raise); not started, `decode`, `stream` and `complete` run
+it in the calling thread (command line, chat, evals).
 """
 
 from __future__ import annotations
@@ -54,19 +40,11 @@ log = logging.getLogger(__name__)
 
 
 class SlotCache:
-    """A KV cache of independent rows ("slots") for the engine: each slot holds one sequence,
-    with its own length, so sequences of different lengths decode in one batch and a new
-    one can be prefilled into a free slot while the others are mid-way.
-
-    `select(rows)` names the slots the next forward runs on (batch row b is slot rows[b]);
-    then `GPTModel.forward(ids, cache)` reserves positions per row (`advance` returns them
-    (B, T)), and each attention layer writes its keys and values at those positions and
-    attends over the first Tk positions of its rows, Tk the longest row, with a per-row
-    mask (B, 1, T, Tk) that hides what lies beyond each row's own length.
-
-    Buffers are (slots, Hkv, max_len, Hd) per layer, sized from the first keys written
-    (so grouped-query attention and autocast dtypes need no configuration).
-    """
+    """A KV cache of independent rows ("slots"), each one sequence with its own length, so
+    sequences of different lengths decode in one batch: `select` names the next forward's
+    slots, the model's `advance` reserves their positions, and each layer's `update` writes
+    there and attends with a per-row mask. Buffers are (slots, Hkv, max_len, Hd) per layer,
+    shaped and typed by the first keys written."""
 
     def __init__(self, slots: int, max_len: int):
         self.slots = slots
@@ -78,7 +56,7 @@ class SlotCache:
         self._rows_t: torch.Tensor | None = None  # (B,) the rows as an index
         self._positions: torch.Tensor | None = None  # (B, T) where this forward writes
         self._mask: torch.Tensor | None = None  # (B, 1, T, Tk)
-        self._packed: tuple[int, int] | None = None  # (first, end) when the rows are consecutive
+        self._packed: tuple[int, int] | None = None  # (first, end) for consecutive rows
 
     def select(self, rows: Sequence[int]) -> None:
         """The slots the next forward runs on, in batch order."""
@@ -87,11 +65,11 @@ class SlotCache:
         self._packed = (first, first + n) if self._rows == list(range(first, first + n)) else None
 
     def free(self, slot: int) -> None:
-        """Forget the slot's positions (its buffer rows are overwritten by the next user)."""
+        """Forget the slot's positions (the next user overwrites its buffer rows)."""
         self.lengths[slot] = 0
 
     def move(self, src: int, dst: int) -> None:
-        """Give slot `dst` the contents of slot `src` and free `src` (to keep slots packed)."""
+        """Move slot `src`'s contents to `dst` and free `src` (to keep slots packed)."""
         n = self.lengths[src]
         for buf in (*self.keys, *self.values):
             buf[dst, :, :n] = buf[src, :, :n]
@@ -100,29 +78,26 @@ class SlotCache:
     def advance(self, T: int, device: torch.device) -> torch.Tensor:
         """Reserve each selected row's next T positions; returns them (B, T)."""
         starts = [self.lengths[r] for r in self._rows]
-        Tk = max(starts) + T  # keys to attend over: the longest row's
+        Tk = max(starts) + T  # the longest row's keys
         if Tk > self.max_len:
             raise ValueError(f"slot cache full: {Tk} positions exceed its max_len {self.max_len}")
         for r in self._rows:
             self.lengths[r] += T
         self._rows_t = torch.tensor(self._rows, device=device)  # (B,)
-        offsets = torch.arange(T, device=device)  # (T,)
-        positions = torch.tensor(starts, device=device)[:, None] + offsets  # (B, T)
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
         keys = torch.arange(Tk, device=device)  # (Tk,)
         self._mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, Tk)
-        self._positions = positions
+        self._positions = positions  # (B, T)
         return positions
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write layer `layer`'s new keys and values (B, Hkv, T, Hd) at the reserved
-        positions; returns the selected rows' keys and values (B, Hkv, Tk, Hd) and the mask
-        (B, 1, T, Tk), True where a new position may attend."""
+        """Write new keys and values (B, Hkv, T, Hd) at the reserved positions; returns the
+        rows' keys and values (B, Hkv, Tk, Hd) and the mask (B, 1, T, Tk), True to attend."""
         if layer == len(self.keys):
-            _, Hkv, _, Hd = k.shape
+            shape = (self.slots, k.shape[1], self.max_len, k.shape[3])  # (S, Hkv, max_len, Hd)
             for store in (self.keys, self.values):
-                shape = (self.slots, Hkv, self.max_len, Hd)
                 store.append(torch.zeros(shape, dtype=k.dtype, device=k.device))
         kb, vb = self.keys[layer], self.values[layer]
         rows, positions = self._rows_t[:, None], self._positions  # (B, 1), (B, T)
@@ -133,12 +108,8 @@ class SlotCache:
         if self._packed is not None:  # consecutive rows: a view, no copy
             first, end = self._packed
             return kb[first:end, :, :Tk], vb[first:end, :, :Tk], self._mask
-        index = self._rows_t
-        return (
-            kb[:, :, :Tk].index_select(0, index),
-            vb[:, :, :Tk].index_select(0, index),
-            self._mask,
-        )
+        r = self._rows_t
+        return kb[:, :, :Tk].index_select(0, r), vb[:, :, :Tk].index_select(0, r), self._mask
 
 
 @dataclass(frozen=True)
@@ -164,35 +135,27 @@ class Event:
     completion_tokens: int = 0  # tokens sampled so far
 
 
+@dataclass(eq=False)
 class Generation:
     """One sequence being generated: its prompt, settings, slot and text so far."""
 
-    def __init__(
-        self,
-        prompt: list[int],
-        sampling: Sampling,
-        on_event: Callable[[Event], None],
-        text: TextStream,
-        generator: torch.Generator | None,
-    ):
-        self.prompt = prompt
-        self.sampling = sampling
-        self.on_event = on_event
-        self.text = text  # its `ids` are the tokens sampled so far, but an ending one
-        self.generator = generator  # None: the engine's shared one
-        self.slot = -1  # -1: no slot (waiting, windowed or gone)
-        self.windowed = False  # decoded without a cache, over the last context_length ids
-        self.next_id = -1  # the token to feed at the next step
-        self.tokens = 0  # tokens sampled
-        self.cancelled = False  # set from another thread; read between steps
-        self.finished = False
+    prompt: list[int]
+    sampling: Sampling
+    on_event: Callable[[Event], None]
+    text: TextStream  # its `ids` are the tokens sampled so far, but an ending one
+    generator: torch.Generator | None  # None: the engine's shared one
+    slot: int = -1  # -1: no slot (waiting, windowed or gone)
+    windowed: bool = False  # decoded without a cache, over the last context_length ids
+    next_id: int = -1  # the token to feed at the next step
+    tokens: int = 0  # tokens sampled
+    cancelled: bool = False  # set from another thread; read between steps
+    finished: bool = False
 
 
 class Engine:
-    """The decode loop over one model and its tokenizer. `max_batch` is the number of slots
-    (generations decoding at once); further ones wait in order. `use_cache=False`
-    recomputes the window at every step; `compile` runs the model through torch.compile;
-    `seed` seeds the generator that unseeded generations share (None: a random one)."""
+    """The decode loop over one model and its tokenizer, `max_batch` generations at once
+    (further ones wait in order). `seed` seeds the generator unseeded generations share
+    (None: a random one)."""
 
     def __init__(
         self,
@@ -215,8 +178,8 @@ class Engine:
         self.use_cache = use_cache
         self.eos = eot_id(tokenizer)
         self.cache = SlotCache(max_batch, self.context_length)
-        # prompt tokens prefilled between two decode steps (at least one prompt): bounds how
-        # long running generations pause while new ones join
+        # prompt tokens prefilled between two steps (at least one prompt): bounds how long
+        # running generations pause while new ones join
         self.prefill_tokens = prefill_tokens or self.context_length
         self.running: list[Generation] = []  # running[i] holds slot i
         self.windowed: list[Generation] = []  # running without a slot
@@ -230,8 +193,8 @@ class Engine:
 
     @classmethod
     def for_run(cls, run: Run, command: str = "generate", **options) -> Engine:
-        """An engine over a run's model and tokenizer (`options` as the constructor's); a
-        GptlabError naming `command` for a classifier, which writes no text."""
+        """An engine over a run's model and tokenizer; a GptlabError naming `command` for a
+        classifier, which writes no text."""
         classes = run.config.model.num_classes
         if classes:
             raise GptlabError(
@@ -258,8 +221,7 @@ class Engine:
     def submit(
         self, prompt: Sequence[int], sampling: Sampling, on_event: Callable[[Event], None]
     ) -> Generation:
-        """Queue a generation of up to `sampling.max_tokens` tokens after `prompt` (ids, at
-        least one)."""
+        """Queue a generation after `prompt` (ids, at least one)."""
         generator = None
         if sampling.seed is not None and sampling.temperature > 0:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
@@ -279,11 +241,8 @@ class Engine:
 
     def load(self) -> dict[str, int]:
         """How busy the engine is: running and waiting generations, and its slots."""
-        return {
-            "running": len(self.running) + len(self.windowed),
-            "waiting": len(self.waiting),
-            "slots": self.cache.slots,
-        }
+        running = len(self.running) + len(self.windowed)
+        return {"running": running, "waiting": len(self.waiting), "slots": self.cache.slots}
 
     @torch.inference_mode()  # the whole thread: the cache's tensors are inference tensors
     def _loop(self) -> None:
@@ -302,10 +261,9 @@ class Engine:
     def decode(
         self, prompts: Sequence[str | Sequence[int]], sampling: Sampling | Sequence[Sampling]
     ) -> Iterator[tuple[int, Event]]:
-        """Generate after each prompt (text, or ids) in the calling thread, with `sampling`
-        (one for all, or one per prompt); yields (prompt index, event) as they come, until
-        every generation has finished. Leaving early cancels the rest; an error in the model
-        is raised. Only for an engine that was not `start`ed."""
+        """Generate after each prompt (text or ids) in the calling thread, with one `sampling`
+        for all or one per prompt; yields (prompt index, event) until all finish. Leaving
+        early cancels the rest; a model error is raised. Only for an engine not `start`ed."""
         if self._thread is not None:
             raise RuntimeError("this engine runs on its own thread: submit to it instead")
         each = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
@@ -342,11 +300,10 @@ class Engine:
         return ["".join(t) for t in texts]
 
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
-        ids = (
-            self.tokenizer.encode(prompt, allowed_special={ENDOFTEXT})
-            if isinstance(prompt, str)
-            else list(prompt)
-        )
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, allowed_special={ENDOFTEXT})
+        else:
+            ids = list(prompt)
         if not ids:
             raise GptlabError("a prompt is empty; give some text to continue")
         return ids
@@ -355,9 +312,8 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One round: waiting generations join (prefilled: their first token), then every
-        running one gets a token: the windowed ones one at a time, those in slots in one
-        forward pass."""
+        """One round: waiting generations join (prefilled: their first token), then windowed
+        ones get a token each, and those in slots one each in one forward pass."""
         with self._cond:
             self._drop_cancelled()
             joining = self._take_waiting()
@@ -371,8 +327,8 @@ class Engine:
             self._guarded(self._decode_step, list(self.running))
 
     def _take_waiting(self) -> list[Generation]:
-        """The waiting generations that join now: as many as free slots and the prefill
-        budget allow (always one, if a slot is free)."""
+        """The waiting generations that free slots and the prefill budget let join (always
+        one, if a slot is free)."""
         joining, budget = [], self.prefill_tokens
         free = self.cache.slots - len(self.running)
         while self.waiting and len(joining) < free:
@@ -388,9 +344,8 @@ class Engine:
         self._leave([g for g in (*self.running, *self.windowed) if g.cancelled])
 
     def _guarded(self, step: Callable, gens: list[Generation], *args) -> None:
-        """Run a prefill or decode step. If it fails on the engine's thread, its generations
-        end with an error event and leave, and the loop goes on serving the others; in the
-        caller's thread the error is raised."""
+        """Run a step; if it fails on the engine's thread its generations end with an error
+        event and the loop serves the others (in the caller's thread the error is raised)."""
         try:
             with autocast(self.device, self.precision):
                 step(*args)
@@ -405,7 +360,7 @@ class Engine:
             self._leave(failed)
 
     def _prefill(self, gen: Generation) -> None:
-        """Run the prompt alone (B = 1) into the next free slot; it joins the batch."""
+        """Run the prompt's last context_length ids (B = 1) into a free slot, joining the batch."""
         if gen.sampling.max_tokens < 1:  # nothing to sample
             gen.finished = True
             gen.on_event(Event("", "length", 0))
@@ -430,7 +385,6 @@ class Engine:
         self._accept([gen], self._sample(logits, [gen]))
 
     def _decode_step(self) -> None:
-        """One token for every generation in a slot, in one forward pass."""
         gens = list(self.running)
         self.cache.select(range(len(gens)))
         ids = torch.tensor([[g.next_id] for g in gens], device=self.device)  # (B, 1)
@@ -438,8 +392,7 @@ class Engine:
         self._accept(gens, self._sample(logits, gens))
 
     def _sample(self, logits: torch.Tensor, gens: list[Generation]) -> list[int]:
-        """Next ids for logits (B, V): greedy rows in one argmax, sampled rows by groups
-        of equal settings (a seeded row alone, with its own generator)."""
+        """Next ids for logits (B, V), by groups of equal settings (a seeded row alone)."""
         out = [0] * len(gens)
         groups: dict[tuple, list[int]] = {}
         for i, g in enumerate(gens):
@@ -449,18 +402,17 @@ class Engine:
             )
             groups.setdefault(key, []).append(i)
         for rows in groups.values():
-            s, gen = gens[rows[0]].sampling, gens[rows[0]].generator
+            first = gens[rows[0]]
+            s, generator = first.sampling, first.generator or self._shared_generator
             picked = logits if len(rows) == len(gens) else logits[rows]  # (b, V)
-            ids = sample_next(
-                picked, s.temperature, s.top_k, s.top_p, gen or self._shared_generator
-            )
+            ids = sample_next(picked, s.temperature, s.top_k, s.top_p, generator)
             for i, token in zip(rows, ids[:, 0].tolist(), strict=True):
                 out[i] = token
         return out
 
     def _accept(self, gens: list[Generation], tokens: list[int]) -> None:
-        """Hand each generation its new token: report new text, let the finished leave, and
-        send one that fills its slot on windowed."""
+        """Hand each generation its token: report new text, let the finished leave, and send
+        one that fills its slot on windowed."""
         done = []
         for gen, token in zip(gens, tokens, strict=True):
             gen.tokens += 1
@@ -479,9 +431,8 @@ class Engine:
             if reason is not None:
                 gen.finished = True
                 done.append(gen)
+            if reason is not None or piece:
                 gen.on_event(Event(piece, reason, gen.tokens))
-            elif piece:
-                gen.on_event(Event(piece, None, gen.tokens))
         self._leave(done)
         full = [
             g for g in gens if g.slot >= 0 and self.cache.lengths[g.slot] >= self.context_length
@@ -492,18 +443,16 @@ class Engine:
             self.windowed.append(gen)
 
     def _leave(self, gens: list[Generation]) -> None:
-        """Take generations out of the running: free their slots, moving the last running
-        ones into the gaps so the running generations stay in slots 0..n-1."""
+        """Take generations out, moving the last running ones into their slots (packed)."""
         self.windowed = [g for g in self.windowed if g not in gens]
         for gen in sorted(gens, key=lambda g: g.slot, reverse=True):
             slot, last = gen.slot, len(self.running) - 1
             if slot < 0:
                 continue
             if slot != last:
-                moved = self.running[last]
                 self.cache.move(last, slot)
-                self.running[slot] = moved
-                moved.slot = slot
+                self.running[slot] = self.running[last]
+                self.running[slot].slot = slot
             else:
                 self.cache.free(slot)
             self.running.pop()

@@ -1,23 +1,17 @@
 """Choosing tokens: the walk-through's greedy `generate_text_simple` (the reference every
-faster path is tested against), the sampling rules (`sample_next`: temperature, top-k,
-top-p, from its own random generator, so sampling during training never disturbs the
-training run's random state), `generate` over a batch tensor, and `TextStream`, which
-turns sampled ids into text as it becomes certain.
+faster path is tested against), `sample_next` (temperature, top-k, top-p, from its own
+generator, so sampling during training never disturbs the run's random state), `generate`
+over a batch tensor, and `TextStream`, which turns sampled ids into text as it becomes certain.
 
-`generate` uses a KV cache by default: one forward pass over the prompt (the prefill), then
-one pass per new token over that token alone, attending over the cached keys and values.
-Once the sequence outgrows the context window, every further step recomputes over the last
-`context_size` tokens, exactly as the uncached path (`use_cache=False`) does at every step,
-so both give the same tokens; past the window the cache cannot help, because absolute
-position embeddings shift every position each step. Its rows are one batch (B, T) of equal
-length, decoded in step: nothing is padded.
-
-Text (the command line, chat, the server) decodes through `gptlab.infer.engine.Engine`,
-which gives the same tokens for a prompt as `generate` does.
+`generate` prefills the prompt into a KV cache, then feeds one new token per step. Past the
+context window every step recomputes the last `context_size` tokens, as `use_cache=False`
+does throughout (absolute positions shift each step, so no cache can help); both give the
+same tokens. Text (command line, chat, server) decodes through `gptlab.infer.engine.Engine`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -41,10 +35,8 @@ def token_ids_to_text(token_ids: torch.Tensor, tokenizer: Tokenizer) -> str:
 def generate_text_simple(
     model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int
 ) -> torch.Tensor:
-    """Greedy decoding: append the most likely next token `max_new_tokens` times.
-
-    idx (B, T) -> (B, T + max_new_tokens). Only the last `context_size` tokens are fed back.
-    """
+    """Greedy decoding: idx (B, T) -> (B, T + max_new_tokens), feeding back the last
+    `context_size` tokens."""
     for _ in range(max_new_tokens):
         logits = model(idx[:, -context_size:])[:, -1, :]  # (B, V)
         idx_next = torch.argmax(logits, dim=-1, keepdim=True)  # (B, 1)
@@ -77,11 +69,8 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Pick next ids from last-position logits (B, V) -> (B, 1).
-
-    temperature 0 is greedy; otherwise logits are divided by the temperature, cut to the
-    `top_k` largest and/or the smallest set whose probability reaches `top_p`, and sampled.
-    """
+    """Next ids (B, 1) from last-position logits (B, V): argmax at temperature 0, else
+    sampled from the logits divided by the temperature and cut by `filter_logits`."""
     if temperature <= 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
@@ -104,18 +93,12 @@ def generate(
     compile: bool = False,
     vocab_limit: int | None = None,
 ) -> torch.Tensor:
-    """Sample up to `max_new_tokens` tokens after idx (B, T) -> (B, T + n), every row in
-    step: decoding a batch tensor (text goes through `gptlab.infer.engine`).
+    """Sample up to `max_new_tokens` tokens after idx (B, T) -> (B, T + n), rows in step,
+    until every row has produced `eos_id` (not appended; rows that ended are padded with it).
 
-    Stops early when every sequence has produced `eos_id`; one that ended earlier is padded
-    with it while the others go on, and the end token itself is not appended. `seed` (or an
-    explicit `generator`) makes sampling reproducible without touching the global random
-    state. `use_cache=False` recomputes the whole window at every step (the walk-through's
-    way); `compile=True` runs the cached steps through torch.compile with a static cache
-    (for CUDA, where it replays each step as a CUDA graph; the first call compiles).
-    `vocab_limit` samples only ids below it: a model whose vocab_size exceeds its
-    tokenizer's vocabulary (set so for speed) never emits an id the tokenizer cannot decode.
-    """
+    `seed` or `generator` leaves the global random state alone. `compile=True` runs cached
+    steps through torch.compile with a static cache. `vocab_limit` samples only ids below it
+    (a vocab_size padded for speed never yields an id the tokenizer cannot decode)."""
     context_size = context_size or model.cfg.context_length
     if generator is None and seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
@@ -150,21 +133,16 @@ def generate(
 
 
 def _step(model: nn.Module, idx_next: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One cached decoding step: ids (B, 1) -> last-position logits (B, V)."""
+    """One cached step: ids (B, 1) -> last-position logits (B, V)."""
     return model(idx_next, cache)[:, -1, :]
 
 
-_COMPILED_STEP = None
-
-
+@functools.cache
 def _compiled_step():
     # Built once and shared, so each generate() call reuses the compiled graphs; on CUDA
     # "reduce-overhead" replays the step as one CUDA graph (the static cache keeps its shapes).
-    global _COMPILED_STEP
-    if _COMPILED_STEP is None:
-        mode = "reduce-overhead" if torch.cuda.is_available() else None
-        _COMPILED_STEP = torch.compile(_step, mode=mode, fullgraph=True)
-    return _COMPILED_STEP
+    mode = "reduce-overhead" if torch.cuda.is_available() else None
+    return torch.compile(_step, mode=mode, fullgraph=True)
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:
@@ -173,25 +151,16 @@ def _first_stop(text: str, stop: Sequence[str]) -> int | None:
 
 
 def _undecided_tail(text: str, stop: Sequence[str]) -> int:
-    """How many trailing characters must wait: an unfinished UTF-8 character (decoded as
-    U+FFFD) or the start of a stop string."""
-    n = len(text) - len(text.rstrip("\ufffd"))
-    for s in stop:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                n = max(n, k)
-                break
-    return n
+    """Trailing characters that must wait: an unfinished UTF-8 character (U+FFFD) or the
+    start of a stop string."""
+    held = [k for s in stop for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])]
+    return max([len(text) - len(text.rstrip("\ufffd")), *held])
 
 
 class TextStream:
-    """Token ids in, text out piece by piece, for a caller that feeds the ids as they are
-    sampled (the engine's decode loop).
-
-    `push` returns the text that is now certain: nothing that may still turn into a stop
-    string or ends inside a multi-byte character. Once a stop string appears, `stopped` is
-    set and the text before it is all that was ever returned.
-    """
+    """Token ids in, certain text out: `push` holds back what may still become a stop string
+    or ends inside a multi-byte character. Once a stop string appears, `stopped` is set and
+    only the text before it was ever returned."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
@@ -216,6 +185,5 @@ class TextStream:
         return "" if self.stopped else self._take(len(self.text))
 
     def _take(self, upto: int) -> str:
-        piece = self.text[self.sent : upto] if upto > self.sent else ""
-        self.sent = max(self.sent, upto)
+        piece, self.sent = self.text[self.sent : upto], max(self.sent, upto)
         return piece

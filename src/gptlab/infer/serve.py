@@ -1,27 +1,18 @@
-"""`gptlab serve`: a trained model behind an OpenAI-compatible HTTP API, with a page.
-
-Endpoints (shapes as OpenAI's, so the official `openai` client and curl work unchanged):
+"""`gptlab serve`: a trained model behind an OpenAI-compatible HTTP API (the `openai`
+client and curl work unchanged), with a page.
 
 - `GET /v1/models`: the one model served.
-- `POST /v1/completions`: prompt (text, a list of texts, or token ids), max_tokens,
-  temperature, top_p, top_k (an extension), stop, seed, n, stream (server-sent events
-  ending in `data: [DONE]`), usage counts.
-- `POST /v1/chat/completions`: the messages rendered as `gptlab generate --chat` renders
-  them (`gptlab.infer.chat`: the run's chat template, or for a base model the plays-style
-  one); streaming too.
-- `GET /v1/run`: the run's config, its chat template (null for a base model) and its
-  metrics.jsonl records: what the page needs to choose its views and draw the run view.
+- `POST /v1/completions`: prompt (text, texts or token ids), max_tokens, temperature, top_p,
+  top_k (an extension), stop, seed, n, stream (server-sent events ending `data: [DONE]`).
+- `POST /v1/chat/completions`: messages rendered as `gptlab generate --chat` does; streams too.
+- `GET /v1/run`: the run's config, chat template (null for a base model) and metrics
+  records, for the page's views.
 - `GET /health`: liveness and load, the one endpoint that needs no key.
-- `GET /`: the page (a chat for a run with a chat template, a playground, a run view),
-  shipped in gptlab/infer/static, no network needed.
+- `GET /`: the page (chat, playground, run view), shipped in gptlab/infer/static, offline.
 
-Safety: binds 127.0.0.1 unless told otherwise; with an API key every endpoint but
-`/health` and the page's own files needs `Authorization: Bearer KEY`. Every request is
-validated (`gptlab.infer.api`) and a refusal answered with a 4xx error in OpenAI's shape.
-
-The model runs in `gptlab.infer.engine.Engine` (continuous batching) on its own thread; each
-request's events cross to the event loop through an asyncio queue. A client that goes
-away mid-stream cancels its generations, which frees their slots before the next step.
+Binds 127.0.0.1 unless told otherwise; with an API key, every endpoint but `/health` and the
+page needs `Authorization: Bearer KEY`. The engine runs on its own thread; events reach the
+event loop through an asyncio queue, and a client that leaves cancels its generations.
 """
 
 from __future__ import annotations
@@ -34,9 +25,10 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
+from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -71,9 +63,6 @@ PAGE_FILES = {  # the page's files: a fixed list, no request names a path
 }
 
 
-# --------------------------------------------------------------------------- the server
-
-
 class Server:
     """The endpoints, over one loaded run and its engine."""
 
@@ -86,8 +75,6 @@ class Server:
         self.run_dir = _run_dir(run)
         self.model_name = (self.run_dir or run.checkpoint or Path("gpt2")).name or "gptlab"
         self.started = int(time.time())
-
-    # ------------------------------------------------------------------ endpoints
 
     async def completions(self, request: Request) -> Response:
         body = await json_body(request)
@@ -111,14 +98,21 @@ class Server:
         return await self._respond(parsed, chat=True)
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.started,
+            "owned_by": "gptlab",
+            "context_length": self.context,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.model_name, **self.engine.load()})
 
     async def run_info(self, request: Request) -> Response:
-        """The run's config, chat template and metrics records: the page offers its chat
-        view only where `chat_template` is not null, and draws the run view from the rest."""
+        """The run's config, chat template (the page offers chat where it is not null) and
+        metrics records."""
         records: list[dict] = []
         metrics = self.run_dir / "metrics.jsonl" if self.run_dir else None
         if metrics is not None and metrics.is_file():
@@ -126,32 +120,20 @@ class Server:
             records = [r for r in records if r.get("event") in RUN_EVENTS]
         last = next((r["event"] for r in reversed(records) if r["event"] in ("start", "end")), None)
         template = self.run.chat_template
-        return JSONResponse(
-            {
-                "model": self.model_name,
-                "checkpoint": self.run.checkpoint.name if self.run.checkpoint else None,
-                "config": self.run.config.to_dict(),
-                "chat_template": template.to_dict() if template is not None else None,
-                "training": last == "start",
-                "records": records,
-            }
-        )
+        info = {
+            "model": self.model_name,
+            "checkpoint": self.run.checkpoint.name if self.run.checkpoint else None,
+            "config": self.run.config.to_dict(),
+            "chat_template": template.to_dict() if template is not None else None,
+            "training": last == "start",
+            "records": records,
+        }
+        return JSONResponse(info)
 
     async def page(self, request: Request) -> Response:
         name, media = PAGE_FILES[request.url.path]
         text = resources.files("gptlab.infer").joinpath("static", name).read_text(encoding="utf-8")
         return Response(text, media_type=media, headers={"Cache-Control": "no-cache"})
-
-    def _model_card(self) -> dict[str, Any]:
-        return {
-            "id": self.model_name,
-            "object": "model",
-            "created": self.started,
-            "owned_by": "gptlab",
-            "context_length": self.context,
-        }
-
-    # ------------------------------------------------------------------ answers
 
     async def _respond(self, parsed: Parsed, chat: bool) -> Response:
         kind = "chatcmpl" if chat else "cmpl"
@@ -181,12 +163,9 @@ class Server:
         choices = []
         for index in sorted(texts):
             text = "".join(texts[index])
-            content = (
-                {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-            )
-            choices.append(
-                {"index": index, **content, "finish_reason": finish[index], "logprobs": None}
-            )
+            reply = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            end = {"finish_reason": finish[index], "logprobs": None}
+            choices.append({"index": index, **reply, **end})
         usage = usage_counts(parsed.prompt_tokens, sum(tokens.values()))
         return JSONResponse({**head, "choices": choices, "usage": usage})
 
@@ -220,16 +199,11 @@ async def _run_jobs(engine: Engine, jobs: list[Job]) -> AsyncIterator[tuple[int,
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-    def deliver(index: int) -> Callable[[Event], None]:
-        def on_event(event: Event) -> None:  # on the engine's thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (index, event))
-            except RuntimeError:  # the event loop has closed: nobody is listening
-                pass
+    def on_event(index: int, event: Event) -> None:  # on the engine's thread
+        with suppress(RuntimeError):  # the event loop has closed: nobody is listening
+            loop.call_soon_threadsafe(queue.put_nowait, (index, event))
 
-        return on_event
-
-    gens = [engine.submit(job.ids, job.sampling, deliver(job.index)) for job in jobs]
+    gens = [engine.submit(job.ids, job.sampling, partial(on_event, job.index)) for job in jobs]
     try:
         remaining = len(gens)
         while remaining:
@@ -289,9 +263,6 @@ def _run_dir(run: Run) -> Path | None:
     return None
 
 
-# --------------------------------------------------------------------------- the app
-
-
 def create_app(server: Server) -> Starlette:
     """The ASGI app: the API, the page, and OpenAI-shaped answers for anything else."""
     g = server.guard
@@ -316,17 +287,13 @@ def create_app(server: Server) -> Starlette:
 
 
 class ServerThread:
-    """The app served by uvicorn on a thread, on a socket bound before it starts (so the
-    port is known, and connections wait in the listen queue until the server takes them).
-
-    Used by the tests and the benchmark; `serve` runs uvicorn in the foreground instead.
-    """
+    """The app served by uvicorn on a thread (for tests and benchmarks), on a socket bound
+    first: the port is known, and connections wait in the listen queue until served."""
 
     def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0):
         self.socket = socket.create_server((host, port))
         self.host, self.port = self.socket.getsockname()[:2]
-        config = uvicorn.Config(app, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
         )
@@ -352,9 +319,8 @@ def build(
     api_key: str | None = None,
     compile: bool = False,
 ) -> tuple[Starlette, Engine]:
-    """The app over a loaded run, and its started engine (close it when done). `compile`
-    runs the model through torch.compile (slow first requests). A GptlabError for a
-    classifier, which writes no text."""
+    """The app over a loaded run, and its started engine (close it when done); a GptlabError
+    for a classifier, which writes no text."""
     engine = Engine.for_run(
         run, "serve", max_batch=max_batch, precision=precision, compile=compile
     ).start()
@@ -378,7 +344,6 @@ def serve(
         sock = socket.create_server((host, port))
         if on_ready is not None:
             on_ready(f"http://{host}:{sock.getsockname()[1]}")
-        config = uvicorn.Config(app, log_level="warning", lifespan="off")
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off")).run(sockets=[sock])
     finally:
         engine.close()

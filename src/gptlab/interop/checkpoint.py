@@ -1,16 +1,12 @@
-"""Complete, versioned, atomic checkpoints.
-
-A checkpoint is a directory `RUN_DIR/checkpoints/step-NNNNNNNN/` holding
-  model.safetensors   the weights (no wrapper prefixes; a tied matrix stored once); a LoRA
-                      run's: only what trains (adapters, a classifier's head), its base
-                      named in the config
-  state.pt            optimizer, scaler, trainer counters, RNG states, loss history
-                      (plain tensors and containers: loaded with weights_only=True)
-  meta.json           format version, step, resolved config, tokenizer identity, data
-                      fingerprint, validation loss
-It is written into a temporary directory beside the final one, every file fsynced, then
-renamed into place; the `latest` pointer is replaced last. A crash or a full disk during a
-save therefore leaves the previous checkpoint whole and `latest` pointing at it.
+"""Complete, versioned, atomic checkpoints: a directory `RUN_DIR/checkpoints/step-NNNNNNNN/`
+  model.safetensors   the weights (no wrapper prefixes; a tied matrix once); a LoRA run's:
+                      only what trains, its base named in the config
+  state.pt            optimizer, scaler, counters, RNG states, loss history (plain tensors
+                      and containers: loaded with weights_only=True)
+  meta.json           format version, step, config, tokenizer, data fingerprint, val loss
+written into a temporary directory beside the final one, every file fsynced, renamed into
+place, and the `latest` pointer replaced last: a crash or a full disk during a save leaves
+the previous checkpoint whole and `latest` pointing at it.
 """
 
 from __future__ import annotations
@@ -63,13 +59,9 @@ def save_checkpoint(
     state: dict[str, Any] | None = None,
     keep_last: int = 2,
 ) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, prune old ones.
-
-    `model` is the module whose weights are saved, or the tensors themselves by key (a LoRA
-    run's adapters). `meta` is JSON-able (config, tokenizer, val_loss, ...); `state` holds
-    tensors and plain containers. Keeps the newest `keep_last` checkpoints and the one with the best val_loss.
-    Raises GptlabError if the disk refuses the write; earlier checkpoints are untouched.
-    """
+    """Write checkpoint `step` atomically, point `latest` at it, prune all but the newest
+    `keep_last` and the best val_loss; returns its directory. `model`: a module or tensors by
+    key (a LoRA run's adapters); a refused write is a GptlabError, earlier ones untouched."""
     ckpt_root = Path(run_dir) / "checkpoints"
     name = f"step-{step:08d}"
     final = ckpt_root / name
@@ -79,7 +71,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         _write_files(tmp, step, model, meta, state)
-        _move_into_place(tmp, final)
+        if final.exists():
+            # Re-saving a step (a signal right after a periodic save): move the old copy aside
+            # first, so a crash between the renames loses that copy, never half of one.
+            old = final.with_name(f".old-{name}-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         fsync_dir(ckpt_root)
         write_text(ckpt_root / "latest", name + "\n")
     except BaseException as e:
@@ -109,39 +110,18 @@ def _write_files(
     meta: dict[str, Any],
     state: dict[str, Any] | None,
 ) -> None:
-    """The checkpoint's files in the directory `tmp`, each and the directory fsynced."""
     if isinstance(model, dict):
         save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / WEIGHTS))
     else:
         save_model(unwrap(model), str(tmp / WEIGHTS))
     if state is not None:
         torch.save(state, tmp / STATE)
-    full_meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **meta,
-    }
+    head = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step}
+    full_meta = {**head, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta}
     (tmp / META).write_text(json.dumps(full_meta, indent=1, allow_nan=True))
     for f in tmp.iterdir():
         fsync_file(f)
     fsync_dir(tmp)
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename the finished `tmp` directory to `final`. Re-saving an existing step (a signal
-    right after a periodic save) moves the old copy aside first instead of deleting it: a
-    crash between the two renames costs that one checkpoint (`latest` then falls back to
-    the newest step-* directory), never a half-deleted one."""
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.with_name(f".old-{final.name}-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _why(e: BaseException) -> str:
@@ -169,9 +149,7 @@ def _val_loss(ckpt: Path) -> float:
 
 def _prune(ckpt_root: Path, keep_last: int) -> None:
     # Leftovers of saves that were killed mid-way (SIGKILL, power loss) are never valid.
-    for p in ckpt_root.glob(".tmp-step-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in ckpt_root.glob(".old-step-*"):
+    for p in [*ckpt_root.glob(".tmp-step-*"), *ckpt_root.glob(".old-step-*")]:
         shutil.rmtree(p, ignore_errors=True)
     ckpts = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     if not ckpts:
@@ -186,8 +164,7 @@ def _prune(ckpt_root: Path, keep_last: int) -> None:
 
 
 def latest_checkpoint(path: str | Path, missing_ok: bool = False) -> Path | None:
-    """The checkpoint directory named by `path`: a checkpoint itself, or a run directory
-    (its `latest` pointer, else its newest step-* directory)."""
+    """The checkpoint `path` names: itself, or a run's `latest` (else newest step-*)."""
     p = Path(path)
     if (p / META).is_file() or (p / WEIGHTS).is_file():
         return p
@@ -221,9 +198,7 @@ def latest_checkpoint(path: str | Path, missing_ok: bool = False) -> Path | None
 
 
 def _read_pointer(pointer: Path) -> Path | None:
-    """The checkpoint a pointer file names, or None if it is missing, damaged or dangling
-    (then the newest step-* directory is used: each one is complete, being renamed into
-    place only after all its files were written)."""
+    """The checkpoint a pointer file names; None if missing, damaged or dangling."""
     try:
         name = pointer.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
@@ -265,14 +240,10 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
 
 
 def load_weights(
-    model: nn.Module,
-    ckpt: Path,
-    device: str | torch.device = "cpu",
-    keys: set[str] | None = None,
+    model: nn.Module, ckpt: Path, device: str | torch.device = "cpu", keys: set[str] | None = None
 ) -> None:
-    """Load a checkpoint's safetensors weights into `model` (shapes and keys must match).
-    With `keys`, the file holds exactly those of the model's keys (a LoRA run's adapters)
-    and the model's other weights stay as they are."""
+    """Load a checkpoint's weights into `model` (keys and shapes must match); with `keys`, the
+    file holds just those (a LoRA run's adapters) and the other weights stay."""
     path = ckpt / WEIGHTS
     if not path.is_file():
         raise GptlabError(
@@ -309,12 +280,8 @@ def is_run_dir(path: str | Path) -> bool:
 def load_trained_model(
     path: str | Path, lora_base: Callable[[RunConfig], GPTModel] | None = None
 ) -> tuple[GPTModel, RunConfig, dict[str, Any]]:
-    """(model in eval mode on the CPU, its run config, the checkpoint's meta) from a run
-    directory (its latest checkpoint) or a checkpoint directory. The meta's "tokenizer"
-    is checked to be there; `meta["path"]` is the checkpoint directory used.
-
-    A LoRA run's checkpoint holds only its adapters: `lora_base(cfg)` gives the adapted
-    model with its base's weights (gptlab.interop.runs.open_run passes one), the file the rest."""
+    """(model in eval mode on the CPU, run config, meta with "path" the checkpoint used) from
+    a run or checkpoint directory; `lora_base(cfg)` gives a LoRA run's base, with adapters."""
     ckpt = latest_checkpoint(path)
     meta = read_meta(ckpt)
     try:
@@ -356,8 +323,7 @@ def load_state(ckpt: Path) -> dict[str, Any]:
 
 
 def _earlier(ckpt: Path) -> str:
-    """What to do about a damaged checkpoint: move it aside, and the run's `latest` falls
-    back to the newest remaining step-* directory."""
+    """Moved aside, a damaged checkpoint leaves `latest` falling back to the one before."""
     return f"move {str(ckpt)!r} out of the way to use the checkpoint before it"
 
 

@@ -1,11 +1,8 @@
-"""Hugging Face folders and the hub: read a GPT-2 or Llama, convert one to a gptlab run,
-and write a gptlab run as a folder that transformers loads (gptlab.interop.hf_format maps
+"""Hugging Face folders and the hub: `open_hf` reads a GPT-2 or Llama (a local folder with
+model.safetensors, sharded safetensors or pytorch_model.bin, or a hub id), `convert_from_hf`
+writes one as a gptlab run, and `convert_to_hf` writes a gptlab run as a folder that
+transformers' AutoModelForCausalLM and AutoTokenizer load (gptlab.interop.hf_format maps
 the configs and weights).
-
-`open_hf(src)` reads a local directory (config.json and model.safetensors, sharded
-safetensors, or pytorch_model.bin loaded with weights_only=True) or a hub id through
-`huggingface_hub`. `convert_from_hf` writes a gptlab run directory, `convert_to_hf` writes a
-directory that `transformers.AutoModelForCausalLM` and `AutoTokenizer` load as they are.
 """
 
 from __future__ import annotations
@@ -95,20 +92,14 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    single, index, pt_bin = (
-        path / "model.safetensors",
-        path / "model.safetensors.index.json",
-        path / "pytorch_model.bin",
-    )
+    single, pt_bin = path / "model.safetensors", path / "pytorch_model.bin"
+    index = path / "model.safetensors.index.json"
     try:
         if single.is_file():
             return load_file(str(single))
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            sd: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                sd.update(load_file(str(path / shard)))
-            return sd
+            return {k: v for shard in shards for k, v in load_file(str(path / shard)).items()}
         if pt_bin.is_file():
             sd = torch.load(pt_bin, map_location="cpu", weights_only=True)
             if not isinstance(sd, dict):
@@ -130,8 +121,7 @@ def looks_like_hub_id(s: str) -> bool:
 
 
 def _download(repo_id: str) -> Path:
-    """The local snapshot folder of hub repo `repo_id` (config.json plus one weights file),
-    from huggingface_hub's cache when there, else downloaded."""
+    """The local snapshot of hub repo `repo_id`, from huggingface_hub's cache or downloaded."""
     try:
         import huggingface_hub
         from huggingface_hub import hf_hub_download
@@ -180,8 +170,7 @@ def _download(repo_id: str) -> Path:
 
 
 def open_hf(src: str | Path) -> tuple[GPTModel, GPT2Tokenizer | BPETokenizer]:
-    """A GPTModel holding the weights of a Hugging Face GPT-2 or Llama (directory or hub
-    id), in eval mode, and the tokenizer to use with it (see `hf_tokenizer`)."""
+    """(GPTModel in eval mode, tokenizer) of a Hugging Face GPT-2 or Llama (folder or hub id)."""
     path = _local_dir(src)
     cfg = config_from_hf(_read_config(path))
     sd = state_dict_from_hf(_load_weights(path), cfg)
@@ -191,8 +180,7 @@ def open_hf(src: str | Path) -> tuple[GPTModel, GPT2Tokenizer | BPETokenizer]:
 
 
 def hf_tokenizer(path: Path, vocab_size: int) -> GPT2Tokenizer | BPETokenizer:
-    """GPT-2's tokenizer, unless `path` holds a tokenizer.json and no vocab.json: then the
-    byte-level BPE in it (what `convert_to_hf` writes for a `gptlab tokenizer train` run)."""
+    """GPT-2's tokenizer, or the trained BPE of a tokenizer.json without a vocab.json."""
     file = path / "tokenizer.json"
     if not file.is_file() or (path / "vocab.json").is_file():
         return GPT2Tokenizer()
@@ -212,9 +200,7 @@ def hf_tokenizer(path: Path, vocab_size: int) -> GPT2Tokenizer | BPETokenizer:
 
 
 def convert_from_hf(src: str | Path, out_dir: str | Path) -> tuple[Path, ModelConfig]:
-    """Write a Hugging Face GPT-2 or Llama as a gptlab run directory (one checkpoint at
-    step 0) that `gptlab generate --checkpoint OUT_DIR` and `gptlab train --init-from
-    OUT_DIR` use. Returns (checkpoint path, model config)."""
+    """Write a Hugging Face GPT-2 or Llama as a gptlab run; returns (checkpoint, model config)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise GptlabError(f"{str(out)!r} is not empty; choose a new output directory")
@@ -235,19 +221,9 @@ def convert_from_hf(src: str | Path, out_dir: str | Path) -> tuple[Path, ModelCo
 
 
 def convert_to_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
-    """Write a gptlab run (or checkpoint) as a Hugging Face GPT-2 or Llama directory
-    (`architecture` says which, or refuses before anything is written): config.json,
-    model.safetensors, generation_config.json and the tokenizer: for GPT-2's, vocab.json,
-    merges.txt and tokenizer_config.json; for a trained BPE, tokenizer.json and
-    tokenizer_config.json. A run with a chat template (a chat finetune's, or an
-    instructions finetune's Alpaca prompt) also gets chat_template.jinja (and the same
-    Jinja string as tokenizer_config.json's `chat_template`, where older transformers look),
-    with the template's special tokens, if any, in the tokenizer at the run's ids, so
-    `apply_chat_template` gives gptlab's ids. Returns the names of the files written.
-
-    A char-tokenizer run gets the weights and config only (transformers has no tokenizer
-    for it); the caller should say so.
-    """
+    """Write a gptlab run (or checkpoint) as a Hugging Face GPT-2 or Llama directory, its chat
+    template's special tokens at the run's ids (so `apply_chat_template` gives gptlab's ids);
+    returns the names of the files written. A char-tokenizer run gets no tokenizer files."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -276,11 +252,8 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
         tmp.mkdir(parents=True)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", config_to_hf(model.cfg, eos), indent=2)
-        write_json(
-            tmp / "generation_config.json",
-            {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos},
-            indent=2,
-        )
+        generation = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+        write_json(tmp / "generation_config.json", generation, indent=2)
         jinja = template.jinja() if template is not None else None
         _write_tokenizer(tmp, identity, model.cfg.context_length, added, jinja)
         names = sorted(p.name for p in tmp.iterdir())
@@ -296,26 +269,15 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path) -> list[str]:
 def _write_tokenizer(
     out: Path, identity: dict[str, Any], max_len: int, added: list[str], jinja: str | None
 ) -> None:
-    """The run's tokenizer (`identity`) as transformers' files in `out`, with the chat
-    template `jinja`, if any, in chat_template.jinja; nothing for a char tokenizer."""
+    """The run's tokenizer as transformers' files, with the chat template `jinja`, if any;
+    nothing for a char tokenizer. `added` special tokens take the ids after the base's."""
     if identity.get("type") == "gpt2":
-        _write_gpt2_tokenizer(out, max_len, added, jinja)
+        tokenizer_class, first = "GPT2Tokenizer", _write_gpt2_tokenizer(out, added)
     elif identity.get("type") == "bpe":
-        _write_trained_tokenizer(out, identity["json"], max_len, added, jinja)
+        tokenizer_class = "PreTrainedTokenizerFast"
+        first = _write_trained_tokenizer(out, identity["json"], added)
     else:
         return
-    if jinja is not None:
-        write_text(out / "chat_template.jinja", jinja)
-
-
-def _special_tokens_config(
-    tokenizer_class: str,
-    max_len: int,
-    added: list[str] | None = None,
-    first_added: int = 0,
-    chat_template: str | None = None,
-) -> dict[str, Any]:
-    """tokenizer_config.json; `added` special tokens take ids first_added, first_added + 1..."""
     config: dict[str, Any] = {
         "tokenizer_class": tokenizer_class,
         "model_max_length": max_len,
@@ -328,32 +290,19 @@ def _special_tokens_config(
     }
     if added:
         config["additional_special_tokens"] = list(added)
+        # as transformers records a special token: matched whole, never normalised
+        flags = dict(special=True, single_word=False, lstrip=False, rstrip=False, normalized=False)
         config["added_tokens_decoder"] = {
-            str(first_added + i): _added_token(t) for i, t in enumerate(added)
+            str(first + i): {"content": t, **flags} for i, t in enumerate(added)
         }
-    if chat_template is not None:
-        config["chat_template"] = chat_template
-    return config
+    if jinja is not None:
+        config["chat_template"] = jinja  # where older transformers look
+        write_text(out / "chat_template.jinja", jinja)
+    write_json(out / "tokenizer_config.json", config, indent=2)
 
 
-def _added_token(content: str) -> dict[str, Any]:
-    """A special token as transformers records it: matched whole, never normalised."""
-    return {
-        "content": content,
-        "special": True,
-        "single_word": False,
-        "lstrip": False,
-        "rstrip": False,
-        "normalized": False,
-    }
-
-
-def _write_trained_tokenizer(
-    out: Path, json_text: str, max_len: int, added: list[str], chat_template: str | None
-) -> None:
-    """A `gptlab tokenizer train` BPE is a `tokenizers` file already: transformers loads it
-    as a PreTrainedTokenizerFast from tokenizer.json. Added special tokens go into the file,
-    where they take the ids after the base's (checked)."""
+def _write_trained_tokenizer(out: Path, json_text: str, added: list[str]) -> int:
+    """A trained BPE is a `tokenizers` file already; returns the first added token's id."""
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -368,29 +317,17 @@ def _write_trained_tokenizer(
                 f"own {first}; the run's tokenizer is inconsistent"
             )
     write_text(out / "tokenizer.json", tok.to_str())
-    write_json(
-        out / "tokenizer_config.json",
-        _special_tokens_config("PreTrainedTokenizerFast", max_len, added, first, chat_template),
-        indent=2,
-    )
+    return first
 
 
-def _write_gpt2_tokenizer(
-    out: Path, max_len: int, added: list[str], chat_template: str | None
-) -> None:
-    """vocab.json and merges.txt are OpenAI's encoder.json and vocab.bpe (the same content
-    under transformers' names); gpt2_encoding() checks their hashes first. Added special
-    tokens are declared in tokenizer_config.json at ids 50257, 50258, ..."""
+def _write_gpt2_tokenizer(out: Path, added: list[str]) -> int:
+    """OpenAI's encoder.json and vocab.bpe as vocab.json, merges.txt; returns the first id."""
     gpt2_encoding()
     encoder_json, vocab_bpe = gpt2_bpe_files()
     write_json(out / "vocab.json", json.loads(encoder_json.read_text(encoding="utf-8")), indent=2)
     shutil.copyfile(vocab_bpe, out / "merges.txt")
-    write_json(
-        out / "tokenizer_config.json",
-        _special_tokens_config("GPT2Tokenizer", max_len, added, GPT2_VOCAB, chat_template),
-        indent=2,
-    )
     special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
     if added:
         special["additional_special_tokens"] = list(added)
     write_json(out / "special_tokens_map.json", special, indent=2)
+    return GPT2_VOCAB

@@ -1,31 +1,16 @@
 """Hugging Face transformers' GPT-2 and Llama in gptlab's terms: configs and weights both
 ways, in memory (gptlab.interop.hf reads and writes the folders).
 
-`key_map(n_layers, arch)` pairs every GPTModel parameter with its place in transformers'
-`GPT2LMHeadModel` ("gpt2") or `LlamaForCausalLM` ("llama"); import (`state_dict_from_hf`)
-and export (`state_dict_to_hf`) both read it. `architecture(cfg)` says which of the two a
-ModelConfig is, and refuses, naming the option, a model neither can express (ReLU^2,
-QK-norm, soft-capped logits, rotary positions with LayerNorm, ...).
+`key_map` pairs every GPTModel parameter with its place in `GPT2LMHeadModel` ("gpt2") or
+`LlamaForCausalLM` ("llama"); `architecture(cfg)` picks one, or refuses a model neither
+can express (ReLU^2, QK-norm, soft-capped logits, rotary positions with LayerNorm, ...).
 
-GPT-2 (learned positions, LayerNorm, GELU): besides the names, two differences in layout:
-
-- GPT-2's `Conv1D` stores its weight as (in, out), the transpose of `nn.Linear`'s (out, in).
-- GPT-2 fuses the query, key and value projections into one `c_attn` of width 3 D, in that
-  order; gptlab keeps `W_query`, `W_key`, `W_value` apart.
-
-GPT-2 has every bias and ties its head to the token embedding, so imports get bias=True,
-qkv_bias=True and tie_weights=True (unless the config says tie_word_embeddings=false).
-Exports of models without biases write zero biases (the same function).
-
-Llama (rotary positions, RMSNorm, SwiGLU, no biases, optional grouped-query attention):
-the tensors are gptlab's as they are, under other names. gptlab's rotary layout is the one
-transformers stores (feature pairs (i, i + Hd/2)), so no query/key permutation is needed.
-The only dropout Llama has is `attention_dropout`; gptlab's drop_rate travels there.
-
-Both: an untied head is written as `lm_head.weight` with tie_word_embeddings=false; a
-vocabulary padded to `vocab_multiple` is written without its padding rows. Every key and
-shape is checked before anything is copied, so a wrong file fails with one line and
-changes nothing.
+GPT-2's `Conv1D` stores weights as (in, out), the transpose of `nn.Linear`'s, and one
+`c_attn` of width 3 D fuses the query, key and value projections; it has every bias
+(exports write zeros for missing ones: the same function). Llama holds gptlab's tensors
+under other names: gptlab's rotary layout is the one transformers stores (feature pairs
+(i, i + Hd/2)), so no query/key permutation is needed. Every key and shape is checked
+before anything is copied, so a wrong file changes nothing.
 """
 
 from __future__ import annotations
@@ -45,11 +30,8 @@ GPT2_EOT = 50256  # <|endoftext|>: GPT-2's bos, eos and padding id
 
 @dataclass(frozen=True)
 class Entry:
-    """One parameter: gptlab name, Hugging Face name, and how the tensor is laid out there.
-
-    `transpose`: HF stores the transpose (Conv1D). `part`: HF's tensor fuses q, k, v along
-    its last dim and this is part 0, 1 or 2 of it.
-    """
+    """One parameter's gptlab and Hugging Face names; `transpose`: HF stores the transpose
+    (Conv1D); `part`: this is part 0, 1 or 2 of HF's q, k, v fused along the last dim."""
 
     ours: str
     theirs: str
@@ -114,10 +96,7 @@ def key_map(n_layers: int, arch: str = "gpt2") -> list[Entry]:
 
 # What each architecture fixes: (option, the value it needs, what transformers' model has).
 _NEEDS = {
-    "gpt2": (
-        ("norm", "layernorm", "LayerNorm"),
-        ("mlp", "gelu", "a GELU MLP"),
-    ),
+    "gpt2": (("norm", "layernorm", "LayerNorm"), ("mlp", "gelu", "a GELU MLP")),
     "llama": (
         ("norm", "rmsnorm", "RMSNorm"),
         ("mlp", "swiglu", "a SwiGLU MLP"),
@@ -133,12 +112,7 @@ _NOWHERE = (  # options that neither GPT-2 nor Llama has
 
 
 def architecture(cfg: ModelConfig) -> str:
-    """The transformers model ("gpt2" or "llama") that computes what `cfg` does.
-
-    Learned positions make a GPT-2 (LayerNorm, GELU; biases are written as zeros when
-    off), rotary ones a Llama (RMSNorm, SwiGLU, no biases). Anything else is a GptlabError
-    naming the first option neither has.
-    """
+    """The transformers model ("gpt2": learned positions, "llama": rotary) computing `cfg`."""
     for key, bad, fix in _NOWHERE:
         value = getattr(cfg, key)
         if value == bad or (bad is None and value):
@@ -167,11 +141,9 @@ def _show(value: Any) -> str:
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor in a transformers file for this config (lm_head only when
-    untied; the vocabulary without padding)."""
+    """Every tensor's shape in a transformers file for `cfg` (no padding rows)."""
     arch = architecture(cfg)
-    # Read the shapes off the model itself (on the meta device: no memory); GPT-2's file
-    # has every bias, also for a model without them (export writes zeros).
+    # Read off the model on the meta device (no memory); GPT-2's file has every bias.
     with torch.device("meta"):
         ours = GPTModel(replace(cfg, bias=True, qkv_bias=True) if arch == "gpt2" else cfg)
     sd = ours.state_dict()
@@ -190,12 +162,8 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# --------------------------------------------------------------------------- configs
-
-
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """A gptlab ModelConfig from a GPT-2 or Llama config.json dict; options gptlab's model
-    lacks are refused with the reason."""
+    """A gptlab ModelConfig from a GPT-2 or Llama config.json dict (refusing what it lacks)."""
     kind = hf.get("model_type")
     if kind == "gpt2":
         return _gpt2_config_from_hf(hf)
@@ -215,19 +183,13 @@ def _gpt2_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise GptlabError(
             f"config.json lacks a valid GPT-2 field ({e}); it needs n_embd, n_layer, n_head, vocab_size, n_positions"
         ) from None
+    gelu = hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh")
+    by_layer = bool(hf.get("scale_attn_by_inverse_layer_idx", False))
     _refuse(
         hf,
-        (
-            "activation_function",
-            hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
-            "an activation other than GELU (tanh)",
-        ),
+        ("activation_function", not gelu, "an activation other than GELU (tanh)"),
         ("scale_attn_weights", not hf.get("scale_attn_weights", True), "unscaled attention"),
-        (
-            "scale_attn_by_inverse_layer_idx",
-            bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
-            "attention scaled by layer index",
-        ),
+        ("scale_attn_by_inverse_layer_idx", by_layer, "attention scaled by layer index"),
         ("add_cross_attention", bool(hf.get("add_cross_attention", False)), "cross-attention"),
     )
     return ModelConfig(
@@ -261,16 +223,13 @@ def _llama_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     scaling = hf.get("rope_scaling") or {}
     scaling_type = scaling.get("rope_type", scaling.get("type", "default"))
     rope_type = rope.get("rope_type", "default")
+    partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0
     _refuse(
         hf,
         ("hidden_act", hf.get("hidden_act", "silu") != "silu", "an activation other than SiLU"),
         ("rope_scaling", scaling_type != "default", f"{scaling_type} rotary scaling"),
         ("rope_parameters", rope_type != "default", f"{rope_type} rotary scaling"),
-        (
-            "partial_rotary_factor",
-            float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0,
-            "rotary positions on part of each head",
-        ),
+        ("partial_rotary_factor", partial, "rotary positions on part of each head"),
         ("attention_bias", bool(hf.get("attention_bias", False)), "attention biases"),
         ("mlp_bias", bool(hf.get("mlp_bias", False)), "MLP biases"),
         (
@@ -300,7 +259,7 @@ def _llama_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def _refuse(hf: dict[str, Any], *checks: tuple[str, bool, str]) -> None:
-    """Raise for the first (key, bad, what) check that is bad: gptlab's model lacks `what`."""
+    """Raise for the first (key, bad, what) check that is bad."""
     for key, bad, what in checks:
         if bad:
             raise GptlabError(
@@ -309,8 +268,7 @@ def _refuse(hf: dict[str, Any], *checks: tuple[str, bool, str]) -> None:
 
 
 def config_to_hf(cfg: ModelConfig, eos_id: int | None = GPT2_EOT) -> dict[str, Any]:
-    """The config.json of the transformers model (GPT2LMHeadModel or LlamaForCausalLM) with
-    this model's shape; refused (GptlabError) when neither can express it."""
+    """The config.json of the GPT2LMHeadModel or LlamaForCausalLM with this model's shape."""
     eos = eos_id if eos_id is not None else cfg.vocab_size - 1
     if architecture(cfg) == "llama":
         return _llama_config_to_hf(cfg, eos)
@@ -372,16 +330,9 @@ def _llama_config_to_hf(cfg: ModelConfig, eos: int) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- weights
-
-
 def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """GPT2LMHeadModel or LlamaForCausalLM weights (with or without the "transformer." /
-    "model." prefix) -> a GPTModel state dict for `cfg` (a GPT-2 needs qkv_bias=True and
-    bias=True: GPT-2 has the biases).
-
-    Keys and shapes are all checked first; a padded vocabulary gets zero rows.
-    """
+    """GPT2LMHeadModel or LlamaForCausalLM weights -> a GPTModel state dict for `cfg`, every
+    key and shape checked first; padding rows are zeros."""
     arch = architecture(cfg)
     sd = normalize_hf_keys(hf_sd, arch)
     if cfg.tie_weights:
@@ -411,18 +362,13 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
 
 
 def state_dict_to_hf(model: GPTModel) -> dict[str, torch.Tensor]:
-    """A GPTModel's weights as a GPT2LMHeadModel or LlamaForCausalLM state dict (prefixed
-    names, contiguous, no shared storage; `architecture` says which, or refuses).
-
-    Biases a GPT-2-shaped model lacks become zeros; padding rows are dropped; a tied head
-    is stored once (as the embedding), an untied one as lm_head.weight.
-    """
+    """A GPTModel's weights as a GPT2LMHeadModel or LlamaForCausalLM state dict (missing
+    biases as zeros, no padding rows, a tied head once)."""
     cfg = model.cfg
     arch = architecture(cfg)
     expected = hf_shapes(cfg)
     ours = {k: v.detach() for k, v in model.state_dict().items()}
     dtype = ours["tok_emb.weight"].dtype
-    V = cfg.vocab_size
     parts: dict[str, list[torch.Tensor | None]] = {}
     out: dict[str, torch.Tensor] = {}
     for e in key_map(cfg.n_layers, arch):
@@ -436,7 +382,7 @@ def state_dict_to_hf(model: GPTModel) -> dict[str, torch.Tensor]:
         elif t is None:
             raise GptlabError(f"the model has no parameter {e.ours!r}; it is not a GPTModel")
         if e.ours in ("tok_emb.weight", "out_head.weight"):
-            t = t[:V]  # (V, D): drop the padding rows
+            t = t[: cfg.vocab_size]  # (V, D): drop the padding rows
         if e.transpose:
             t = t.t()  # Linear (out, in) -> Conv1D (in, out)
         if e.part is None:
@@ -456,9 +402,7 @@ _LLAMA_ROPE_BUFFER = re.compile(r"^(model\.)?layers\.\d+\.self_attn\.rotary_emb\
 def normalize_hf_keys(
     hf_sd: dict[str, torch.Tensor], arch: str = "gpt2"
 ) -> dict[str, torch.Tensor]:
-    """Give every key the "transformer." ("model." for a Llama) prefix, which files of the
-    bare GPT2Model / LlamaModel (like OpenAI's own uploads) lack, and drop the buffers old
-    files carry (GPT-2's causal masks `h.N.attn.bias`, Llama's `rotary_emb.inv_freq`)."""
+    """Every key with the "transformer." / "model." prefix, without old files' buffers."""
     prefix, buffer = (
         ("transformer.", _GPT2_MASK_BUFFER) if arch == "gpt2" else ("model.", _LLAMA_ROPE_BUFFER)
     )

@@ -1,12 +1,9 @@
 """Open a trained model from wherever it lives: a gptlab run, a checkpoint, or a Hugging Face
-GPT-2 or Llama (a local folder, or a hub id where the network allows).
+GPT-2 or Llama (a local folder, or a hub id where the network allows). Every command uses
+`open_run`, so all accept the same sources and report the same errors.
 
-A LoRA run (gptlab.model.lora) stores only its adapters: `open_run` opens its base again (the
-run's finetune.base), checks it is the one trained on (finetune.base_sha256), and puts the
-adapters on it (`lora_model`).
-
-`open_run` is what `gptlab generate`, `gptlab eval`, `train --init-from`, the tests and the
-benchmarks use, so every one of them accepts the same sources and reports the same errors.
+A LoRA run stores only its adapters: `open_run` opens its base again (finetune.base),
+checks it is the one trained on (finetune.base_sha256) and puts the adapters on it.
 """
 
 from __future__ import annotations
@@ -48,8 +45,7 @@ class Run:
 
 
 def is_hf_source(src: str | Path, hub: bool = False) -> bool:
-    """True for a Hugging Face model folder (config.json, no gptlab checkpoint), and with
-    `hub`, for a name that is no local path and so may be a hub id."""
+    """True for a Hugging Face model folder, and with `hub`, for a name that may be a hub id."""
     p = Path(src).expanduser()
     if ckpt_lib.is_run_dir(p):
         return False
@@ -59,13 +55,8 @@ def is_hf_source(src: str | Path, hub: bool = False) -> bool:
 
 
 def open_run(src: str | Path, device: str | torch.device = "auto", hub: bool = False) -> Run:
-    """The model of a gptlab run or checkpoint directory (its latest checkpoint), or of a
-    Hugging Face GPT-2 or Llama folder (with GPT-2's tokenizer, or the trained BPE in its
-    tokenizer.json), on `device`. With `hub`, a name
-    that is no local path is downloaded as a hub id (where the network allows).
-
-    Anything else is a GptlabError that says what the path holds and what to pass instead.
-    """
+    """The model of a gptlab run or checkpoint, or of a Hugging Face GPT-2 or Llama folder
+    (with `hub`, also a hub id), on `device`; anything else is a GptlabError."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if is_hf_source(src, hub):
         model, tokenizer = hf.open_hf(src)
@@ -82,12 +73,8 @@ def open_run(src: str | Path, device: str | torch.device = "auto", hub: bool = F
     return Run(model.to(dev).eval(), tokenizer, cfg, dev, Path(meta["path"]), template)
 
 
-# --------------------------------------------------------------------------- LoRA bases
-
-
 def open_base(src: str | Path) -> Run:
-    """The model `gptlab finetune --init-from SRC` starts from, on the CPU: `open_run`'s,
-    with a LoRA run's adapters merged in (a LoRA run on a LoRA run adapts the merged model)."""
+    """The model `gptlab finetune --init-from SRC` starts from, LoRA adapters merged in."""
     run = open_run(src, device="cpu", hub=True)
     if lora.has_lora(run.model):
         lora.merge_lora(run.model)
@@ -95,8 +82,7 @@ def open_base(src: str | Path) -> Run:
 
 
 def base_pointer(src: str | Path, run: Run) -> str:
-    """Where a LoRA run finds its base again: a gptlab base's checkpoint directory (not its
-    run's `latest`, which moves on), a folder's absolute path, or a hub id as given."""
+    """Where a LoRA run finds its base: a checkpoint directory, a folder path or a hub id."""
     if run.checkpoint is not None:
         return str(run.checkpoint.resolve())
     p = Path(src).expanduser()
@@ -104,8 +90,7 @@ def base_pointer(src: str | Path, run: Run) -> str:
 
 
 def lora_base_weights(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """The weights of a LoRA run's base (`cfg.finetune.base`), once they are known to be
-    the ones it trained on: a missing or different base is a GptlabError naming it."""
+    """The weights of a LoRA run's base, checked to be the ones it trained on."""
     fc = cfg.finetune
     where = fc.base
     if not where or not fc.base_sha256:
@@ -149,19 +134,14 @@ def load_base_weights(model: GPTModel, weights: dict[str, torch.Tensor]) -> None
 
 
 def lora_model(cfg: RunConfig) -> GPTModel:
-    """A LoRA run's model without its adapters' values: the base's weights (checked by
-    `lora_base_weights`) with fresh adapters, on the CPU; its checkpoint fills in the rest."""
+    """A LoRA run's model on the CPU: its base's weights with fresh adapters."""
     model = GPTModel(cfg.model)
     load_base_weights(model, lora_base_weights(cfg))
     return lora.prepare(model, cfg.finetune)
 
 
 def merge_lora_run(src: str | Path, out_dir: str | Path) -> tuple[Path, int]:
-    """Write the LoRA run `src` (its latest checkpoint) as a plain gptlab run in `out_dir`:
-    one checkpoint whose weights are W + alpha / r * B A for every adapted layer (fp32), with
-    the run's config (LoRA fields cleared), tokenizer and chat template. It needs no base:
-    generate, eval, serve, convert to-hf and --init-from take it like any run. Returns
-    (checkpoint path, adapted layers merged)."""
+    """Write the LoRA run `src` as a plain run in `out_dir`; returns (checkpoint, layers merged)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GptlabError(f"{str(out)!r} is not empty; choose a new output directory")
@@ -172,11 +152,8 @@ def merge_lora_run(src: str | Path, out_dir: str | Path) -> tuple[Path, int]:
             f"{str(src)!r} is not a LoRA run (no adapters to merge); it is a plain run already"
         )
     model = lora.merge_lora(run.model).eval()
-    plain = {
-        f.name: f.default
-        for f in dataclasses.fields(FinetuneConfig)
-        if f.name.startswith("lora_") or f.name.startswith("base")
-    }
+    fields = dataclasses.fields(FinetuneConfig)
+    plain = {f.name: f.default for f in fields if f.name.startswith(("lora_", "base"))}
     cfg = replace(run.config, finetune=replace(run.config.finetune, **plain))
     meta_in = ckpt_lib.read_meta(run.checkpoint)
     meta = {

@@ -1,34 +1,24 @@
 """GPTModel: token ids in, logits out, and nothing else.
 
-The architecture and the module names are the walk-through's (GPT-2 shape, pre-LayerNorm
-blocks), so its readers find every piece where they expect it, and a model built from
-`GPT_CONFIG_124M` after `torch.manual_seed(123)` has the walk-through's initial weights:
-modules are created in the same order with PyTorch's default initialisation. What is
-different underneath, and why:
+The architecture and module names are the walk-through's (GPT-2 shape, pre-LayerNorm
+blocks), and a model built from `GPT_CONFIG_124M` after `torch.manual_seed(123)` has its
+initial weights (same module order, PyTorch's default initialisation). What differs, and why:
 
 - LayerNorm and GELU keep the walk-through's parameter names (`scale`, `shift`) but call
-  PyTorch's fused `F.layer_norm` and `F.gelu(approximate="tanh")`: the same math, faster.
-- Attention defaults to `F.scaled_dot_product_attention` (flash / memory-efficient
-  kernels); `attention="manual"` keeps the walk-through's explicit masked softmax.
-- No causal-mask buffer is stored; the walk-through's saved `...att.mask` entries are
-  ignored on load, so its checkpoints load unchanged.
-- `forward(new_ids, cache)` with a `KVCache` runs only the new tokens, attending over the
-  cached keys and values of the earlier ones (how `generate` samples quickly); without a
-  cache, forward is the walk-through's.
-- Optional: weight tying, a vocabulary padded to a multiple of 64 for faster matmuls
-  (logits are cut back to `vocab_size`, so padded ids are never sampled nor scored), and
-  GPT-2's initialisation.
-- Dropout layers are `Dropout` (an `nn.Dropout`): by default exactly PyTorch's. The trainer
-  may switch on `use_fast_dropout` for CPU training, which draws the masks from random
-  integers, faster (same distribution up to 1.5e-5 in p, another random stream; the
-  speed is in BENCHMARKS.md).
-- `use_activation_checkpointing` (off by default) has training keep only each block's input
-  and recompute the block's activations in backward: the same loss, gradients and random
-  stream, for about one more forward pass of compute and a fraction of the activations'
-  memory (what lets LoRA's frozen base cost less than full finetuning; BENCHMARKS.md).
-- Options from later models, each off by default (so the walk-through's presets build
-  exactly its model): rotary positions, RMSNorm, QK-norm, SwiGLU and ReLU^2 MLPs, no biases,
-  grouped-query attention, soft-capped logits and zero-initialised output projections
+  the fused `F.layer_norm` and `F.gelu(approximate="tanh")`: the same math, faster.
+- Attention defaults to `F.scaled_dot_product_attention`; `attention="manual"` keeps the
+  walk-through's explicit masked softmax.
+- No causal-mask buffer: the walk-through's saved `...att.mask` entries are dropped on
+  load, so its checkpoints load unchanged.
+- `forward(new_ids, cache)` with a `KVCache` runs only the new tokens against the cached
+  keys and values (how `generate` samples quickly).
+- Optional: weight tying; a vocabulary padded to a multiple of 64 (logits cut back to
+  `vocab_size`); GPT-2's initialisation; `use_fast_dropout`, faster CPU dropout masks (same
+  distribution to 1.5e-5 in p, another random stream); `use_activation_checkpointing`,
+  blocks recomputed in backward for less memory, with the same results (BENCHMARKS.md).
+- Options from later models, off by default (so the walk-through's presets build exactly
+  its model): rotary positions, RMSNorm, QK-norm, SwiGLU and ReLU^2 MLPs, no biases,
+  grouped-query attention, soft-capped logits, zero-initialised output projections
   (`ModelConfig`; the README's table says what each is).
 
 Loss, sampling, precision, compilation and parallelism all live outside this file.
@@ -56,14 +46,11 @@ from gptlab.model.kvcache import KVCache
 
 def as_model_config(cfg: ModelConfig | dict[str, Any]) -> ModelConfig:
     """Accept the walk-through's plain dict or a ModelConfig."""
-    if isinstance(cfg, ModelConfig):
-        return cfg.validate()
-    return ModelConfig.from_dict(dict(cfg))
+    return cfg.validate() if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(dict(cfg))
 
 
 class LayerNorm(nn.Module):
-    """Layer normalisation over the last dim, with the walk-through's `scale`/`shift` names
-    (`bias=False`: no shift)."""
+    """Layer norm over the last dim, with the walk-through's `scale`/`shift` (bias=False: none)."""
 
     def __init__(self, emb_dim: int, eps: float = 1e-5, bias: bool = True):
         super().__init__()
@@ -76,8 +63,7 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square normalisation (Llama's): x / rms(x) * scale, with no centring and no
-    shift. The statistics are taken in fp32 whatever the input's dtype, as Llama does."""
+    """Llama's RMSNorm: x / rms(x) * scale, no centring, no shift; statistics in fp32."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -85,8 +71,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), self.scale.shape, eps=self.eps).to(x.dtype)
-        return normed * self.scale
+        return F.rms_norm(x.float(), self.scale.shape, eps=self.eps).to(x.dtype) * self.scale
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -112,13 +97,9 @@ class ReLUSquared(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout; with `fast` set, CPU tensors get masks from `fast_dropout_mask`.
-
-    PyTorch's CPU dropout draws one Bernoulli sample per element, a visible share of a
-    small model's training step; 15 random bits per element, from one 63-bit draw per 4
-    elements, cost a fraction of that (BENCHMARKS.md). Off by default, so the
-    walk-through's model consumes the random stream exactly as its readers' does.
-    """
+    """nn.Dropout; with `fast` set (off by default), CPU tensors get masks from
+    `fast_dropout_mask` instead of one Bernoulli draw per element, a visible share of a small
+    model's step (BENCHMARKS.md)."""
 
     fast: bool = False
 
@@ -135,12 +116,9 @@ class Dropout(nn.Dropout):
 
 
 def fast_dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device) -> torch.Tensor:
-    """Boolean keep-mask of `shape`: each element kept with probability 1 - p (to 2^-15).
-
-    One 63-bit draw of the global generator per 4 elements, 15 bits each: the top bit of
-    each 16-bit lane is masked off (`random_` leaves an int64's sign bit at 0), so every
-    lane is uniform over 0..32767 and drops when below round(p * 32768).
-    """
+    """Bool keep-mask of `shape`, each element kept with probability 1 - p (to 2^-15): one
+    63-bit draw per 4 elements, each 16-bit lane's top bit masked off (`random_` leaves the
+    sign bit 0), so lanes are uniform over 0..32767 and drop below round(p * 32768)."""
     n = math.prod(shape)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()  # (n/4,)
     lanes = bits.view(torch.int16)[:n].view(shape)  # 4 lanes per draw, 16 bits each
@@ -155,13 +133,8 @@ def use_fast_dropout(model: nn.Module, on: bool = True) -> None:
 
 
 def use_activation_checkpointing(model: nn.Module, on: bool = True) -> None:
-    """Have every GPTModel in `model` recompute its blocks' activations in backward (or not).
-
-    Each block then keeps only its input for backward, and runs its forward a second time
-    there to rebuild the rest (torch.utils.checkpoint, non-reentrant). The random state is
-    stashed and replayed, so dropout draws the same masks and the generators end where they
-    would have: loss, gradients and the random stream stay those of a run without it.
-    """
+    """Have every GPTModel in `model` keep only its blocks' inputs and rerun them in backward
+    (or not); random state is replayed, so loss, gradients and random stream are unchanged."""
     for module in model.modules():
         if isinstance(module, GPTModel):
             module.checkpoint_blocks = on
@@ -172,10 +145,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        act = ReLUSquared() if cfg.mlp == "relu2" else GELU()
         self.layers = nn.Sequential(
             nn.Linear(cfg.emb_dim, cfg.ff_hidden, bias=cfg.bias),
-            act,
+            ReLUSquared() if cfg.mlp == "relu2" else GELU(),
             nn.Linear(cfg.ff_hidden, cfg.emb_dim, bias=cfg.bias),
         )
 
@@ -189,11 +161,8 @@ class FeedForward(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Gated MLP (Llama's): fc3(silu(fc1 x) * fc2 x), D -> hidden -> D with three matrices.
-
-    The names are those of the walk-through's Llama chapter: fc1 the gate, fc2 the up
-    projection, fc3 the down projection.
-    """
+    """Llama's gated MLP: fc3(silu(fc1 x) * fc2 x), D -> hidden -> D (fc1 gate, fc2 up, fc3
+    down: the names of the walk-through's Llama chapter)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -212,13 +181,9 @@ class SwiGLU(nn.Module):
 def rope_angles(
     positions: torch.Tensor, head_dim: int, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles at `positions` (T,) or (B, T).
-
-    Returns two fp32 tensors (T, Hd), or (B, 1, T, Hd) for per-row positions, ready to
-    broadcast against queries and keys (B, H, T, Hd). Feature pair (i, i + Hd/2) turns by
-    position * theta^(-2i/Hd): Llama's layout as Hugging Face stores it, so its weights
-    need no permutation.
-    """
+    """cos and sin (fp32, (T, Hd), or (B, 1, T, Hd) for per-row positions) of the rotary
+    angles at `positions` (T,) or (B, T). Feature pair (i, i + Hd/2) turns by position *
+    theta^(-2i/Hd): Llama's layout as Hugging Face stores it (no weight permutation)."""
     exponents = torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim
     inv_freq = 1.0 / theta**exponents  # (Hd/2,), rounded as Hugging Face's Llama rounds it
     angles = positions.float()[..., None] * inv_freq  # (..., T, Hd/2)
@@ -237,13 +202,9 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention with separate query/key/value projections.
-
-    The walk-through's arguments come first. The options after them are off by default:
-    `num_kv_heads` < num_heads shares each key/value head among a group of query heads
-    (grouped-query attention; 1 is multi-query), `qk_norm` RMS-normalises each head's
-    queries and keys, and rotary angles passed to `forward` rotate them by position.
-    """
+    """Causal multi-head self-attention with separate query/key/value projections; after the
+    walk-through's arguments, options off by default: `num_kv_heads` < num_heads (grouped-query
+    attention; 1 is multi-query), `qk_norm` (RMS-normalised queries and keys)."""
 
     def __init__(
         self,
@@ -274,11 +235,8 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_kv, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out, bias=out_bias)
         self.dropout = Dropout(dropout)
-        if qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, norm_eps)
-        else:
-            self.q_norm = self.k_norm = None
+        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         # The walk-through stores its causal mask as a buffer; its checkpoints carry it.
         self._register_load_state_dict_pre_hook(_drop_walkthrough_mask)
 
@@ -290,11 +248,9 @@ class MultiHeadAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D). With a cache, x holds only the new positions.
-
-        `attn_mask` (B, 1, T, T) bool, without a cache: which keys each query may see (True:
-        seen), in place of the causal mask (packed examples: causal within each example).
-        """
+        """x (B, T, D) -> (B, T, D). With a cache, x holds only the new positions; `rope`
+        rotates queries and keys. `attn_mask` (B, 1, T, T) bool, without a cache: the keys each
+        query sees (True), in place of the causal mask (packed examples)."""
         B, T, _ = x.shape
         H, Hkv, Hd = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)  # (B, T, D), (B, T, Hkv Hd) x 2
@@ -379,18 +335,14 @@ class TransformerBlock(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """GPT-2-style decoder: token ids (B, T) -> logits (B, T, V).
-
-    `cfg` is the walk-through's dict (e.g. `GPT_CONFIG_124M`) or a `ModelConfig`, whose
-    architecture options (rotary positions, RMSNorm, SwiGLU, ...) default to GPT-2's.
-    """
+    """GPT-2-style decoder: token ids (B, T) -> logits (B, T, V). `cfg` is the walk-through's
+    dict (e.g. `GPT_CONFIG_124M`) or a `ModelConfig`, whose options default to GPT-2's."""
 
     checkpoint_blocks: bool = False  # see use_activation_checkpointing
 
     def __init__(self, cfg: ModelConfig | dict[str, Any]):
         super().__init__()
-        cfg = as_model_config(cfg)
-        self.cfg = cfg
+        self.cfg = cfg = as_model_config(cfg)
         vocab = cfg.padded_vocab_size
         self.tok_emb = nn.Embedding(vocab, cfg.emb_dim)
         # Rotary positions turn queries and keys inside attention instead: no table.
@@ -423,18 +375,13 @@ class GPTModel(nn.Module):
         cache: KVCache | None = None,
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, V) (a classifier's: (B, T, num_classes)).
-
-        With a `cache` (see KVCache), in_idx holds only the new tokens: they take the
-        positions after the cached ones, attend over those too, and are added to the cache.
-        `doc_ids` (B, T): see `hidden_states`.
-        """
+        """Token ids (B, T) -> logits (B, T, V) (a classifier's: (B, T, num_classes)). With a
+        `cache`, in_idx holds only the new tokens; `doc_ids` (B, T): see `hidden_states`."""
         return self.head_logits(self.hidden_states(in_idx, cache, doc_ids))
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states (..., D) from `hidden_states` -> logits (..., V) (a classifier's:
-        (..., num_classes)): the output head, cut to vocab_size and soft-capped. A loss
-        over some positions only runs it on their rows."""
+        """Hidden states (..., D) -> logits (..., V) (or (..., num_classes)): the output head,
+        cut to vocab_size and soft-capped."""
         logits = self.out_head(hidden)  # (..., Vp) or (..., num_classes)
         if self.cfg.num_classes:
             return logits
@@ -448,16 +395,9 @@ class GPTModel(nn.Module):
         cache: KVCache | None = None,
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, T) -> final-normed hidden states (B, T, D), the output head's input.
-
-        `forward` is `out_head(hidden_states(idx))` cut to `vocab_size` (and soft-capped);
-        a loss that never builds the full (B, T, V) logits
-        (`gptlab.model.loss.chunked_cross_entropy`) starts here.
-
-        `doc_ids` (B, T), without a cache: several examples packed into one row, each a run
-        of equal ids. Each example attends only within itself and its positions start at 0,
-        so it is computed as if it were alone (finetuning's packing).
-        """
+        """Token ids (B, T) -> final-normed hidden states (B, T, D), the output head's input
+        (where `gptlab.model.loss.chunked_cross_entropy` starts). `doc_ids` (B, T), without a
+        cache: packed examples, each a run of equal ids, each computed as if it were alone."""
         B, T = in_idx.shape
         attn_mask = None
         if doc_ids is not None:
@@ -512,9 +452,7 @@ def _packed_positions_and_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     """cap * tanh(logits / cap): logits squashed into (-cap, cap); unchanged when cap is 0."""
-    if not cap:
-        return logits
-    return cap * torch.tanh(logits / cap)
+    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 def init_gpt2_weights(model: GPTModel) -> None:
@@ -525,8 +463,7 @@ def init_gpt2_weights(model: GPTModel) -> None:
     resid = {id(m) for m in _output_projections(model)}
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            is_resid = id(module) in resid
-            nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_resid else std)
+            nn.init.normal_(module.weight, mean=0.0, std=resid_std if id(module) in resid else std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -549,12 +486,8 @@ def zero_output_projections(model: GPTModel) -> None:
 
 
 def count_parameters(model: nn.Module, exclude_out_head: bool = False) -> int:
-    """Number of distinct parameters (a tied matrix counts once).
-
-    With `exclude_out_head`, the output head's matrix is left out, as the walk-through does
-    to compare with GPT-2's "124M" (which ties the head to the token embedding). A tied head
-    shares the embedding's matrix, so there is nothing extra to leave out.
-    """
+    """Number of distinct parameters (a tied matrix counts once). `exclude_out_head` leaves an
+    untied head's matrix out, as the walk-through does to compare with GPT-2's "124M"."""
     total = sum(p.numel() for p in model.parameters())
     if exclude_out_head and model.out_head.weight is not model.tok_emb.weight:
         total -= model.out_head.weight.numel()
@@ -562,14 +495,9 @@ def count_parameters(model: nn.Module, exclude_out_head: bool = False) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
-    """Training FLOPs per token (forward + backward): 6 N + 12 L H Hd T.
-
-    N counts the weights that take part in matmuls: every parameter except the position
-    embedding and (when untied) the token embedding, which are table look-ups. It is read
-    off the model itself (built on the meta device: no memory, no time), so every
-    architecture option is counted as built. The second term is attention's QK^T and AV
-    products at sequence length T (default: context_length).
-    """
+    """Training FLOPs per token (forward + backward): 6 N + 12 L H Hd T. N: the parameters of
+    a meta-device model except look-ups (position embedding, an untied token embedding);
+    the second term is attention's QK^T and AV at length T (default: context_length)."""
     T = seq_len or cfg.context_length
     with torch.device("meta"):
         model = GPTModel(cfg)

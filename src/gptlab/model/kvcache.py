@@ -1,6 +1,5 @@
-"""The key/value cache that lets generation run each position through the model once
-(`GPTModel.forward(new_ids, cache)`). Shape legend as in gptlab.model.gpt.
-"""
+"""The key/value cache that lets generation run each position through the model once.
+Shape legend as in gptlab.model.gpt."""
 
 from __future__ import annotations
 
@@ -8,17 +7,14 @@ import torch
 
 
 class KVCache:
-    """Keys and values of the positions already seen, so generation computes each once.
-
-    `GPTModel.forward(new_ids, cache)` gives the new tokens the positions after the cached
-    ones (`advance`), and each attention layer stores their keys and values and attends over
-    all filled positions (`update`). Per layer the keys and values live in (B, H, max_len, Hd)
-    buffers allocated at the first write, in the keys' dtype and device (so autocast applies).
+    """Keys and values of the positions already seen, so generation computes each once:
+    `GPTModel.forward(new_ids, cache)` reserves the next positions (`advance`); each attention
+    layer stores their keys and values and attends over all filled positions (`update`), in
+    (B, H, max_len, Hd) buffers allocated at the first write in the keys' dtype and device.
 
     static=True keeps every shape fixed, for torch.compile with CUDA graphs: the position is
-    a device tensor, new keys are written with `index_copy_`, and attention runs over all
-    max_len slots with a mask hiding the empty ones. Eagerly it is slower, with the same
-    results. Its `pos` stays 0: the position is `pos_t`, which never leaves the device.
+    the device tensor `pos_t` (`pos` stays 0), keys are written with `index_copy_`, and
+    attention runs over all max_len slots, the empty ones masked (eagerly: slower, same results).
     """
 
     def __init__(self, max_len: int, static: bool = False):
@@ -55,7 +51,7 @@ class KVCache:
                 )
             slots = torch.arange(past, past + T, device=device)  # (T,)
             self.pos += T
-            # one new token sees every cached key; a block of them sees the past and its own causal part
+            # one new token sees every cached key; a block sees the past and its own causal part
             keys = torch.arange(past + T, device=device)  # (Tk,)
             self._mask = None if T == 1 else keys[None, :] <= slots[:, None]  # (T, Tk)
         self._slots = slots
@@ -64,11 +60,9 @@ class KVCache:
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store layer `layer`'s new keys and values (B, H, T, Hd) at the reserved slots.
-
-        Returns all keys and values to attend over (B, H, Tk, Hd) and the boolean mask
-        (T, Tk) of keys each new position may see (None: all of them).
-        """
+        """Store layer `layer`'s new keys and values (B, H, T, Hd) at the reserved slots; returns
+        all keys and values (B, H, Tk, Hd) and the bool mask (T, Tk) of keys each new position
+        sees (None: all)."""
         if layer == len(self.keys):
             B, H, _, Hd = k.shape
             for store in (self.keys, self.values):

@@ -1,27 +1,22 @@
 """LoRA: low-rank adapters on a frozen GPTModel.
 
 Each chosen linear layer y = x W^T + b becomes y = x W^T + b + (dropout(x) A^T B^T) * alpha / r,
-with W and b frozen, A (r, in) drawn like nn.Linear's own weights (Kaiming-uniform) and
-B (out, r) zero: before the first step the adapted model computes exactly the base model's
-logits (a zero matrix adds exact zeros). Only A and B train, so there are no gradients
-and no optimizer state for the base weights: that is where LoRA's memory goes down, and
-the backward pass skips the base weights' gradient matmuls: that is where its speed goes up.
+with W and b frozen, A (r, in) initialised like nn.Linear's weights and B (out, r) zero, so
+the adapted model starts exactly as the base. Only A and B train: no gradients nor optimizer
+state for the base weights (less memory), no gradient matmuls for them in backward (faster).
 
-`LoRALinear` is an `nn.Linear` (same `weight` and `bias` parameters, same state-dict keys)
-plus `lora_A` and `lora_B`, so the base loads into an adapted model with its own keys and
-the adapters are the `*.lora_A` / `*.lora_B` entries of its state dict. `merge_lora` folds
-W + alpha / r * B A back into plain `nn.Linear`s: a plain GPTModel with plain keys.
+`LoRALinear` is an `nn.Linear` (same `weight`, `bias` and state-dict keys) plus `lora_A` and
+`lora_B`, so the base loads into an adapted model as it is; `merge_lora` folds
+W + alpha / r * B A back into plain `nn.Linear`s.
 
-Targets name the linear layers by the model's own names (`gptlab.model.gpt`): the attention's
-W_query, W_key, W_value and out_proj; the GPT-2 MLP's ff.layers.0 and ff.layers.2, the
-SwiGLU MLP's fc1, fc2 and fc3. Groups: attn (the four attention matrices, the usual LoRA
-recipe), mlp (the MLP's matrices), all (attn and mlp). A name matches every layer whose
-dotted name ends with it. The embedding and the output head are never adapted: GPT-2 ties
-the two, and a classifier's fresh head trains whole (`prepare`).
+Targets name linear layers by the model's own names (`gptlab.model.gpt`), each matching
+every layer whose dotted name ends with it: W_query, W_key, W_value, out_proj; the GPT-2
+MLP's ff.layers.0 and ff.layers.2, SwiGLU's fc1, fc2, fc3. Groups: attn (the four attention
+matrices, the usual recipe), mlp, all. The embedding and output head are never adapted
+(GPT-2 ties them; a classifier's fresh head trains whole).
 
-A LoRA run's checkpoints hold only what trains (`trained_state_dict`: the adapters, and a
-classifier's head); the rest is the base's, named with its weights' sha256 in the run's
-config (finetune.base, finetune.base_sha256; `weights_fingerprint`).
+A LoRA run's checkpoints hold only what trains (`trained_state_dict`); the run's config
+names the base and its weights' sha256 (finetune.base, finetune.base_sha256).
 
 Shape legend as in gptlab.model.gpt; r = rank, I / O = a layer's in / out features.
 """
@@ -46,11 +41,8 @@ GROUPS = {"attn": ATTN, "mlp": ("mlp",), "all": (*ATTN, "mlp")}
 
 
 class LoRALinear(nn.Linear):
-    """A frozen nn.Linear plus a trainable low-rank update: x (..., I) -> (..., O).
-
-    Built from an existing layer, `LoRALinear(linear, rank, alpha, dropout)`, whose weight and
-    bias it shares (does not copy).
-    """
+    """A frozen nn.Linear plus a trainable low-rank update: x (..., I) -> (..., O). Shares
+    (does not copy) the weight and bias of the `linear` it is built from."""
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a second weight
@@ -69,9 +61,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = F.linear(x, self.weight, self.bias)  # (..., O)
-        low = F.linear(
-            F.linear(self.lora_dropout(x), self.lora_A), self.lora_B
-        )  # (..., r) -> (..., O)
+        low = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., O)
         return base + low * self.scale
 
     def merged(self) -> nn.Linear:
@@ -126,16 +116,12 @@ def target_layers(model: GPTModel, targets: str) -> list[str]:
 
 
 def prepare(model: GPTModel, fc: Any) -> GPTModel:
-    """Freeze `model`, put adapters on the layers `fc.lora_targets` names (rank
-    `fc.lora_rank`, scale `fc.lora_alpha / fc.lora_rank`, dropout `fc.lora_dropout`; `fc`: a
-    FinetuneConfig) and, for a classifier, let its head train whole. In place; returns it.
-
-    A's initial values come from the global torch generator (seed it for reproducible runs).
-    """
+    """Freeze `model`, adapt the layers a FinetuneConfig `fc` names (fc.lora_*) and let a
+    classifier's head train whole. In place; returns it. A is drawn from the global torch
+    generator."""
     add_adapters(model, fc.lora_rank, fc.lora_alpha, fc.lora_targets, fc.lora_dropout)
     if model.cfg.num_classes:  # a fresh head: nothing of the base to adapt
-        for p in model.out_head.parameters():
-            p.requires_grad_(True)
+        model.out_head.requires_grad_(True)
     return model
 
 
@@ -162,12 +148,10 @@ def add_adapters(
                 f"LoRA rank {rank} exceeds {name}'s smallest side ({smallest}); "
                 f"use --lora-rank {smallest} or less"
             )
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     for name, linear in layers.items():
         parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, LoRALinear(linear, rank, alpha, dropout))
+        setattr(model.get_submodule(parent_name), attr, LoRALinear(linear, rank, alpha, dropout))
     return model
 
 
@@ -180,21 +164,18 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a LoRA run's checkpoint holds: every parameter that trains (the adapters, and a
-    classifier's head), by its state-dict key, detached. The frozen rest is the base's."""
+    """What a LoRA run's checkpoint holds: every trainable parameter (the adapters, and a
+    classifier's head) by state-dict key, detached."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def merge_lora(model: GPTModel) -> GPTModel:
-    """Fold every adapter into its layer: a plain GPTModel (plain nn.Linear layers, plain
-    state-dict keys) whose outputs are the adapted model's to fp32 rounding. In place;
-    returns `model`, every parameter trainable again."""
+    """Fold every adapter into its layer: a plain GPTModel computing the adapted model's
+    outputs to fp32 rounding, every parameter trainable again. In place; returns `model`."""
     for name, layer in lora_layers(model).items():
         parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, layer.merged())
-    for p in model.parameters():
-        p.requires_grad_(True)
+        setattr(model.get_submodule(parent_name), attr, layer.merged())
+    model.requires_grad_(True)
     return model
 
 
@@ -206,8 +187,7 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 of a model's state dict (names, dtypes, shapes and bytes, in key order): the
-    same weights give the same hex digest wherever and however they were stored."""
+    """Hex sha256 of a model's state dict (names, dtypes, shapes and bytes, in key order)."""
     h = hashlib.sha256()
     for key, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()

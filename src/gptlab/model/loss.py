@@ -2,31 +2,19 @@
 
 For a small model with GPT-2's 50k vocabulary, the output head and its loss are most of a
 training step: `F.cross_entropy(model(x), y)` writes (B, T, V) logits, upcasts them to
-fp32 under autocast, writes (B, T, V) log-probabilities, and backward writes two more
-tensors of that size. `chunked_cross_entropy` computes the same loss (and the same
-gradients) from the head's input (N, D) and its weight (V, D), `chunk_rows` rows at a time:
+fp32 under autocast, writes (B, T, V) log-probabilities, and backward writes two more.
+`chunked_cross_entropy` computes the same loss and gradients from the head's input (N, D)
+and weight (V, D), `chunk_rows` rows at a time: per chunk, logits (n, V) in the matmul
+dtype, log-softmax in fp32, and (when gradients are wanted) the chunk's gradient while its
+logits are at hand: dlogits = softmax - onehot, grad_hidden = dlogits @ W, grad_W +=
+dlogits^T @ hidden. Backward only scales those by the incoming gradient (and 1/N). No
+logits are kept nor recomputed: three matmuls as usual, and peak memory holds one (n, V)
+chunk (as Liger-Kernel's fused linear cross-entropy does in Triton). Padded vocabulary rows
+are never scored; a frozen head (LoRA's base) gets no (V, D) gradient buffer.
 
-- forward, per chunk: logits (n, V) in the matmul dtype (bf16 under autocast, else the
-  input's), log-softmax in fp32, loss = minus the target's log-probability;
-- when gradients are wanted, the chunk's gradient is formed right there, while its
-  logits are at hand: dlogits = softmax - onehot, grad_hidden = dlogits @ W and
-  grad_W += dlogits^T @ hidden. Backward then only scales the stored (N, D) and (V, D)
-  gradients by the incoming one (and 1/N). No logits are kept, and none are recomputed:
-  the head costs its usual three matmuls, and peak memory holds one (n, V) chunk, not
-  (N, V). (Liger-Kernel's fused linear cross-entropy does the same in Triton.)
-
-The trainer uses it where it measured faster (on CPU; see BENCHMARKS.md and
-`runtime.resolve_chunked_loss`); on a GPU the compiled full-logits loss was faster, and this
-one only saves memory.
-
-A frozen head (`weight.requires_grad` false: LoRA's base) gets no (V, D) gradient buffer.
-
-Padded vocabulary rows (`weight` has more rows than `vocab_size`) are left out: their
-logits are never formed and their gradient is zero.
-
-The walk-through's `calc_loss_batch` (logits, then `logits_loss`) stays as it is for
-readers and evaluation; `model_loss` picks this path for the trainer's step, and
-`make_loss_fn` builds the step's (optionally compiled) loss function.
+The trainer uses it where it measured faster (CPU; BENCHMARKS.md,
+`runtime.resolve_chunked_loss`); on a GPU the compiled full-logits loss was faster.
+`model_loss` picks the path for the trainer's step, `make_loss_fn` builds the step's loss.
 """
 
 from __future__ import annotations
@@ -85,8 +73,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 if cap:  # soft-capped: cap * tanh(logits / cap), in fp32
                     squash = torch.tanh(logits.to(acc) / cap)  # (n, V)
                     logits = squash * cap
-                # One fused kernel (max, sum of exponentials, subtraction) row by row, in
-                # fp32: faster than the same steps as separate passes.
+                # one fused fp32 kernel (max, sum of exponentials, subtraction): faster
                 logp = torch.log_softmax(logits, dim=-1, dtype=acc)  # (n, V)
                 del logits
                 loss_sum = loss_sum - logp.gather(1, tc.unsqueeze(1)).sum()
@@ -98,11 +85,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                         probs.mul_(1.0 - squash.square_())
                     dlogits = probs.to(compute_dtype)  # (n, V)
                     grad_h[start : start + chunk_rows] = dlogits @ w  # (n, D)
-                    if not need_grad_w:
-                        pass
-                    elif compute_dtype == acc:
+                    if need_grad_w and compute_dtype == acc:
                         grad_w.addmm_(dlogits.t(), hc)  # (V, D)
-                    else:  # bf16/fp16 products, summed over chunks in fp32
+                    elif need_grad_w:  # bf16/fp16 products, summed over chunks in fp32
                         grad_w += dlogits.t() @ hc
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w_padded)
@@ -133,14 +118,11 @@ def chunked_cross_entropy(
     chunk_rows: int | None = None,
     softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight[:vocab_size].T` against `targets`, chunked.
-
-    hidden (N, D) or (B, T, D); weight (Vp, D) (Vp >= vocab_size, default Vp); targets (N,)
-    or (B, T) ids below vocab_size; `softcap` c > 0 scores `c tanh(logits / c)` instead (the
-    model's `logit_softcap`). Returns a scalar fp32 loss equal to
-    `F.cross_entropy(hidden @ weight[:vocab_size].T, targets)`, with the same gradients for
-    hidden and weight. Under autocast the matmuls run in the autocast dtype (as the head's
-    `nn.Linear` would) and the softmax statistics in fp32.
+    """`F.cross_entropy(hidden @ weight[:vocab_size].T, targets)`, chunked: a scalar fp32 loss
+    with the same value and gradients. hidden (N, D) or (B, T, D); weight (Vp, D) (vocab_size
+    default Vp); targets (N,) or (B, T); `softcap` c > 0 scores `c tanh(logits / c)` (the
+    model's `logit_softcap`). Under autocast the matmuls run in the autocast dtype, the softmax
+    statistics in fp32.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     targets = targets.reshape(-1)  # (N,)
@@ -178,17 +160,12 @@ def model_loss(
     chunked: bool = True,
     chunk_rows: int | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of a GPTModel on one batch: inputs and targets (B, T) -> scalar.
-
-    The same value as `calc_loss_batch`; with `chunked` it goes through the model's hidden
-    states and `chunked_cross_entropy` instead of full logits. Inputs must already be on
-    the model's device.
-    """
+    """Mean cross-entropy of a GPTModel on one batch on its device: inputs and targets (B, T)
+    -> scalar, as `calc_loss_batch`; `chunked` goes through `chunked_cross_entropy`."""
     if not chunked:
         return logits_loss(model(input_batch), target_batch)
-    hidden = model.hidden_states(input_batch)  # (B, T, D)
     return chunked_cross_entropy(
-        hidden,
+        model.hidden_states(input_batch),  # (B, T, D)
         model.out_head.weight,
         target_batch,
         model.cfg.vocab_size,
@@ -201,10 +178,7 @@ def make_loss_fn(
     model: nn.Module, chunked: bool, compiled: bool
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The training step's loss: (inputs, targets) (B, T) on the model's device -> scalar.
-
-    The same value as `calc_loss_batch`. With `compiled`, the model and the loss are one
-    torch.compile graph, so the compiler sees (and fuses) the head and cross-entropy too.
-    """
+    With `compiled`, model and loss are one torch.compile graph (head and loss fused too)."""
 
     def loss_fn(input_batch: torch.Tensor, target_batch: torch.Tensor) -> torch.Tensor:
         return model_loss(model, input_batch, target_batch, chunked=chunked)

@@ -23,9 +23,8 @@ def check_vocab_rows(model: nn.Module, n_vocab: int) -> None:
 
 @torch.no_grad()
 def grow_vocab(model: GPTModel, old: int, new: int) -> None:
-    """Give ids old..new-1 rows equal to the mean of rows 0..old-1 (embedding and output
-    head: every new token starts as the average token), adding rows when the model has too
-    few (padded to `vocab_multiple` as usual). Raises `model.cfg.vocab_size` to `new` in
+    """Give ids old..new-1 the mean of rows 0..old-1 in the embedding and output head, adding
+    rows (padded to `vocab_multiple`) when too few. Raises `model.cfg.vocab_size` to `new` in
     place, so save `model.cfg` with the run."""
     cfg = model.cfg
     cfg.vocab_size = max(cfg.vocab_size, new)
@@ -38,8 +37,7 @@ def grow_vocab(model: GPTModel, old: int, new: int) -> None:
             model.out_head.weight = model.tok_emb.weight
         else:
             model.out_head = _more_rows(model.out_head, rows)
-    matrices = [model.tok_emb.weight] + ([] if tied else [model.out_head.weight])
-    for w in matrices:
+    for w in [model.tok_emb.weight] + ([] if tied else [model.out_head.weight]):
         w[old:new] = w[:old].mean(dim=0)
 
 

@@ -1,7 +1,6 @@
-"""Progress views for the terminal: they render the records that training and `gptlab
-prepare` emit (the same records that go to metrics.jsonl) as a progress bar and lines.
-
-The library never prints; the CLI passes one of these as `on_event`.
+"""Progress views for the terminal: the records training and `gptlab prepare` emit (those of
+metrics.jsonl) as a progress bar and lines. The library never prints; the CLI passes one of
+these as `on_event`.
 """
 
 from __future__ import annotations
@@ -13,9 +12,8 @@ from typing import Any
 
 
 def _eval_line(r: dict[str, Any]) -> str:
-    # The walk-through's labels for the step just done: its 0-based index (r["step"] counts
-    # the steps done), and the 1-based epoch holding it, so the evaluation after the last
-    # step of epoch 10 is labelled Ep 10, not Ep 11.
+    # The walk-through's labels: the step's 0-based index (r["step"] counts steps done) and
+    # the 1-based epoch holding it (an evaluation after epoch 10's last step is Ep 10).
     step, epoch = max(r["step"] - 1, 0), max(1, math.ceil(r["epoch"]))
     return (
         f"Ep {epoch} (Step {step:06d}): "
@@ -64,13 +62,20 @@ def _trainable_note(r: dict[str, Any]) -> str:
     return f" ({n:,} trainable / {total:,} = {100 * n / total:.2f}%)"
 
 
-class ConsoleView:
-    """Renders trainer events: a tqdm progress bar, evaluation lines and samples; `note`
-    (e.g. the thread policy's) is printed when training starts."""
+class _BarView:
+    bar = None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class ConsoleView(_BarView):
+    """Renders trainer events as a tqdm progress bar and lines; `note` is printed at the start."""
 
     def __init__(self, quiet: bool = False, note: str | None = None):
         self.quiet = quiet
-        self.bar = None
         self.note = note
 
     def _print(self, text: str) -> None:
@@ -145,18 +150,12 @@ class ConsoleView:
             + (f", val loss {val:.3f}" if val is not None else "")
         )
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
-
-class PrepareView:
+class PrepareView(_BarView):
     """Renders prepare events: a byte-based progress bar with tokens/s."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
-        self.bar = None
         self.t0 = time.perf_counter()
         self.tokens0 = 0
 
@@ -192,8 +191,3 @@ class PrepareView:
             )
         elif ev == "finished_already":
             print("already prepared: nothing to do")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None

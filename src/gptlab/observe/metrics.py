@@ -1,8 +1,6 @@
-"""Run metrics: one JSON record per event in `metrics.jsonl`.
-
-The metrics file is the single source for plots and summaries, so they survive crashes
-and resumes. Records carry an `event` ("start", "train", "eval", "sample", "epoch",
-"checkpoint", "end", ...) and the `step` they belong to.
+"""Run metrics: one JSON record per event in `metrics.jsonl`, the single source for plots and
+summaries (so they survive crashes and resumes). Records carry an `event` ("start",
+"train", "eval", "sample", "epoch", "checkpoint", "end", ...) and their `step`.
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.atomic import write_text
+from gptlab.errors import GptlabError
 
 
 class MetricsLog:
@@ -44,11 +43,16 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_metrics(path: str | Path, step: int) -> int:
-    """Drop records logged after `step` (work a resumed run will redo); returns how many.
+def run_records(run_dir: Path, event: str | None = None) -> list[dict[str, Any]]:
+    """The records (only `event`'s, if given) of the run in `run_dir`; a GptlabError if none."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise GptlabError(f"{str(run_dir)!r} has no metrics.jsonl: is it a gptlab run directory?")
+    return [r for r in read_metrics(path) if event is None or r.get("event") == event]
 
-    The file is rewritten atomically, so a crash here leaves the old file whole.
-    """
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Drop records logged after `step`, atomically; returns how many."""
     path = Path(path)
     if not path.exists():
         return 0

@@ -1,9 +1,7 @@
-"""The loss plot: training and validation loss against epochs, with tokens seen on a second
-x-axis, written as `loss-plot.pdf` and `loss-plot.png`. Uses matplotlib's object API (no
-pyplot state, no GUI), so it works headless and inside training.
-
-Also drawn from metrics.jsonl alone: the learning rate (`lr.png`), throughput (`throughput.png`:
-tokens/s and MFU), task scores during training (`tasks.png`) and an overlay of several runs' losses against tokens seen (`compare.png`)."""
+"""The loss plot (training and validation loss against epochs, tokens seen on a second
+x-axis: loss-plot.pdf/.png), and from metrics.jsonl alone the learning rate (lr.png),
+throughput (throughput.png), task scores (tasks.png) and several runs' losses against tokens
+(compare.png). matplotlib's object API (no pyplot state, no GUI) works headless."""
 
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from gptlab.errors import GptlabError
-from gptlab.observe.metrics import read_metrics
+from gptlab.observe.metrics import run_records
 
 
 def plot_losses(
@@ -24,8 +22,8 @@ def plot_losses(
     val_losses: Sequence[float],
     out_dir: str | Path | None = ".",
 ) -> Figure:
-    """Draw the walk-through's loss plot; save it as loss-plot.pdf/.png in `out_dir`
-    (unless None) and return the figure (Jupyter displays it)."""
+    """The walk-through's loss plot as a figure (Jupyter displays it), also saved as
+    loss-plot.pdf/.png in `out_dir` unless that is None."""
     fig = Figure(figsize=(5, 3))
     ax1 = fig.add_subplot()
     ax1.plot(list(epochs_seen), list(train_losses), label="Training loss")
@@ -38,28 +36,23 @@ def plot_losses(
     ax2 = ax1.twiny()
     ax2.plot(list(tokens_seen), list(train_losses), alpha=0)
     ax2.set_xlabel("Tokens seen")
-    fig.tight_layout()
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out / "loss-plot.pdf")
-        fig.savefig(out / "loss-plot.png", dpi=150)
+    if out_dir is None:
+        fig.tight_layout()
+    else:
+        _save(fig, Path(out_dir), "loss-plot")
     return fig
 
 
 class NoEvaluations(GptlabError):
-    """A run with no evaluation logged yet: no loss to plot (a command that plots several
-    runs says so and goes on)."""
+    """A run with no evaluation logged yet (a command plotting several runs goes on)."""
 
 
 def plot_run(run_dir: str | Path) -> Path:
     """Redraw a run's loss plot from its metrics.jsonl; returns the PNG's path."""
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise GptlabError(f"{str(run_dir)!r} has no metrics.jsonl: is it a gptlab run directory?")
-    evals = [r for r in read_metrics(path) if r.get("event") == "eval"]
+    evals = run_records(run_dir, "eval")
     if not evals:
+        path = run_dir / "metrics.jsonl"
         raise NoEvaluations(
             f"{str(path)!r} has no evaluations yet; train longer than train.eval_freq steps"
         )
@@ -73,13 +66,6 @@ def plot_run(run_dir: str | Path) -> Path:
     return run_dir / "loss-plot.png"
 
 
-def _records(run_dir: Path, event: str) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise GptlabError(f"{str(run_dir)!r} has no metrics.jsonl: is it a gptlab run directory?")
-    return [r for r in read_metrics(path) if r.get("event") == event]
-
-
 def _save(fig: Figure, out_dir: Path, stem: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -91,7 +77,7 @@ def _save(fig: Figure, out_dir: Path, stem: str) -> Path:
 def plot_lr(run_dir: str | Path) -> Path | None:
     """The learning rate against steps, as lr.png/.pdf in the run; None without train records."""
     run_dir = Path(run_dir)
-    train = [r for r in _records(run_dir, "train") if "lr" in r]
+    train = [r for r in run_records(run_dir, "train") if "lr" in r]
     if not train:
         return None
     fig = Figure(figsize=(5, 3))
@@ -104,10 +90,9 @@ def plot_lr(run_dir: str | Path) -> Path | None:
 
 
 def plot_throughput(run_dir: str | Path) -> Path | None:
-    """Tokens per second (and MFU on a second axis) against steps, as throughput.png/.pdf in
-    the run; None without train records that measured a speed."""
+    """Tokens/s (and MFU) against steps, as throughput.png/.pdf; None without speeds."""
     run_dir = Path(run_dir)
-    train = [r for r in _records(run_dir, "train") if r.get("tokens_per_s")]
+    train = [r for r in run_records(run_dir, "train") if r.get("tokens_per_s")]
     if not train:
         return None
     steps = [r["step"] for r in train]
@@ -127,18 +112,15 @@ def plot_throughput(run_dir: str | Path) -> Path | None:
 
 
 def plot_compare(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
-    """Overlay several runs: validation loss (solid) and training loss (faint) against tokens
-    seen, one colour per run, as compare.png/.pdf in `out_dir`. Losses are comparable only
-    between runs that share a tokenizer (see `gptlab eval` for bits per byte)."""
+    """Several runs' val loss (solid) and train loss (faint) against tokens, as compare.png."""
     fig = Figure(figsize=(6, 3.5))
     ax = fig.add_subplot()
     drawn = 0
     for n, run in enumerate(run_dirs):
         run = Path(run)
         color = f"C{n % 10}"
-        label = run.resolve().name
-        train = [r for r in _records(run, "train") if "loss" in r]
-        evals = _records(run, "eval")
+        train = [r for r in run_records(run, "train") if "loss" in r]
+        evals = run_records(run, "eval")
         if train:
             ax.plot(
                 [r["tokens"] for r in train], [r["loss"] for r in train], color=color, alpha=0.3
@@ -148,7 +130,7 @@ def plot_compare(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
                 [r["tokens"] for r in evals],
                 [r["val_loss"] for r in evals],
                 color=color,
-                label=f"{label} (val)",
+                label=f"{run.resolve().name} (val)",
             )
         drawn += bool(train or evals)
     if not drawn:
@@ -160,11 +142,9 @@ def plot_compare(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
 
 
 def plot_tasks(run_dir: str | Path) -> Path | None:
-    """Task scores during training (train.eval_tasks): each task's centred score and the
-    suite's core (bold) against steps, as tasks.png/.pdf in the run; None without "tasks"
-    records."""
+    """Task scores and the core (bold) against steps, as tasks.png; None without any."""
     run_dir = Path(run_dir)
-    records = _records(run_dir, "tasks")
+    records = run_records(run_dir, "tasks")
     if not records:
         return None
     fig = Figure(figsize=(5, 3))

@@ -1,11 +1,9 @@
 """Experiment trackers fed the same records as metrics.jsonl: TensorBoard, Weights & Biases
-and Trackio, each an optional extra (`train.trackers`, `gptlab train --tracker NAME`).
+and Trackio, each an optional extra (`gptlab train --tracker NAME`).
 
-metrics.jsonl stays the single source: every tracker is one more `on_event` consumer on
-global rank 0, with the same `__call__(record)` / `close()` shape, and all three log the
-same scalar names (`scalars`). A resumed run keeps logging to the same tracker run: the
-wandb id and the trackio run name are kept in RUN_DIR/trackers.json. `write_run` replays a
-finished run's metrics.jsonl into TensorBoard event files (`gptlab plot --tensorboard`).
+metrics.jsonl stays the single source: each tracker is one more `on_event` consumer on
+rank 0 (`__call__(record)`, `close()`), logging the same names (`scalars`). A resume keeps
+logging to the same tracker run, whose id RUN_DIR/trackers.json keeps.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from typing import Any
 from gptlab.atomic import write_text
 from gptlab.config.schema import tracker_names
 from gptlab.errors import GptlabError
-from gptlab.observe.metrics import read_metrics
+from gptlab.observe.metrics import run_records
 
 TRAIN_SCALARS = ("loss", "lr", "muon_lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_mib")
 # The module each tracker imports, to tell a missing extra before training starts.
@@ -35,16 +33,14 @@ def _missing(name: str) -> GptlabError:
 
 
 def check_installed(names: str) -> None:
-    """Raise the one-line install hint for the first tracker in `names` (train.trackers)
-    whose package is not installed; imports nothing."""
+    """Raise the install hint for the first tracker in `names` not installed; imports nothing."""
     for name in tracker_names(names):
         if importlib.util.find_spec(MODULES[name]) is None:
             raise _missing(name)
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a metrics record under the names every tracker logs them by:
-    train/<key>, loss/train, loss/val, tasks/core, tasks/<task>/<score>."""
+    """A record's numbers by the names trackers log them under (train/loss, loss/val, ...)."""
     ev, out = record.get("event"), {}
     if ev == "train":
         out = {f"train/{k}": record[k] for k in TRAIN_SCALARS if _number(record.get(k))}
@@ -67,10 +63,7 @@ def _number(v: Any) -> bool:
 
 
 class TensorBoardWriter:
-    """Writes metrics records as TensorBoard scalars and text under `log_dir`.
-
-    `purge_step` drops the events a previous attempt logged at that step and after it.
-    """
+    """Writes records as TensorBoard scalars and text; `purge_step` drops those logged from it."""
 
     def __init__(self, log_dir: str | Path, purge_step: int | None = None):
         try:
@@ -94,9 +87,7 @@ class TensorBoardWriter:
 
 
 class WandbTracker:
-    """Logs metrics records to a Weights & Biases run (id kept in the run directory, so a
-    resume continues it). With WANDB_MODE=offline it writes a local run under WANDB_DIR
-    (default: the run directory) that `wandb sync` uploads later."""
+    """Logs records to a Weights & Biases run (WANDB_MODE=offline: a local one under WANDB_DIR)."""
 
     def __init__(self, run_dir: Path, config: dict[str, Any], project: str, state: dict):
         try:
@@ -134,8 +125,7 @@ class WandbTracker:
 
 
 class TrackioTracker:
-    """Logs metrics records to a local Trackio project (its SQLite store under TRACKIO_DIR;
-    `trackio show` draws it); the run's name is kept in the run directory for resumes."""
+    """Logs records to a local Trackio project (under TRACKIO_DIR; `trackio show` draws it)."""
 
     def __init__(self, run_dir: Path, config: dict[str, Any], project: str, state: dict):
         try:
@@ -162,8 +152,7 @@ class TrackioTracker:
 def open_trackers(
     names: str, run_dir: str | Path, config: dict[str, Any], step: int, project: str = "gptlab"
 ) -> list:
-    """The trackers `names` (train.trackers) lists, started for the run in `run_dir` at
-    `step` (0 for a new run); tracker ids are read from and kept in RUN_DIR/trackers.json."""
+    """The trackers `names` lists, started for the run in `run_dir` at `step` (0: a new run)."""
     run_dir = Path(run_dir)
     path = run_dir / STATE_FILE
     try:
@@ -176,11 +165,8 @@ def open_trackers(
             state = saved.setdefault(name, {})
             if name == "tensorboard":
                 # a resume from `step` redoes what came after it (metrics.jsonl keeps <= step)
-                out.append(
-                    TensorBoardWriter(
-                        run_dir / "tensorboard", purge_step=step + 1 if step else None
-                    )
-                )
+                purge = step + 1 if step else None
+                out.append(TensorBoardWriter(run_dir / "tensorboard", purge_step=purge))
             elif name == "wandb":
                 out.append(WandbTracker(run_dir, config, project, state))
             else:
@@ -194,15 +180,12 @@ def open_trackers(
 
 
 def write_run(run_dir: str | Path, log_dir: str | Path | None = None) -> Path:
-    """Replay a run's metrics.jsonl into TensorBoard event files (default RUN_DIR/tensorboard);
-    returns the log directory. Earlier events there are replaced."""
+    """Replay a run's metrics.jsonl into TensorBoard files in `log_dir`, which it returns."""
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise GptlabError(f"{str(run_dir)!r} has no metrics.jsonl: is it a gptlab run directory?")
+    records = run_records(run_dir)
     log_dir = Path(log_dir) if log_dir else run_dir / "tensorboard"
     writer = TensorBoardWriter(log_dir, purge_step=0)
-    for record in read_metrics(path):
+    for record in records:
         writer(record)
     writer.close()
     return log_dir

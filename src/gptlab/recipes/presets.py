@@ -11,8 +11,7 @@ from gptlab.config.schema import GPT_CONFIG_124M, RunConfig
 from gptlab.errors import GptlabError
 
 # `gptlab finetune`'s training settings (the model comes from --init-from): the book's
-# chapters 6 and 7 (AdamW at 5e-5, weight decay 0.1, batches of 8, a few epochs), at a
-# constant rate, evaluated every 20 steps.
+# chapters 6 and 7, at a constant rate.
 FINETUNE_TRAIN: dict[str, Any] = {
     "optimizer": "adamw",
     "lr": 5e-5,
@@ -28,8 +27,7 @@ FINETUNE_TRAIN: dict[str, Any] = {
     "grad_clip": 1.0,
 }
 
-# The later ideas in the blocks (see the README's architecture options), as the `cpu` and
-# `gpu` presets use them.
+# The later ideas in the blocks (the README's architecture options) the cpu and gpu presets use.
 MODERN_BLOCKS: dict[str, Any] = {
     "positions": "rope",
     "norm": "rmsnorm",
@@ -64,8 +62,8 @@ _CPU_TRAIN: dict[str, Any] = {
     "log_every": 10,
 }
 
-# Presets set whole runs. The GPT-2 family sets only the model shape; the small ones are
-# sized for a 2-core CPU and carry the schedule that suits them.
+# The GPT-2 family sets only the model shape; the small presets are sized for a 2-core CPU
+# and carry the schedule that suits them.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "gpt2-small": {"model": dict(GPT_CONFIG_124M)},
     "gpt2-medium": {"model": {**GPT_CONFIG_124M, "emb_dim": 1024, "n_layers": 24, "n_heads": 16}},
@@ -93,19 +91,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     # The default run: the lowest bits per byte we measured in a ten-minute budget on 2 CPU
-    # cores (BENCHMARKS.md, "Time to quality", holds the runs that chose it). GPT-2's 50k
-    # vocabulary made the output head ~80% of this model's FLOPs; a byte-level BPE of 4,096
-    # ids trained on the run's own training text frees that compute for the blocks, which
-    # take the later ideas: rotary positions, RMSNorm, QK-norm, ReLU^2, no biases, residual
-    # projections that start at zero, soft-capped logits and an untied head, with Muon for
-    # the blocks' matrices.
+    # cores (BENCHMARKS.md, "Time to quality"). GPT-2's 50k vocabulary made the output head
+    # ~80% of this model's FLOPs; a byte-level BPE of 4,096 ids trained on the run's own text
+    # frees that compute for the blocks, which take MODERN_BLOCKS, an untied head and Muon.
     "cpu": {
         "model": {**_CPU_MODEL, "tie_weights": False, **MODERN_BLOCKS},
-        # A time budget (gptlab.train.budget): 530 s of training steps, warm-up over its first
-        # 4% and cosine decay to the floor at its end, whatever the machine's speed (1,200
-        # steps took 401-532 s on 2-core machines), with an evaluation each tenth; start-up,
-        # the BPE's training, evaluations and samples fit the rest of `make demo`'s 10 minutes.
-        # sizing = corpus: on another corpus, gptlab.recipes.sizing chooses the shape, BPE size,
+        # A time budget (gptlab.train.budget): 530 s of steps, warm-up over the first 4% and
+        # cosine decay to the floor at the end whatever the machine's speed, an evaluation each
+        # tenth; start-up, BPE training, evaluations and samples fit the rest of `make demo`'s
+        # 10 minutes. sizing = corpus: gptlab.recipes.sizing chooses the shape, BPE size,
         # context and dropout the user left unset (on the plays: exactly these).
         "train": {
             **_CPU_TRAIN,
@@ -125,10 +119,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {**_CPU_MODEL, "tie_weights": True},
         "train": {**_CPU_TRAIN, "max_steps": 1000},  # ~1.5 passes over the plays
     },
-    # The default's recipe at GPT-2 small's scale (12 x 768, context 1024), for one GPU and a
-    # corpus of billions of tokens, hence GPT-2's tokenizer: half a million tokens per
-    # optimizer step (32 micro-batches of 16 x 1024 on one GPU; fewer per GPU under
-    # torchrun), 3,000 steps (1.6B tokens). Not yet measured on a GPU (BENCHMARKS.md).
+    # The default's recipe at GPT-2 small's scale, for one GPU and billions of tokens (hence
+    # GPT-2's tokenizer): 524,288 tokens a step (32 micro-batches of 16 x 1024 on one GPU),
+    # 3,000 steps (1.6B tokens). Not yet measured on a GPU (BENCHMARKS.md).
     "gpu": {
         "model": {
             **GPT_CONFIG_124M,
@@ -155,12 +148,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     # The walk-through's chapter 5 run, step for step: `gptlab train --preset walkthrough --data
-    # the-verdict.txt` prints the losses its train_model_simple prints on a CPU (the same
-    # random draws; the floats differ by ~1e-6, as gptlab's fused LayerNorm and GELU round
-    # differently from the book's formulas). Everything that changes the numbers is pinned:
-    # its model and dropout draws (manual attention, PyTorch's masks, fp32, no compile),
-    # AdamW(model.parameters(), lr=4e-4, weight_decay=0.1) unfused and unclipped, its
-    # 90/10 split by characters and its loaders.
+    # the-verdict.txt` prints the losses its train_model_simple prints on a CPU (to ~1e-6: the
+    # fused LayerNorm and GELU round differently). Everything that changes the numbers is
+    # pinned: model and dropout draws, AdamW unfused and unclipped, split and loaders.
     "walkthrough": {
         "model": {
             **GPT_CONFIG_124M,

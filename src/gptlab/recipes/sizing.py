@@ -1,28 +1,24 @@
-"""A default that reads the corpus: model shape, tokenizer, context, dropout and passes
-chosen from the size of the training text and the time budget (`train.sizing = corpus`,
-the `cpu` preset's).
+"""A default that reads the corpus (`train.sizing = corpus`, the `cpu` preset's): model
+shape, tokenizer, context, dropout and passes from the training text's size and the budget.
 
-The chicken and egg: the tokenizer's size must be chosen before the text is tokenized, so
-every decision is made from the training text's *bytes* (train_ratio of the bytes on
-disk, or of the built-in plays), with tokens estimated as bytes / bytes-per-token.
+The tokenizer's size must be chosen before the text is tokenized, so every decision is made
+from the training text's *bytes* (train_ratio of the bytes on disk, or of the built-in
+plays), with tokens estimated as bytes / bytes-per-token.
 
-The anchor is the one shape that was measured (BENCHMARKS.md, "Time to quality"): the
-plays, 4.49 MB of training text, ~1.45M tokens at bpe:4096 (3.1 bytes a token), a 530 s
-budget, 4 layers x 256 (3.15M block parameters), context 128, no dropout: 1.995 bits per
-byte. Deeper and wider models lost there: 8 x 256 at equal time (with GPT-2's recipe),
-6 x 256 and 6 x 384 at equal steps (300-step runs, stopped early); and the model overfit
-in its second pass (train 3.57, val 4.22). The other rows
-follow two ceilings on the block parameters N (12 x layers x width^2), each equal to the
-anchor's at the anchor:
+The anchor is the one shape measured (BENCHMARKS.md, "Time to quality"): the plays, 4.49 MB
+of training text, ~1.45M tokens at bpe:4096 (3.1 bytes a token), a 530 s budget, 4 layers x
+256 (3.15M block parameters), context 128, no dropout: 1.995 bits per byte. Deeper and wider
+models lost there (8 x 256 at equal time, 6 x 256 and 6 x 384 at equal steps), and the model
+overfit in its second pass (train 3.57, val 4.22). The other rows follow two ceilings on the
+block parameters N (12 x layers x width^2), each the anchor's at the anchor:
 
-- compute: N <= N_anchor x sqrt(budget x speed / (530 s x 4,800 tokens/s)), where speed is
-  this machine's tokens/s on the anchor shape (below) and 4,800 the anchor row's (Chinchilla:
-  the best N grows as the square root of compute; the ratio is the one measured here, not
-  Chinchilla's 20 tokens a parameter, which no 10-minute CPU run reaches);
+- compute: N <= N_anchor x sqrt(budget x speed / (530 s x 4,800 tokens/s)), speed being this
+  machine's tokens/s on the anchor shape (Chinchilla: the best N grows as the square root of
+  compute; the ratio is the one measured here, not Chinchilla's 20 tokens a parameter);
 - data: N <= N_anchor x (training tokens / 1.45M): no fewer unique tokens per parameter than
-  the plays had, where the model already began to memorise them.
+  the plays, where the model already began to memorise them.
 
-The largest rung of the ladder within 1.25 x the lower ceiling is chosen:
+The largest rung within 1.25 x the lower ceiling is chosen:
 
 | rung | layers x width | heads | context | block params |
 | --- | --- | ---: | ---: | ---: |
@@ -36,21 +32,16 @@ Tokenizer by training bytes (a small text cannot fill a large vocabulary with me
 recur): under 1 MB bpe:1024, under 2.5 MB bpe:2048, under 16 MB **bpe:4096** (measured),
 above bpe:8192.
 
-Passes E = budget x estimated tokens/s / training tokens. The speed is measured on the
-machine that will train (gptlab.train.resolve's `measure_speed`: a few training steps of
-the anchor shape with the run's blocks, batch, precision and optimizer, ~2 s before the
-run; `train.sizing_speed` keeps the figure, or gives one), scaled by FLOPs per token for the other rungs (at most 2x
-for the smaller rungs, which are overhead-bound). A constant from one CPU would be right
-only there: the anchor ran at 4,800 tokens/s on the Intel (AMX) development machine, the
-probe measured 4,905 on an AMD EPYC without AMX, and a laptop without AVX512-BF16 trains
-in fp32 (`precision = auto`), at a speed of its own. Dropout by E, after the data-constrained
-scaling results (Muennighoff et al. 2023: up to ~4 passes, repeated text is worth nearly
-fresh text; past ~16 it is worth almost nothing more): E <= 4: **0** (the plays: ~1.8);
-4 < E <= 16: 0.1; above: 0.2. And above 16 passes the budget itself is shortened to the
-time of 16 passes: more would only memorise the text.
+Passes E = budget x estimated tokens/s / training tokens, the speed measured on the machine
+that will train (no constant fits every CPU: gptlab.train.resolve's `measure_speed`, ~2 s of
+steps of the anchor shape; `train.sizing_speed` keeps or gives it), scaled by FLOPs per
+token for the other rungs (at most 2x for the overhead-bound smaller ones). Dropout by E,
+after Muennighoff et al. 2023 (up to ~4 passes, repeated text is worth nearly fresh text;
+past ~16, almost nothing more): E <= 4: **0** (the plays: ~1.8); 4 < E <= 16: 0.1; above:
+0.2. Above 16 passes the budget is cut to the time of 16: more would only memorise.
 
-So, at the 530 s budget and the anchor's 4,800 tokens/s (training bytes;
-`tests/test_sizing.py` checks these rows; a slower machine moves the boundaries down):
+So, at the 530 s budget and 4,800 tokens/s (training bytes; `tests/test_sizing.py` checks
+these rows; a slower machine moves the boundaries down):
 
 | training text | shape | tokenizer | context | dropout | passes |
 | --- | --- | --- | ---: | ---: | --- |
@@ -62,12 +53,9 @@ So, at the 530 s budget and the anchor's 4,800 tokens/s (training bytes;
 | 3.65-16 MB (the plays: 4.49) | **4 x 256** | **bpe:4096** | 128 | 0 | 0.4-2.2 (1.8) |
 | over 16 MB | 4 x 256 | bpe:8192 | 128 | 0 | under 0.4 |
 
-Larger corpora stay at 4 x 256 (the compute ceiling: 530 s cannot feed a larger model);
-a budget ~7x longer (about an hour) reaches 6 x 384 on a corpus large enough.
-
-Measured: rung 2 at bpe:4096, context 128, dropout 0 on the plays. Everything else in the
-table is the rule's extrapolation, to be measured (the kjv and fortunes corpora of
-benchmarks/corpora.py fall in rungs 2 and 1).
+Larger corpora stay at 4 x 256 (530 s cannot feed more); a budget ~7x longer reaches 6 x 384.
+Only rung 2 at bpe:4096, context 128, dropout 0 on the plays is measured; the rest is
+extrapolation (benchmarks/corpora.py's kjv and fortunes fall in rungs 2 and 1).
 """
 
 from __future__ import annotations
@@ -133,11 +121,9 @@ class Choice:
     def line(self, explicit: tuple[str, ...] = ()) -> str:
         """The one line that says what was chosen and why."""
         kept = f"; yours: {', '.join(explicit)}" if explicit else ""
-        short = (
-            f", budget cut to {self.max_time:g} s ({MAX_PASSES:g} passes)"
-            if self.max_time < self.budget_s
-            else ""
-        )
+        short = ""
+        if self.max_time < self.budget_s:
+            short = f", budget cut to {self.max_time:g} s ({MAX_PASSES:g} passes)"
         measured = " (the shape measured on the plays)" if self._is_anchor() else " (extrapolated)"
         return (
             f"gptlab: sizing: {self.train_bytes / 1e6:.2f} MB of training text, "
@@ -149,24 +135,12 @@ class Choice:
         )
 
     def _is_anchor(self) -> bool:
-        return (self.n_layers, self.emb_dim, self.context_length, self.tokenizer) == (
-            4,
-            256,
-            128,
-            "bpe:4096",
-        ) and self.drop_rate == 0.0
+        shape = (self.n_layers, self.emb_dim, self.context_length, self.tokenizer)
+        return shape == (4, 256, 128, "bpe:4096") and self.drop_rate == 0.0
 
     def fields(self) -> dict[str, object]:
-        """The chosen values by dotted config key."""
-        return {
-            "model.n_layers": self.n_layers,
-            "model.emb_dim": self.emb_dim,
-            "model.n_heads": self.n_heads,
-            "model.context_length": self.context_length,
-            "model.drop_rate": self.drop_rate,
-            "data.tokenizer": self.tokenizer,
-            "train.max_time": self.max_time,
-        }
+        """The chosen values by dotted config key (CHOSEN's)."""
+        return {key: getattr(self, key.split(".")[1]) for key in CHOSEN}
 
 
 def block_params(n_layers: int, emb_dim: int) -> float:
@@ -175,18 +149,13 @@ def block_params(n_layers: int, emb_dim: int) -> float:
 
 
 def _flops_per_token(n_layers: int, emb_dim: int, vocab: int, context: int) -> float:
-    # 6 x the matmul weights (blocks and the untied head), plus attention's scores
-    return 6.0 * (block_params(n_layers, emb_dim) + vocab * emb_dim) + 12.0 * n_layers * (
-        context * emb_dim
-    )
+    matmul_weights = block_params(n_layers, emb_dim) + vocab * emb_dim  # blocks, untied head
+    return 6.0 * matmul_weights + 12.0 * n_layers * (context * emb_dim)  # + attention's scores
 
 
 def vocab_for(train_bytes: float) -> int:
     """The BPE size for this much training text (VOCAB_STEPS)."""
-    for below, size in VOCAB_STEPS:
-        if train_bytes < below:
-            return size
-    return LARGEST_VOCAB
+    return next((size for below, size in VOCAB_STEPS if train_bytes < below), LARGEST_VOCAB)
 
 
 def _tokenizer_facts(tokenizer: str) -> tuple[int, float]:
@@ -203,15 +172,10 @@ def _tokenizer_facts(tokenizer: str) -> tuple[int, float]:
 def _rung(tokens: float, compute: float) -> int:
     """The index of the largest RUNGS shape (within RUNG_TOLERANCE) under both ceilings:
     the compute (`compute` x the anchor's) and the text (`tokens` training tokens)."""
-    ceiling = min(
-        block_params(*RUNGS[ANCHOR_RUNG][:2]) * math.sqrt(compute),
-        block_params(*RUNGS[ANCHOR_RUNG][:2]) * tokens / ANCHOR_TRAIN_TOKENS,
-    )
-    rung = 0
-    for i, (layers, width, _, _) in enumerate(RUNGS):
-        if block_params(layers, width) <= RUNG_TOLERANCE * ceiling:
-            rung = i
-    return rung
+    anchor = block_params(*RUNGS[ANCHOR_RUNG][:2])
+    ceiling = min(anchor * math.sqrt(compute), anchor * tokens / ANCHOR_TRAIN_TOKENS)
+    fits = [block_params(n, d) <= RUNG_TOLERANCE * ceiling for n, d, _, _ in RUNGS]
+    return max((i for i, fit in enumerate(fits) if fit), default=0)
 
 
 def _check_one_window(
@@ -236,12 +200,10 @@ def choose(
     speed: float = ANCHOR_TOKENS_PER_S,
     speed_from: str = "given",
 ) -> Choice:
-    """The rule (module docstring): the choice for `train_bytes` of training text and a
-    budget of `budget_s` seconds on a machine that trains the anchor shape at `speed`
-    tokens/s (`speed_from` says where that figure came from). `given` holds the dotted keys
-    the user set (they are kept as given and the rest is chosen around them). A text too
-    small for one window of the chosen context, in training or validation, is a GptlabError
-    naming the fix."""
+    """The rule (module docstring) for `train_bytes` of training text, a budget of `budget_s`
+    seconds and a machine training the anchor shape at `speed` tokens/s; `given`'s dotted
+    keys (the user's) are kept and the rest chosen around them. A GptlabError when the text
+    is too small for one window of the chosen context."""
     given = given or {}
     tokenizer = str(given.get("data.tokenizer") or f"bpe:{vocab_for(train_bytes)}")
     vocab, bpt = _tokenizer_facts(tokenizer)
@@ -264,8 +226,7 @@ def choose(
     drop = float(given.get("model.drop_rate", drop))
     max_time = budget_s
     if "train.max_time" not in given and passes > MAX_PASSES:
-        max_time = max(round(MAX_PASSES * tokens / tokens_per_s), 10.0)
-        max_time = min(max_time, budget_s)
+        max_time = min(max(round(MAX_PASSES * tokens / tokens_per_s), 10.0), budget_s)
     return Choice(
         train_bytes,
         budget_s,
@@ -286,10 +247,8 @@ def choose(
 def size_run(
     cfg: RunConfig, train_bytes: float, given_keys: set[str], speed_from: str = "given"
 ) -> Choice:
-    """Apply the rule to `cfg` in place: each CHOSEN field the user did not set (not in
-    `given_keys`, dotted) takes the rule's value; returns the choice. The machine's speed is
-    `cfg.train.sizing_speed` (tokens/s on the anchor shape), which the caller measured or was
-    given (gptlab.train.resolve); `speed_from` says which, for the line."""
+    """Apply the rule to `cfg` in place, at `cfg.train.sizing_speed`: each CHOSEN field not in
+    `given_keys` (dotted) takes the rule's value. Returns the choice."""
     given = {k: _get(cfg, k) for k in CHOSEN if k in given_keys}
     val_bytes = train_bytes * (1 - cfg.data.train_ratio) / cfg.data.train_ratio
     choice = choose(
@@ -308,9 +267,8 @@ def _get(cfg: RunConfig, dotted: str) -> object:
 
 
 def corpus_bytes(source: str) -> float | None:
-    """The bytes of text `source` names (files on disk, the built-in plays joined as a run
-    reads them), or None where they are not known before reading (hf: datasets, and a
-    `gptlab prepare` directory, whose tokenizer is fixed already)."""
+    """The bytes of text `source` names (files, or the built-in plays joined as a run reads
+    them); None for hf: datasets and a `gptlab prepare` directory (its tokenizer is fixed)."""
     from pathlib import Path
 
     from gptlab.data.sources import expand_inputs, shakespeare_plays

@@ -1,9 +1,5 @@
-"""Where and how a model runs: device, precision, compile and host-memory policy.
-
-Every `auto` setting of `runtime.device`, `runtime.precision`, `runtime.compile`,
-`runtime.chunked_loss`, `runtime.fast_dropout` and `runtime.host_memory` is decided here, once,
-into a `Runtime`; the trainer, `gptlab eval` and `gptlab generate` read their choices from
-it. What each choice measured is in BENCHMARKS.md. Also here: the device facts that speed
+"""Where and how a model runs: every `auto` of the runtime config is decided here, once, into
+a `Runtime` (what each choice measured is in BENCHMARKS.md); and the device facts speed
 figures need (peak matmul FLOP/s, peak memory, synchronising before a timer).
 """
 
@@ -28,17 +24,12 @@ from gptlab.errors import GptlabError
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-# --------------------------------------------------------------------------- the decisions
-
-
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA, else MPS, else CPU; a named device must exist on this machine."""
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -47,8 +38,7 @@ def resolve_device(name: str) -> torch.device:
         raise GptlabError(
             "runtime.device is cuda but no CUDA GPU is visible; use --runtime.device cpu"
         )
-    mps = getattr(torch.backends, "mps", None)
-    if device.type == "mps" and not (mps and mps.is_available()):
+    if device.type == "mps" and not has_mps:
         raise GptlabError("device mps is not available on this machine; use --device cpu")
     return device
 
@@ -63,8 +53,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' -> the fastest safe choice: bf16 on CUDA with bf16 and on bf16-capable CPUs,
-    fp16 on older CUDA cards (with a gradient scaler), else fp32."""
+    """'auto' -> bf16 where CUDA or the CPU has it, fp16 on older CUDA cards, else fp32."""
     if name not in ("auto", *PRECISION_DTYPES):
         raise GptlabError(f"precision must be auto, fp32, bf16 or fp16; got {name!r}")
     if name != "auto":
@@ -79,10 +68,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def resolve_muon_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of Muon's Newton-Schulz iteration: bf16, as torch.optim.Muon has it, except
-    on a CPU without bf16 matmul instructions, where bf16 is converted or emulated (1.9x
-    fp32's time with AVX512 but no bf16 instructions, 46x with AVX2 only; BENCHMARKS.md):
-    fp32 there."""
+    """The dtype of Muon's Newton-Schulz iteration: bf16, but fp32 on a CPU without bf16
+    matmul instructions (emulated bf16 takes 1.9x to 46x fp32's time)."""
     if device.type == "cpu" and not cpu_has_native_bf16():
         return torch.float32
     return torch.bfloat16
@@ -96,22 +83,17 @@ def autocast(device: torch.device, precision: str):
 
 
 def resolve_chunked_loss(name: str, device: torch.device) -> bool:
-    """'auto' -> the chunked loss (gptlab.model.loss) on CPU, where it measured faster; on CUDA the
-    compiled full-logits loss measured faster and the chunked one only saves memory."""
-    if name != "auto":
-        return name == "on"
-    return device.type == "cpu"
+    """'auto' -> the chunked loss on CPU, where it measured faster (on CUDA it saves memory)."""
+    return name == "on" or (name == "auto" and device.type == "cpu")
 
 
 def resolve_compile(name: str, device: torch.device) -> bool:
-    """'auto' -> torch.compile on CUDA only: on CPU it needs a C++ toolchain, its first step
-    takes tens of seconds, and it gained little there. 'on'/'off' as given."""
+    """'auto' -> torch.compile on CUDA only (on CPU it needs a C++ toolchain and gains little)."""
     return name == "on" or (name == "auto" and device.type == "cuda")
 
 
 def resolve_fast_dropout(name: str, device: torch.device) -> bool:
-    """'auto' -> the fast dropout masks (gptlab.model.gpt.Dropout) when training on CPU, where
-    PyTorch's per-element Bernoulli draws are slow; CUDA's dropout is fused already."""
+    """'auto' -> the fast dropout masks on CPU (CUDA's dropout is fused already)."""
     return name == "on" or (name == "auto" and device.type == "cpu")
 
 
@@ -123,16 +105,9 @@ def resolve_host_memory(name: str, device: torch.device) -> str:
 
 
 def keep_freed_host_memory() -> bool:
-    """Have glibc's malloc keep freed memory in the process for reuse; True if it took.
-
-    By default glibc serves large blocks (above a threshold that starts at 128 KiB and
-    rises to at most 32 MiB) with their own mmap and unmaps them when freed, so a training
-    step that frees and re-allocates its activations, logits and gradients page-faults them
-    in again every step, zeroed page by page by the kernel. With mmap off and a high trim
-    threshold, freed blocks stay on the heap and the next step reuses them; the cost is
-    that the process keeps its peak memory until it exits. Process-wide and for good; a
-    no-op (False) off Linux or with another C library.
-    """
+    """Have glibc's malloc keep freed memory for reuse, process-wide; True if it took. glibc
+    mmaps large blocks and unmaps them when freed, so every training step page-faults its
+    activations and gradients in again, zeroed; the cost is keeping the peak memory."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -164,12 +139,8 @@ class Runtime:
 
 
 def resolve_runtime(rc: RuntimeConfig, device: torch.device, world_size: int = 1) -> Runtime:
-    """Decide every 'auto' of `rc` for `device`, and apply the host-memory policy.
-
-    The chunked loss calls the bare model's `hidden_states`, but under DDP/FSDP2 the loss
-    must run through the wrapper's forward (it drives gradient sync and FSDP2's
-    all-gathers), so it is single-process only.
-    """
+    """Decide every 'auto' of `rc` for `device`, and apply the host-memory policy. The chunked
+    loss is single-process only: DDP/FSDP2 need the wrapper's forward, not `hidden_states`."""
     host_memory = resolve_host_memory(rc.host_memory, device)
     if host_memory == "keep" and not keep_freed_host_memory():
         host_memory = "release"  # not glibc: the C library's own behaviour stays
@@ -191,8 +162,6 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-# --------------------------------------------------------------------------- speed figures
-
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
 KNOWN_PEAKS = {
     "H200": 989e12,
@@ -209,11 +178,7 @@ KNOWN_PEAKS = {
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """The device's peak matmul FLOP/s for `dtype`, and where the figure came from.
-
-    CUDA bf16/fp16: the data-sheet figure for known cards. Otherwise a matmul micro-benchmark,
-    run once and cached per machine, device and dtype.
-    """
+    """(peak matmul FLOP/s for `dtype`, its source): a data sheet, else a cached benchmark."""
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         name = torch.cuda.get_device_name(device)
         for key, value in KNOWN_PEAKS.items():
@@ -224,7 +189,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
     """Best-of-5 FLOP/s of an n x n matmul in `dtype`, cached in GPTLAB_CACHE/peak_flops.json."""
-    ident = f"{platform.node()}|{_device_name(device)}|{dtype}|{torch.get_num_threads()}|{torch.__version__}"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+    ident = f"{platform.node()}|{name}|{dtype}|{torch.get_num_threads()}|{torch.__version__}"
     cache = cache_dir() / "peak_flops.json"
     try:
         table = json.loads(cache.read_text())
@@ -251,12 +220,6 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int | Non
     with contextlib.suppress(OSError):  # a cache that cannot be written costs only time
         write_text(cache, json.dumps(table, indent=1))
     return flops
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def sync(device: torch.device) -> None:

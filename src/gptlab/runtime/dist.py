@@ -1,27 +1,10 @@
 """Data-parallel training under `torchrun`: DDP or FSDP2, applied from outside the model.
 
-`torchrun --nproc_per_node N -m gptlab train ...` starts N copies of the same command; each
-finds its place in the job from the environment torchrun sets (RANK, LOCAL_RANK,
-WORLD_SIZE). This module turns that into a `Dist` (rank, world size, device) and holds
-everything else the trainer needs to run as one of many:
-
-- `setup(device, timeout_s)`: joins the process group (nccl on CUDA, gloo on CPU) and
-  picks the device of the local rank. Without torchrun it returns a single-process
-  `Dist` whose collectives are no-ops, so the trainer has a single code path.
-- `parallelize(model, mode, dist)`: DDP (`DistributedDataParallel`) or FSDP2
-  (`fully_shard` on each TransformerBlock, then the root). The model file knows
-  nothing about either.
-- `micro_batch_indices(...)`: which of a global step's micro-batches this rank computes.
-  Ranks take disjoint micro-batches whose union is exactly the single-process step's, so
-  a run's loss curve does not depend on how many processes computed it.
-- `grad_sync(model, enabled)`: skips gradient communication on non-final micro-steps
-  through the public APIs (DDP `no_sync()`, FSDP2 `set_requires_gradient_sync`).
-- `full_state(...)` / `load_full_state(...)`: the consolidated (single-process format)
-  weights and optimizer state of a sharded model, gathered to rank 0's CPU, and back.
-- Collectives on scalars (`sum`, `mean`, `agree`) for logged losses, evaluation and the
-  decision to stop, which every rank must take together.
-
-Nothing here prints, reads argv or exits.
+`setup` turns torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) into a `Dist`, joining
+the process group; without torchrun its collectives are no-ops, so the trainer has one code
+path. Ranks take disjoint micro-batches whose union is exactly the single-process step's,
+so a run's loss curve does not depend on how many processes computed it. Checkpoints hold
+the consolidated, single-process form. Nothing here prints or exits.
 """
 
 from __future__ import annotations
@@ -43,22 +26,17 @@ from gptlab.errors import GptlabError
 
 PARALLEL_MODES = ("ddp", "fsdp")
 
-# A test hook: `GPTLAB_TEST_FAIL_RANK=R` makes rank R raise RuntimeError after its
-# FAIL_AT_STEP-th optimizer step; `R:hang` makes it wait instead for a message no rank sends
-# (a desynchronised rank); `R:signal` sends it SIGTERM (a preemption reaching one rank).
-# Tests use it to prove that one rank's trouble ends the whole job, with its message, or
-# stops every rank at the same step, rather than leaving the others waiting.
+# A test hook (`maybe_fail_for_test`): tests prove that one rank's trouble ends the whole
+# job, with its message, or stops every rank at the same step, rather than leaving the
+# others waiting.
 FAIL_RANK_ENV = "GPTLAB_TEST_FAIL_RANK"
 FAIL_AT_STEP = 2
 
 
 @dataclass
 class Dist:
-    """Where this process stands in a (possibly one-process) data-parallel job.
-
-    `enabled` is True when the process was started by torchrun (`setup` then joins the
-    process group); otherwise every collective below returns its input unchanged.
-    """
+    """Where this process stands in a data-parallel job; unless `enabled` (started by
+    torchrun), every collective returns its input unchanged."""
 
     rank: int = 0
     local_rank: int = 0
@@ -69,7 +47,7 @@ class Dist:
 
     @property
     def is_main(self) -> bool:
-        """Global rank 0: the one process that logs, samples to the console and writes files."""
+        """Global rank 0: the one process that logs and writes files."""
         return self.rank == 0
 
     @property
@@ -78,7 +56,7 @@ class Dist:
         return self.mode == "fsdp"
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum of `t` over ranks (a new tensor; `t` is left as it was)."""
+        """Element-wise sum of `t` over ranks (a new tensor)."""
         if not self.enabled:
             return t
         out = t.detach().clone()
@@ -90,7 +68,7 @@ class Dist:
         return self.sum(t) / self.world_size if self.enabled else t
 
     def agree(self, code: int) -> int:
-        """The largest of every rank's `code`: how ranks reach one decision (e.g. to stop)."""
+        """The largest of every rank's `code`: how ranks reach one decision."""
         if not self.enabled:
             return code
         t = torch.tensor([code], dtype=torch.int64, device=self.device)
@@ -98,8 +76,8 @@ class Dist:
         return int(t.item())
 
     def agree_on_reason(self, reason: str | None, known: Sequence[str]) -> str | None:
-        """One stop decision for all ranks: None only if no rank has a reason, else the
-        latest reason in `known` that some rank has (a reason not in `known` outranks all)."""
+        """One stop decision for all ranks: the latest reason in `known` some rank has (one not
+        in `known` outranks all), None if none has."""
         if not self.enabled:
             return reason
         rank_of = {r: i + 1 for i, r in enumerate(known)}
@@ -119,9 +97,6 @@ class Dist:
             tdist.barrier()
 
 
-# --------------------------------------------------------------------------- environment
-
-
 def _env_int(name: str, default: int | None = None) -> int | None:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -135,10 +110,7 @@ def _env_int(name: str, default: int | None = None) -> int | None:
 
 
 def detect() -> Dist:
-    """The job layout torchrun describes in the environment, without joining anything.
-
-    A process not started by torchrun (no WORLD_SIZE) is rank 0 of a one-process job.
-    """
+    """The job layout torchrun describes in the environment (none: a one-process job)."""
     world = _env_int("WORLD_SIZE")
     if world is None:
         return Dist()
@@ -153,12 +125,8 @@ def detect() -> Dist:
 
 
 def setup(device: torch.device, timeout_s: float = 600.0) -> Dist:
-    """Join torchrun's process group (if launched by torchrun) and pick this rank's device.
-
-    `device` is the one the config asked for: on CUDA each rank takes `cuda:LOCAL_RANK`,
-    on CPU all share the CPU. The backend is nccl on CUDA and gloo on CPU. `timeout_s` bounds
-    every collective, so a rank stuck for good ends the job instead of hanging it.
-    """
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU), if launched by it, and pick
+    this rank's device; `timeout_s` bounds every collective, so a stuck rank ends the job."""
     d = detect()
     if not d.enabled:
         d.device = device
@@ -208,8 +176,8 @@ def shutdown() -> None:
 
 
 def maybe_fail_for_test(d: Dist, step: int) -> None:
-    """The `GPTLAB_TEST_FAIL_RANK` hook: fail, hang or signal the named rank after step
-    FAIL_AT_STEP."""
+    """`GPTLAB_TEST_FAIL_RANK=R` makes rank R raise RuntimeError after step FAIL_AT_STEP;
+    `R:hang` makes it wait for a message no rank sends, `R:signal` sends it SIGTERM."""
     target = os.environ.get(FAIL_RANK_ENV)
     if target is None or step != FAIL_AT_STEP:
         return
@@ -224,16 +192,8 @@ def maybe_fail_for_test(d: Dist, step: int) -> None:
     raise RuntimeError(f"{FAIL_RANK_ENV}: injected failure on rank {d.rank} at step {step}")
 
 
-# --------------------------------------------------------------------------- batches
-
-
 def accum_per_rank(batch_tokens: int, micro_tokens: int, world_size: int) -> int:
-    """Micro-batches each rank runs per optimizer step.
-
-    The global batch is `batch_tokens` (0: one micro-batch of `micro_tokens` per rank), and
-    it must split into whole micro-batches over the ranks:
-    batch_tokens / (batch_size * context_length * world_size) is the answer, checked here.
-    """
+    """Micro-batches of `micro_tokens` each rank runs per step of `batch_tokens` (0: one)."""
     if batch_tokens == 0:
         return 1
     per_step = micro_tokens * world_size
@@ -248,13 +208,8 @@ def accum_per_rank(batch_tokens: int, micro_tokens: int, world_size: int) -> int
 
 
 def micro_batch_indices(step_in_epoch: int, accum: int, rank: int, world_size: int) -> list[int]:
-    """Loader batch indices that `rank` computes for optimizer step `step_in_epoch`.
-
-    A global step consists of `accum` consecutive micro-batches (accum = micro-batches per
-    rank x world_size), exactly those one process would run: indices
-    step*accum ... step*accum + accum - 1. Rank r takes every world_size-th of them starting
-    at r, so ranks are disjoint and together cover the step.
-    """
+    """Loader batch indices `rank` computes for step `step_in_epoch`: every world_size-th
+    of the step's `accum` consecutive micro-batches, from `rank`."""
     if accum % world_size:
         raise ValueError(f"accum {accum} is not a multiple of world_size {world_size}")
     first = step_in_epoch * accum
@@ -262,29 +217,17 @@ def micro_batch_indices(step_in_epoch: int, accum: int, rank: int, world_size: i
 
 
 def eval_batch_indices(n_batches: int, rank: int, world_size: int) -> list[int | None]:
-    """Evaluation batches for `rank` out of the first `n_batches`: every world_size-th one.
-
-    Padded with None so every rank runs the same number of forward passes (FSDP2 gathers
-    weights in each, and a rank with fewer would leave the others waiting); a None slot
-    runs a forward on batch 0 and its loss is not counted.
-    """
+    """Evaluation batches for `rank` out of the first `n_batches`: every world_size-th one,
+    padded with None (a forward on batch 0, not counted) so every rank runs as many forward
+    passes (FSDP2 gathers weights in each)."""
     rounds = -(-n_batches // world_size)  # ceil
     return [i if i < n_batches else None for i in range(rank, rounds * world_size, world_size)]
 
 
-# --------------------------------------------------------------------------- wrapping
-
-
 def parallelize(model: nn.Module, mode: str, d: Dist) -> nn.Module:
-    """Make `model` data-parallel across the job; returns the module to run forward on.
-
-    "ddp": a DistributedDataParallel wrapper (the model is replicated; gradients are
-    all-reduced in buckets during backward). "fsdp": FSDP2, applied in place: each
-    TransformerBlock becomes its own shard group (gathered just before it runs and freed
-    after), then the root takes the embeddings, final norm and head; parameters become
-    DTensors sharded over ranks, so build the optimizer after this call. In a one-process
-    run the model comes back unchanged.
-    """
+    """The module to run forward on: a DDP wrapper ("ddp"), the model sharded in place
+    ("fsdp": FSDP2 per TransformerBlock, then the root; build the optimizer after), or the
+    model unchanged in one process."""
     if mode not in PARALLEL_MODES:
         raise GptlabError(
             f"runtime.parallel must be one of {', '.join(PARALLEL_MODES)}; got {mode!r}"
@@ -317,9 +260,7 @@ def parallelize(model: nn.Module, mode: str, d: Dist) -> nn.Module:
 
 @contextlib.contextmanager
 def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Within this context, backward passes through `model` (the module `parallelize`
-    returned) communicate gradients only if `enabled`; otherwise they accumulate locally
-    until the final micro-step, which syncs the sum."""
+    """Backward passes in this context communicate gradients only if `enabled`."""
     if enabled:
         yield
         return
@@ -342,24 +283,8 @@ def grad_norm_value(norm: torch.Tensor) -> torch.Tensor:
     return full() if callable(full) else norm
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _options(**kw: Any):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kw)
-
-
-def _param_names(model: nn.Module) -> dict[int, str]:
-    """id(parameter) -> its first fully qualified name (a tied matrix has one entry)."""
-    return {id(p): name for name, p in model.named_parameters()}
-
-
 def optimizer_state_to_ids(osd: dict[str, Any]) -> dict[str, Any]:
-    """A full optimizer state keyed by parameter names (torch.distributed.checkpoint's form)
-    -> the form `optimizer.state_dict()` has in one process: parameters numbered 0, 1, ...
-    in param_groups order."""
+    """A full optimizer state keyed by parameter names -> one process's state_dict form."""
     ids: dict[str, int] = {}
     groups = []
     for g in osd["param_groups"]:
@@ -375,7 +300,7 @@ def optimizer_state_to_names(
     osd: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """The inverse of `optimizer_state_to_ids` for this model and optimizer."""
-    names = _param_names(model)
+    names = {id(p): name for name, p in model.named_parameters()}  # a tied matrix once
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     saved = [i for g in osd["param_groups"] for i in g["params"]]
     if len(saved) != len(order):
@@ -388,9 +313,7 @@ def optimizer_state_to_names(
 
 
 def materialize(model: nn.Module, device: torch.device) -> nn.Module:
-    """Allocate a model built on the meta device on `device` (uninitialised memory), keeping
-    tied parameters tied: `to_empty` gives each module its own new tensor, which would save
-    a tied matrix twice."""
+    """Allocate a meta-device model on `device` (uninitialised), keeping tied parameters tied."""
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
@@ -406,22 +329,13 @@ def materialize(model: nn.Module, device: torch.device) -> nn.Module:
 def full_state(
     model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Consolidated weights and optimizer state of a sharded model, on rank 0's CPU.
+    """Consolidated weights and optimizer state on rank 0's CPU (others: {}, {}). A collective."""
+    from torch.distributed.checkpoint import state_dict as dcp
 
-    A collective: every rank must call it. Rank 0 gets the model's full state dict
-    (parameter name -> CPU tensor) and the optimizer state in single-process form; other
-    ranks get two empty dicts. Memory: one full copy in rank 0's host memory, never on a
-    GPU.
-    """
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    opts = _options(cpu_offload=True)
-    weights = get_model_state_dict(model, options=opts)
+    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = dcp.get_model_state_dict(model, options=opts)
     parts = _optimizer_parts(optimizer)
-    osds = {k: get_optimizer_state_dict(model, o, options=opts) for k, o in parts.items()}
+    osds = {k: dcp.get_optimizer_state_dict(model, o, options=opts) for k, o in parts.items()}
     if not weights:  # ranks other than 0
         return {}, {}
     if list(osds) == [None]:
@@ -430,8 +344,7 @@ def full_state(
 
 
 def _optimizer_parts(optimizer: Any) -> dict[str | None, torch.optim.Optimizer]:
-    """The torch optimizers inside `optimizer`: a MuonAdamW's by the keys of its state dict
-    ("adamw", "muon"); {None: optimizer} for a plain one."""
+    """The torch optimizers inside `optimizer` by state-dict key ({None: it} for a plain one)."""
     return getattr(optimizer, "parts", None) or {None: optimizer}
 
 
@@ -441,20 +354,14 @@ def load_full_state(
     weights: dict[str, torch.Tensor],
     osd: dict[str, Any] | None,
 ) -> None:
-    """Load consolidated (single-process format) state into a sharded model and optimizer.
+    """Load consolidated state into a sharded model and optimizer. A collective: `weights`
+    is read on rank 0 only; `osd` is needed on every rank."""
+    from torch.distributed.checkpoint import state_dict as dcp
 
-    A collective. `weights` is read on rank 0 only (other ranks may pass {}) and broadcast
-    shard by shard; `osd`, the optimizer state as one process saves it, must be given on
-    every rank (each keeps its own shards). Works for any number of ranks, whatever number
-    saved it.
-    """
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    set_model_state_dict(model, weights, options=_options(broadcast_from_rank0=True))
+    broadcast = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    dcp.set_model_state_dict(model, weights, options=broadcast)
     if optimizer is not None and osd is not None:
         for key, part in _optimizer_parts(optimizer).items():
             named = optimizer_state_to_names(osd if key is None else osd[key], model, part)
-            set_optimizer_state_dict(model, part, named, options=_options())
+            opts = dcp.StateDictOptions(full_state_dict=True)
+            dcp.set_optimizer_state_dict(model, part, named, options=opts)

@@ -1,25 +1,15 @@
 """A time budget: where a run stands in it, when it is spent, and its recorded schedule.
 
-With `train.budget = "time"` the learning rate is a function of progress, the fraction of
-the budget (`train.max_time` seconds of training steps) that will have passed when a step
-ends, not of the step number (`optim.lr_at_progress`). Elapsed time is the sum of the
-measured step times: start-up, the first step of a compiled run (it compiles),
-evaluations, samples and checkpoints are not counted, and on a GPU each step's time is
-read after its one host sync. So a machine twice as fast runs twice the steps and both
-reach the floor in their last steps.
+With `train.budget = "time"` the learning rate follows progress, the fraction of the budget
+(`train.max_time` seconds) passed when a step ends (`optim.lr_at_progress`). Elapsed time is
+the sum of the measured step times (not start-up, a compiling first step, evaluations or
+checkpoints), so a machine twice as fast runs twice the steps. Progress before step n+1 =
+(elapsed after n steps + the mean step time) / budget, capped at 1; the run stops when one
+more step at the mean time would end past the budget.
 
-Progress before step n+1 = (elapsed after n steps + the mean step time so far) / budget,
-capped at 1 (0 for the first step, whose gradient then only seeds the optimizer's
-moments when warm-up is on). The run stops when one more step at the mean time would end
-past the budget, so it ends within it and its last step runs at (or next to) progress 1.
-
-Each step's progress is recorded in the training state (checkpoints) and in the run's
-`schedule.json`. "Bit-exact" with a time budget means: given the same progress values,
-a run is the same run. `train.replay_schedule = RUN/schedule.json` replays a recorded
-schedule instead of reading the clock (the same steps at the same learning rates and the
-same evaluations), so a run resumed from any checkpoint with the uninterrupted run's
-schedule ends with its weights, bit for bit (CPU, fp32); resuming without it continues the
-budget where it stopped (elapsed time is part of the checkpoint), on the clock.
+Each step's progress is recorded in the checkpoints and in `schedule.json`;
+`train.replay_schedule` replays one instead of reading the clock, so a run resumed with the
+uninterrupted run's schedule ends with its weights, bit for bit (CPU, fp32).
 """
 
 from __future__ import annotations
@@ -44,16 +34,15 @@ class TimeBudget:
         self.replay = replay
 
     def progress(self, elapsed: float, timed_steps: int, step: int) -> float:
-        """The progress step `step` (0-based, the next one) runs at, after `timed_steps`
-        measured steps took `elapsed` seconds in all."""
+        """The progress step `step` (0-based) runs at, after `timed_steps` measured steps took
+        `elapsed` seconds."""
         if self.replay is not None:
             return self.replay[step] if step < len(self.replay) else 1.0
         mean = elapsed / timed_steps if timed_steps else 0.0
         return min((elapsed + mean) / self.seconds, 1.0)
 
     def spent(self, elapsed: float, timed_steps: int, step: int) -> bool:
-        """True when the budget has no room for step `step`: the replayed schedule has no
-        more steps, or one more step at the mean time would end past the budget."""
+        """True when the budget (or the replayed schedule) has no room for step `step`."""
         if self.replay is not None:
             return step >= len(self.replay)
         if not timed_steps:
@@ -62,21 +51,18 @@ class TimeBudget:
 
 
 def crossed(before: float, after: float, every: float) -> bool:
-    """True when progress passed a multiple of `every` (e.g. each 10% of the budget) going
-    from `before` to `after`."""
+    """True when progress passed a multiple of `every` going from `before` to `after`."""
     return math.floor(after / every + 1e-9) > math.floor(before / every + 1e-9)
 
 
 def write_schedule(run_dir: Path, seconds: float, progress: list[float]) -> Path:
-    """Write the run's schedule (the budget and each step's progress) atomically to
-    run_dir/schedule.json; returns its path."""
+    """Write the budget and each step's progress to run_dir/schedule.json; returns its path."""
     body = {"format": SCHEDULE_FORMAT, "budget_s": seconds, "progress": progress}
     return write_json(Path(run_dir) / SCHEDULE_FILE, body)
 
 
 def read_schedule(path: str | Path) -> tuple[float, list[float]]:
-    """(the budget in seconds, each step's progress) from a schedule.json (or a run
-    directory holding one)."""
+    """(the budget in seconds, each step's progress) from a schedule.json or its run directory."""
     p = Path(path)
     if p.is_dir():
         p = p / SCHEDULE_FILE
@@ -97,6 +83,5 @@ def read_schedule(path: str | Path) -> tuple[float, list[float]]:
             f"train.replay_schedule: {str(p)!r} holds no list of progress values in [0, 1]; {fix}"
         )
     seconds = body.get("budget_s")
-    return (float(seconds) if isinstance(seconds, (int, float)) else 0.0), [
-        float(v) for v in progress
-    ]
+    seconds = float(seconds) if isinstance(seconds, (int, float)) else 0.0
+    return seconds, [float(v) for v in progress]

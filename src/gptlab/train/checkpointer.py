@@ -1,12 +1,8 @@
 """A run's checkpoints: when one is due, what it holds, and reading it back.
 
-The `Checkpointer` owns its schedule (every train.checkpoint_every steps and every
-train.checkpoint_every_minutes, never in the middle of a non-finite streak, whose rollback
-needs good weights) and what a checkpoint holds besides the files' format
-(gptlab.interop.checkpoint): the weights the objective keeps (a LoRA run: its adapters), the
-optimizer, the scaler, the `TrainState`, every RNG state and the data position, so that a run
-resumed from it repeats the uninterrupted run's steps bit for bit. It restores a resumed run
-and rolls a run back to its latest checkpoint after a non-finite streak.
+A checkpoint holds the weights the objective keeps, the optimizer, the scaler, the
+`TrainState`, every RNG state and the data position: all that a bit-exact resume, or a
+rollback after a non-finite streak, needs. Its files' format is gptlab.interop.checkpoint's.
 """
 
 from __future__ import annotations
@@ -33,6 +29,7 @@ if TYPE_CHECKING:
     from gptlab.train.loop import Trainer
 
 MAX_ROLLBACKS = 3  # train.on_nonfinite = "rollback" gives up (and stops) after this many
+HISTORY_KEYS = ("step", "epoch", "tokens", "train_loss", "val_loss")  # one entry per evaluation
 
 
 @dataclass
@@ -53,19 +50,10 @@ class TrainState:
     rollbacks: int = 0
     best_val: float = float("inf")
     loss_ema: float = float("nan")
-    history: dict[str, list[float]] = field(
-        default_factory=lambda: {
-            "step": [],
-            "epoch": [],
-            "tokens": [],
-            "train_loss": [],
-            "val_loss": [],
-        }
-    )
+    history: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})
 
     def observe_loss(self, loss: float) -> bool:
-        """Fold a step's loss into the running average; True when it is a spike (well above
-        the average so far)."""
+        """Fold a step's loss into the running average; True when it is well above it."""
         ema = self.loss_ema
         spike = math.isfinite(ema) and math.isfinite(loss) and loss > 1.5 * ema + 0.5
         if math.isfinite(loss):
@@ -74,12 +62,8 @@ class TrainState:
 
 
 class Checkpointer:
-    """Saves and restores a Trainer's run in `run_dir`/checkpoints (see the module's text).
-
-    Every rank calls it alike: under FSDP2 a save gathers the shards and a load scatters
-    them; only global rank 0 writes files. `budget`, a time budget, has its schedule
-    written beside each checkpoint (what train.replay_schedule replays).
-    """
+    """Saves (every train.checkpoint_every steps and minutes) and restores a Trainer's run in
+    `run_dir`/checkpoints. Every rank calls it alike; only global rank 0 writes files."""
 
     def __init__(
         self,
@@ -91,20 +75,16 @@ class Checkpointer:
     ):
         tc = cfg.train
         self.run_dir, self.dist, self.objective, self.budget = run_dir, dist, objective, budget
-        self.every, self.every_minutes, self.keep_last = (
-            tc.checkpoint_every,
-            tc.checkpoint_every_minutes,
-            tc.keep_last,
-        )
+        self.every, self.every_minutes = tc.checkpoint_every, tc.checkpoint_every_minutes
+        self.keep_last = tc.keep_last
         self.last_time = time.monotonic()  # of the last periodic save, or the loop's start
 
     def start_clock(self) -> None:
-        """Count train.checkpoint_every_minutes from now (the training loop's start)."""
+        """Count train.checkpoint_every_minutes from now."""
         self.last_time = time.monotonic()
 
     def due(self, step: int, bad_steps: int) -> bool:
-        """Whether a periodic save is due after `step` (every rank gets the same answer)."""
-        # Decided together: under FSDP2 a save needs every rank.
+        """Whether a periodic save is due after `step` (the same on every rank)."""
         minutes_due = bool(self.every_minutes) and self.dist.any(
             time.monotonic() - self.last_time >= 60 * self.every_minutes
         )
@@ -123,8 +103,8 @@ class Checkpointer:
     def save(
         self, trainer: Trainer, val_loss: float | None = None, reason: str = "periodic"
     ) -> Path:
-        """Write a checkpoint of `trainer` and emit its "checkpoint" record; returns its path
-        on global rank 0, the run directory on the others."""
+        """Write a checkpoint and emit its record; returns its path (elsewhere than rank 0: the
+        run directory)."""
         if self.dist.sharded:  # gather the shards into the single-process format
             weights, optimizer_state = dist_lib.full_state(trainer.model, trainer.optimizer)
         if not self.dist.is_main:
@@ -142,7 +122,7 @@ class Checkpointer:
             self._training_state(trainer, optimizer_state),
             self.keep_last,
         )
-        if self.budget is not None:  # what train.replay_schedule replays
+        if self.budget is not None:  # the schedule train.replay_schedule replays
             budget_lib.write_schedule(self.run_dir, self.budget.seconds, trainer.state.progress)
         trainer.emit("checkpoint", path=str(path), reason=reason)
         return path
@@ -158,16 +138,14 @@ class Checkpointer:
 
     @staticmethod
     def _training_state(trainer: Trainer, optimizer_state: dict[str, Any]) -> dict[str, Any]:
-        """What a checkpoint holds besides weights and meta: all a resume needs."""
         t, st = trainer, trainer.state
         return {
             "optimizer": optimizer_state,
             "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,
             "trainer": asdict(st),
             "rng": rng_state(),
-            # Where the data stream stands. A seeded loader's order is a pure function of
-            # (seed, epoch), so these numbers are the sampler's whole state; a dataloader
-            # one adds the current epoch's drawn order.
+            # Where the data stream stands: a seeded loader's order is a pure function of
+            # (seed, epoch); a dataloader one adds the current epoch's drawn order.
             "data": {
                 "loader": t.train_loader.state_dict(),
                 "epoch": st.step // t.steps_per_epoch,
@@ -178,15 +156,11 @@ class Checkpointer:
                 "shuffle": t.cfg.data.shuffle,
             },
             # The schedule is lr_at(step, config, total_steps): these make it reproducible.
-            "schedule": {
-                "total_steps": t.total_steps,
-                "lr": t.optimizer.param_groups[0]["lr"],
-            },
+            "schedule": {"total_steps": t.total_steps, "lr": t.optimizer.param_groups[0]["lr"]},
         }
 
     def load(self, trainer: Trainer, ckpt: Path) -> None:
-        """Weights, optimizer, scaler, counters and RNG states from `ckpt` into `trainer`
-        (its config already checked against the checkpoint's)."""
+        """Weights, optimizer, scaler, counters and RNG states from `ckpt` into `trainer`."""
         if not self.dist.sharded:
             saved = self.objective.saved_weights(trainer.model)
             keys = set(saved) if isinstance(saved, dict) else None
@@ -212,14 +186,13 @@ class Checkpointer:
 
     @staticmethod
     def _cpu_model(cfg: RunConfig) -> nn.Module:
-        """An unsharded GPTModel in host memory, allocated but not initialised (to be loaded)."""
+        """An unsharded GPTModel in host memory, allocated but not initialised."""
         with torch.device("meta"):
             model = GPTModel(cfg.model)
         return dist_lib.materialize(model, torch.device("cpu"))
 
     def _load_sharded(self, trainer: Trainer, ckpt: Path, optimizer_state: dict[str, Any]) -> None:
-        """Load a consolidated checkpoint into FSDP2 shards: rank 0 reads the weights and
-        broadcasts them; every rank keeps its shard of them and of the optimizer state."""
+        """Load a consolidated checkpoint into FSDP2 shards (rank 0 reads and broadcasts)."""
         weights: dict[str, torch.Tensor] = {}
         if self.dist.is_main:
             full = self._cpu_model(trainer.cfg)
@@ -228,9 +201,7 @@ class Checkpointer:
         dist_lib.load_full_state(trainer.model, trainer.optimizer, weights, optimizer_state)
 
     def rollback(self, trainer: Trainer) -> Path | None:
-        """Reload the latest checkpoint into `trainer` with half its learning rate, after a
-        non-finite streak; returns the checkpoint, or None (stop instead) when there is
-        none or the rollbacks are used up."""
+        """Reload the latest checkpoint with half the learning rate; returns it, or None."""
         ckpt = ckpt_lib.latest_checkpoint(self.run_dir, missing_ok=True)
         if ckpt is None or trainer.state.rollbacks >= MAX_ROLLBACKS:
             return None

@@ -1,11 +1,9 @@
 """A run's evaluations, each with its schedule: the losses, the task suite, samples.
 
-The `Evaluator` decides when each is due and keeps what they leave: the loss on both splits
-(with the objective's own metrics, a classifier's accuracy) after the first step and every
-train.eval_freq steps, or, under a time budget with train.eval_every_frac, each time the
-run's progress passes a multiple of it; train.eval_tasks' suite every train.task_eval_every
-steps; a sample at each epoch's end, drawn with its own generator so that it never shifts
-the training run's random stream. A run ends with whichever of them its last step lacks.
+The loss on both splits (with the objective's own metrics) after the first step and every
+train.eval_freq steps, or under a time budget with train.eval_every_frac each time progress
+passes a multiple of it; train.eval_tasks' suite every train.task_eval_every steps; a sample
+at each epoch's end. A run ends with whichever of them its last step lacks.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from gptlab.evals.loss import evaluate_model
 from gptlab.evals.tasks import load_suite, run_suite
 from gptlab.infer.sampling import generate, token_ids_to_text
 from gptlab.train import budget as budget_lib
-from gptlab.train.checkpointer import TrainState
+from gptlab.train.checkpointer import HISTORY_KEYS, TrainState
 from gptlab.train.objectives import Objective
 from gptlab.train.resume import rng_state, set_rng_state
 
@@ -29,8 +27,8 @@ if TYPE_CHECKING:
 
 
 class Evaluator:
-    """Evaluates a Trainer's model when due (see the module's text); `last_val` is the last
-    evaluation's validation loss (what checkpoints record), None before the first."""
+    """Evaluates a Trainer's model when due; `last_val` is the last validation loss (None
+    before the first)."""
 
     def __init__(self, cfg: RunConfig, objective: Objective, budget: budget_lib.TimeBudget | None):
         self.cfg, self.objective, self.budget = cfg, objective, budget
@@ -42,8 +40,7 @@ class Evaluator:
 
     def loss_due(self, state: TrainState) -> bool:
         # After the first step and every eval_freq steps: the walk-through's global_step
-        # (0-based) % eval_freq == 0. A time budget with eval_every_frac: after the first
-        # step and each time progress passes a multiple of it, the same count on any machine.
+        # (0-based) % eval_freq == 0; with eval_every_frac, as progress passes its multiples.
         every, progress = self.cfg.train.eval_every_frac, state.progress
         if self.budget is not None and every:
             return len(progress) == 1 or budget_lib.crossed(progress[-2], progress[-1], every)
@@ -54,8 +51,7 @@ class Evaluator:
         return self.suite is not None and bool(every) and step % every == 0
 
     def finish(self, trainer: Trainer) -> None:
-        """What the run's end adds: an evaluation, a sample and a task evaluation, each
-        unless its last step had one."""
+        """An evaluation, a sample and a task evaluation, each unless the last step had one."""
         st = trainer.state
         if not st.history["step"] or st.history["step"][-1] != st.step:
             self.evaluate(trainer)
@@ -65,8 +61,8 @@ class Evaluator:
             self.evaluate_tasks(trainer)
 
     def evaluate(self, trainer: Trainer) -> tuple[float, float]:
-        """The train and validation loss on train.eval_iter batches each (and the
-        objective's metrics), recorded in the run's history and an "eval" record."""
+        """The train and validation loss on train.eval_iter batches each (and the objective's
+        metrics), recorded in the run's history and an "eval" record."""
         t, n = trainer, self.cfg.train.eval_iter
         with t.rt.autocast():
             train_loss, val_loss = evaluate_model(
@@ -81,13 +77,8 @@ class Evaluator:
             splits = (("train", t.train_loader), ("val", t.val_loader))
             extra = self.objective.metrics(t.train_model, splits, t.device, n)
         st = t.state
-        for key, value in (
-            ("step", st.step),
-            ("epoch", t.epoch_progress),
-            ("tokens", st.tokens_seen),
-            ("train_loss", train_loss),
-            ("val_loss", val_loss),
-        ):
+        row = (st.step, t.epoch_progress, st.tokens_seen, train_loss, val_loss)
+        for key, value in zip(HISTORY_KEYS, row, strict=True):
             st.history[key].append(value)
         st.best_val = min(st.best_val, val_loss)
         self.last_val = val_loss
@@ -102,10 +93,8 @@ class Evaluator:
         return train_loss, val_loss
 
     def evaluate_tasks(self, trainer: Trainer) -> dict[str, Any]:
-        """Score train.eval_tasks' suite on the model as it is (eval mode, no gradients; its
-        mode restored) and emit the "tasks" record, with the seconds it took. The random
-        state is put back as it was, so a run with task evaluations trains exactly as one
-        without."""
+        """Score train.eval_tasks' suite and emit the "tasks" record, with the seconds it took.
+        The random state is put back, so the run trains exactly as one without."""
         t, tc = trainer, self.cfg.train
         rng = rng_state()
         t0 = time.perf_counter()
@@ -124,16 +113,12 @@ class Evaluator:
         self.tasks_step = t.state.step
         seconds = round(time.perf_counter() - t0, 3)  # what the evaluation adds to the run
         return t.emit(
-            "tasks",
-            suite=report["suite"],
-            tasks=report["tasks"],
-            core=report["core"],
-            seconds=seconds,
+            "tasks", **{k: report[k] for k in ("suite", "tasks", "core")}, seconds=seconds
         )
 
     def sample(self, trainer: Trainer) -> str:
-        """train.sample_tokens tokens after the objective's prompt (temperature 0.8, top-k
-        40), emitted as a "sample" record; "" for a run that writes no text."""
+        """train.sample_tokens tokens after the objective's prompt (temperature 0.8, top-k 40)
+        as a "sample" record; "" for a run that writes no text."""
         if self.prompt is None:
             return ""
         t, tok = trainer, self.objective.tokenizer

@@ -1,22 +1,12 @@
 """The Trainer: one loop for every run, what varies between runs in its components.
 
 `Trainer` is the walk-through's loop (`gptlab.train.walkthrough`) grown up. `run()` reads top
-to bottom: one optimizer step (`train_step`: micro-batches under autocast, backward, clip,
-step), the guard against non-finite steps, then what is due, each component asked in turn: a
-"train" record (gptlab.train.report), an evaluation, a task evaluation and, at an epoch's end,
-a sample (gptlab.train.evaluator), a checkpoint (gptlab.train.checkpointer). What the run
-learns is its objective's business (gptlab.train.objectives: the batches, the loss, the sample
-prompt, which parameters train), so the loop never asks what kind of run it is. Every event
-becomes one record in metrics.jsonl and is passed to an `on_event` callback, which is how the
-CLI draws its progress: the library itself prints nothing. Device and precision choices come
-from `gptlab.runtime.device`; what a resume may change, and the random state it restores,
-from `gptlab.train.resume`; a run's life around the loop (its directory, signals, the
-weights it starts from) from `gptlab.train.run`.
-
-Exact resume: the data order is a pure function of (seed, epoch) (or, with data.order
-"dataloader", the walk-through's drawn order, which checkpoints store), sampling uses its
-own generator, and checkpoints carry the optimizer and every RNG state, so a run resumed
-from step k repeats the uninterrupted run's steps k+1, k+2, ... bit for bit (CPU, fp32).
+to bottom: one optimizer step, the guard against non-finite steps, then each component asked
+whether it is due: a "train" record (report), an evaluation or sample (evaluator), a
+checkpoint (checkpointer). What the run learns is its objective's business (objectives).
+Every event becomes a record in metrics.jsonl and is passed to `on_event`: the library
+prints nothing. The data order is a pure function of (seed, epoch) (or stored in the
+checkpoints) and checkpoints carry every RNG state, so resuming is bit-exact (CPU, fp32).
 """
 
 from __future__ import annotations
@@ -56,16 +46,9 @@ STOP_REASONS = ("epochs", "max_steps", "max_time", "budget", "nonfinite", "SIGTE
 
 
 class Trainer:
-    """Trains a GPTModel on an objective into a run directory.
-
-    `objective` (gptlab.train.objectives) supplies the batches, the loss, the sample prompt
-    and the parameters that train: `LanguageModeling(corpus)` for `gptlab train`, one of
-    gptlab.finetune.objectives for `gptlab finetune`. `on_event(record)` receives every
-    metrics record as it is written (the CLI renders them). `init_weights(model)`, when
-    given, sets the new model's weights before training starts: a new run's source weights
-    (`--init-from`), or a resumed LoRA run's base (its checkpoints hold only the adapters).
-    `clock()` (seconds) times the steps; tests give a fake one to drive a time budget.
-    """
+    """Trains a GPTModel on `objective` into `run_dir`; `on_event(record)` receives every
+    metrics record, `init_weights(model)` sets the new model's weights before training, and
+    `clock()` (seconds) times the steps (tests give a fake one to drive a time budget)."""
 
     def __init__(
         self,
@@ -87,7 +70,7 @@ class Trainer:
             check_resume(self.run_dir, cfg, identity, objective.fingerprint) if resume else None
         )
         _check_vocab(cfg, objective.tokenizer.n_vocab)
-        # Under torchrun: join the job, one GPU per local rank (a single process: no-op).
+        # Under torchrun: join the job, one GPU per local rank.
         self.dist = dist_lib.setup(resolve_device(rc.device), rc.dist_timeout)
         self.device = self.dist.device
         self.rt = resolve_runtime(rc, self.device, self.dist.world_size)
@@ -124,8 +107,7 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
 
     def _build_model(self, init_weights: Callable[[nn.Module], None] | None) -> None:
-        """Model, parallel wrapper, optimizer, scaler and loss function, seeded as the
-        walk-through seeds its model (so `torch.manual_seed(seed)` gives the same weights)."""
+        """Model, parallel wrapper, optimizer, scaler and loss, seeded as the walk-through's."""
         tc, rc, rt = self.cfg.train, self.cfg.runtime, self.rt
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
@@ -135,8 +117,7 @@ class Trainer:
         self.objective.prepare(self.model, self.cfg)  # which parameters train
         use_fast_dropout(self.model, rt.fast_dropout)  # only CPU tensors take the fast path
         use_activation_checkpointing(self.model, rc.activation_checkpointing)
-        # DDP wrapper or FSDP2 shards (in place, so the optimizer comes after); a single
-        # process gets self.model back.
+        # DDP wrapper or FSDP2 shards (in place, so the optimizer comes after)
         self.parallel_model = dist_lib.parallelize(self.model, rc.parallel, self.dist)
         self.optimizer = build_optimizer(self.model, tc, self.device, rt.muon_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=rt.precision == "fp16")
@@ -192,16 +173,14 @@ class Trainer:
         return self._finish(reason)
 
     def done(self) -> str | None:
-        """Why training should stop now, or None. Under torchrun every rank gets the same
-        answer (a signal or the clock may reach one rank first)."""
+        """Why training should stop now, or None; the same on every rank."""
         here = self.stop_reason or _limit_reached(
             self.cfg.train, self.state, self.total_steps, self.budget
         )
         return self.dist.agree_on_reason(here, STOP_REASONS)
 
     def _timed_step(self, first: bool) -> tuple[float, float]:
-        """One step, its time added to the run's; the first step of a compiled run is
-        reported on its own (it compiles) and kept out of the throughput window."""
+        """One timed step; a compiled run's first step (it compiles) is reported on its own."""
         st = self.state
         t0 = self.clock()
         tokens_before = st.tokens_seen
@@ -226,8 +205,7 @@ class Trainer:
         return loss, norm
 
     def _guard(self, loss: float, norm: float) -> bool:
-        """Report a skipped, overflowing or spiking step; after `max_bad_steps` non-finite
-        steps in a row, roll back (False: the loop goes on from the checkpoint) or stop."""
+        """Report an odd step; after `max_bad_steps` non-finite ones, roll back (False) or stop."""
         tc, st = self.cfg.train, self.state
         spike = st.observe_loss(loss)
         if st.bad_steps:  # this step was non-finite and skipped
@@ -259,8 +237,8 @@ class Trainer:
         return True
 
     def _finish(self, reason: str) -> dict[str, Any]:
-        """The end: a final evaluation, sample and checkpoint, and the "end" record. A signal
-        or the guard saves at once: the user asked to stop, or the model is in trouble."""
+        """A final evaluation, sample and checkpoint (only the checkpoint after a signal or
+        the guard), and the "end" record."""
         st = self.state
         if reason not in ("nonfinite", "SIGINT", "SIGTERM"):
             self.evaluator.finish(self)
@@ -311,13 +289,12 @@ class Trainer:
         """One optimizer step over `accum` micro-batches; returns (loss, grad_norm)."""
         tc, st = self.cfg.train, self.state
         epoch, in_epoch = divmod(st.step, self.steps_per_epoch)
-        # every group follows the schedule from its own peak; a rollback's scale lowers all
         progress = None
         if self.budget is not None:  # the time budget's progress this step runs at
             progress = self.budget.progress(st.budget_time, st.budget_steps, st.step)
         set_lr(self.optimizer, st.step, tc, self.total_steps, st.lr_scale, progress)
         loss_sum = torch.zeros((), device=self.device)
-        # This rank's share of the step's micro-batches (all of them in a single process).
+        # This rank's share of the step's micro-batches.
         mine = dist_lib.micro_batch_indices(
             in_epoch, self.accum, self.dist.rank, self.dist.world_size
         )
@@ -335,13 +312,12 @@ class Trainer:
         grad_norm = dist_lib.grad_norm_value(
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         )
-        skip_on_device = self._fused_can_skip and not self.scaler.is_enabled()
         loss_val, norm_val, good, overflow = apply_update(
             self.optimizer,
             self.scaler,
             loss_sum,
             grad_norm,
-            skip_on_device,
+            self._fused_can_skip and not self.scaler.is_enabled(),
             lambda: self.batches.prefetch(st.step + 1),
         )
         # a skipped step keeps the last good weights; the guard in run() decides what next
@@ -356,8 +332,8 @@ class Trainer:
 
 
 class DeviceBatches:
-    """The training batches on the device; on CUDA, `prefetch(step)` starts copying a
-    step's first batch while the step before it computes."""
+    """The training batches on the device; on CUDA, `prefetch(step)` copies a step's first
+    batch while the step before computes."""
 
     def __init__(self, loader: Any, device: torch.device, steps_per_epoch: int, accum: int):
         self.loader, self.device = loader, device
@@ -387,13 +363,11 @@ def apply_update(
     skip_on_device: bool,
     while_queued: Callable[[], None],
 ) -> tuple[float, float, bool, bool]:
-    """Apply the optimizer step unless the loss or gradient is non-finite; returns (loss,
-    grad_norm) as floats, read with one host sync, whether the step was good (applied, or
-    an fp16 overflow the scaler skips by itself) and whether it was such an overflow.
-
-    With `skip_on_device` the fused AdamW kernel skips a non-finite step by itself (the
-    flag GradScaler uses), so the update is queued before the host waits for the loss, and
-    `while_queued()` (a prefetch) runs meanwhile: no idle device."""
+    """Step unless the loss or gradient is non-finite; returns (loss, grad_norm) read with
+    one host sync, whether the step was good (applied, or an fp16 overflow the scaler skips)
+    and whether it was such an overflow. With `skip_on_device` the fused AdamW kernel skips
+    a non-finite step itself, so the update is queued first and `while_queued()` runs
+    meanwhile."""
     if skip_on_device:
         finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
         optimizer.found_inf = (~finite).float()
@@ -424,9 +398,8 @@ def apply_update(
 def step_layout(
     cfg: RunConfig, n_batches: int, n_windows: int, world_size: int
 ) -> tuple[int, int, int]:
-    """(micro-batches per optimizer step in the whole job, steps per epoch, total steps: 0
-    when only wall time limits the run) for a training loader of `n_batches` batches of
-    `n_windows` windows (examples) in all; a clear error when it is too short for them."""
+    """(micro-batches per step in the whole job, steps per epoch, total steps or 0) for a
+    loader of `n_batches` batches of `n_windows` windows."""
     tc = cfg.train
     if n_batches == 0:
         raise GptlabError(
@@ -449,8 +422,8 @@ def step_layout(
 
 
 def _compile_failure(e: Exception) -> GptlabError | None:
-    """The first step's torch.compile failure (no C++ compiler on a CPU machine, a corrupt
-    cache) as one line that says how to go on; None for an error of another kind."""
+    """A torch.compile failure (no C++ compiler, a corrupt cache) as one line that says how
+    to go on; None for an error of another kind."""
     if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
         return None
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -463,7 +436,6 @@ def _compile_failure(e: Exception) -> GptlabError | None:
 def _limit_reached(
     tc: TrainConfig, st: TrainState, total_steps: int, budget: budget_lib.TimeBudget | None
 ) -> str | None:
-    """The limit the run has reached after `st.step` steps (a STOP_REASONS), or None."""
     if total_steps and st.step >= total_steps:
         return "max_steps" if tc.max_steps and st.step >= tc.max_steps else "epochs"
     if budget is not None:
@@ -474,16 +446,14 @@ def _limit_reached(
 
 
 def _agreed_seconds(dist: dist_lib.Dist, dt: float) -> float:
-    """A step's seconds, the same on every rank (their mean) so that all follow one
-    schedule; in a single process, `dt` itself."""
+    """A step's seconds, the same on every rank (their mean) so that all follow one schedule."""
     if dist.world_size == 1:
         return dt
     return float(dist.mean(torch.tensor(dt, device=dist.device, dtype=torch.float64)))
 
 
 def _time_budget(tc: TrainConfig) -> budget_lib.TimeBudget | None:
-    """The run's time budget (train.budget = "time"), replaying a recorded schedule when
-    train.replay_schedule names one; None for a step budget."""
+    """The run's time budget (None for steps), replaying train.replay_schedule when set."""
     if tc.budget != "time":
         return None
     if not tc.replay_schedule:

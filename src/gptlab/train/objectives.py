@@ -1,12 +1,10 @@
 """What a run learns: the objective the Trainer is given.
 
 The loop (gptlab.train.loop) is the same for every run; what differs between pretraining and
-finetuning lives in an `Objective`: the data it batches (its loaders, and their sizes for the
-start record), a batch's loss (the training step's and the evaluations'), the prompt the
+finetuning lives in an `Objective`: the data it batches, a batch's loss, the prompt the
 run's samples continue, which parameters train, what an evaluation reports besides the
-losses, and what a checkpoint keeps of the weights. `LanguageModeling` is pretraining's:
-next-token prediction over a Corpus. Finetuning's (instructions and chat, classification)
-are in gptlab.finetune.objectives.
+losses, and what a checkpoint keeps of the weights. `LanguageModeling` is pretraining's;
+finetuning's are in gptlab.finetune.objectives.
 """
 
 from __future__ import annotations
@@ -30,11 +28,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs, target
 
 class Objective(ABC):
     """The base objective: every parameter trains, a checkpoint keeps the whole model, a
-    batch's loss is calc_loss_batch's, no sample and no metrics beyond the losses.
-
-    A subclass sets `tokenizer` and `fingerprint` (the data and its rendering: a resume
-    must find the same) and gives `loaders` and `sizes`.
-    """
+    batch's loss is calc_loss_batch's, no sample and no metrics beyond the losses. A subclass
+    sets `tokenizer` and `fingerprint` (a resume must find the same) and gives `loaders` and
+    `sizes`."""
 
     tokenizer: Any
     fingerprint: str
@@ -49,19 +45,17 @@ class Objective(ABC):
         """The data's sizes, for the run's "start" record."""
 
     def prepare(self, model: nn.Module, cfg: RunConfig) -> None:  # noqa: B027 (a hook)
-        """Choose the parameters that train (in place, before the optimizer is built); by
-        default every parameter trains, so there is nothing to change."""
+        """Choose the parameters that train (in place, before the optimizer is built)."""
 
     def batch_loss(
         self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
-        """One batch's mean loss (a scalar), the batch on the model's device: what the
-        evaluations report."""
+        """One batch's mean loss (a scalar), as the evaluations report it."""
         return calc_loss_batch(inputs, targets, model, inputs.device)
 
     def loss_fn(self, model: nn.Module, chunked: bool, compiled: bool) -> LossFn:
-        """The training step's loss of a batch on `model` (the parallel wrapper): the
-        evaluations' `batch_loss`, through torch.compile when `compiled`."""
+        """The training step's loss on `model` (the parallel wrapper): `batch_loss`, compiled
+        when `compiled`."""
 
         def loss_fn(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return self.batch_loss(model, inputs, targets)
@@ -75,13 +69,12 @@ class Objective(ABC):
     def metrics(
         self, model: nn.Module, loaders: Sequence[tuple[str, Any]], device, num_batches: int
     ) -> dict[str, float]:
-        """What an evaluation reports besides the losses, over the first `num_batches`
-        batches of each (split, loader)."""
+        """What an evaluation reports besides the losses, over each (split, loader)."""
         return {}
 
     def saved_weights(self, model: nn.Module) -> nn.Module | dict[str, torch.Tensor]:
-        """What a checkpoint keeps of the weights: the model (all of them), or the tensors
-        it keeps by state-dict key (then a resume loads those keys only)."""
+        """What a checkpoint keeps: the model, or tensors by state-dict key (a resume then
+        loads those keys only)."""
         return model
 
 
@@ -111,13 +104,12 @@ class LanguageModeling(Objective):
         return {"train_tokens": len(self.corpus.train), "val_tokens": len(self.corpus.val)}
 
     def loss_fn(self, model: nn.Module, chunked: bool, compiled: bool) -> LossFn:
-        """gptlab.model.loss's step loss: calc_loss_batch's value, the head's logits a chunk
-        of rows at a time when `chunked`."""
+        """gptlab.model.loss's step loss (the head a chunk of rows at a time when `chunked`)."""
         return make_loss_fn(model, chunked, compiled)
 
     def sample_prompt(self, cfg: RunConfig) -> torch.Tensor:
-        """train.start_context, encoded; an error now (not at the first sample, an epoch
-        later, killing the run before its save) when the vocabulary cannot encode it."""
+        """train.start_context, encoded; an error now (not an epoch later) when the
+        vocabulary cannot encode it."""
         try:
             return text_to_token_ids(cfg.train.start_context, self.tokenizer)
         except GptlabError as e:

@@ -1,27 +1,15 @@
 """Optimizers and the learning-rate schedule.
 
-`train.optimizer = "adamw"` (the default) trains every parameter with AdamW.
-`train.optimizer = "muon"` gives the 2-D weight matrices inside the transformer blocks
-(attention and MLP projections) to PyTorch's `torch.optim.Muon`, which orthogonalises each
-matrix's momentum before stepping, and keeps AdamW, at `train.lr`, for everything else:
-embeddings, the output head (tied or not: it is an embedding), norms and biases. The two
-step together as one `MuonAdamW`; the schedule drives both from their own peaks.
-Muon's Newton-Schulz iteration runs in bf16 where the hardware multiplies bf16 (CUDA, CPUs
-with AVX512-BF16 or AMX), as torch's does, so runs that differ only in float summation order
-(DDP's all-reduce) drift apart more than AdamW runs do; on other CPUs, where bf16 matmuls
-are emulated (a 256 x 1024 orthogonalisation with AVX2 only: 0.70 s against 0.013 s in
-fp32, BENCHMARKS.md), gptlab's `Muon` runs it in fp32, the caller's choice through
-`build_optimizer(muon_dtype=)`. Under FSDP2, torch.optim.Muon
-steps the DTensor shards and each op of the iteration gathers what it needs: it
-orthogonalises the whole matrix (tests/test_dist.py), at the cost of collectives per
-iteration.
+`train.optimizer = "adamw"` (the default) trains every parameter with AdamW, fused where
+PyTorch can. `train.optimizer = "muon"` gives the 2-D matrices inside the transformer blocks
+to Muon, which orthogonalises each matrix's momentum before stepping, and keeps AdamW for
+the rest; the two step together as one `MuonAdamW`. Muon's Newton-Schulz iteration runs in
+bf16 as torch's does, or in fp32 on CPUs that emulate bf16 matmuls (50x slower with AVX2
+only, BENCHMARKS.md): the caller's choice, `build_optimizer(muon_dtype=)`.
 
-Weight decay applies to the matrices of linear layers only: biases, LayerNorm parameters
-and embeddings are left undecayed (decaying them only pulls useful values towards zero).
-`train.weight_decay_on = "all"` decays every parameter instead, as the walk-through's
-`AdamW(model.parameters(), weight_decay=0.1)` does.
-AdamW is the fused kernel where PyTorch has one for the device (CPU and CUDA since 2.4):
-one kernel over all parameters instead of a loop over tensors (BENCHMARKS.md).
+Weight decay applies to the matrices of linear layers only (decaying biases, norms and
+embeddings only pulls useful values towards zero); `train.weight_decay_on = "all"` decays
+every parameter, as the walk-through's `AdamW(model.parameters(), weight_decay=0.1)` does.
 """
 
 from __future__ import annotations
@@ -41,16 +29,13 @@ def param_groups(
     """Two AdamW groups: decayed weight matrices of nn.Linear, and everything else;
     parameters whose id() is in `exclude` (another optimizer's) are left out."""
     decay, no_decay, seen = [], [], set(exclude)
+    tied = getattr(getattr(model, "tok_emb", None), "weight", None)  # an embedding: no decay
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))  # a tied matrix is listed once, under the module met first
-            if (
-                isinstance(module, nn.Linear)
-                and name == "weight"
-                and not _is_tied_embedding(model, p)
-            ):
+            if isinstance(module, nn.Linear) and name == "weight" and p is not tied:
                 decay.append(p)
             else:
                 no_decay.append(p)
@@ -60,31 +45,18 @@ def param_groups(
     ]
 
 
-def _is_tied_embedding(model: nn.Module, p: torch.Tensor) -> bool:
-    tok = getattr(model, "tok_emb", None)
-    return tok is not None and p is tok.weight
-
-
 def muon_params(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters Muon trains: every 2-D matrix inside the transformer blocks
-    (`model.trf_blocks`), each once, in module order. Chosen by place and shape, not by name,
-    so that new block layouts (more MLP matrices, smaller k/v projections) need no list; the
-    embeddings and the head live outside the blocks, norm scales and biases are 1-D."""
-    out, seen = [], set()
-    for p in model.trf_blocks.parameters():
-        if p.requires_grad and p.ndim == 2 and id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
+    """The parameters Muon trains: every 2-D matrix inside `model.trf_blocks`, each once, in
+    module order (chosen by place and shape, so new block layouts need no list)."""
+    return [p for p in model.trf_blocks.parameters() if p.requires_grad and p.ndim == 2]
 
 
 class Muon(torch.optim.Muon):
     """torch.optim.Muon with its Newton-Schulz iteration in `ns_dtype` instead of always bf16.
 
-    The same update, hyper-parameters and state dict as torch's (a `momentum_buffer` per
-    matrix), so either loads the other's state; with `ns_dtype=torch.bfloat16` each step is
-    bit-for-bit torch's own (tests/test_optim.py). The dtype is not a parameter group key:
-    it describes the machine, not the run, and a checkpoint resumes on either.
+    The same update and state dict as torch's, so either loads the other's state; with bf16
+    each step is bit-for-bit torch's own. The dtype describes the machine, not the run, so it
+    is not a parameter group key.
     """
 
     def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
@@ -120,9 +92,8 @@ class Muon(torch.optim.Muon):
 def orthogonalise(
     g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype
 ) -> torch.Tensor:
-    """Muon's quintic Newton-Schulz iteration in `dtype`: maps `g` to a matrix with the same
-    singular vectors and singular values pushed into roughly [0.5, 1.5]. Works on the wide
-    orientation (rows <= columns), where the Gram matrix is the smaller one."""
+    """Muon's quintic Newton-Schulz iteration in `dtype`: `g` with its singular values pushed
+    into roughly [0.5, 1.5], computed on the wide orientation (the smaller Gram matrix)."""
     a, b, c = coefficients
     tall = g.size(0) > g.size(1)
     x = g.to(dtype)
@@ -148,10 +119,9 @@ def _muon_lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
 class MuonAdamW:
     """torch.optim.Muon and torch.optim.AdamW over disjoint parameters, used as one optimizer.
 
-    Has what the trainer and `torch.amp.GradScaler` use of an optimizer: `param_groups`
-    (AdamW's groups first, so `param_groups[0]["lr"]` is AdamW's, as with AdamW alone),
-    `step`, `zero_grad`, `state_dict`/`load_state_dict` and `defaults`. The state dict is
-    `{"adamw": ..., "muon": ...}`, each the optimizer's own.
+    Has what the trainer and `torch.amp.GradScaler` use of an optimizer; `param_groups` lists
+    AdamW's first (so `param_groups[0]["lr"]` is AdamW's). The state dict is
+    `{"adamw": ..., "muon": ...}`.
     """
 
     def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Muon):
@@ -193,11 +163,9 @@ def build_optimizer(
     device: torch.device,
     muon_dtype: torch.dtype = torch.bfloat16,
 ) -> Optimizer:
-    """AdamW with gptlab's parameter groups, or with `weight_decay_on="all"` the
-    walk-through's one group of every parameter; fused when asked for and available.
-    With `cfg.optimizer == "muon"`, a MuonAdamW: Muon for `muon_params(model)`, its
-    Newton-Schulz iteration in `muon_dtype` (the trainer passes `Runtime.muon_dtype`), and
-    this AdamW for the rest."""
+    """AdamW over `param_groups` (with `weight_decay_on="all"`, one group of every
+    parameter), fused when asked for and available; with `cfg.optimizer == "muon"`, a
+    MuonAdamW: Muon (iterating in `muon_dtype`) for `muon_params(model)`, AdamW for the rest."""
     if cfg.optimizer == "muon":
         if not hasattr(torch.optim, "Muon"):  # PyTorch ships it from 2.9
             raise GptlabError(
@@ -244,10 +212,9 @@ def set_lr(
     scale: float = 1.0,
     progress: float | None = None,
 ) -> float:
-    """Set every group's learning rate for optimizer step `step`: the schedule's shape from
-    each optimizer's own peak (AdamW's `cfg.lr`, Muon's `cfg.muon_lr`), times `scale` (the
-    trainer's rollback factor). With `progress` (a time budget's, in [0, 1]) the shape is
-    `lr_at_progress`'s instead of `lr_at`'s. Returns AdamW's."""
+    """Set every group's learning rate for step `step` from its optimizer's own peak
+    (`cfg.lr`, `cfg.muon_lr`), times `scale` (the rollback factor); with a time budget's
+    `progress`, by `lr_at_progress` instead of `lr_at`. Returns AdamW's."""
 
     def at(peak: float | None) -> float:
         if progress is not None:
@@ -267,11 +234,9 @@ def set_lr(
 def lr_at(step: int, cfg: TrainConfig, total_steps: int | None, peak: float | None = None) -> float:
     """Learning rate for optimizer step `step` (0-based), peaking at `peak` (default `cfg.lr`).
 
-    Linear warmup over `warmup_steps` (step 0 runs at lr / warmup_steps, step
-    warmup_steps - 1 at lr), then cosine or linear decay from lr at step `warmup_steps` to
-    the floor `lr * min_lr_ratio` at the run's last step, `total_steps - 1`; constant after
-    warmup when the schedule is "constant" or the total is unknown (a run limited by wall
-    time alone).
+    Linear warmup over `warmup_steps` (step 0 at lr / warmup_steps), then cosine or linear
+    decay to the floor `lr * min_lr_ratio` at step `total_steps - 1`; constant after warmup
+    when the schedule is "constant" or the total is unknown (a run limited by time alone).
     """
     lr = cfg.lr if peak is None else peak
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -287,13 +252,12 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int | None, peak: float | No
 
 
 def lr_at_progress(progress: float, cfg: TrainConfig, peak: float | None = None) -> float:
-    """Learning rate at `progress`, the fraction of a time budget passed when the step ends
-    (gptlab.train.budget), peaking at `peak` (default `cfg.lr`).
+    """Learning rate at `progress`, the fraction of a time budget passed when the step ends,
+    peaking at `peak` (default `cfg.lr`).
 
-    Linear warm-up from 0 over the first `warmup_frac` of the budget; then `lr` until the
-    decay starts at progress max(warmup_frac, 1 - decay_frac); then cosine or linear decay
-    to the floor `lr * min_lr_ratio` at progress 1 (constant: no decay). With decay_frac
-    below 1 this is a warmup-stable-decay schedule.
+    Linear warm-up over the first `warmup_frac`; then `lr` until progress
+    max(warmup_frac, 1 - decay_frac); then cosine or linear decay to `lr * min_lr_ratio` at
+    progress 1 (warmup-stable-decay when decay_frac is below 1).
     """
     lr = cfg.lr if peak is None else peak
     p = min(max(progress, 0.0), 1.0)

@@ -1,7 +1,5 @@
-"""What a training run says about itself between evaluations: its "start" record (the model,
-the device, the batch, the data, the budget) and its "train" records, every train.log_every
-steps (and after the first and the last), each with the mean loss and the throughput since
-the one before.
+"""What a training run says about itself between evaluations: its "start" record and its
+"train" records, each with the mean loss and the throughput since the one before.
 """
 
 from __future__ import annotations
@@ -52,8 +50,8 @@ def start_fields(trainer: Trainer) -> dict[str, Any]:
 
 
 class TrainLog:
-    """When a "train" record is due, and its fields: the steps since the last one (their
-    tokens and summed loss) give its mean loss and throughput."""
+    """When a "train" record is due (every `log_every` steps, after the first and the last),
+    and its fields, from the steps since the last one."""
 
     def __init__(self, log_every: int):
         self.log_every = log_every
@@ -70,13 +68,12 @@ class TrainLog:
         self.loss += loss if math.isfinite(loss) else 0.0
 
     def due(self, step: int, stopping: Callable[[], bool]) -> bool:
-        """Every log_every steps, after the first, and after the last (`stopping()`, asked
-        only when neither holds: under torchrun it asks every rank)."""
+        """Whether a record is due after `step` (`stopping()` is asked last: under torchrun
+        it asks every rank)."""
         return step % self.log_every == 0 or step == 1 or stopping()
 
     def fields(self, trainer: Trainer, loss: float, norm: float) -> dict[str, Any]:
-        """The "train" record's fields after a step of `loss` and gradient norm `norm`; the
-        window starts again."""
+        """The "train" record's fields after a step of `loss` and gradient norm `norm`."""
         t, st = trainer, trainer.state
         elapsed = time.perf_counter() - self.t0
         tps = self.tokens / elapsed if elapsed > 0 and self.steps else 0.0

@@ -1,28 +1,19 @@
 """One resolution for a run: what the user asked for -> the RunConfig it runs with.
 
-`gptlab train`, `gptlab finetune` and `gptlab config` parse argv into these arguments and
-nothing more; `gptlab.train.run.train()` and `gptlab.finetune.run.finetune()` resolve
-through `resolve()` too, so a Python call and the command with the same settings make the
-same run. In order:
+The commands (`gptlab train`, `finetune`, `config`) and the Python calls (`train()`,
+`finetune()`) all resolve through `resolve()`, so the same settings make the same run:
 
-1. the base: a RunConfig passed in; else, resuming a run (`resume` with `out`) without a
-   preset or config file, the run's saved config.json; else the preset (default: the
-   `cpu` preset; a finetune starts from gptlab.recipes.presets.FINETUNE_TRAIN and takes its
-   model from init_from) with the TOML config file over it;
+1. the base: a RunConfig passed in; else, resuming without a preset or config file, the
+   run's saved config.json; else the preset (default `cpu`; a finetune: FINETUNE_TRAIN,
+   its model from init_from) with the TOML config file over it;
 2. `data`, then the limits (any of epochs, max_steps, max_time replaces all three; a step
-   count makes the schedule span steps: train.budget = steps), then the dotted overrides
-   in the order given, then the trackers; validated;
-3. a new train run (not resumed, not from init_from weights) whose train.sizing = corpus
-   and train.budget = time: the CHOSEN fields the user did not give are chosen from the
-   training text's size and the time budget (gptlab.recipes.sizing), at this machine's
-   speed, measured here on the threads applied first.
+   count sets train.budget = steps), the dotted overrides in order, the trackers; validated;
+3. a new train run (not resumed, not from init_from) with train.sizing = corpus and
+   train.budget = time: the CHOSEN fields the user did not give are chosen from the text's
+   size and the budget (gptlab.recipes.sizing) at this machine's measured speed.
 
-"Given" (kept by sizing, as the user set them): the overrides' keys, the limits when any
-is set, and every key of the config file's tables. A RunConfig passed in counts as a config
-file that sets every field (it was resolved already, by `resolve()` or `gptlab config`):
-sizing never changes it; to have the corpus choose, pass `preset=` (or `config_file=`)
-instead. The model fields checked against init_from's model are the overrides' `model.*`
-keys and the config file's [model] keys.
+"Given" (kept by sizing): the overrides' keys, the limits when any is set, and the config
+file's keys. A RunConfig passed in counts as setting every field: sizing never changes it.
 """
 
 from __future__ import annotations
@@ -46,11 +37,9 @@ LIMITS = ("epochs", "max_steps", "max_time")
 
 @dataclasses.dataclass
 class Resolved:
-    """A resolved run: its validated `config` (a finetune's: all but the model, which comes
-    from init_from); its `name`: the preset's ("resumed": a resumed run's saved config;
-    "run": a RunConfig passed in; "finetune"); the `sizing` line when the corpus chose
-    fields (or could not); the thread policy's `threads_note` when it chose fewer threads
-    than asked; the `model_keys` the user set (checked against init_from's model)."""
+    """A resolved run: its validated `config` (a finetune's: all but the model); its `name`
+    (the preset's, "resumed", "run" or "finetune"); the `sizing` line; the thread policy's
+    `threads_note`; the `model_keys` the user set (checked against init_from's model)."""
 
     config: RunConfig
     name: str
@@ -59,8 +48,7 @@ class Resolved:
     model_keys: tuple[str, ...] = ()
 
     def record(self) -> dict[str, Any]:
-        """The "resolved" event that train() and finetune() send to on_event first: what the
-        command prints before the run (the sizing line; the threads note with the start)."""
+        """The "resolved" event that train() and finetune() send to on_event first."""
         return {
             "event": "resolved",
             "preset": self.name,
@@ -86,11 +74,10 @@ def resolve(
     init_from: str | None = None,
     threads: int | None = None,
 ) -> Resolved:
-    """The run these settings describe (module docstring), for `gptlab train` (and `config`)
-    or, with `finetune`, `gptlab finetune`. `overrides` maps dotted keys to values (text as
-    on the command line, or typed); `trackers` join train.trackers. `threads`: None leaves
-    torch's CPU threads as they are; 0 chooses them by gptlab.runtime.threads' policy (as
-    the commands do); N uses N. Errors are one-line GptlabErrors; `config` is not changed."""
+    """The run these settings describe (module docstring), a finetune's with `finetune`.
+    `overrides` maps dotted keys to values (text or typed); `trackers` join train.trackers.
+    `threads`: None leaves torch's as they are, 0 applies gptlab.runtime.threads' policy, N
+    uses N. Errors are one-line GptlabErrors; `config` is not changed."""
     if finetune and preset:
         raise GptlabError(
             "gptlab finetune takes its model from --init-from; drop --preset (use --config for settings)"
@@ -124,8 +111,6 @@ def resolve(
 
 
 def _check_weights(finetune: bool, init_from: str | None, resume: bool) -> None:
-    """init_from starts a new run from other weights and resume continues one: not both;
-    and a finetune needs one of them (its model comes from there)."""
     what = "finetune" if finetune else "run"
     if init_from is not None and resume:
         raise GptlabError(
@@ -147,7 +132,7 @@ def _start(
     out: str | Path | None,
     resume: bool,
 ) -> tuple[RunConfig, str]:
-    """The config resolution starts from, and its name (step 1 of the module docstring)."""
+    """The config resolution starts from, and its name (step 1)."""
     saved = Path(out) / "config.json" if out else None
     if config is not None:
         if preset or config_file:
@@ -155,15 +140,6 @@ def _start(
         return copy.deepcopy(config), "run"
     if resume and saved and saved.is_file() and not (preset or config_file):
         return RunConfig.from_dict(json.loads(saved.read_text())), "resumed"
-    return _base(finetune, preset, config_file, file_cfg)
-
-
-def _base(
-    finetune: bool, preset: str | None, config_file: str | Path | None, file_cfg: dict
-) -> tuple[RunConfig, str]:
-    """The preset's config (a finetune: FINETUNE_TRAIN's training settings) with the config
-    file's tables applied, and the preset's name; a preset that disagrees with the file's
-    own `preset` key is an error, not a silent choice (a finetune ignores the key)."""
     file_preset = file_cfg.pop("preset", None)
     if finetune:
         cfg, name = RunConfig.from_dict({"train": dict(presets.FINETUNE_TRAIN)}), "finetune"
@@ -186,13 +162,11 @@ def _apply(
     pairs: list[tuple[str, Any]],
     trackers: Iterable[str],
 ) -> None:
-    """data, the limits, the overrides in order and the trackers, onto cfg in place."""
     if data:
         cfg.data.source = str(data)
     if any(v is not None for v in limits.values()):
-        # Every limit is replaced: the ones not given are off. A step count (given here, for
-        # train and finetune alike, as --max-steps' help says) makes the schedule span steps;
-        # a time alone leaves the budget as it was (the cpu preset's time budget).
+        # Every limit is replaced: the ones not given are off. A step count makes the schedule
+        # span steps; a time alone leaves the budget as it was.
         for key, value in limits.items():
             set_field(cfg, f"train.{key}", value or (0.0 if key == "max_time" else 0))
         if cfg.train.epochs or cfg.train.max_steps:
@@ -206,8 +180,6 @@ def _apply(
 
 
 def _given(pairs: list[tuple[str, Any]], limits: dict[str, Any], file_cfg: dict) -> set[str]:
-    """The dotted keys the user set: the overrides, the limits (when any is set) and the
-    keys of the config file's tables."""
     keys = {k for k, _ in pairs}
     if any(v is not None for v in limits.values()):
         keys |= {f"train.{k}" for k in LIMITS}
@@ -218,12 +190,9 @@ def _given(pairs: list[tuple[str, Any]], limits: dict[str, Any], file_cfg: dict)
 
 
 def size_to_corpus(cfg: RunConfig, given: set[str]) -> str | None:
-    """Choose the CHOSEN fields not in `given` from the size of cfg's training text
-    (gptlab.recipes.sizing), in place; returns the line that says what was chosen, the line
-    that says the size is not known before reading (the preset's shape is kept), or None
-    when every chosen field is given. The speed is train.sizing_speed, else measured here
-    (measure_speed) and kept there; under torchrun every rank takes the anchor's instead,
-    since ranks that measured apart could choose other shapes."""
+    """Choose the CHOSEN fields not in `given` from the size of cfg's training text, in
+    place; returns the line that says what was chosen (or why not), or None. The speed is
+    train.sizing_speed, else measured (under torchrun: the anchor's, the same on every rank)."""
     try:
         total = sizing.corpus_bytes(cfg.data.source)
     except GptlabError:  # unreadable now: `gptlab config` still prints, training says why
@@ -247,11 +216,9 @@ def size_to_corpus(cfg: RunConfig, given: set[str]) -> str | None:
 
 
 def measure_speed(cfg: RunConfig, steps: int = 3) -> float:
-    """Tokens/s of training steps of the anchor shape (4 x 256, bpe:4096's vocabulary,
-    context 128, no dropout) with `cfg`'s other blocks, batch rows, precision, loss path and
-    optimizer, on the device `cfg` trains on with torch's current threads: one untimed step,
-    then the mean of `steps`. Eager, as the CPU trains (compile is for CUDA). The global
-    random stream is left as it was, so the run that follows is the same run."""
+    """Tokens/s of training steps of the anchor shape with `cfg`'s other settings, on its
+    device and torch's current threads: one untimed step, then the mean of `steps` (eager).
+    The global random stream is left as it was, so the run that follows is the same run."""
     import torch
 
     from gptlab.model.gpt import GPTModel

@@ -1,11 +1,10 @@
 """What a resumed run may change, what it may not, and the random state it carries.
 
-A run resumed from step k must repeat the uninterrupted run's steps k+1, k+2, ... bit for
-bit (CPU, fp32). That holds when the model, the data stream, the batch and the kind of
-optimizer are the same (`FROZEN_ON_RESUME`, the tokenizer and the data fingerprint are
-checked before anything is loaded) and every random generator continues where it stopped
-(`rng_state` / `set_rng_state`). Limits, evaluation, checkpointing and the learning rate may change; each
-change is reported.
+A run resumed from step k repeats the uninterrupted run's steps bit for bit (CPU, fp32)
+when the model, the data stream, the batch and the optimizer's kind are the same
+(`FROZEN_ON_RESUME`, the tokenizer and the data fingerprint, checked before anything loads)
+and every random generator continues where it stopped. Limits, evaluation, checkpointing and
+the learning rate may change; each change is reported.
 """
 
 from __future__ import annotations
@@ -68,12 +67,8 @@ def is_frozen(key: str) -> bool:
 
 
 def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config dict with the fields it lacks filled from today's defaults.
-
-    Fields added to gptlab after a checkpoint was written take their defaults, which
-    reproduce the older behaviour; removed options are dropped and moved ones renamed
-    (`migrate`); only real differences count as changes.
-    """
+    """A saved config dict with the fields it lacks filled from today's defaults (which
+    reproduce the older behaviour), removed and moved options migrated (`migrate`)."""
     out = RunConfig().to_dict()
     for section, values in migrate(saved).items():
         if isinstance(values, dict) and isinstance(out.get(section), dict):
@@ -95,8 +90,8 @@ def check_resume(
     run_dir: Path, cfg: RunConfig, tokenizer: dict[str, Any], fingerprint: str
 ) -> tuple[Path, list[Change]]:
     """The checkpoint to resume `run_dir` from and the config changes, once they are known
-    to be safe for `cfg`, the tokenizer identity and the data fingerprint. Runs before
-    anything is built, so a refusal names the change rather than a symptom of it."""
+    to be safe for `cfg`, the tokenizer identity and the data fingerprint (checked before
+    anything is built, so a refusal names the change rather than a symptom)."""
     ckpt = ckpt_lib.latest_checkpoint(run_dir, missing_ok=True)
     if ckpt is None:
         raise GptlabError(
@@ -131,8 +126,7 @@ def check_resume(
 
 
 def check_data_layout(saved: dict[str, Any] | None, steps_per_epoch: int, accum: int) -> None:
-    """ValueError when a checkpoint's epoch layout differs from this run's (its data
-    position would point at other batches)."""
+    """ValueError when a checkpoint's epoch layout differs from this run's."""
     if saved and (saved["steps_per_epoch"], saved["accum"]) != (steps_per_epoch, accum):
         raise ValueError(
             f"its epoch has {saved['steps_per_epoch']} steps of {saved['accum']} micro-batches, "
@@ -141,8 +135,8 @@ def check_data_layout(saved: dict[str, Any] | None, steps_per_epoch: int, accum:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every global random generator's state (Python, NumPy, torch, CUDA), as tensors and
-    plain containers that `torch.load(weights_only=True)` accepts."""
+    """Every global random generator's state (Python, NumPy, torch, CUDA), in types that
+    `torch.load(weights_only=True)` accepts."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),

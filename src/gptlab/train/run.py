@@ -1,11 +1,9 @@
 """A run's life around the loop: `train()`, what `gptlab train` does, callable from Python.
 
-`train()` opens the data, checks the run directory (a new run must not overwrite one, a
-resume needs one), optionally starts from other weights (`init_from`), trains with the
-signal handlers and trackers installed, and draws the loss plot. The pieces it is made of
-are public, since `gptlab finetune` (gptlab.finetune.run) lives the same life with another
-objective: `new_run_dir`, `open_init_source`, `run_trainer` (runs/latest, signals,
-trackers, the job's end and the plot), `stop_on_signals`, `rank0_notes`.
+`train()` opens the data, checks the run directory, optionally starts from other weights
+(`init_from`), trains with the signal handlers and trackers installed, and draws the loss
+plot. Its pieces are public: `gptlab finetune` (gptlab.finetune.run) lives the same life with
+another objective.
 """
 
 from __future__ import annotations
@@ -63,25 +61,15 @@ def train(
     name: str | None = None,
     **settings: Any,
 ) -> TrainResult:
-    """What `gptlab train` does: train `cfg` into `out` (default runs/NAME-TIME, pointed to
-    by runs/latest) and draw its loss plot.
-
-    `cfg` (a RunConfig, taken as resolved) or the `settings` of gptlab.train.resolve.resolve
-    (preset, config_file, data, epochs, max_steps, max_time, overrides, trackers, threads)
-    are resolved first, as the command resolves its flags (corpus sizing included).
-    `resume` continues the run in `out` from its latest checkpoint. `init_from` (a gptlab
-    run, a Hugging Face GPT-2 or Llama folder or hub id) starts from those weights and their
-    model config (only model.drop_rate and model.attention may be set). `on_event` receives
-    every record (and the "resolved", "loading" and "init_from" notes before training
-    starts), on global rank 0 only; the trackers of train.trackers are fed every record
-    there too. SIGINT/SIGTERM stop after the current step with a checkpoint saved.
-    """
+    """What `gptlab train` does: train `cfg` (or the `settings` of resolve()) into `out`
+    (default runs/NAME-TIME) and draw its loss plot. `resume` continues the run in `out`;
+    `init_from` (a gptlab run, a Hugging Face folder or hub id) starts from its weights and
+    model config; `on_event` receives every record (rank 0 only). SIGINT/SIGTERM stop it
+    after the current step with a checkpoint saved."""
     notify = rank0_notes(on_event)
-    # -- issue 33: the one resolution (gptlab.train.resolve), as `gptlab train` resolves
     resolved = resolve(cfg, out=out, resume=resume, init_from=init_from, **settings)
     notify(resolved.record())
     cfg, name, model_keys = resolved.config, name or resolved.name, resolved.model_keys
-    # -- end of the resolution
     check_installed(cfg.train.trackers)  # a missing extra is said now, not after the data loads
     run_dir = new_run_dir(out, resume, name)
     source = None
@@ -105,10 +93,8 @@ def train(
 def run_trainer(
     trainer: Trainer, after: Callable[[Trainer, dict[str, Any]], dict[str, Any]] | None = None
 ) -> TrainResult:
-    """Run `trainer` to its end as the commands do: runs/latest pointed at the run, the
-    trackers of train.trackers fed every record and SIGINT/SIGTERM handled (global rank 0
-    only); then `after(trainer, end)` while the job is still up (it returns the end record,
-    amended); then the job left and the loss plot drawn."""
+    """Run `trainer` to its end as the commands do (runs/latest, trackers, signals), then
+    `after(trainer, end)` (the end record, amended) while the job is still up, then the plot."""
     if trainer.dist.is_main:
         point_latest(trainer.run_dir)
     trackers = []
@@ -148,8 +134,7 @@ def run_trainer(
 
 @contextlib.contextmanager
 def stop_on_signals(trainer: Trainer) -> Iterator[None]:
-    """SIGINT/SIGTERM ask the trainer to finish its step, save and stop; a second SIGINT
-    aborts at once. Used by `run_trainer` (library code does not install handlers by itself)."""
+    """SIGINT/SIGTERM ask the trainer to save and stop after its step; a second SIGINT aborts."""
 
     def handler(signum, frame):
         if trainer.stop_reason and signum == signal.SIGINT:
@@ -165,16 +150,14 @@ def stop_on_signals(trainer: Trainer) -> Iterator[None]:
 
 
 def rank0_notes(on_event: Notify | None) -> Notify:
-    """`on_event` for the notes a command sends before training starts ("loading",
-    "init_from"): global rank 0's only, and nothing without one."""
+    """`on_event` for the notes sent before training starts, on global rank 0 only."""
     if on_event is not None and dist_lib.detect().is_main:
         return on_event
     return lambda record: None
 
 
 def new_run_dir(out: str | Path | None, resume: bool, name: str) -> Path:
-    """The run directory, checked: a resume needs one; a new run must not overwrite one.
-    Without `out`: runs/NAME-TIME."""
+    """The run directory (default runs/NAME-TIME): a resume needs one, a new run a fresh one."""
     if resume and out is None:
         raise GptlabError("--resume needs --out RUN_DIR: the run to continue")
     run_dir = (
@@ -184,7 +167,10 @@ def new_run_dir(out: str | Path | None, resume: bool, name: str) -> Path:
         raise GptlabError(
             f"--out {str(run_dir)!r} is a file, not a directory; choose another --out"
         )
-    taken = [] if resume else _run_files_in(run_dir)
+    taken = [] if resume else [name for name in RUN_FILES if (run_dir / name).exists()]
+    ckpts = run_dir / "checkpoints"
+    if not resume and ckpts.is_dir() and any(ckpts.iterdir()):
+        taken.insert(0, "checkpoints/")
     if taken:
         raise GptlabError(
             f"{str(run_dir)!r} already holds {', '.join(taken)}, which a new run would overwrite; "
@@ -193,33 +179,22 @@ def new_run_dir(out: str | Path | None, resume: bool, name: str) -> Path:
     return run_dir
 
 
-def _run_files_in(run_dir: Path) -> list[str]:
-    """The run files (and a non-empty checkpoints/) already in run_dir."""
-    taken = [name for name in RUN_FILES if (run_dir / name).exists()]
-    ckpts = run_dir / "checkpoints"
-    if ckpts.is_dir() and any(ckpts.iterdir()):
-        taken.insert(0, "checkpoints/")
-    return taken
-
-
 def point_latest(run_dir: Path) -> None:
-    """Make runs/latest point at this run (a convenience; failures are harmless)."""
+    """Make runs/latest point at this run (failures are harmless)."""
     if run_dir.parent.name != "runs":
         return
     link = run_dir.parent / "latest"
-    try:
+    with contextlib.suppress(OSError):
         tmp = run_dir.parent / f".latest-{os.getpid()}"
         tmp.symlink_to(run_dir.name)
         os.replace(tmp, link)
-    except OSError:
-        pass
 
 
 def open_init_source(
     cfg: RunConfig, src: str, model_keys: tuple[str, ...], notify: Notify
 ) -> tuple[RunConfig, Run]:
     """(cfg with the source's model config, the opened source) for `init_from` = `src`;
-    `model_keys` are the model fields the user set (only INIT_FROM_FREE may be)."""
+    of the `model_keys` the user set, only INIT_FROM_FREE may be."""
     fixed = [k for k in model_keys if k not in INIT_FROM_FREE]
     if fixed:
         raise GptlabError(
@@ -239,9 +214,7 @@ def open_init_source(
 
 
 def _recorded_corpus_bpe(cfg: RunConfig, run_dir: Path) -> BPETokenizer | None:
-    """The tokenizer a `bpe:N` run being resumed recorded, so it continues with exactly that
-    one even where the tokenizer cache is gone (the data fingerprint still refuses other
-    text); None for other tokenizers or when the run recorded none."""
+    """The tokenizer a resumed `bpe:N` run recorded (its cache may be gone), else None."""
     if corpus_bpe_size(cfg.data.tokenizer) is None:
         return None
     try:
@@ -258,9 +231,8 @@ def _open_data(
     notify: Notify,
     tokenizer: BPETokenizer | None = None,
 ):
-    """(cfg completed by its data, the corpus, the function that loads the source's
-    weights into the new model, or None without a source); `tokenizer` replaces the one
-    data.tokenizer names (a resumed run's own)."""
+    """(cfg completed by its data, the corpus, the function that loads the source's weights
+    or None); `tokenizer` replaces the one data.tokenizer names."""
     manifest = prepared_manifest(cfg.data.source)
     tok_name = manifest["tokenizer_name"] if manifest else cfg.data.tokenizer
     notify(
@@ -274,20 +246,17 @@ def _open_data(
     cfg, corpus = open_corpus(cfg, manifest, size_vocab=source is None, tokenizer=tokenizer)
     if source is None:
         return cfg, corpus, None
-    _check_source_tokenizer(init_from, source.tokenizer_identity, corpus.tokenizer.identity())
+    theirs, ours = source.tokenizer_identity, corpus.tokenizer.identity()
+    if ours != theirs:
+        kind = theirs.get("type")
+        raise GptlabError(
+            f"--init-from: {init_from!r} was trained with a {kind} tokenizer"
+            + (" of another vocabulary" if ours.get("type") == kind else "")
+            + f" but this data uses a {ours.get('type')} one; use data tokenized the same way"
+        )
     weights = source.model.state_dict()
 
     def init_weights(model: nn.Module) -> None:
         model.load_state_dict(weights)
 
     return cfg, corpus, init_weights
-
-
-def _check_source_tokenizer(src: str, theirs: dict[str, Any], ours: dict[str, Any]) -> None:
-    if ours != theirs:
-        kind = theirs.get("type")
-        raise GptlabError(
-            f"--init-from: {src!r} was trained with a {kind} tokenizer"
-            + (" of another vocabulary" if ours.get("type") == kind else "")
-            + f" but this data uses a {ours.get('type')} one; use data tokenized the same way"
-        )
