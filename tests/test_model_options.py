@@ -37,6 +37,8 @@ OPTIONS = {
     "mqa": dict(n_kv_heads=1),
     "softcap": dict(logit_softcap=3.0),
     "llama": dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_heads=2),
+    "x0_skip": dict(x0_skip=True),
+    "value_embeds": dict(value_embeds=1, n_kv_heads=2),
     "speedrun": dict(
         positions="rope",
         norm="rmsnorm",
@@ -181,6 +183,45 @@ def test_zero_initialised_projections_make_each_block_start_as_the_identity():
     torch.testing.assert_close(model.trf_blocks[0](x), x)
 
 
+@pytest.mark.parametrize("options", [dict(x0_skip=True), dict(value_embeds=2)])
+def test_speedrun_skips_start_as_no_ops_and_learn(options):
+    """x0 skip and value embeddings are created after every other module and start at the
+    identity mix and zero tables: the same initial weights and logits as without them.
+    Both get gradients at once (not stuck at their starting point)."""
+    shape = dict(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2)
+    torch.manual_seed(0)
+    plain = GPTModel(ModelConfig(**shape, drop_rate=0.0))
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(**shape, drop_rate=0.0, **options))
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+    model(x).logsumexp(-1).mean().backward()
+    extra = dict(model.named_parameters()).keys() - dict(plain.named_parameters()).keys()
+    assert extra  # value_embeds.0.weight, value_embeds.1.weight, or resid_/x0_scales
+    for name in extra:
+        assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+
+
+def test_value_embeds_feed_the_last_blocks_and_grow_with_the_vocabulary():
+    from gptlab.model.vocab import grow_vocab
+
+    model = tiny(value_embeds=1, n_layers=3)
+    assert len(model.value_embeds) == 1 and model.value_embeds[0].weight.shape == (97, 32)
+    seen = []
+    for layer, block in enumerate(model.trf_blocks):
+        block.att.register_forward_hook(
+            lambda m, args, out, layer=layer: seen.append((layer, args[5] is not None))
+        )
+    with torch.no_grad():
+        model(ids())
+    assert seen == [(0, False), (1, False), (2, True)]
+    grow_vocab(model, 97, 100)
+    assert model.value_embeds[0].weight.shape == (100, 32)
+    with torch.no_grad():
+        assert model(torch.tensor([[99, 98]])).shape == (1, 2, 100)
+
+
 def test_options_off_build_the_walkthroughs_parameters():
     # Every option at its default: the same parameters, in the same order, as before them.
     torch.manual_seed(123)
@@ -207,13 +248,14 @@ def test_parameter_counts_follow_the_options():
     assert count_parameters(relu2) == V * D + 16 * D + L * per_block + D
 
 
-@pytest.mark.parametrize("name", ["llama", "speedrun", "gqa"])
+@pytest.mark.parametrize("name", ["llama", "speedrun", "gqa", "value_embeds"])
 def test_flops_per_token_counts_the_matmul_weights_as_built(name):
     model = tiny(**OPTIONS[name])
     cfg = model.cfg
     lookups = model.tok_emb.weight.numel() if not cfg.tie_weights else 0
     if model.pos_emb is not None:
         lookups += model.pos_emb.weight.numel()
+    lookups += sum(t.weight.numel() for t in model.value_embeds or [])  # look-ups too
     n = count_parameters(model) - lookups
     attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 16
     assert flops_per_token(cfg) == 6 * n + attn
@@ -262,6 +304,7 @@ def test_compiled_model_with_every_option_matches_eager():
         (dict(norm="batchnorm"), "model.norm must be one of"),
         (dict(logit_softcap=-1.0), "model.logit_softcap must be 0 or more"),
         (dict(rope_theta=0.0), "model.rope_theta must be greater than 0"),
+        (dict(value_embeds=3), "more than model.n_layers"),
     ],
 )
 def test_impossible_combinations_are_refused(options, words):

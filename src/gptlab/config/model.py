@@ -88,6 +88,17 @@ class ModelConfig:
     zero_init_proj: bool = setting(
         False, "start the attention and MLP output projections at zero (blocks begin as identity)"
     )
+    x0_skip: bool = setting(
+        False,
+        "feed every block a learned mix of its input and the embedding output x0 "
+        "(the GPT-2 speedruns' x0 skip; starts as off)",
+    )
+    value_embeds: int = setting(
+        0,
+        "give the last N blocks a table of per-token vectors added to attention's values "
+        "(the speedruns' value embeddings; zero at the start); 0 = off",
+        bounds=NON_NEGATIVE,
+    )
     num_classes: int = setting(
         0,
         "0: the output head scores the vocabulary; N: a classification head of N classes "
@@ -139,6 +150,11 @@ class ModelConfig:
             raise GptlabError(
                 f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads "
                 f"({self.n_kv_heads}); pick n_kv_heads among its divisors"
+            )
+        if self.value_embeds > self.n_layers:
+            raise GptlabError(
+                f"model.value_embeds ({self.value_embeds}) is more than model.n_layers "
+                f"({self.n_layers}); give at most one table a block"
             )
         if self.positions == "rope" and self.head_dim % 2:
             raise GptlabError(

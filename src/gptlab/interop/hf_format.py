@@ -108,6 +108,8 @@ _NOWHERE = (  # options that neither GPT-2 nor Llama has
     ("mlp", "relu2", "export needs mlp=gelu (GPT-2) or swiglu (Llama)"),
     ("qk_norm", True, "export needs qk_norm=false"),
     ("logit_softcap", None, "export needs logit_softcap=0"),
+    ("x0_skip", True, "export needs x0_skip=false"),
+    ("value_embeds", None, "export needs value_embeds=0"),
 )
 
 

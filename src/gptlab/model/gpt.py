@@ -247,13 +247,17 @@ class MultiHeadAttention(nn.Module):
         layer: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         attn_mask: torch.Tensor | None = None,
+        value_embed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). With a cache, x holds only the new positions; `rope`
         rotates queries and keys. `attn_mask` (B, 1, T, T) bool, without a cache: the keys each
-        query sees (True), in place of the causal mask (packed examples)."""
+        query sees (True), in place of the causal mask (packed examples). `value_embed`
+        (B, T, Hkv Hd) is added to the values (GPTModel's value embeddings)."""
         B, T, _ = x.shape
         H, Hkv, Hd = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)  # (B, T, D), (B, T, Hkv Hd) x 2
+        if value_embed is not None:
+            v = v + value_embed.to(v.dtype)  # (B, T, Hkv Hd)
         q = q.view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
         k = k.view(B, T, Hkv, Hd).transpose(1, 2)  # (B, Hkv, T, Hd)
         v = v.view(B, T, Hkv, Hd).transpose(1, 2)  # (B, Hkv, T, Hd)
@@ -324,9 +328,11 @@ class TransformerBlock(nn.Module):
         layer: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         attn_mask: torch.Tensor | None = None,
+        value_embed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         shortcut = x
-        x = self.drop_shortcut(self.att(self.norm1(x), cache, layer, rope, attn_mask))
+        x = self.att(self.norm1(x), cache, layer, rope, attn_mask, value_embed)
+        x = self.drop_shortcut(x)
         x = x + shortcut
 
         shortcut = x
@@ -363,6 +369,20 @@ class GPTModel(nn.Module):
             init_gpt2_weights(self)
         if cfg.zero_init_proj:
             zero_output_projections(self)
+        # The speedruns' options, created last so that the modules above draw the same
+        # initial weights with or without them; each starts as a no-op.
+        self.value_embeds = None
+        if cfg.value_embeds:  # one table a block, for the last value_embeds blocks
+            d_kv = cfg.kv_heads * cfg.head_dim
+            self.value_embeds = nn.ModuleList(
+                nn.Embedding(vocab, d_kv) for _ in range(cfg.value_embeds)
+            )
+            for table in self.value_embeds:
+                nn.init.zeros_(table.weight)
+        self.resid_scales = self.x0_scales = None
+        if cfg.x0_skip:  # block i reads resid_scales[i] * x + x0_scales[i] * x0
+            self.resid_scales = nn.Parameter(torch.ones(cfg.n_layers))
+            self.x0_scales = nn.Parameter(torch.zeros(cfg.n_layers))
         if vocab != cfg.vocab_size:
             with torch.no_grad():  # rows for padded ids are never looked up nor scored
                 self.tok_emb.weight[cfg.vocab_size :].zero_()
@@ -425,15 +445,21 @@ class GPTModel(nn.Module):
             x = x + self.pos_emb(positions)  # (B, T, D) + (T, D) or (B, T, D)
         else:
             rope = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        x = self.drop_emb(x)  # (B, T, D)
+        x0 = x = self.drop_emb(x)  # (B, T, D)
         recompute = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
+        first_ve = self.cfg.n_layers - self.cfg.value_embeds  # the first block with a table
         for layer, block in enumerate(self.trf_blocks):
+            if self.x0_scales is not None:
+                x = self.resid_scales[layer] * x + self.x0_scales[layer] * x0  # (B, T, D)
+            ve = None
+            if self.value_embeds is not None and layer >= first_ve:
+                ve = self.value_embeds[layer - first_ve](in_idx)  # (B, T, Hkv Hd)
             if recompute:  # keep x only; backward reruns the block
                 x = recompute_in_backward(
-                    block, x, None, layer, rope, attn_mask, use_reentrant=False
+                    block, x, None, layer, rope, attn_mask, ve, use_reentrant=False
                 )
             else:
-                x = block(x, cache, layer, rope, attn_mask)  # (B, T, D)
+                x = block(x, cache, layer, rope, attn_mask, ve)  # (B, T, D)
         return self.final_norm(x)  # (B, T, D)
 
 
@@ -502,6 +528,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     with torch.device("meta"):
         model = GPTModel(cfg)
     lookups = [model.pos_emb.weight] if model.pos_emb is not None else []
+    lookups += [table.weight for table in model.value_embeds or []]
     if model.out_head.weight is not model.tok_emb.weight:
         lookups.append(model.tok_emb.weight)
     n_matmul = count_parameters(model) - sum(p.numel() for p in lookups)

@@ -37,7 +37,11 @@ def grow_vocab(model: GPTModel, old: int, new: int) -> None:
             model.out_head.weight = model.tok_emb.weight
         else:
             model.out_head = _more_rows(model.out_head, rows)
-    for w in [model.tok_emb.weight] + ([] if tied else [model.out_head.weight]):
+    for i, table in enumerate(model.value_embeds or []):
+        if rows > table.weight.shape[0]:
+            model.value_embeds[i] = _more_rows(table, rows)
+    tables = [t.weight for t in model.value_embeds or []]
+    for w in [model.tok_emb.weight] + ([] if tied else [model.out_head.weight]) + tables:
         w[old:new] = w[:old].mean(dim=0)
 
 
