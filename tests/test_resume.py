@@ -180,7 +180,7 @@ def test_stop_at_step_k_and_resume_in_process(text, tmp_path, monkeypatch, k):
 # Every architecture option on at once (the "speedrun" shape with grouped-query attention).
 MODERN = dict(
     positions="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", bias=False, n_kv_heads=1,
-    logit_softcap=15.0, zero_init_proj=True, tie_weights=False,
+    logit_softcap=15.0, zero_init_proj=True, tie_weights=False, x0_skip=True, value_embeds=1,
 )  # fmt: skip
 
 
@@ -204,6 +204,30 @@ def test_a_run_with_every_architecture_option_resumes_exactly(text, tmp_path, mo
         weights(ckpt_lib.latest_checkpoint(tmp_path / "ref")),
     )
     assert "trf_blocks.0.att.q_norm.scale" in weights(ckpt_lib.latest_checkpoint(run))
+
+
+def test_a_run_with_a_weight_average_resumes_exactly(text, tmp_path, monkeypatch):
+    """train.ema: the checkpoint's weights are the average and its training state the raw
+    weights, so a run stopped and resumed ends with the uninterrupted run's average, and
+    its evaluations (of the average) are the same too."""
+    cfg = tiny_config(ema=0.7)
+    corpus = tiny_corpus(text, cfg)
+    Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), tmp_path / "ref").run()
+    run = tmp_path / "run"
+    first = Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), run)
+    poison_step(monkeypatch, [first], 8, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with stop_on_signals(first):
+        assert first.run()["step"] == 8
+    monkeypatch.undo()
+    Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), run, resume=True).run()
+    assert losses_by_step(run) == losses_by_step(tmp_path / "ref")
+    assert losses_by_step(run, "eval", "val_loss") == losses_by_step(
+        tmp_path / "ref", "eval", "val_loss"
+    )
+    assert_same_tensors(
+        weights(ckpt_lib.latest_checkpoint(run)),
+        weights(ckpt_lib.latest_checkpoint(tmp_path / "ref")),
+    )
 
 
 def test_second_sigint_aborts_at_once(text, tmp_path, monkeypatch, capsys):

@@ -149,6 +149,12 @@ class TrainConfig:
     grad_clip: float = setting(
         1.0, "max global gradient norm; 0 disables clipping", bounds=NON_NEGATIVE
     )
+    ema: float = setting(
+        0.0,
+        "keep an exponential moving average of the weights, moving 1 - ema toward them each "
+        "step; evaluations, samples and saved weights use it; 0 = off (gptlab.train.average)",
+        bounds=BELOW_ONE,
+    )
     batch_size: int = setting(
         8, "sequences per micro-batch (the walk-through's batch_size)", bounds=POSITIVE
     )
@@ -437,6 +443,11 @@ class RunConfig:
             raise GptlabError(
                 f"data.stride ({self.data.stride}) exceeds model.context_length "
                 f"({self.model.context_length}): windows would skip tokens; lower the stride"
+            )
+        if self.train.ema and self.runtime.parallel == "fsdp":
+            raise GptlabError(
+                "train.ema keeps whole weights beside FSDP2's shards, which is not supported; "
+                "use --parallel ddp, or drop --train.ema"
             )
         micro = self.train.batch_size * self.model.context_length
         if self.train.batch_tokens and self.train.batch_tokens % micro:

@@ -114,14 +114,16 @@ class Checkpointer:
             model.load_state_dict(weights)
         else:
             model, optimizer_state = trainer.model, trainer.optimizer.state_dict()
-        path = ckpt_lib.save_checkpoint(
-            self.run_dir,
-            trainer.state.step,
-            self.objective.saved_weights(model),
-            self._meta(trainer, val_loss),
-            self._training_state(trainer, optimizer_state),
-            self.keep_last,
-        )
+        state = self._training_state(trainer, optimizer_state)
+        with trainer.average.applied():  # the run's weights are the average (train.ema)
+            path = ckpt_lib.save_checkpoint(
+                self.run_dir,
+                trainer.state.step,
+                self.objective.saved_weights(model),
+                self._meta(trainer, val_loss),
+                state,
+                self.keep_last,
+            )
         if self.budget is not None:  # the schedule train.replay_schedule replays
             budget_lib.write_schedule(self.run_dir, self.budget.seconds, trainer.state.progress)
         trainer.emit("checkpoint", path=str(path), reason=reason)
@@ -144,6 +146,7 @@ class Checkpointer:
             "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,
             "trainer": asdict(st),
             "rng": rng_state(),
+            "raw_weights": t.average.raw_weights() or None,  # train.ema: training's weights
             # Where the data stream stands: a seeded loader's order is a pure function of
             # (seed, epoch); a dataloader one adds the current epoch's drawn order.
             "data": {
@@ -178,6 +181,7 @@ class Checkpointer:
                 trainer.scaler.load_state_dict(st["scaler"])
             trainer.state = TrainState(**st["trainer"])
             set_rng_state(st["rng"])
+            trainer.average.restore(st.get("raw_weights"))
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise GptlabError(
                 f"training state in {str(ckpt)!r} does not fit this run ({str(e).splitlines()[0]}); "

@@ -64,7 +64,7 @@ class Evaluator:
         """The train and validation loss on train.eval_iter batches each (and the objective's
         metrics), recorded in the run's history and an "eval" record."""
         t, n = trainer, self.cfg.train.eval_iter
-        with t.rt.autocast():
+        with t.rt.autocast(), t.average.applied():
             train_loss, val_loss = evaluate_model(
                 t.train_model,
                 t.train_loader,
@@ -98,7 +98,7 @@ class Evaluator:
         t, tc = trainer, self.cfg.train
         rng = rng_state()
         t0 = time.perf_counter()
-        with t.rt.autocast():
+        with t.rt.autocast(), t.average.applied():
             report = run_suite(
                 t.model,
                 self.objective.tokenizer,
@@ -126,7 +126,7 @@ class Evaluator:
         idx = self.prompt.to(t.device)
         # Its own generator: sampling never shifts the training run's random stream.
         gen = torch.Generator(device=t.device).manual_seed(self.cfg.train.seed)
-        with t.rt.autocast():
+        with t.rt.autocast(), t.average.applied():
             out = generate(
                 t.model,
                 idx,

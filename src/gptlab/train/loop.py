@@ -34,6 +34,7 @@ from gptlab.observe.metrics import MetricsLog, truncate_metrics
 from gptlab.runtime import dist as dist_lib
 from gptlab.runtime.device import peak_flops, resolve_device, resolve_runtime, to_device
 from gptlab.train import budget as budget_lib
+from gptlab.train.average import WeightAverage
 from gptlab.train.checkpointer import Checkpointer, TrainState
 from gptlab.train.evaluator import Evaluator
 from gptlab.train.objectives import Objective
@@ -120,6 +121,7 @@ class Trainer:
         # DDP wrapper or FSDP2 shards (in place, so the optimizer comes after)
         self.parallel_model = dist_lib.parallelize(self.model, rc.parallel, self.dist)
         self.optimizer = build_optimizer(self.model, tc, self.device, rt.muon_dtype)
+        self.average = WeightAverage(self.model, tc.ema)  # train.ema; a no-op at 0
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=rt.precision == "fp16")
         self.loss_fn = self.objective.loss_fn(self.parallel_model, rt.chunked_loss, rt.compiled)
         self.train_model = (
@@ -324,6 +326,7 @@ class Trainer:
         st.bad_steps = 0 if good else st.bad_steps + 1
         st.skipped_steps += overflow if good else 1
         self.optimizer.zero_grad(set_to_none=True)
+        self.average.update()
         st.step += 1
         if progress is not None:
             st.progress.append(progress)
