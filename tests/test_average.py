@@ -1,6 +1,7 @@
-"""train.ema (gptlab.train.average): the saved weights are the exponential moving average
-of the raw trajectory, which the average leaves untouched; the evaluations score the
-average."""
+"""The regularisers for repeated text. train.ema (gptlab.train.average): the saved weights
+are the exponential moving average of the raw trajectory, which the average leaves
+untouched; the evaluations score the average. train.token_dropout: random ids in a share
+of the inputs, never in the targets."""
 
 from __future__ import annotations
 
@@ -56,3 +57,30 @@ def test_ema_is_checked():
         cfg.validate()
     with pytest.raises(GptlabError, match="train.ema"):
         RunConfig.from_dict({"train": {"ema": 1.0}}).validate()
+
+
+def test_token_dropout_replaces_a_share_of_the_inputs_only(tmp_path, monkeypatch):
+    from gptlab.train import objectives
+
+    text = write_corpus(tmp_path / "corpus.txt")
+    corpus = tiny_corpus(text, tiny_config(3))
+    n_vocab = corpus.tokenizer.n_vocab
+    seen = []
+
+    def step_loss(inputs, targets):
+        seen.append((inputs, targets))
+        return inputs.float().mean()
+
+    monkeypatch.setattr(objectives, "make_loss_fn", lambda *args: step_loss)
+    assert LanguageModeling(corpus).loss_fn(None, False, False) is step_loss  # off: as before
+    loss_fn = LanguageModeling(corpus, token_dropout=0.25).loss_fn(None, False, False)
+    x = torch.randint(0, n_vocab, (64, 64), generator=torch.Generator().manual_seed(0))
+    y = x.roll(-1, dims=1)
+    torch.manual_seed(0)
+    loss_fn(x, y)
+    inputs, targets = seen[0]
+    assert targets is y and inputs.shape == x.shape
+    changed = (inputs != x).float().mean().item()
+    # 25% redrawn, 1/n_vocab of them to the same id; over 4,096 ids 3 sigma is ~0.02
+    assert abs(changed - 0.25 * (1 - 1 / n_vocab)) < 0.03
+    assert int(inputs.max()) < n_vocab

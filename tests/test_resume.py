@@ -206,11 +206,15 @@ def test_a_run_with_every_architecture_option_resumes_exactly(text, tmp_path, mo
     assert "trf_blocks.0.att.q_norm.scale" in weights(ckpt_lib.latest_checkpoint(run))
 
 
-def test_a_run_with_a_weight_average_resumes_exactly(text, tmp_path, monkeypatch):
+@pytest.mark.parametrize("settings", [dict(ema=0.7), dict(token_dropout=0.2)])
+def test_a_run_with_a_weight_average_or_token_dropout_resumes_exactly(
+    text, tmp_path, monkeypatch, settings
+):
     """train.ema: the checkpoint's weights are the average and its training state the raw
     weights, so a run stopped and resumed ends with the uninterrupted run's average, and
-    its evaluations (of the average) are the same too."""
-    cfg = tiny_config(ema=0.7)
+    its evaluations (of the average) are the same too. train.token_dropout draws from the
+    random stream a checkpoint keeps."""
+    cfg = tiny_config(**settings)
     corpus = tiny_corpus(text, cfg)
     Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), tmp_path / "ref").run()
     run = tmp_path / "run"

@@ -149,6 +149,12 @@ class TrainConfig:
     grad_clip: float = setting(
         1.0, "max global gradient norm; 0 disables clipping", bounds=NON_NEGATIVE
     )
+    token_dropout: float = setting(
+        0.0,
+        "gptlab train: replace this share of the training inputs (not the targets) with "
+        "random token ids, drawn afresh each step: a regulariser for repeated text; 0 = off",
+        bounds=BELOW_ONE,
+    )
     ema: float = setting(
         0.0,
         "keep an exponential moving average of the weights, moving 1 - ema toward them each "

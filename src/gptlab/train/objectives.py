@@ -81,10 +81,11 @@ class Objective(ABC):
 class LanguageModeling(Objective):
     """Pretraining (`gptlab train`): predict every next token of a Corpus's windows."""
 
-    def __init__(self, corpus: Corpus):
+    def __init__(self, corpus: Corpus, token_dropout: float = 0.0):
         self.corpus = corpus
         self.tokenizer = corpus.tokenizer
         self.fingerprint = corpus.fingerprint
+        self.token_dropout = token_dropout  # train.token_dropout
 
     def loaders(self, cfg: RunConfig, world_size: int) -> tuple[Any, Any]:
         """The corpus's window loaders, checked to hold a window in each split."""
@@ -104,8 +105,20 @@ class LanguageModeling(Objective):
         return {"train_tokens": len(self.corpus.train), "val_tokens": len(self.corpus.val)}
 
     def loss_fn(self, model: nn.Module, chunked: bool, compiled: bool) -> LossFn:
-        """gptlab.model.loss's step loss (the head a chunk of rows at a time when `chunked`)."""
-        return make_loss_fn(model, chunked, compiled)
+        """gptlab.model.loss's step loss (the head a chunk of rows at a time when `chunked`);
+        with token_dropout, of inputs with that share of ids replaced by random ones (drawn
+        from the global random stream, which a checkpoint keeps)."""
+        step_loss = make_loss_fn(model, chunked, compiled)
+        p, n_vocab = self.token_dropout, self.tokenizer.n_vocab
+        if not p:
+            return step_loss
+
+        def noisy_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            drop = torch.rand(inputs.shape, device=inputs.device) < p  # (B, T)
+            noise = torch.randint_like(inputs, n_vocab)  # (B, T)
+            return step_loss(torch.where(drop, noise, inputs), targets)
+
+        return noisy_loss
 
     def sample_prompt(self, cfg: RunConfig) -> torch.Tensor:
         """train.start_context, encoded; an error now (not an epoch later) when the

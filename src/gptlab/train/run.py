@@ -80,7 +80,7 @@ def train(
     source = None  # init_weights holds what is needed of it
     trainer = Trainer(
         cfg,
-        LanguageModeling(corpus),
+        LanguageModeling(corpus, cfg.train.token_dropout),
         run_dir,
         resume=resume,
         on_event=on_event,
