@@ -42,6 +42,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "walkthrough",
             "resolve",
             "objectives",
+            "average",
             "checkpointer",
             "evaluator",
             "report",
