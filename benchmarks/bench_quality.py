@@ -406,39 +406,41 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     if note:
         print(f"bench_quality: {note}", file=sys.stderr)
-    with contextlib.ExitStack() as stack:
-        root = (
-            Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        )
-        rows = []
-        try:
-            for n, (recipe, cfg, name) in enumerate(plans):
-                print(f"[{n + 1}/{len(plans)}] {recipe}", file=sys.stderr, flush=True)
-                row = run_recipe(recipe, cfg, name, root / f"{n:02d}-{_slug(recipe)}")
-                rows.append(row)
-                if args.json:
-                    with open(args.json, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(row) + "\n")
-        except KeyboardInterrupt:
-            print("bench_quality: stopped; the recipes finished so far:", file=sys.stderr)
-            if rows:
-                print(format_table(rows))
-            return 130
-    print(format_table(rows))
-    return 0
+    return run_recipes(args, lambda n, recipe, root: (*plans[n][1:], {}))
 
 
 def search(args: argparse.Namespace) -> int:
-    """`--equal-time`: plan the recipes that have no plan yet (a probe each), then train
-    each one's planned run in full or on its slice, and print the table."""
+    """`--equal-time`: plan the recipes that have no plan yet (a probe each, the plan
+    written to --plans at once), then train each one's planned run, in full or on its
+    slice."""
     import torch
 
     from gptlab.runtime.threads import choose_threads
 
-    threads, _ = choose_threads(args.threads or None)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(choose_threads(args.threads or None)[0])
     path = Path(args.plans)
     plans = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+    def planned(n: int, recipe: str, root: Path) -> tuple[C.RunConfig, str, dict[str, Any]]:
+        key = f"{recipe} @ {args.data}"
+        if key not in plans:
+            print(f"[probe] {recipe}", file=sys.stderr, flush=True)
+            probe_dir = root / f"probe-{n:02d}-{_slug(recipe)}"
+            plans[key] = probe_plan(recipe, args.equal_time, args.probe, args.data, probe_dir)
+            path.write_text(json.dumps(plans, indent=1) + "\n", encoding="utf-8")
+        plan = plans[key]
+        inputs = root / f"{n:02d}-{_slug(recipe)}-inputs"
+        cfg = planned_config(plan, args.equal_time, args.slice, inputs)
+        extra = dict(equal_time=args.equal_time, slice=args.slice, data=args.data)
+        return cfg, plan["name"], {**extra, "plan_tokens_per_s": plan["tokens_per_s"]}
+
+    return run_recipes(args, planned)
+
+
+def run_recipes(args: argparse.Namespace, plan_run) -> int:
+    """Train and score args.recipe one after another; `plan_run(n, recipe, root)` gives
+    each one's (config, preset name, extra row fields). Rows go to --json as they finish;
+    the table is printed at the end, or of the finished ones on Ctrl-C."""
     with contextlib.ExitStack() as stack:
         root = (
             Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -446,26 +448,9 @@ def search(args: argparse.Namespace) -> int:
         rows = []
         try:
             for n, recipe in enumerate(args.recipe):
-                key = f"{recipe} @ {args.data}"
-                if key not in plans:
-                    print(f"[probe] {recipe}", file=sys.stderr, flush=True)
-                    probe_dir = root / f"probe-{n:02d}-{_slug(recipe)}"
-                    plans[key] = probe_plan(
-                        recipe, args.equal_time, args.probe, args.data, probe_dir
-                    )
-                    path.write_text(json.dumps(plans, indent=1) + "\n", encoding="utf-8")
-                plan = plans[key]
+                cfg, name, extra = plan_run(n, recipe, root)
                 print(f"[{n + 1}/{len(args.recipe)}] {recipe}", file=sys.stderr, flush=True)
-                slug = f"{n:02d}-{_slug(recipe)}"
-                cfg = planned_config(plan, args.equal_time, args.slice, root / f"{slug}-inputs")
-                row = run_recipe(recipe, cfg, plan["name"], root / slug)
-                row.update(
-                    equal_time=args.equal_time,
-                    slice=args.slice,
-                    data=args.data,
-                    plan_tokens_per_s=plan["tokens_per_s"],
-                    plan_cpu=plan["cpu"],
-                )
+                row = {**run_recipe(recipe, cfg, name, root / f"{n:02d}-{_slug(recipe)}"), **extra}
                 rows.append(row)
                 if args.json:
                     with open(args.json, "a", encoding="utf-8") as f:
