@@ -184,54 +184,38 @@ MODERN = dict(
 )  # fmt: skip
 
 
-def test_a_run_with_every_architecture_option_resumes_exactly(text, tmp_path, monkeypatch):
-    cfg = tiny_config()
-    for key, value in MODERN.items():
+@pytest.mark.parametrize(
+    "model, train",
+    [(MODERN, {}), ({}, dict(ema=0.7)), ({}, dict(token_dropout=0.2))],
+    ids=["every-architecture-option", "ema", "token-dropout"],
+)
+def test_a_run_with_options_resumes_exactly(text, tmp_path, monkeypatch, model, train):
+    """Stopped at step 13 and resumed: the uninterrupted run's losses, evaluations and
+    weights. With train.ema the checkpoint's weights are the average and its training
+    state the raw weights; train.token_dropout draws from the random stream a checkpoint
+    keeps."""
+    cfg = tiny_config(**train)
+    for key, value in model.items():
         setattr(cfg.model, key, value)
     corpus = tiny_corpus(text, cfg)
-    Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), tmp_path / "ref").run()
 
+    def trainer(run_dir, **kwargs):
+        objective = LanguageModeling(corpus, cfg.train.token_dropout)
+        return Trainer(copy.deepcopy(cfg), objective, run_dir, **kwargs)
+
+    trainer(tmp_path / "ref").run()
     run = tmp_path / "run"
-    first = Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), run)
+    first = trainer(run)
     poison_step(monkeypatch, [first], 13, lambda: os.kill(os.getpid(), signal.SIGTERM))
     with stop_on_signals(first):
         assert first.run()["step"] == 13
     monkeypatch.undo()
-    Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), run, resume=True).run()
-    assert losses_by_step(run) == losses_by_step(tmp_path / "ref")
-    assert_same_tensors(
-        weights(ckpt_lib.latest_checkpoint(run)),
-        weights(ckpt_lib.latest_checkpoint(tmp_path / "ref")),
-    )
-    assert "trf_blocks.0.att.q_norm.scale" in weights(ckpt_lib.latest_checkpoint(run))
-
-
-@pytest.mark.parametrize("settings", [dict(ema=0.7), dict(token_dropout=0.2)])
-def test_a_run_with_a_weight_average_or_token_dropout_resumes_exactly(
-    text, tmp_path, monkeypatch, settings
-):
-    """train.ema: the checkpoint's weights are the average and its training state the raw
-    weights, so a run stopped and resumed ends with the uninterrupted run's average, and
-    its evaluations (of the average) are the same too. train.token_dropout draws from the
-    random stream a checkpoint keeps."""
-    cfg = tiny_config(**settings)
-    corpus = tiny_corpus(text, cfg)
-    Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), tmp_path / "ref").run()
-    run = tmp_path / "run"
-    first = Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), run)
-    poison_step(monkeypatch, [first], 8, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    with stop_on_signals(first):
-        assert first.run()["step"] == 8
-    monkeypatch.undo()
-    Trainer(copy.deepcopy(cfg), LanguageModeling(corpus), run, resume=True).run()
-    assert losses_by_step(run) == losses_by_step(tmp_path / "ref")
-    assert losses_by_step(run, "eval", "val_loss") == losses_by_step(
-        tmp_path / "ref", "eval", "val_loss"
-    )
-    assert_same_tensors(
-        weights(ckpt_lib.latest_checkpoint(run)),
-        weights(ckpt_lib.latest_checkpoint(tmp_path / "ref")),
-    )
+    trainer(run, resume=True).run()
+    for event, key in (("train", "loss"), ("eval", "val_loss")):
+        assert losses_by_step(run, event, key) == losses_by_step(tmp_path / "ref", event, key)
+    saved = weights(ckpt_lib.latest_checkpoint(run))
+    assert_same_tensors(saved, weights(ckpt_lib.latest_checkpoint(tmp_path / "ref")))
+    assert ("trf_blocks.0.att.q_norm.scale" in saved) == bool(model)  # the options were on
 
 
 def test_second_sigint_aborts_at_once(text, tmp_path, monkeypatch, capsys):
